@@ -1,0 +1,1 @@
+"""The `horse-jax` command line."""

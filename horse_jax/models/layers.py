@@ -1,0 +1,118 @@
+"""Building blocks shared by the architectures: norms, activations, rotary embeddings, attention."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from horse_jax.models.config import ModelConfig
+
+NEG_INF = -1e30  # large finite negative: rows that see nothing stay NaN-free
+
+
+def rms_norm(params, x_BxTxD: jax.Array, eps: float) -> jax.Array:
+  """Llama RMSNorm: statistics in float32, weight applied in the input dtype (as transformers)."""
+  x32 = x_BxTxD.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return params["scale"].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
+
+
+def layer_norm(params, x_BxTxD: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm with float32 statistics."""
+  x32 = x_BxTxD.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+  return y.astype(x_BxTxD.dtype)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+  if name == "silu":
+    return jax.nn.silu(x)
+  if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+    return jax.nn.gelu(x, approximate=True)
+  if name == "gelu":
+    return jax.nn.gelu(x, approximate=False)
+  if name == "relu":
+    return jax.nn.relu(x)
+  raise ValueError(f"unsupported activation {name!r}")
+
+
+def rope_inv_freq(cfg: ModelConfig, rotary_dim: int) -> np.ndarray:
+  """Inverse frequencies [rotary_dim // 2] (float64 then float32), with linear/llama3 scaling."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
+  scaling = cfg.rope_scaling_dict
+  if scaling is None:
+    return inv_freq.astype(np.float32)
+  if scaling["rope_type"] == "linear":
+    return (inv_freq / float(scaling["factor"])).astype(np.float32)
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, smooth blend in between.
+  factor = float(scaling["factor"])
+  low = float(scaling.get("low_freq_factor", 1.0))
+  high = float(scaling.get("high_freq_factor", 4.0))
+  old_len = float(scaling["original_max_position_embeddings"])
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_angles(cfg: ModelConfig, positions_BxT: jax.Array, rotary_dim: int):
+  """cos, sin [B, T, rotary_dim // 2] in float32."""
+  inv_freq = jnp.asarray(rope_inv_freq(cfg, rotary_dim))
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope_half(x_BxTxHxD: jax.Array, cos, sin) -> jax.Array:
+  """Llama layout: the two halves of the head are the (real, imaginary) parts."""
+  half = x_BxTxHxD.shape[-1] // 2
+  x1, x2 = x_BxTxHxD[..., :half], x_BxTxHxD[..., half:]
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  x1f, x2f = x1.astype(jnp.float32), x2.astype(jnp.float32)
+  out = jnp.concatenate([x1f * cos - x2f * sin, x2f * cos + x1f * sin], axis=-1)
+  return out.astype(x_BxTxHxD.dtype)
+
+
+def apply_rope_interleaved(x_BxTxHxD: jax.Array, cos, sin, rotary_dim: int) -> jax.Array:
+  """GPT-J layout: pairs (0,1), (2,3), ... of the first `rotary_dim` channels rotate."""
+  rot, rest = x_BxTxHxD[..., :rotary_dim], x_BxTxHxD[..., rotary_dim:]
+  rot = rot.astype(jnp.float32)
+  even, odd = rot[..., 0::2], rot[..., 1::2]
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  out = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+  out = out.reshape(rot.shape).astype(x_BxTxHxD.dtype)
+  return jnp.concatenate([out, rest], axis=-1)
+
+
+def attention_bias(q_slots_BxT: jax.Array, kv_slots_S: jax.Array, kv_valid_BxS: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+  """Additive attention bias [B, 1, T, S]: causal by slot index, padding and sliding window masked.
+
+  Slots are absolute indices in the (padded) sequence, so left padding and a KV cache share one rule.
+  """
+  q = q_slots_BxT[:, :, None]
+  k = kv_slots_S[None, None, :]
+  allowed = (k <= q) & kv_valid_BxS[:, None, :].astype(bool)
+  if sliding_window is not None:
+    allowed = allowed & (k > q - sliding_window)
+  return jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)[:, None, :, :]
+
+
+def dot_attention(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bias_Bx1xTxS) -> jax.Array:
+  """Grouped-query softmax attention, float32 softmax. Returns [B, T, H, D]."""
+  num_heads, num_groups = q_BxTxHxD.shape[2], k_BxSxGxD.shape[2]
+  rep = num_heads // num_groups
+  b, t, _, d = q_BxTxHxD.shape
+  q = q_BxTxHxD.reshape(b, t, num_groups, rep, d)
+  scores = jnp.einsum("btgrd,bsgd->bgrts", q, k_BxSxGxD).astype(jnp.float32) / math.sqrt(d)
+  scores = scores + bias_Bx1xTxS[:, :, None, :, :]
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxD.dtype)
+  out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_BxSxGxD)
+  return out.reshape(b, t, num_heads, d)

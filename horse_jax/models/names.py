@@ -1,0 +1,111 @@
+"""Addressing linear modules of the param tree by their Hugging Face names."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+
+from horse_jax.errors import UserError
+from horse_jax.models.config import ModelConfig
+
+_LINEARS = {
+    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    "gptj": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
+}
+_PREFIX = {"llama": "model.layers", "gpt2": "transformer.h", "gptj": "transformer.h"}
+_DOWN_PROJ = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gptj": "mlp.fc_out"}
+
+
+def _family(cfg: ModelConfig) -> str:
+  return "llama" if cfg.model_type in ("llama", "mistral", "qwen2") else cfg.model_type
+
+
+def module_names(cfg: ModelConfig) -> list[str]:
+  """Every addressable linear module, in config (layer) order."""
+  fam = _family(cfg)
+  names = [f"{_PREFIX[fam]}.{i}.{suffix}" for i in range(cfg.num_layers) for suffix in _LINEARS[fam]]
+  if not cfg.tie_word_embeddings:
+    names.append("lm_head")
+  return names
+
+
+def default_edit_modules(cfg: ModelConfig, count: int = 6) -> list[str]:
+  """The MLP down-projections of the last `count` layers (the HORSE/MALMEN default)."""
+  fam = _family(cfg)
+  first = max(cfg.num_layers - count, 0)
+  return [f"{_PREFIX[fam]}.{i}.{_DOWN_PROJ[fam]}" for i in range(first, cfg.num_layers)]
+
+
+def layer_index(name: str) -> int:
+  """Decoder layer index of a module name (`model.layers.26.mlp.down_proj` -> 26)."""
+  parts = name.split(".")
+  for i, part in enumerate(parts[:-1]):
+    if part in ("layers", "h") and parts[i + 1].isdigit():
+      return int(parts[i + 1])
+  raise UserError(f"module {name!r} is not inside a decoder layer")
+
+
+def check_module_names(cfg: ModelConfig, names: Sequence[str], first_layer: int = 0) -> None:
+  """Raises UserError naming the first unknown (or skipped) module."""
+  known = set(module_names(cfg))
+  for name in names:
+    if name not in known:
+      raise UserError(f"unknown module name {name!r} for model_type {cfg.model_type!r} "
+                      f"(e.g. {default_edit_modules(cfg, 1)[0]!r})")
+    if name != "lm_head" and layer_index(name) < first_layer:
+      raise UserError(f"module {name!r} lies below the layer the forward pass started from "
+                      f"({first_layer})")
+
+
+def get_module(params: dict, name: str) -> dict[str, Any]:
+  """The {"kernel", "bias"?} dict of a named linear module."""
+  node = params
+  for part in name.split("."):
+    if not isinstance(node, dict) or part not in node:
+      raise UserError(f"module {name!r} not found in the param tree")
+    node = node[part]
+  return node
+
+
+def get_kernel(params: dict, name: str) -> jax.Array:
+  """Kernel [d_in, d_out] of a named linear module."""
+  return get_module(params, name)["kernel"]
+
+
+def replace_kernels(params: dict, kernels: dict[str, jax.Array]) -> dict:
+  """A new param tree with the given kernels swapped in (other leaves are shared, not copied)."""
+  def rebuild(node, path):
+    if not isinstance(node, dict):
+      return node
+    out = {}
+    for key, child in node.items():
+      child_path = f"{path}.{key}" if path else key
+      if key == "kernel" and path in kernels:
+        out[key] = kernels[path]
+      else:
+        out[key] = rebuild(child, child_path)
+    return out
+  missing = [n for n in kernels if n not in set(_all_paths(params))]
+  if missing:
+    raise UserError(f"unknown module name {missing[0]!r}")
+  return rebuild(params, "")
+
+
+def add_to_kernels(params: dict, shifts_KxV: dict[str, jax.Array]) -> dict:
+  """params with kernel += shift for each named module (shift [d_in, d_out], cast to kernel dtype)."""
+  new = {}
+  for name, shift in shifts_KxV.items():
+    kernel = get_kernel(params, name)
+    new[name] = (kernel.astype(jax.numpy.float32) + shift).astype(kernel.dtype)
+  return replace_kernels(params, new)
+
+
+def _all_paths(node, path=""):
+  if isinstance(node, dict):
+    if "kernel" in node:
+      yield path
+    for key, child in node.items():
+      yield from _all_paths(child, f"{path}.{key}" if path else key)
