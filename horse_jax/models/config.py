@@ -140,8 +140,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        # Qwen2 always has q/k/v biases and Mistral never has any, whatever the config says.
+        attention_bias=(model_type == "qwen2" or
+                        (model_type == "llama" and bool(hf.get("attention_bias", False)))),
+        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
         sliding_window=int(window) if window else None,
     )
   if model_type == "gpt2":
@@ -182,3 +184,47 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
       attention_bias=False,
       mlp_bias=True,
   )
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM"}
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """A transformers config dict for a config that was not read from one (e.g. a random model).
+
+  Written in the transformers-4 form (`rope_theta` / `rope_scaling` at top level), which both
+  transformers 4 and 5 read.
+  """
+  hf: dict[str, Any] = {
+      "model_type": cfg.model_type,
+      "architectures": [_ARCHITECTURES[cfg.model_type]],
+      "vocab_size": cfg.vocab_size,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+  }
+  for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    value = getattr(cfg, key)
+    if value is not None:
+      hf[key] = list(value) if isinstance(value, tuple) else value
+  if cfg.model_type in ("llama", "mistral", "qwen2"):
+    hf.update(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+        hidden_act=cfg.hidden_act, rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling_dict)
+    if cfg.model_type == "llama":
+      hf.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.model_type == "mistral":
+      hf["sliding_window"] = cfg.sliding_window
+    if cfg.model_type == "qwen2":
+      hf.update(use_sliding_window=cfg.sliding_window is not None,
+                sliding_window=cfg.sliding_window)
+    return hf
+  hf.update(n_embd=cfg.hidden_size, n_inner=cfg.intermediate_size, n_layer=cfg.num_layers,
+            n_head=cfg.num_heads, n_positions=cfg.max_position_embeddings,
+            layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.hidden_act)
+  if cfg.model_type == "gptj":
+    hf["rotary_dim"] = cfg.rotary_dim
+  return hf

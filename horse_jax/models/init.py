@@ -31,7 +31,7 @@ def init_llama_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: 
             "q_proj": _dense(next(keys), d, hq, ab, std, dtype),
             "k_proj": _dense(next(keys), d, hkv, ab, std, dtype),
             "v_proj": _dense(next(keys), d, hkv, ab, std, dtype),
-            "o_proj": _dense(next(keys), hq, d, False, std, dtype),
+            "o_proj": _dense(next(keys), hq, d, ab and cfg.model_type == "llama", std, dtype),
         },
         "mlp": {
             "gate_proj": _dense(next(keys), d, f, mb, std, dtype),
@@ -50,6 +50,25 @@ def init_llama_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: 
   return params
 
 
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
+  """Any architecture, from the HF name table: Normal(0, std) kernels and embeddings, unit norm
+  scales, zero biases."""
+  from horse_jax.models import hf_map
+  params: dict = {}
+  entries = hf_map.entries(cfg)
+  keys = jax.random.split(key, len(entries))
+  for k, entry in zip(keys, entries):
+    leaf = entry.path.rsplit(".", 1)[1]
+    if leaf == "scale":
+      value = jnp.ones(entry.shape, dtype)
+    elif leaf == "bias":
+      value = jnp.zeros(entry.shape, dtype)
+    else:
+      value = (std * jax.random.normal(k, entry.shape, jnp.float32)).astype(dtype)
+    hf_map.set_path(params, entry.path, value)
+  return params
+
+
 def tiny_llama_config(**overrides) -> ModelConfig:
   """A small llama config for tests and examples."""
   fields = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
@@ -60,7 +79,8 @@ def tiny_llama_config(**overrides) -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Model:
-  """A randomly initialised llama-family model."""
-  if cfg.model_type not in ("llama", "mistral", "qwen2"):
-    raise ValueError(f"random_model supports the llama family, not {cfg.model_type!r}")
-  return Model(init_llama_params(cfg, jax.random.PRNGKey(seed), dtype), cfg)
+  """A randomly initialised model (llama family: `init_llama_params`; others: `init_params`)."""
+  key = jax.random.PRNGKey(seed)
+  if cfg.model_type in ("llama", "mistral", "qwen2"):
+    return Model(init_llama_params(cfg, key, dtype), cfg)
+  return Model(init_params(cfg, key, dtype), cfg)

@@ -1,0 +1,272 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (single file or sharded index).
+
+Reading is lazy: tensors are opened with `safetensors.safe_open(framework="np")` (memory-mapped) and
+read one at a time; with a mesh, `jax.make_array_from_callback` asks for each device's slice only, so
+no host ever holds a whole sharded weight. Export writes HF names and layout back, so the result
+loads in transformers (or any other runtime) unchanged, and load -> export -> load is bit-exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from horse_jax.errors import UserError
+from horse_jax.io import atomic_directory
+from horse_jax.models import hf_map
+from horse_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from horse_jax.models.transformer import Model
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def dtype_name(dtype: Any) -> str:
+  """'float32' / 'bfloat16' / 'float16' for a JAX/NumPy dtype or such a string."""
+  name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype.replace("torch.", "")
+  if name not in _DTYPES:
+    raise UserError(f"unsupported dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
+  return name
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+  """Parses `<path>/config.json` (either transformers config form)."""
+  folder = Path(path)
+  if not folder.is_dir():
+    raise UserError(f"model folder {str(folder)!r} does not exist")
+  config_file = folder / "config.json"
+  if not config_file.is_file():
+    raise UserError(f"{config_file}: config.json is missing")
+  try:
+    hf = json.loads(config_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise UserError(f"{config_file}: not valid JSON ({err})") from None
+  if not isinstance(hf, dict):
+    raise UserError(f"{config_file}: expected a JSON object")
+  return config_from_hf(hf, source=str(config_file))
+
+
+class _Tensors:
+  """Name -> lazily opened safetensors file, for a single file or a sharded index."""
+
+  def __init__(self, folder: Path, stack: contextlib.ExitStack):
+    self.folder, self._stack, self._handles = folder, stack, {}
+    index = folder / INDEX_FILE
+    single = folder / SINGLE_FILE
+    if index.is_file():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{index}: not a safetensors index ({err!r})") from None
+      self.where = {str(k): str(v) for k, v in weight_map.items()}
+      self.index_name = INDEX_FILE
+    elif single.is_file():
+      self.where = {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
+      self.index_name = SINGLE_FILE
+    else:
+      raise UserError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+                      "(only safetensors checkpoints are supported)")
+
+  def _open(self, filename: str):
+    if filename not in self._handles:
+      file = self.folder / filename
+      if not file.is_file():
+        raise UserError(f"{file}: shard file listed in {INDEX_FILE} is missing")
+      try:
+        self._handles[filename] = self._stack.enter_context(safe_open(str(file), framework="np"))
+      except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"{file}: cannot read safetensors file ({err})") from None
+    return self._handles[filename]
+
+  def resolve(self, name: str) -> str | None:
+    """The stored name of a tensor; old GPT-2 checkpoints omit the `transformer.` prefix."""
+    if name in self.where:
+      return name
+    short = name.removeprefix("transformer.")
+    return short if short in self.where else None
+
+  def slice(self, name: str):
+    filename = self.where[name]
+    handle = self._open(filename)
+    if name not in handle.keys():
+      raise UserError(f"{self.folder / filename}: tensor {name!r} is missing "
+                      f"(listed in {self.index_name})")
+    return handle.get_slice(name), self.folder / filename
+
+
+def _read(slice_, entry: hf_map.Entry, index: tuple[slice, ...] | None, dtype) -> np.ndarray:
+  """Reads (a block of) one tensor in our layout; `index` is in our layout too."""
+  if index is None:
+    index = (slice(None),) * len(entry.shape)
+  if entry.kind == hf_map.LINEAR:
+    array = slice_[tuple(reversed(index))].T
+  else:
+    array = slice_[index]
+  return np.ascontiguousarray(array).astype(dtype, copy=False)
+
+
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None) -> Model:
+  """Loads a Hugging Face checkpoint folder (config.json + safetensors).
+
+  Args:
+    path: folder with config.json and model.safetensors or model.safetensors.index.json + shards.
+    dtype: param dtype (jnp.float32, jnp.bfloat16, jnp.float16 or their names).
+    mesh: optional (data, model) mesh (`sharding.make_mesh`); params are then created sharded by
+      `sharding.RULES` and each device reads only its own slice of each tensor.
+
+  Returns:
+    The model.
+
+  Raises:
+    UserError: missing folder/config/weights, unsupported model_type, missing or misshaped tensor.
+  """
+  from horse_jax.models import sharding  # local: sharding imports transformer lazily too
+  folder = Path(path)
+  cfg = read_config(folder)
+  np_dtype = _DTYPES[dtype_name(dtype)]
+  params: dict = {}
+  with contextlib.ExitStack() as stack:
+    tensors = _Tensors(folder, stack)
+    for entry in hf_map.entries(cfg):
+      stored = tensors.resolve(entry.hf_name)
+      if stored is None:
+        raise UserError(f"{folder / tensors.index_name}: tensor {entry.hf_name!r} is missing")
+      slice_, file = tensors.slice(stored)
+      shape = tuple(slice_.get_shape())
+      if shape != entry.hf_shape:
+        raise UserError(f"{file}: tensor {stored!r} has shape {list(shape)}, expected "
+                        f"{list(entry.hf_shape)} from config.json")
+      if mesh is None:
+        value = jnp.asarray(_read(slice_, entry, None, np_dtype))
+      else:
+        value = jax.make_array_from_callback(
+            entry.shape, sharding.sharding_for(entry.path, entry.shape, mesh),
+            lambda index, s=slice_, e=entry: _read(s, e, index, np_dtype))
+      hf_map.set_path(params, entry.path, value)
+  return Model(params, cfg)
+
+
+def _updated_config_json(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+  hf = cfg.hf_config if cfg.hf_config else config_to_hf(cfg)
+  keys = [k for k in ("dtype", "torch_dtype") if k in hf] or ["dtype"]
+  for key in keys:
+    hf[key] = dtype
+  return hf
+
+
+def _declared_dtype(cfg: ModelConfig) -> str | None:
+  hf = cfg.hf_config
+  for key in ("dtype", "torch_dtype"):
+    value = hf.get(key)
+    if isinstance(value, str) and value.replace("torch.", "") in _DTYPES:
+      return value.replace("torch.", "")
+  return None
+
+
+def _copy_tokenizer(tokenizer_src: Any, out: str) -> None:
+  if tokenizer_src is None:
+    return
+  if hasattr(tokenizer_src, "save_pretrained"):  # a tokenizer object
+    tokenizer_src.save_pretrained(out)
+    return
+  src = Path(tokenizer_src)
+  if not src.is_dir():
+    raise UserError(f"tokenizer folder {str(src)!r} does not exist")
+  copied = 0
+  for name in TOKENIZER_FILES:
+    if (src / name).is_file():
+      shutil.copyfile(src / name, Path(out) / name)
+      copied += name != "generation_config.json"
+  if not copied:
+    raise UserError(f"{src}: no tokenizer files found (looked for {', '.join(TOKENIZER_FILES[:6])})")
+
+
+def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_src: Any = None,
+                    dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+  """Writes a Hugging Face checkpoint folder atomically (the folder is replaced whole on success).
+
+  Args:
+    model: the model.
+    path: output folder.
+    tokenizer_src: a folder to copy tokenizer files (and generation_config.json) from, or a
+      tokenizer object with `save_pretrained`; None writes no tokenizer.
+    dtype: tensor dtype in the file; default the dtype the original config.json declared (so an
+      edit made in float32 on a bfloat16 checkpoint exports as bfloat16), else the model's dtype.
+    max_shard_bytes: above this, tensors are split over several files plus an index, as HF does.
+  """
+  cfg = model.config
+  out_dtype = dtype_name(dtype) if dtype is not None else (_declared_dtype(cfg) or
+                                                           dtype_name(model.dtype))
+  np_dtype = _DTYPES[out_dtype]
+  entries = hf_map.entries(cfg)
+  # Group tensors into shards of at most max_shard_bytes (whole tensors; in HF order).
+  shards: list[list[hf_map.Entry]] = [[]]
+  size = 0
+  for entry in entries:
+    nbytes = int(np.prod(entry.shape)) * np.dtype(np_dtype).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(entry)
+    size += nbytes
+  with atomic_directory(path) as tmp:
+    weight_map, total = {}, 0
+    for i, group in enumerate(shards):
+      filename = (SINGLE_FILE if len(shards) == 1
+                  else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+      tensors = {}
+      for entry in group:
+        value = np.asarray(jax.device_get(hf_map.get_path(model.params, entry.path)))
+        if tuple(value.shape) != entry.shape:
+          raise UserError(f"param {entry.path!r} has shape {list(value.shape)}, expected "
+                          f"{list(entry.shape)}")
+        if entry.kind == hf_map.LINEAR:
+          value = value.T
+        tensors[entry.hf_name] = np.ascontiguousarray(value.astype(np_dtype, copy=False))
+        weight_map[entry.hf_name] = filename
+        total += tensors[entry.hf_name].nbytes
+      save_file(tensors, os.path.join(tmp, filename), metadata={"format": "pt"})
+      del tensors
+    if len(shards) > 1:
+      with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(_updated_config_json(cfg, out_dtype), f, indent=2, sort_keys=True)
+      f.write("\n")
+    _copy_tokenizer(tokenizer_src, tmp)
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """`transformers.AutoTokenizer` from a local folder, with a pad token (eos if none is set).
+
+  Raises:
+    UserError: the folder does not exist or holds no loadable tokenizer.
+  """
+  folder = Path(path)
+  if not folder.is_dir():
+    raise UserError(f"tokenizer folder {str(folder)!r} does not exist")
+  from transformers import AutoTokenizer
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+  except (OSError, ValueError, TypeError) as err:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    raise UserError(f"{folder}: cannot load a tokenizer ({first})") from None
+  if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    tokenizer.pad_token = tokenizer.eos_token
+  return tokenizer
