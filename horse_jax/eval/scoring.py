@@ -1,0 +1,331 @@
+"""Score edit records against an edited (and optionally the unedited) model.
+
+`score_records` tokenizes every (prompt, answer) pair a record carries (the edit prompt and the
+rephrase with the new target, the unrelated prompt with its gold answer, portability pairs), sorts
+them into length buckets and runs them in batches of a fixed size, so the caller's logits function and
+the jitted metric kernels see one shape per bucket. Teacher-forced scores stay on device until the
+end; generation-based scores run greedy decoding of exactly len(target) tokens on left-padded prompts.
+
+Per-record keys (None when the record lacks that part or the needed function was not given):
+  edit_acc, rephrase_acc, loc_acc (vs the gold unrelated answer), loc_agree (post vs pre argmax on the
+  unrelated answer positions; needs pre_logits_fn), pre_edit_acc, pre_rephrase_acc, pre_loc_acc,
+  port_acc / pre_port_acc (mean over the record's portability pairs);
+  with generate_fn: gen_edit_acc, gen_rephrase_acc, gen_loc_acc, gen_port_acc, and with
+  pre_generate_fn also gen_loc_agree (post vs pre generations on the unrelated prompt) and pre_gen_*.
+Summary: the mean of each key over the records that have it, `counts`, and
+  overall = mean(edit_acc, rephrase_acc, locality) with `overall_locality` naming the locality used
+  (loc_agree when the pre-edit model was scored, else loc_acc); gen_overall likewise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from horse_jax.data.records import EditRecord
+from horse_jax.data.tokenize import IGNORE, EditBatch, bucket_length, tokenize_edit, tokenize_edits
+from horse_jax.eval import metrics
+from horse_jax.io import atomic_write_json
+
+LogitsFn = Callable[[EditBatch], Any]
+GenerateFn = Callable[[Any, Any, int], Any]
+
+# Which per-record key each kind of pair fills (teacher-forced post, pre; generation post, pre).
+KINDS = ("edit", "rephrase", "loc", "port")
+_TF_KEYS = {"edit": ("edit_acc", "pre_edit_acc"), "rephrase": ("rephrase_acc", "pre_rephrase_acc"),
+            "loc": ("loc_acc", "pre_loc_acc"), "port": ("port_acc", "pre_port_acc")}
+_GEN_KEYS = {"edit": ("gen_edit_acc", "pre_gen_edit_acc"), "rephrase": ("gen_rephrase_acc", "pre_gen_rephrase_acc"),
+             "loc": ("gen_loc_acc", "pre_gen_loc_acc"), "port": ("gen_port_acc", "pre_gen_port_acc")}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+  record: int
+  kind: str
+  prompt: str
+  answer: str
+
+
+def record_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
+  """Every (prompt, answer) pair to score, tagged with its record index and kind."""
+  pairs = []
+  for i, r in enumerate(records):
+    pairs.append(_Pair(i, "edit", r.prompt, r.target))
+    if r.rephrase:
+      pairs.append(_Pair(i, "rephrase", r.rephrase, r.target))
+    if r.loc_prompt and r.loc_answer:
+      pairs.append(_Pair(i, "loc", r.loc_prompt, r.loc_answer))
+    for prompt, answer in r.portability:
+      pairs.append(_Pair(i, "port", prompt, answer))
+  return pairs
+
+
+def _pad_id(tokenizer) -> int:
+  for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if value is not None:
+      return int(value)
+  return 0
+
+
+def _chunks(order: Sequence[int], size: int):
+  for start in range(0, len(order), size):
+    yield list(order[start:start + size])
+
+
+def _fill(rows: list[int], size: int) -> list[int]:
+  """Pads a short chunk to `size` rows by repeating its first row (scored, then dropped)."""
+  return rows + [rows[0]] * (size - len(rows))
+
+
+@jax.jit
+def _tf_scores_post(post_BxTxV, labels_BxT):
+  return metrics.token_accuracy(post_BxTxV, labels_BxT)
+
+
+@jax.jit
+def _tf_scores_both(post_BxTxV, pre_BxTxV, labels_BxT):
+  return (metrics.token_accuracy(post_BxTxV, labels_BxT), metrics.token_accuracy(pre_BxTxV, labels_BxT),
+          metrics.agreement(pre_BxTxV, post_BxTxV, labels_BxT))
+
+
+def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size, max_length, progress):
+  """Per-pair (post_acc, pre_acc or None, agree or None) as NumPy float arrays."""
+  lengths = []
+  too_long = 0
+  for p in pairs:
+    ids, _, _ = tokenize_edit(tokenizer, p.prompt, p.answer)
+    if max_length is not None and len(ids) > max_length:
+      too_long += 1
+    lengths.append(min(len(ids), max_length) if max_length is not None else len(ids))
+  if too_long:
+    warnings.warn(f"{too_long} prompt+answer pair(s) longer than max_length={max_length} tokens were "
+                  "truncated on the left (prompt start dropped)", stacklevel=3)
+  buckets: dict[int, list[int]] = {}
+  for j, n in enumerate(lengths):
+    buckets.setdefault(bucket_length(n), []).append(j)
+  jobs = [(length, chunk) for length, idx in sorted(buckets.items()) for chunk in _chunks(idx, batch_size)]
+  pad_id = _pad_id(tokenizer)
+  results = []
+  for length, chunk in tqdm(jobs, desc="scoring (teacher-forced)", unit="batch", disable=not progress,
+                            leave=False):
+    rows = _fill(chunk, batch_size)
+    batch = tokenize_edits(tokenizer, [pairs[j].prompt for j in rows], [pairs[j].answer for j in rows],
+                           pad_to=length, max_length=max_length, pad_id=pad_id)
+    labels = batch.labels.copy()
+    labels[len(chunk):] = IGNORE  # filler rows score nothing
+    batch = batch._replace(labels=labels)
+    post = post_logits_fn(batch)
+    if pre_logits_fn is None:
+      results.append((chunk, _tf_scores_post(post, batch.labels), None, None))
+    else:
+      results.append((chunk, *_tf_scores_both(post, pre_logits_fn(batch), batch.labels)))
+  n = len(pairs)
+  post_acc = np.full(n, np.nan)
+  pre_acc = np.full(n, np.nan) if pre_logits_fn is not None else None
+  agree = np.full(n, np.nan) if pre_logits_fn is not None else None
+  for chunk, post_d, pre_d, agree_d in jax.device_get(results):  # one sync at the end
+    k = len(chunk)
+    post_acc[chunk] = np.asarray(post_d)[:k]
+    if pre_acc is not None:
+      pre_acc[chunk] = np.asarray(pre_d)[:k]
+      agree[chunk] = np.asarray(agree_d)[:k]
+  return post_acc, pre_acc, agree
+
+
+def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_length, progress):
+  """Per-pair (post gen acc, pre gen acc or None, post-vs-pre agreement or None)."""
+  pad_id = _pad_id(tokenizer)
+  prompts, answers = [], []
+  for p in pairs:
+    prompt_ids = list(tokenizer(p.prompt)["input_ids"])
+    answer_ids = list(tokenizer(" " + p.answer, add_special_tokens=False)["input_ids"])
+    if max_length is not None and len(prompt_ids) + len(answer_ids) > max_length:
+      prompt_ids = prompt_ids[-max(max_length - len(answer_ids), 1):]
+    prompts.append(prompt_ids)
+    answers.append(answer_ids)
+  buckets: dict[tuple[int, int], list[int]] = {}
+  for j in range(len(pairs)):
+    key = (bucket_length(len(prompts[j])), bucket_length(len(answers[j]), minimum=4))
+    buckets.setdefault(key, []).append(j)
+  jobs = [(key, chunk) for key, idx in sorted(buckets.items()) for chunk in _chunks(idx, batch_size)]
+  results = []
+  for (length, new), chunk in tqdm(jobs, desc="scoring (generation)", unit="batch", disable=not progress,
+                                   leave=False):
+    rows = _fill(chunk, batch_size)
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    target = np.full((batch_size, new), -1, np.int32)
+    target_len = np.zeros((batch_size,), np.int32)
+    for b, j in enumerate(rows):
+      ids[b, length - len(prompts[j]):] = prompts[j]  # left-padded
+      mask[b, length - len(prompts[j]):] = 1
+      target[b, :len(answers[j])] = answers[j]
+      target_len[b] = len(answers[j]) if b < len(chunk) else 0
+    post = jnp.asarray(generate_fn(ids, mask, new))[:, :new]
+    post_acc = metrics.generation_accuracy(post, target, target_len)
+    if pre_generate_fn is None:
+      results.append((chunk, post_acc, None, None))
+    else:
+      pre = jnp.asarray(pre_generate_fn(ids, mask, new))[:, :new]
+      results.append((chunk, post_acc, metrics.generation_accuracy(pre, target, target_len),
+                      metrics.generation_accuracy(post, pre, target_len)))
+  n = len(pairs)
+  post_acc = np.full(n, np.nan)
+  pre_acc = np.full(n, np.nan) if pre_generate_fn is not None else None
+  agree = np.full(n, np.nan) if pre_generate_fn is not None else None
+  for chunk, post_d, pre_d, agree_d in jax.device_get(results):
+    k = len(chunk)
+    post_acc[chunk] = np.asarray(post_d)[:k]
+    if pre_acc is not None:
+      pre_acc[chunk] = np.asarray(pre_d)[:k]
+      agree[chunk] = np.asarray(agree_d)[:k]
+  return post_acc, pre_acc, agree
+
+
+def _to_float(x) -> float | None:
+  x = float(x)
+  return None if math.isnan(x) else x
+
+
+def _collect(per_record: list[dict[str, Any]], pairs: Sequence[_Pair], values, key_for_kind: Mapping[str, str]):
+  """Writes the per-pair `values` into per-record dicts (mean over a record's pairs of one kind)."""
+  sums: dict[tuple[int, str], list[float]] = {}
+  for pair, v in zip(pairs, values):
+    if pair.kind in key_for_kind and not np.isnan(v):
+      sums.setdefault((pair.record, key_for_kind[pair.kind]), []).append(float(v))
+  for (i, key), vs in sums.items():
+    per_record[i][key] = float(np.mean(vs))
+
+
+def _mean_over(per_record, key):
+  vs = [r[key] for r in per_record if r.get(key) is not None]
+  return (float(np.mean(vs)) if vs else None), len(vs)
+
+
+def _overall(summary: dict[str, Any], prefix: str) -> None:
+  """overall = mean(ES, GS, locality) of the summary means, naming the locality and the parts used."""
+  es, gs = summary.get(f"{prefix}edit_acc"), summary.get(f"{prefix}rephrase_acc")
+  loc_key = f"{prefix}loc_agree" if summary.get(f"{prefix}loc_agree") is not None else f"{prefix}loc_acc"
+  loc = summary.get(loc_key)
+  parts = {k: v for k, v in ((f"{prefix}edit_acc", es), (f"{prefix}rephrase_acc", gs), (loc_key, loc)) if v is not None}
+  value = metrics.overall(*(np.nan if v is None else v for v in (es, gs, loc)))
+  summary[f"{prefix}overall"] = _to_float(value)
+  summary[f"{prefix}overall_locality"] = loc_key if loc is not None else None
+  summary[f"{prefix}overall_of"] = sorted(parts)
+
+
+def score_records(records: Sequence[EditRecord], tokenizer, post_logits_fn: LogitsFn,
+                  pre_logits_fn: LogitsFn | None = None, *, batch_size: int = 64,
+                  generate_fn: GenerateFn | None = None, pre_generate_fn: GenerateFn | None = None,
+                  max_length: int | None = None, progress: bool = True) -> dict[str, Any]:
+  """Scores records with the edited model (and the unedited one when given).
+
+  Args:
+    records: the edit records (their prompts, rephrases, unrelated prompts, portability pairs).
+    tokenizer: a transformers tokenizer (the model's).
+    post_logits_fn: right-padded EditBatch -> logits [B, T, V] of the edited model. A codebook editor
+      takes its edit position from `batch.prompt_len - 1`.
+    pre_logits_fn: the same for the unedited model; enables pre_* scores and loc_agree.
+    batch_size: rows per call (short chunks are filled to this size, so shapes stay fixed).
+    generate_fn: (left-padded prompt ids [B, T], mask [B, T], max_new_tokens) -> greedy tokens
+      [B, >= max_new_tokens] of the edited model; enables gen_* scores.
+    pre_generate_fn: the same for the unedited model; enables gen_loc_agree and pre_gen_*.
+    max_length: the model's context limit; longer pairs lose their prompt start, with a warning.
+    progress: show tqdm bars.
+
+  Returns:
+    {"summary": {...}, "records": [per-record dict, ...]} as described in the module docstring.
+  """
+  if not records:
+    raise ValueError("no records to score")
+  pairs = record_pairs(records)
+  per_record: list[dict[str, Any]] = [
+      {"index": i, "prompt": r.prompt, "target": r.target, **{k: None for k in _keys(
+          r, pre_logits_fn is not None, generate_fn is not None, pre_generate_fn is not None)}}
+      for i, r in enumerate(records)]
+
+  post, pre, agree = _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
+                                     max_length, progress)
+  _collect(per_record, pairs, post, {k: v[0] for k, v in _TF_KEYS.items()})
+  if pre is not None:
+    _collect(per_record, pairs, pre, {k: v[1] for k, v in _TF_KEYS.items()})
+    _collect(per_record, pairs, agree, {"loc": "loc_agree"})
+  if generate_fn is not None:
+    post, pre, agree = _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size,
+                                   max_length, progress)
+    _collect(per_record, pairs, post, {k: v[0] for k, v in _GEN_KEYS.items()})
+    if pre is not None:
+      _collect(per_record, pairs, pre, {k: v[1] for k, v in _GEN_KEYS.items()})
+      _collect(per_record, pairs, agree, {"loc": "gen_loc_agree"})
+
+  keys = [k for k in per_record[0] if k not in ("index", "prompt", "target")]
+  for r in per_record[1:]:
+    keys += [k for k in r if k not in keys and k not in ("index", "prompt", "target")]
+  summary: dict[str, Any] = {"n_records": len(records)}
+  counts = {}
+  for key in keys:
+    summary[key], counts[key] = _mean_over(per_record, key)
+  _overall(summary, "")
+  if generate_fn is not None:
+    _overall(summary, "gen_")
+  summary["counts"] = counts
+  return {"summary": summary, "records": per_record}
+
+
+def _keys(r: EditRecord, pre: bool, gen: bool, pre_gen: bool) -> list[str]:
+  """The metric keys a record gets (all present, None until scored)."""
+  kinds = ["edit"] + (["rephrase"] if r.rephrase else []) + (["loc"] if r.loc_prompt else []) + (
+      ["port"] if r.portability else [])
+  keys = []
+  for kind in kinds:
+    keys.append(_TF_KEYS[kind][0])
+    if pre:
+      keys.append(_TF_KEYS[kind][1])
+    if kind == "loc" and pre:
+      keys.append("loc_agree")
+  if gen:
+    for kind in kinds:
+      keys.append(_GEN_KEYS[kind][0])
+      if pre_gen:
+        keys.append(_GEN_KEYS[kind][1])
+      if kind == "loc" and pre_gen:
+        keys.append("gen_loc_agree")
+  return keys
+
+
+def _finite(obj):
+  """NaN/inf -> None so the JSON is strict."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  if isinstance(obj, (np.floating, np.integer)):
+    return _finite(obj.item())
+  return obj
+
+
+def write_metrics(path: str | os.PathLike, method: str, n_edits: int, scores: Mapping[str, Any],
+                  extra: Mapping[str, Any] | None = None) -> None:
+  """Writes {"method", "n_edits", "summary", "records", **extra} atomically as strict JSON.
+
+  Args:
+    path: output file (metrics.json).
+    method: editor name.
+    n_edits: number of edits applied.
+    scores: `score_records` output.
+    extra: more top-level fields (timings, settings); cannot replace the four core keys.
+  """
+  obj = dict(extra or {})
+  obj.update({"method": method, "n_edits": int(n_edits), "summary": scores["summary"],
+              "records": scores["records"]})
+  atomic_write_json(path, _finite(obj))
