@@ -11,6 +11,7 @@ Public surface:
 """
 
 from horse_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from horse_jax.models.generate import generate
 from horse_jax.models.hf_io import from_pretrained, load_tokenizer, read_config, save_pretrained
 from horse_jax.models.hooks import Hooks
 from horse_jax.models.names import (add_to_kernels, default_edit_modules, get_kernel, layer_index,
