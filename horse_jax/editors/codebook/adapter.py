@@ -1,0 +1,77 @@
+"""The hook that applies a codebook to the wrapped module: `fn(x_in, y_out) -> y_out`.
+
+Only the output at the edit position p of each sequence changes:
+  HoReN value mode  y[p] += match * value[j*]
+  HoReN LoRA mode   y[p] += lora_scale * match * B_j (A_j y[p])
+  GRACE             y[p]  = value[j] if match else y[p]
+The query comes from the module's own input x_in, so the same hook serves scoring (right-padded
+batches, p = prompt_len - 1) and generation prefill (left-padded prompts, p = T - 1, `start` = first
+real token).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from horse_jax.editors.codebook import grace
+from horse_jax.editors.codebook.query import make_query
+from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
+from horse_jax.editors.codebook.settings import CodebookSettings
+from horse_jax.editors.codebook.state import Codebook
+
+
+def lookup(book: Codebook, settings: CodebookSettings, x_TxD: jax.Array, p: jax.Array,
+           start: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(j*, match) for one sequence's module input x [T, d_in]."""
+  q = make_query(x_TxD, p, start, settings.strategy, settings.normalize)
+  if settings.method == "grace":
+    found = grace.lookup(q, book.keys, book.radius, book.count)
+  else:
+    found = retrieve(q, book.keys, book.count, **settings_kwargs(settings))
+  return found.index, found.match
+
+
+def new_output(settings: CodebookSettings, y_p: jax.Array, match: jax.Array, value: jax.Array,
+               lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+  """The module output at p [d_out] after the codebook entry (value / A, B) is applied."""
+  y32 = y_p.astype(jnp.float32)
+  m = match.astype(jnp.float32)
+  if settings.method == "grace":
+    out = jnp.where(match, value, y32)
+  elif settings.adapter_mode == "lora":
+    out = y32 + settings.lora_scale * m * (lora_b @ (lora_a @ y32))
+  else:
+    out = y32 + m * value
+  return out.astype(y_p.dtype)
+
+
+def set_rows(y_BxTxD: jax.Array, p_B: jax.Array, rows_BxD: jax.Array) -> jax.Array:
+  """y with y[b, p_b] = rows[b]."""
+  return y_BxTxD.at[jnp.arange(y_BxTxD.shape[0]), p_B].set(rows_BxD.astype(y_BxTxD.dtype))
+
+
+def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
+                 start_B: jax.Array | None = None):
+  """The codebook hook for a batch (use it in `Hooks(adapters={settings.layer: fn})`).
+
+  Args:
+    book: the codebook.
+    settings: editor settings.
+    p_B: edit position per sequence (last prompt token).
+    start_B: first real token per sequence (left padding); default 0.
+
+  Returns:
+    fn(x_in [B, T, d_in], y_out [B, T, d_out]) -> y_out.
+  """
+  p_B = jnp.asarray(p_B, jnp.int32)
+  start_B = jnp.zeros_like(p_B) if start_B is None else jnp.asarray(start_B, jnp.int32)
+
+  def fn(x_in, y_out):
+    index, match = jax.vmap(lambda x, p, s: lookup(book, settings, x, p, s))(x_in, p_B, start_B)
+    y_p = y_out[jnp.arange(y_out.shape[0]), p_B]
+    rows = jax.vmap(lambda y, m, j: new_output(settings, y, m, book.values[j], book.lora_a[j],
+                                               book.lora_b[j]))(y_p, match, index)
+    return set_rows(y_out, p_B, rows)
+
+  return fn

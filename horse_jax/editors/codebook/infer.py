@@ -1,0 +1,67 @@
+"""Inference with a codebook: logits for scoring and the hook for generation.
+
+Scoring batches are right-padded and edited at p = prompt_len - 1 of each prompt. Generation prompts
+are left-padded, so p = T - 1 for every row and the prompt starts at the first attended slot; the
+hook acts during prefill only, which keeps p fixed at the end of the prompt while decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from horse_jax.editors.codebook.adapter import make_adapter
+from horse_jax.editors.codebook.settings import CodebookSettings
+from horse_jax.editors.codebook.state import Codebook
+from horse_jax.models import Hooks, Model, apply
+
+
+def hooks_for(book: Codebook, settings: CodebookSettings, p_B, start_B=None) -> Hooks:
+  """Hooks that apply the codebook at position p_B (and prompt start start_B) of each row."""
+  return Hooks(adapters={settings.layer: make_adapter(book, settings, p_B, start_B)})
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def edited_logits(model: Model, book: Codebook, input_ids_BxT: jax.Array,
+                  attention_mask_BxT: jax.Array, prompt_len_B: jax.Array, *,
+                  settings: CodebookSettings) -> jax.Array:
+  """Logits [B, T, V] of the edited model on right-padded prompts (p = prompt_len - 1)."""
+  hooks = hooks_for(book, settings, jnp.asarray(prompt_len_B, jnp.int32) - 1)
+  return apply(model, input_ids_BxT, attention_mask_BxT, hooks=hooks)
+
+
+def left_padded_positions(attention_mask_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(p_B, start_B) for left-padded prompts: p = T - 1, start = first attended slot."""
+  mask = jnp.asarray(attention_mask_BxT)
+  t = mask.shape[1]
+  p = jnp.full((mask.shape[0],), t - 1, jnp.int32)
+  start = (t - jnp.sum(mask != 0, axis=1)).astype(jnp.int32)
+  return p, start
+
+
+def logits_fn(model: Model, book: Codebook, settings: CodebookSettings):
+  """A `post_logits_fn` for `horse_jax.eval.scoring`: EditBatch -> logits [B, T, V]."""
+
+  def fn(batch):
+    return edited_logits(model, book, jnp.asarray(batch.input_ids),
+                         jnp.asarray(batch.attention_mask), jnp.asarray(batch.prompt_len),
+                         settings=settings)
+
+  return fn
+
+
+def generate_fn(model: Model, book: Codebook, settings: CodebookSettings):
+  """A `generate_fn` for scoring: (left-padded ids, mask, max_new_tokens) -> tokens [B, N].
+
+  Uses `horse_jax.models.generate` (greedy, KV cache, hooks during prefill).
+  """
+  from horse_jax.models import generate  # the foundation's decoder
+
+  def fn(input_ids_BxT, attention_mask_BxT, max_new_tokens):
+    p, start = left_padded_positions(attention_mask_BxT)
+    return generate(model, input_ids_BxT, attention_mask_BxT, max_new_tokens,
+                    hooks=hooks_for(book, settings, p, start))
+
+  return fn

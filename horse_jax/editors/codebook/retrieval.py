@@ -1,0 +1,66 @@
+"""Damped Hopfield retrieval over the live codebook rows (methods.md, "Retrieval").
+
+  xi = q
+  repeat max_iter times:
+    pi = softmax(beta * xi K^T);  r = normalize(pi K)
+    stop if ||r - xi|| < eps
+    xi = normalize((1 - alpha) xi + alpha r)
+  s = xi K^T;  j* = argmax s;  match = s[j*] > threshold (strict)
+
+Rows >= count are masked with -inf. Without normalization the two `normalize` steps are skipped and
+s is the raw dot product. The reference stops when the largest ||r - xi|| of the query *batch* is
+below eps; here each query stops on its own (vmapped), so a result never depends on which other
+prompts share its batch. A query that has converged moves by less than alpha * eps, so the two
+agree to that tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from horse_jax.editors.codebook.query import l2_normalize
+
+
+class Retrieval(NamedTuple):
+  index: jax.Array  # [] int32, j*
+  score: jax.Array  # [] float32, s[j*]
+  match: jax.Array  # [] bool, s[j*] > threshold
+  scores: jax.Array  # [C] float32 (-inf beyond count)
+  xi: jax.Array  # [d_in] refined query
+
+
+def retrieve(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
+             eps: float, max_iter: int, threshold: float, normalize: bool) -> Retrieval:
+  """Retrieval for one query q [d_in] (vmap it over queries)."""
+  live = jnp.arange(keys_CxD.shape[0]) < count
+  keys = keys_CxD.astype(jnp.float32)
+  norm = l2_normalize if normalize else (lambda x: x)
+
+  def step(_, carry):
+    xi, done = carry
+    logits = jnp.where(live, beta * (keys @ xi), -jnp.inf)
+    r = norm(jax.nn.softmax(logits) @ keys)
+    done = done | (jnp.linalg.norm(r - xi) < eps)
+    xi = jnp.where(done, xi, norm((1.0 - alpha) * xi + alpha * r))
+    return xi, done
+
+  xi, _ = jax.lax.fori_loop(0, max_iter, step, (q.astype(jnp.float32), jnp.asarray(False)))
+  scores = jnp.where(live, keys @ xi, -jnp.inf)
+  index = jnp.argmax(scores).astype(jnp.int32)
+  score = scores[index]
+  return Retrieval(index, score, score > threshold, scores, xi)
+
+
+def retrieve_batch(q_BxD: jax.Array, keys_CxD: jax.Array, count: jax.Array, **kwargs) -> Retrieval:
+  """`retrieve` vmapped over queries [B, d_in]."""
+  return jax.vmap(lambda q: retrieve(q, keys_CxD, count, **kwargs))(q_BxD)
+
+
+def settings_kwargs(settings) -> dict:
+  """The retrieval keyword arguments of a CodebookSettings."""
+  return dict(alpha=settings.alpha, beta=settings.beta, eps=settings.eps,
+              max_iter=settings.max_iter, threshold=settings.threshold,
+              normalize=settings.normalize)

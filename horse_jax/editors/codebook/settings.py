@@ -1,0 +1,163 @@
+"""HoReN / GRACE settings: the reference's `editor.*` names, parsed into one hashable dataclass.
+
+The dataclass is frozen and hashable so the jitted edit and inference functions take it as a static
+argument: every edit with the same settings reuses one compiled program per capacity bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+from horse_jax.errors import UserError
+
+# Defaults of the HoReN reference (see ../shared methods.md, "HoReN ... and GRACE").
+DEFAULTS: dict[str, Any] = {
+    "layer": None,  # HF module name; None = from the model card, else down_proj of layer ~0.9 L
+    "n_iter": 50,
+    "edit_lr": 1.0,
+    "adapter_mode": "value",  # value | lora
+    "val_init": "cold",  # cold (uniform [0, 1)) | warm (the layer's own output at p)
+    "normalize_codebook_keys": True,
+    "query_selection_strategy": "last_50_perc_prompt_tokens_avg",
+    "hopfield_retrieval_alpha": 0.1,
+    "hopfield_retrieval_beta": 20.0,
+    "hopfield_retrieval_eps": 1e-5,
+    "hopfield_retrieval_max_iter": 1,
+    "hopfield_key_match_threshold": 0.7,
+    "label_match": "mean",  # mean (reference: equal mean of the label array) | exact (hash)
+    "lora_rank": 4,
+    "lora_scale": 1.0,
+    "grace_eps": 1.0,  # GRACE: initial deferral radius of a new key
+    "initial_capacity": 64,  # preallocated codebook rows (doubles when full)
+    "seed": 0,
+}
+
+_PERC = re.compile(r"^last_(\d+)_perc_prompt_tokens_avg$")
+_LASTN = re.compile(r"^last_(\d+)_prompt_tokens_avg$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookSettings:
+  """Everything that shapes a HoReN/GRACE edit; static under jit.
+
+  Attributes:
+    method: "horen" or "grace".
+    layer: HF name of the wrapped linear module, e.g. `model.layers.29.mlp.down_proj`.
+    n_iter: Adam steps per edit.
+    edit_lr: Adam learning rate.
+    adapter_mode: "value" (add a learned vector) or "lora" (per-key low-rank delta of y[p]).
+    val_init: "cold" or "warm".
+    normalize: L2-normalize queries/keys and the Hopfield iterates.
+    strategy: query strategy name (see `query.py`).
+    alpha, beta, eps, max_iter: damped Hopfield retrieval.
+    threshold: strict match threshold on the retrieval score.
+    label_match: "mean" or "exact" (see `labels.py`).
+    lora_rank, lora_scale: LoRA mode.
+    grace_eps: GRACE initial deferral radius.
+    initial_capacity: rows preallocated at init.
+    seed: base seed for value/LoRA initialisation (folded with the edit counter).
+  """
+
+  method: str = "horen"
+  layer: str = "model.layers.0.mlp.down_proj"
+  n_iter: int = 50
+  edit_lr: float = 1.0
+  adapter_mode: str = "value"
+  val_init: str = "cold"
+  normalize: bool = True
+  strategy: str = "last_50_perc_prompt_tokens_avg"
+  alpha: float = 0.1
+  beta: float = 20.0
+  eps: float = 1e-5
+  max_iter: int = 1
+  threshold: float = 0.7
+  label_match: str = "mean"
+  lora_rank: int = 4
+  lora_scale: float = 1.0
+  grace_eps: float = 1.0
+  initial_capacity: int = 64
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.method not in ("horen", "grace"):
+      raise UserError(f"method {self.method!r}: expected horen or grace")
+    if self.adapter_mode not in ("value", "lora"):
+      raise UserError(f"editor.adapter_mode={self.adapter_mode!r}: expected value or lora")
+    if self.val_init not in ("cold", "warm"):
+      raise UserError(f"editor.val_init={self.val_init!r}: expected cold or warm")
+    if self.label_match not in ("mean", "exact"):
+      raise UserError(f"editor.label_match={self.label_match!r}: expected mean or exact")
+    parse_strategy(self.strategy)
+    if self.n_iter < 1 or self.max_iter < 0 or self.initial_capacity < 2:
+      raise UserError("editor.n_iter must be >= 1, hopfield_retrieval_max_iter >= 0, "
+                      "initial_capacity >= 2")
+    if self.method == "grace" and self.adapter_mode != "value":
+      raise UserError("GRACE supports editor.adapter_mode=value only")
+
+  @property
+  def lora_r(self) -> int:
+    """Rank of the stored LoRA factors (0 in value mode, so they cost nothing)."""
+    return self.lora_rank if self.adapter_mode == "lora" else 0
+
+  def to_editor_dict(self) -> dict[str, Any]:
+    """The `editor.*` settings tree (reference names), for settings.json."""
+    return {
+        "layer": self.layer, "n_iter": self.n_iter, "edit_lr": self.edit_lr,
+        "adapter_mode": self.adapter_mode, "val_init": self.val_init,
+        "normalize_codebook_keys": self.normalize, "query_selection_strategy": self.strategy,
+        "hopfield_retrieval_alpha": self.alpha, "hopfield_retrieval_beta": self.beta,
+        "hopfield_retrieval_eps": self.eps, "hopfield_retrieval_max_iter": self.max_iter,
+        "hopfield_key_match_threshold": self.threshold, "label_match": self.label_match,
+        "lora_rank": self.lora_rank, "lora_scale": self.lora_scale, "grace_eps": self.grace_eps,
+        "initial_capacity": self.initial_capacity, "seed": self.seed,
+    }
+
+
+def parse_strategy(name: str) -> tuple[str, int]:
+  """Query strategy name -> (kind, number).
+
+  Returns:
+    ("last", 0), ("first", 0), ("perc", X) or ("lastn", N).
+
+  Raises:
+    UserError: an unknown name.
+  """
+  if name == "last_prompt_token":
+    return "last", 0
+  if name == "first_prompt_token":
+    return "first", 0
+  m = _PERC.match(name)
+  if m and 0 < int(m.group(1)) <= 100:
+    return "perc", int(m.group(1))
+  m = _LASTN.match(name)
+  if m and int(m.group(1)) > 0:
+    return "lastn", int(m.group(1))
+  raise UserError(f"editor.query_selection_strategy={name!r}: expected last_prompt_token, "
+                  "first_prompt_token, last_X_perc_prompt_tokens_avg or last_N_prompt_tokens_avg")
+
+
+def from_editor_dict(method: str, editor: Mapping[str, Any], layer: str) -> CodebookSettings:
+  """Builds settings from an `editor.*` tree (unknown keys ignored: reference YAMLs carry others).
+
+  Args:
+    method: "horen" or "grace".
+    editor: the `editor` section (reference names, see DEFAULTS).
+    layer: the resolved wrapped-module name (used when `editor.layer` is None).
+  """
+  e = {**DEFAULTS, **{k: v for k, v in editor.items() if k in DEFAULTS}}
+  try:
+    return CodebookSettings(
+        method=method, layer=str(e["layer"] or layer), n_iter=int(e["n_iter"]),
+        edit_lr=float(e["edit_lr"]), adapter_mode=str(e["adapter_mode"]),
+        val_init=str(e["val_init"]), normalize=bool(e["normalize_codebook_keys"]),
+        strategy=str(e["query_selection_strategy"]), alpha=float(e["hopfield_retrieval_alpha"]),
+        beta=float(e["hopfield_retrieval_beta"]), eps=float(e["hopfield_retrieval_eps"]),
+        max_iter=int(e["hopfield_retrieval_max_iter"]),
+        threshold=float(e["hopfield_key_match_threshold"]), label_match=str(e["label_match"]),
+        lora_rank=int(e["lora_rank"]), lora_scale=float(e["lora_scale"]),
+        grace_eps=float(e["grace_eps"]), initial_capacity=int(e["initial_capacity"]),
+        seed=int(e["seed"]))
+  except (TypeError, ValueError) as err:
+    raise UserError(f"editor settings: {err}") from None
