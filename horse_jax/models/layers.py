@@ -116,3 +116,21 @@ def dot_attention(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bias_Bx1xTxS) -> jax.Array:
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxD.dtype)
   out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_BxSxGxD)
   return out.reshape(b, t, num_heads, d)
+
+
+def update_cache(cache, k_BxTxGxD: jax.Array, v_BxTxGxD: jax.Array):
+  """Writes this call's keys/values into the cache at its write index.
+
+  Args:
+    cache: None (no cache: returns k, v unchanged) or (k [B,S,G,D], v [B,S,G,D], write_index).
+    k_BxTxGxD, v_BxTxGxD: this call's keys and values.
+
+  Returns:
+    (keys to attend over, values to attend over, new cache (k, v) or None).
+  """
+  if cache is None:
+    return k_BxTxGxD, v_BxTxGxD, None
+  k_cache, v_cache, index = cache
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxGxD.astype(k_cache.dtype), index, axis=1)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxGxD.astype(v_cache.dtype), index, axis=1)
+  return k_cache, v_cache, (k_cache, v_cache)

@@ -13,12 +13,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from horse_jax.models import layers
-from horse_jax.models import llama
+from horse_jax.models import gpt2, gptj, layers, llama
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Hooks, Tap
 
-ARCHS: dict[str, Any] = {"llama": llama, "mistral": llama, "qwen2": llama}
+ARCHS: dict[str, Any] = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2,
+                         "gptj": gptj}
 
 
 def register_arch(model_type: str, module: Any) -> None:
@@ -27,9 +27,6 @@ def register_arch(model_type: str, module: Any) -> None:
 
 
 def arch(cfg: ModelConfig):
-  if cfg.model_type not in ARCHS:
-    # gpt2 / gptj register themselves on import.
-    from horse_jax.models import gpt2, gptj  # noqa: F401
   return ARCHS[cfg.model_type]
 
 
