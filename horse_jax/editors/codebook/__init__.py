@@ -12,7 +12,8 @@ The base model never changes; an edited model is the base checkpoint plus a code
 from horse_jax.editors.codebook.adapter import make_adapter
 from horse_jax.editors.codebook.edit import (EditInfo, apply_edit, apply_edits, compile_count,
                                              edit_step)
-from horse_jax.editors.codebook.infer import edited_logits, generate_fn, hooks_for, logits_fn
+from horse_jax.editors.codebook.infer import (edited_generate, edited_logits, generate_fn, hooks_for,
+                                              logits_fn)
 from horse_jax.editors.codebook.persist import EditedModel, load, load_edited_model, save
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve, retrieve_batch

@@ -52,16 +52,26 @@ def logits_fn(model: Model, book: Codebook, settings: CodebookSettings):
   return fn
 
 
-def generate_fn(model: Model, book: Codebook, settings: CodebookSettings):
-  """A `generate_fn` for scoring: (left-padded ids, mask, max_new_tokens) -> tokens [B, N].
+@functools.partial(jax.jit, static_argnames=("settings", "max_new_tokens"))
+def edited_generate(model: Model, book: Codebook, input_ids_BxT: jax.Array,
+                    attention_mask_BxT: jax.Array, *, settings: CodebookSettings,
+                    max_new_tokens: int) -> jax.Array:
+  """Greedy tokens [B, max_new_tokens] of the edited model on left-padded prompts.
 
-  Uses `horse_jax.models.generate` (greedy, KV cache, hooks during prefill).
+  The codebook is a traced argument here (the foundation's `generate` treats adapters as static,
+  compiled-in functions), so one program serves every codebook of the same capacity.
   """
-  from horse_jax.models import generate  # the foundation's decoder
+  from horse_jax.models.generate import generate  # the foundation's KV-cache decoder
+  p, start = left_padded_positions(attention_mask_BxT)
+  return generate(model, input_ids_BxT, attention_mask_BxT, max_new_tokens,
+                  hooks=hooks_for(book, settings, p, start))
+
+
+def generate_fn(model: Model, book: Codebook, settings: CodebookSettings):
+  """A `generate_fn` for scoring: (left-padded ids, mask, max_new_tokens) -> tokens [B, N]."""
 
   def fn(input_ids_BxT, attention_mask_BxT, max_new_tokens):
-    p, start = left_padded_positions(attention_mask_BxT)
-    return generate(model, input_ids_BxT, attention_mask_BxT, max_new_tokens,
-                    hooks=hooks_for(book, settings, p, start))
+    return edited_generate(model, book, jnp.asarray(input_ids_BxT), jnp.asarray(attention_mask_BxT),
+                           settings=settings, max_new_tokens=int(max_new_tokens))
 
   return fn

@@ -1,0 +1,134 @@
+"""Queries and damped Hopfield retrieval vs NumPy float64 implementations of methods.md."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from horse_jax.editors.codebook.query import make_query
+from horse_jax.editors.codebook.retrieval import retrieve, retrieve_batch
+
+# Jitted once per static configuration; the float settings stay traced (keeps the test fast).
+jit_retrieve = jax.jit(retrieve, static_argnames=("max_iter", "normalize"))
+jit_query = jax.jit(make_query, static_argnames=("strategy", "normalize"))
+
+STRATEGIES = ["last_prompt_token", "first_prompt_token", "last_50_perc_prompt_tokens_avg",
+              "last_60_perc_prompt_tokens_avg", "last_33_perc_prompt_tokens_avg",
+              "last_100_perc_prompt_tokens_avg", "last_1_prompt_tokens_avg",
+              "last_3_prompt_tokens_avg", "last_20_prompt_tokens_avg"]
+
+
+def np_query(h, p, start, strategy, normalize):
+  n_prompt = p - start + 1  # P
+  if strategy == "last_prompt_token":
+    q = h[p]
+  elif strategy == "first_prompt_token":
+    q = h[start]
+  else:
+    parts = strategy.split("_")
+    num = int(parts[1])
+    k = max(math.ceil(n_prompt * num / 100), 1) if "perc" in strategy else min(num, n_prompt)
+    q = h[p - k + 1:p + 1].mean(axis=0)
+  return q / np.linalg.norm(q) if normalize else q
+
+
+def np_retrieve(q, keys, count, alpha, beta, eps, max_iter, threshold, normalize):
+  keys = keys[:count].astype(np.float64)
+  norm = (lambda v: v / np.linalg.norm(v)) if normalize else (lambda v: v)
+  xi = q.astype(np.float64)
+  for _ in range(max_iter):
+    z = beta * keys @ xi
+    pi = np.exp(z - z.max())
+    pi /= pi.sum()
+    r = norm(pi @ keys)
+    if np.linalg.norm(r - xi) < eps:
+      break
+    xi = norm((1 - alpha) * xi + alpha * r)
+  s = keys @ xi
+  j = int(np.argmax(s))
+  return j, s[j], s[j] > threshold, xi
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_query_matches_numpy(strategy, normalize):
+  rng = np.random.default_rng(1)
+  h = rng.normal(size=(16, 6))
+  for p, start in [(0, 0), (4, 0), (9, 0), (15, 0), (12, 5), (15, 15)]:
+    got = jit_query(jnp.asarray(h, jnp.float32), p, start, strategy=strategy, normalize=normalize)
+    want = np_query(h, p, start, strategy, normalize)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_perc_window_hand_computed():
+  # P = 7 prompt tokens, 50% -> k = ceil(3.5) = 4: mean of h[3..6].
+  h = np.arange(10, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+  q = make_query(jnp.asarray(h), 6, 0, "last_50_perc_prompt_tokens_avg", False)
+  np.testing.assert_allclose(np.asarray(q), [4.5, 4.5])
+  # P = 1: k = max(ceil(0.5), 1) = 1.
+  q = make_query(jnp.asarray(h), 0, 0, "last_50_perc_prompt_tokens_avg", False)
+  np.testing.assert_allclose(np.asarray(q), [0.0, 0.0])
+
+
+CASES = [
+    dict(alpha=0.1, beta=20.0, eps=1e-5, max_iter=1),
+    dict(alpha=0.1, beta=20.0, eps=1e-5, max_iter=0),
+    dict(alpha=0.5, beta=5.0, eps=1e-5, max_iter=3),
+    dict(alpha=0.3, beta=50.0, eps=1e-5, max_iter=10),
+    dict(alpha=0.1, beta=20.0, eps=10.0, max_iter=5),  # stops at once: xi = q
+    dict(alpha=1.0, beta=1.0, eps=1e-5, max_iter=2),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_retrieval_matches_numpy(case, normalize):
+  rng = np.random.default_rng(2)
+  d, cap, count = 8, 16, 11
+  keys = rng.normal(size=(cap, d))
+  if normalize:
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  else:
+    keys *= 0.3
+  keys[count:] = 100.0  # rows beyond count must not take part
+  for trial in range(4):
+    q = keys[trial] + 0.3 * rng.normal(size=d) if trial < 3 else rng.normal(size=d)
+    if normalize:
+      q /= np.linalg.norm(q)
+    else:
+      q *= 0.3
+    for threshold in (0.0, 0.5, 0.9):
+      got = jit_retrieve(jnp.asarray(q, jnp.float32), jnp.asarray(keys, jnp.float32), count,
+                     threshold=threshold, normalize=normalize, **case)
+      j, s, match, xi = np_retrieve(q, keys, count, threshold=threshold, normalize=normalize, **case)
+      assert int(got.index) == j
+      np.testing.assert_allclose(float(got.score), s, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(got.xi), xi, rtol=1e-4, atol=1e-5)
+      if abs(s - threshold) > 1e-4:
+        assert bool(got.match) == match
+      assert np.all(np.isneginf(np.asarray(got.scores)[count:]))
+
+
+def test_threshold_is_strict():
+  keys = jnp.asarray([[0.0, 1.0], [0.5, 0.0], [0.0, 0.0]], jnp.float32)
+  q = jnp.asarray([1.0, 0.0], jnp.float32)
+  kw = dict(alpha=0.1, beta=20.0, eps=1e-5, max_iter=0, normalize=False)
+  at = retrieve(q, keys, 2, threshold=0.5, **kw)
+  assert int(at.index) == 1 and float(at.score) == 0.5 and not bool(at.match)
+  assert bool(retrieve(q, keys, 2, threshold=0.4999, **kw).match)
+
+
+def test_batch_equals_single_and_jits():
+  rng = np.random.default_rng(3)
+  keys = rng.normal(size=(8, 5)).astype(np.float32)
+  keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  qs = rng.normal(size=(6, 5)).astype(np.float32)
+  qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+  kw = dict(alpha=0.1, beta=20.0, eps=1e-5, max_iter=2, threshold=0.3, normalize=True)
+  batch = jax.jit(lambda q, k: retrieve_batch(q, k, 7, **kw))(qs, keys)
+  for i in range(6):
+    one = retrieve(jnp.asarray(qs[i]), jnp.asarray(keys), 7, **kw)
+    assert int(batch.index[i]) == int(one.index)
+    np.testing.assert_allclose(float(batch.score[i]), float(one.score), rtol=1e-6)
