@@ -68,7 +68,7 @@ class Tap:
     kernel = params["kernel"]
     y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
     if "bias" in params:
-      y = y + params["bias"].astype(y.dtype)
+      y = y + jnp.expand_dims(params["bias"].astype(y.dtype), range(y.ndim - 1))
     if name in hooks.offsets:
       y = y + hooks.offsets[name].astype(y.dtype)
     if name in hooks.adapters:

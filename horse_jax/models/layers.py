@@ -17,7 +17,8 @@ def rms_norm(params, x_BxTxD: jax.Array, eps: float) -> jax.Array:
   """Llama RMSNorm: statistics in float32, weight applied in the input dtype (as transformers)."""
   x32 = x_BxTxD.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return params["scale"].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
+  scale = jnp.expand_dims(params["scale"].astype(x_BxTxD.dtype), range(x_BxTxD.ndim - 1))
+  return scale * x32.astype(x_BxTxD.dtype)
 
 
 def layer_norm(params, x_BxTxD: jax.Array, eps: float) -> jax.Array:
@@ -26,7 +27,9 @@ def layer_norm(params, x_BxTxD: jax.Array, eps: float) -> jax.Array:
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-  y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+  lead = range(x_BxTxD.ndim - 1)
+  y = (y * jnp.expand_dims(params["scale"].astype(jnp.float32), lead) +
+       jnp.expand_dims(params["bias"].astype(jnp.float32), lead))
   return y.astype(x_BxTxD.dtype)
 
 
@@ -66,7 +69,7 @@ def rope_inv_freq(cfg: ModelConfig, rotary_dim: int) -> np.ndarray:
 def rope_angles(cfg: ModelConfig, positions_BxT: jax.Array, rotary_dim: int):
   """cos, sin [B, T, rotary_dim // 2] in float32."""
   inv_freq = jnp.asarray(rope_inv_freq(cfg, rotary_dim))
-  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   return jnp.cos(angles), jnp.sin(angles)
 
 
