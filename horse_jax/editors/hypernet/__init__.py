@@ -1,0 +1,18 @@
+"""Hypernetwork editors: HORSE, MALMEN and MEND as pure functions over explicit state.
+
+Typical use::
+
+  cfg = hypernet.HypernetConfig(method="horse", modules=mods, shapes=hypernet.module_shapes(model.params, mods))
+  state = hypernet.init(cfg, jax.random.PRNGKey(0))
+  batches = hypernet.edit_batches(tokenizer, records, cfg.lm_batch)
+  shifts, state = hypernet.edit(state, model, cfg, batches)
+  edited = hypernet.apply(model, shifts)
+"""
+
+from horse_jax.editors.hypernet.cache import Cache, build_cache, token_ce, token_mask
+from horse_jax.editors.hypernet.config import (HypernetConfig, default_settings, from_settings,
+                                               module_shapes)
+from horse_jax.editors.hypernet.data import edit_batches, loc_batches, rephrase_batches
+from horse_jax.editors.hypernet.editor import (HypernetState, apply, edit, init, meta_gradients,
+                                               meta_loss_grads, optimizer, predict, revert, train_step)
+from horse_jax.editors.hypernet.shifts import predict_shifts, shifts_from_cache

@@ -1,0 +1,130 @@
+"""Static settings of a hypernetwork editor, and the reference defaults per method."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+from horse_jax.errors import UserError
+from horse_jax.models import names as names_lib
+
+METHODS = ("horse", "malmen", "mend")
+SPREADS = ("reference", "gram_schmidt")
+TOKENS = ("ans", "all")
+
+
+def default_settings(method: str) -> dict[str, Any]:
+  """Reference-named settings tree for `horse-jax train/edit --method METHOD`."""
+  if method not in METHODS:
+    raise UserError(f"unknown hypernetwork method {method!r} (one of {', '.join(METHODS)})")
+  lr = {"horse": 1e-5, "malmen": 1e-6, "mend": 1e-6}[method]
+  return {
+      "model": {"edit_modules": None},
+      "data": {"n_edits": 32, "batch_size": 32, "max_length": 64},
+      "editor": {"rank": 1920, "n_blocks": 2, "lr": lr, "meta_lr": 1e-5, "loc_coef": 1.0,
+                 "max_grad_norm": 1.0, "n_epochs": 1, "batch_size": 1024,
+                 "token": "all" if method == "mend" else "ans", "spread": "reference"},
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class HypernetConfig:
+  """Everything static about one editor (hashable: used as a jit static argument).
+
+  Attributes:
+    method: horse | malmen | mend.
+    modules: edited module names, config order.
+    shapes: (d_k, d_v) per module.
+    rank: block rank (clipped to the width).
+    n_blocks: residual blocks per hypernetwork.
+    lr: initial editing learning rate.
+    meta_lr: Adam learning rate of meta-training.
+    loc_coef: KL weight (MALMEN/MEND locality term).
+    max_grad_norm: global-norm clip of the meta-gradient.
+    chunk: token chunk of the hypernetwork and its backward (`editor.batch_size`).
+    token: "ans" (answer positions) or "all" (every attended position).
+    spread: HORSE spread variant, "reference" or "gram_schmidt".
+    lm_batch: LM mini-batch size (`data.batch_size`).
+  """
+
+  method: str
+  modules: tuple[str, ...]
+  shapes: tuple[tuple[int, int], ...]
+  rank: int = 1920
+  n_blocks: int = 2
+  lr: float = 1e-5
+  meta_lr: float = 1e-5
+  loc_coef: float = 1.0
+  max_grad_norm: float = 1.0
+  chunk: int = 1024
+  token: str = "ans"
+  spread: str = "reference"
+  lm_batch: int = 32
+
+  @property
+  def shape_keys(self) -> tuple[str, ...]:
+    """"{d_k}x{d_v}" per module: the hypernetwork it uses."""
+    return tuple(f"{k}x{v}" for k, v in self.shapes)
+
+  @property
+  def module_index(self) -> tuple[int, ...]:
+    """m per module: its rank among the edited modules of the same shape, in config order."""
+    seen: dict[str, int] = {}
+    out = []
+    for key in self.shape_keys:
+      out.append(seen.get(key, 0))
+      seen[key] = seen.get(key, 0) + 1
+    return tuple(out)
+
+  @property
+  def lowest_layer(self) -> int:
+    return min(names_lib.layer_index(n) for n in self.modules)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["modules"] = list(self.modules)
+    d["shapes"] = [list(s) for s in self.shapes]
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "HypernetConfig":
+    d = dict(d)
+    d["modules"] = tuple(d["modules"])
+    d["shapes"] = tuple(tuple(int(x) for x in s) for s in d["shapes"])
+    return cls(**d)
+
+
+def module_shapes(params: dict, modules: Sequence[str]) -> tuple[tuple[int, int], ...]:
+  """(d_k, d_v) of each module's kernel [d_in, d_out]."""
+  return tuple(tuple(int(x) for x in names_lib.get_kernel(params, n).shape) for n in modules)
+
+
+def from_settings(method: str, settings: Mapping[str, Any], model) -> HypernetConfig:
+  """Builds the static config from a resolved settings tree and the model it edits."""
+  if method not in METHODS:
+    raise UserError(f"unknown hypernetwork method {method!r}")
+  ed, data = settings["editor"], settings["data"]
+  modules = settings["model"].get("edit_modules") or names_lib.default_edit_modules(model.config)
+  if isinstance(modules, str):
+    modules = [modules]
+  modules = tuple(str(m) for m in modules)
+  names_lib.check_module_names(model.config, modules)
+  shapes = module_shapes(model.params, modules)
+  if ed["token"] not in TOKENS:
+    raise UserError(f"editor.token must be one of {TOKENS}, not {ed['token']!r}")
+  if ed["spread"] not in SPREADS:
+    raise UserError(f"editor.spread must be one of {SPREADS}, not {ed['spread']!r}")
+  if method == "horse" and len(set(s[1] for s in shapes)) > 1:
+    raise UserError("model.edit_modules: the HORSE spread needs edited modules with one output width")
+  width = max(k + v for k, v in shapes)
+  for key in ("rank", "n_blocks", "batch_size"):
+    if int(ed[key]) < 1:
+      raise UserError(f"editor.{key} must be >= 1")
+  if int(data["batch_size"]) < 1:
+    raise UserError("data.batch_size must be >= 1")
+  return HypernetConfig(
+      method=method, modules=modules, shapes=shapes, rank=min(int(ed["rank"]), width),
+      n_blocks=int(ed["n_blocks"]), lr=float(ed["lr"]), meta_lr=float(ed["meta_lr"]),
+      loc_coef=float(ed["loc_coef"]), max_grad_norm=float(ed["max_grad_norm"]),
+      chunk=int(ed["batch_size"]), token=str(ed["token"]), spread=str(ed["spread"]),
+      lm_batch=int(data["batch_size"]))

@@ -1,0 +1,78 @@
+"""LM mini-batches for the hypernetwork editors: edit, rephrase and locality batches of records."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from horse_jax.data.records import EditRecord
+import numpy as np
+
+from horse_jax.data.tokenize import IGNORE, EditBatch, tokenize_edit, tokenize_edits
+from horse_jax.errors import UserError
+
+
+def pair_batches(tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int, *,
+                 sort: bool = False, max_length: int | None = None) -> list[EditBatch]:
+  """Splits (prompt, target) pairs into right-padded mini-batches of `batch_size`.
+
+  Args:
+    tokenizer: a transformers tokenizer.
+    prompts, targets: the pairs.
+    batch_size: pairs per mini-batch (`data.batch_size`).
+    sort: order pairs by token length, longest first (the reference does this for edits).
+    max_length: left-truncate longer pairs.
+
+  Returns:
+    Mini-batches, each padded to a power-of-two length bucket.
+  """
+  # Every mini-batch gets the same number of rows (padding rows are fully masked) so jitted
+  # functions compile once per length bucket, not once more for a short last batch.
+  rows = min(batch_size, len(prompts))
+  order = list(range(len(prompts)))
+  if sort:
+    lengths = [len(tokenize_edit(tokenizer, p, t)[0]) for p, t in zip(prompts, targets)]
+    order.sort(key=lambda i: -lengths[i])  # stable: ties keep file order
+  out = []
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    out.append(pad_batch(tokenize_edits(tokenizer, [prompts[i] for i in idx],
+                                        [targets[i] for i in idx], max_length=max_length), rows))
+  return out
+
+
+def pad_batch(batch: EditBatch, rows: int) -> EditBatch:
+  """Appends fully masked rows (mask 0, labels -100) up to `rows`."""
+  extra = rows - batch.input_ids.shape[0]
+  if extra <= 0:
+    return batch
+  def pad(x, value):
+    return np.concatenate([x, np.full((extra,) + x.shape[1:], value, x.dtype)], axis=0)
+  return EditBatch(pad(batch.input_ids, batch.input_ids[0, 0]), pad(batch.attention_mask, 0),
+                   pad(batch.labels, IGNORE), pad(batch.prompt_len, 1))
+
+
+def edit_batches(tokenizer, records: Sequence[EditRecord], batch_size: int,
+                 max_length: int | None = None) -> list[EditBatch]:
+  """(prompt, target) mini-batches, longest first."""
+  return pair_batches(tokenizer, [r.prompt for r in records], [r.target for r in records],
+                      batch_size, sort=True, max_length=max_length)
+
+
+def rephrase_batches(tokenizer, records: Sequence[EditRecord], batch_size: int,
+                     max_length: int | None = None) -> list[EditBatch]:
+  """(rephrase, target) mini-batches (generalization); every record needs a rephrase."""
+  for i, r in enumerate(records):
+    if not r.rephrase:
+      raise UserError(f"record {i}: no rephrase prompt (needed for meta-training)")
+  return pair_batches(tokenizer, [r.rephrase for r in records], [r.target for r in records],
+                      batch_size, max_length=max_length)
+
+
+def loc_batches(tokenizer, records: Sequence[EditRecord], batch_size: int,
+                max_length: int | None = None) -> list[EditBatch]:
+  """(unrelated prompt, its gold answer) mini-batches (locality)."""
+  for i, r in enumerate(records):
+    if not r.loc_prompt or not r.loc_answer:
+      raise UserError(f"record {i}: no locality prompt/answer (needed for meta-training)")
+  return pair_batches(tokenizer, [r.loc_prompt for r in records], [r.loc_answer for r in records],
+                      batch_size, max_length=max_length)

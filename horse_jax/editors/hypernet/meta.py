@@ -1,0 +1,130 @@
+"""Meta-training: the decoupled backward from dLoss/dS to the hypernetwork (step 7).
+
+The LM loss is differentiated only with respect to the shifts S_l (M_l = dLoss/dS_l, one [d_k, d_v]
+matrix per module, summed over LM mini-batches), then pulled back to the hypernetwork without ever
+holding the whole graph:
+
+  X_l = (K^T K + e^lamda I)^{-1} M_l          (Cholesky solve)
+  dLoss/dD_l = K_l X_l                        [R, d_v]
+  HORSE: through D_l' = D_l - c(D_l) G_{l-1} (D_{l-1}, G_{l-1} constant), by `jax.vjp`
+  hypernetwork params: sum over chunks of vjp(chunk -> D_chunk)(dLoss/dD_chunk)   (`lax.scan`)
+  MALMEN lamda: -e^lamda * sum(X * S);  HORSE does not train lamda
+  MEND: vjp(chunk -> partial S)(M_l) per chunk.
+
+The result equals `jax.grad` of the loss through `shifts.shifts_from_cache` (tested), but memory is
+one chunk's activations plus the [R, d_v] cotangent, not the whole token stream's graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy import linalg as jsl
+
+from horse_jax.data.tokenize import IGNORE
+from horse_jax.editors.hypernet import shifts as shifts_lib
+from horse_jax.editors.hypernet.cache import token_ce
+from horse_jax.editors.hypernet.config import HypernetConfig
+from horse_jax.models import Model, forward_from, hidden_before
+from horse_jax.models.names import add_to_kernels
+
+HI = lax.Precision.HIGHEST
+
+
+def token_kl(pre_logits_BxTxV, post_logits_BxTxV, labels_BxT) -> jax.Array:
+  """KL(pre || post) summed over the vocabulary, averaged over positions with label != -100."""
+  pre = jax.nn.log_softmax(pre_logits_BxTxV.astype(jnp.float32), axis=-1)
+  post = jax.nn.log_softmax(post_logits_BxTxV.astype(jnp.float32), axis=-1)
+  kl_BxT = jnp.sum(jnp.exp(pre) * (pre - post), axis=-1)
+  use = labels_BxT != IGNORE
+  return jnp.sum(jnp.where(use, kl_BxT, 0.0)) / jnp.maximum(jnp.sum(use), 1)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "low"))
+def shift_loss_grad(model: Model, shifts: dict, input_ids, attention_mask, labels, kind: str, low: int):
+  """Loss of one mini-batch of the edited model and its gradient with respect to the shifts.
+
+  Args:
+    model: the unedited LM.
+    shifts: name -> [d_k, d_v] shift (kernel layout).
+    input_ids, attention_mask, labels: [B, T].
+    kind: "ce" (token-mean CE on labels) or "kl" (KL(pre || post) on label positions).
+    low: lowest edited layer (the stream below it is shared by pre and post).
+
+  Returns:
+    (loss, {name: dLoss/dS}).
+  """
+  h = hidden_before(model, low, input_ids, attention_mask)
+
+  def loss_fn(s):
+    edited = Model(add_to_kernels(model.params, s), model.config)
+    post = forward_from(edited, low, h, attention_mask).logits
+    if kind == "ce":
+      return token_ce(post, labels)
+    pre = lax.stop_gradient(forward_from(model, low, h, attention_mask).logits)
+    return token_kl(pre, post, labels)
+
+  return jax.value_and_grad(loss_fn)(shifts)
+
+
+def _chunk_vjp(fn, net, xs, cot, acc):
+  """acc + sum over chunks of vjp(fn(net, *x_chunk))(cot_chunk) by `lax.scan`."""
+  def body(a, inp):
+    x, c = inp
+    _, vjp = jax.vjp(lambda p: fn(p, *x), net)
+    (g,) = vjp(c)
+    return jax.tree_util.tree_map(jnp.add, a, g), None
+  out, _ = lax.scan(body, acc, (xs, cot))
+  return out
+
+
+def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, dshifts: dict,
+                    cfg: HypernetConfig, chunk: int) -> dict:
+  """dLoss/d(hypernetwork params) from dLoss/dS (see module docstring).
+
+  Args:
+    nets: shape key -> hypernetwork params.
+    norms: shape key -> NormState (constants).
+    cache: the Cache the shifts were predicted from.
+    shifts: predicted shifts {name: [d_k, d_v]}.
+    diffs: raw value differences {name: [R, d_v]} from `shifts_from_cache`.
+    dshifts: {name: dLoss/dS [d_k, d_v]}.
+    cfg: editor config.
+    chunk: rows per chunk.
+
+  Returns:
+    Gradients with the structure of `nets`.
+  """
+  grads = jax.tree_util.tree_map(jnp.zeros_like, nets)
+  chunks = functools.partial(shifts_lib._chunks, chunk=chunk)
+  prev = None
+  for l, (name, skey, m) in enumerate(zip(cfg.modules, cfg.shape_keys, cfg.module_index)):
+    net, norm = nets[skey], norms[skey]
+    k, g, mm = cache.keys[name], cache.grads[name], dshifts[name].astype(jnp.float32)
+    if cfg.method == "mend":
+      n_chunks = k.shape[0] // chunk
+      cot = jnp.broadcast_to(mm, (n_chunks, *mm.shape))
+      fn = lambda p, kc, gc, vc, m=m, norm=norm: shifts_lib.chunk_rank_one(p, norm, m, kc, gc, vc)
+      grads[skey] = _chunk_vjp(fn, net, (chunks(k), chunks(g), chunks(cache.valid)), cot, grads[skey])
+      continue
+    lam = net["lamda"][m]
+    factor = jsl.cho_factor(shifts_lib.ridge_matrix(k, lam), lower=True)
+    x = jsl.cho_solve(factor, mm)
+    d_cot = jnp.matmul(k, x, precision=HI)
+    if cfg.method == "malmen":
+      lam_grad = -jnp.exp(lam) * jnp.sum(x * shifts[name])
+      grads[skey]["lamda"] = grads[skey]["lamda"].at[m].add(lam_grad)
+    if cfg.method == "horse" and l > 0:
+      _, vjp = jax.vjp(lambda d: shifts_lib.spread_one(d, diffs[prev], cache.grads[prev], cfg.spread),
+                       diffs[name])
+      (d_cot,) = vjp(d_cot)
+    fn = lambda p, kc, gc, m=m, norm=norm: shifts_lib.chunk_diffs(p, norm, m, kc, gc)
+    grads[skey] = _chunk_vjp(fn, net, (chunks(k), chunks(g)), chunks(d_cot), grads[skey])
+    prev = name
+  return grads
+
+
+decoupled_grads_jit = jax.jit(decoupled_grads, static_argnames=("cfg", "chunk"))

@@ -1,0 +1,71 @@
+"""Running mean/std of the hypernetwork inputs concat(key, value_grad), exactly as the reference keeps it.
+
+  update with X (m rows):  n' = n + m;  delta = mean(X) - mean;  mean += m * delta / n'
+                           var += m * var_unbiased(X) + n * m * delta^2 / n'
+  std = sqrt(var / (n' - 1 + eps));   apply: (x - mean) / (std + eps),  eps = float32 machine eps.
+
+(`var` is a running sum of squares, not a variance; `m * var_unbiased` rather than `(m - 1) * ...` is
+the reference's formula and is kept so results compare.) Rows can be masked: padded rows of a cache
+carry weight 0 and do not count.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EPS = float(np.finfo(np.float32).eps)
+
+
+class NormState(NamedTuple):
+  """Running statistics over rows of width W (float32)."""
+
+  n: jax.Array  # [] number of rows seen
+  mean: jax.Array  # [W]
+  var: jax.Array  # [W] running sum of squares (reference naming)
+
+
+def init(width: int) -> NormState:
+  """Empty statistics (n = 0, mean = 0, var = 0)."""
+  return NormState(jnp.zeros((), jnp.float32), jnp.zeros((width,), jnp.float32),
+                   jnp.zeros((width,), jnp.float32))
+
+
+def update(state: NormState, rows_RxW: jax.Array, valid_R: jax.Array | None = None) -> NormState:
+  """Folds the valid rows of `rows_RxW` into the statistics (the reference `update`).
+
+  Args:
+    state: current statistics.
+    rows_RxW: new rows.
+    valid_R: 1 for rows that count, 0 for padding; default all rows.
+
+  Returns:
+    The updated statistics; unchanged when no row is valid.
+  """
+  x = rows_RxW.astype(jnp.float32)
+  w_R = jnp.ones(x.shape[:1], jnp.float32) if valid_R is None else valid_R.astype(jnp.float32)
+  m = jnp.sum(w_R)
+  batch_mean = jnp.sum(w_R[:, None] * x, axis=0) / jnp.maximum(m, 1.0)
+  # torch.var (unbiased); a single row has no spread (torch would give NaN).
+  batch_var = jnp.sum(w_R[:, None] * jnp.square(x - batch_mean[None, :]), axis=0) / jnp.maximum(m - 1.0, 1.0)
+  total = state.n + m
+  safe_total = jnp.maximum(total, 1.0)
+  delta = batch_mean - state.mean
+  mean = state.mean + m * delta / safe_total
+  var = state.var + m * batch_var + state.n * m * jnp.square(delta) / safe_total
+  keep = m > 0
+  return NormState(jnp.where(keep, total, state.n), jnp.where(keep, mean, state.mean),
+                   jnp.where(keep, var, state.var))
+
+
+def std(state: NormState) -> jax.Array:
+  """sqrt(var / (n - 1 + eps)) [W]."""
+  return jnp.sqrt(state.var / (state.n - 1.0 + EPS))
+
+
+def normalize(state: NormState, x_RxW: jax.Array) -> jax.Array:
+  """(x - mean) / (std + eps)."""
+  return (x_RxW - state.mean[None, :]) / (std(state)[None, :] + EPS)
