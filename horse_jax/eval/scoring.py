@@ -266,17 +266,34 @@ def score_records(records: Sequence[EditRecord], tokenizer, post_logits_fn: Logi
       _collect(per_record, pairs, pre, {k: v[1] for k, v in _GEN_KEYS.items()})
       _collect(per_record, pairs, agree, {"loc": "gen_loc_agree"})
 
-  keys = [k for k in per_record[0] if k not in ("index", "prompt", "target")]
-  for r in per_record[1:]:
-    keys += [k for k in r if k not in keys and k not in ("index", "prompt", "target")]
-  summary: dict[str, Any] = {"n_records": len(records)}
+  return {"summary": summarize(per_record), "records": per_record}
+
+
+_NOT_METRICS = ("index", "prompt", "target")
+
+
+def summarize(per_record: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Summary of per-record score dicts: the mean of each metric over the records that have it,
+  `counts`, `overall` (and `gen_overall` when generation scores exist) with the locality named.
+
+  Args:
+    per_record: dicts as in `score_records(...)["records"]` (any subset, e.g. the first n edits).
+
+  Returns:
+    The summary dict.
+  """
+  keys: list[str] = []
+  for r in per_record:
+    keys += [k for k in r if k not in keys and k not in _NOT_METRICS]
+  summary: dict[str, Any] = {"n_records": len(per_record)}
   counts = {}
   for key in keys:
     summary[key], counts[key] = _mean_over(per_record, key)
   _overall(summary, "")
-  if generate_fn is not None:
+  if any(k.startswith("gen_") for k in keys):
     _overall(summary, "gen_")
   summary["counts"] = counts
+  return summary
   return {"summary": summary, "records": per_record}
 
 

@@ -1,0 +1,95 @@
+"""Sweep plots: each metric against the number of edits (log x-axis), one line per method and timing."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+from horse_jax.io import atomic_write_bytes
+
+# (summary key, panel title) in panel order; panels without data are left out.
+PANELS = (("edit_acc", "Edit success (ES)"), ("rephrase_acc", "Generalization (GS)"),
+          ("loc_acc", "Locality vs gold (loc_acc)"), ("loc_agree", "Locality vs pre-edit (loc_agree)"),
+          ("port_acc", "Portability"), ("overall", "Overall"),
+          ("gen_edit_acc", "Generation ES"), ("gen_rephrase_acc", "Generation GS"),
+          ("gen_loc_agree", "Generation locality (agreement)"), ("gen_overall", "Generation overall"))
+_STYLE = {"at_once": "-", "final": "-", "immediate": "--"}
+
+
+def _slug(text: str) -> str:
+  base = os.path.basename(os.path.normpath(str(text))) or str(text)
+  return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "x"
+
+
+def _pyplot():
+  """pyplot on the Agg backend (files only: works without a display)."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg", force=True)
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  return plt
+
+
+def plot_group(rows: Sequence[Mapping[str, Any]], title: str):
+  """A matplotlib figure with one panel per metric for one (model, data) group."""
+  plt = _pyplot()
+
+  panels = [(k, t) for k, t in PANELS if any(r[k]["mean"] is not None for r in rows)]
+  cols = min(3, len(panels))
+  nrows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+  lines: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+  for r in rows:
+    lines.setdefault((r["method"], r["timing"]), []).append(r)
+  colors = {}
+  for method, _ in lines:
+    colors.setdefault(method, f"C{len(colors) % 10}")
+  all_n = sorted({r["n_edits"] for r in rows})
+  for ax, (key, panel_title) in zip(axes.flat, panels):
+    for (method, timing), pts in lines.items():
+      pts = sorted((p for p in pts if p[key]["mean"] is not None), key=lambda p: p["n_edits"])
+      if not pts:
+        continue
+      label = method if timing == "at_once" else f"{method} ({timing})"
+      ax.errorbar([p["n_edits"] for p in pts], [p[key]["mean"] for p in pts],
+                  yerr=[p[key]["std"] or 0.0 for p in pts], label=label, color=colors[method],
+                  linestyle=_STYLE.get(timing, "-"), marker="o", markersize=4, capsize=3)
+    ax.set_xscale("log")
+    if all_n:
+      ax.set_xlim(all_n[0] / 1.6, all_n[-1] * 1.6)
+      ax.set_xticks(all_n)
+      ax.set_xticklabels([str(n) for n in all_n])
+      ax.minorticks_off()
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("number of edits")
+    ax.set_ylabel("accuracy")
+    ax.set_title(panel_title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1, frameon=False)
+  fig.suptitle(title, fontsize=11)
+  fig.tight_layout(rect=(0, 0.08 if nrows == 1 else 0.05, 1, 0.95))
+  return fig
+
+
+def plot_sweep(aggregate: Sequence[Mapping[str, Any]], folder: str) -> list[str]:
+  """One PNG per (model, data) group of the aggregated sweep rows; returns the paths written."""
+  plt = _pyplot()
+
+  groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+  for r in aggregate:
+    groups.setdefault((r["model"], r["data"]), []).append(r)
+  paths = []
+  for (model, data), rows in groups.items():
+    fig = plot_group(rows, f"{_slug(model)} · {_slug(data)}: metric vs number of edits (mean ± std over seeds)")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path = os.path.join(folder, f"{_slug(model)}__{_slug(data)}.png")
+    atomic_write_bytes(path, buf.getvalue())
+    paths.append(path)
+  return paths

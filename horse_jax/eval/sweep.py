@@ -1,0 +1,296 @@
+"""Evaluation sweeps: models x datasets x methods x numbers of edits x seeds -> tables and plots.
+
+A sweep YAML (see `eval/*.yaml` and DEFAULTS) names the models and datasets, the methods (entries of
+`horse_jax.eval.methods`), the numbers of edits and the seeds. For each seed the records are shuffled
+(`sample: random`, or kept in file order with `sample: first`) and the first n are edited:
+  batch methods (horse, malmen, mend, unedited): one cell per n, all n edits at once, timing "at_once";
+  sequential methods (horen, grace): one run over max(n) edits per seed; at each checkpoint n every
+    edit so far is scored on the current model (timing "final"), and each edit is scored right after
+    it is made (timing "immediate", summarized over the first n edits).
+Outputs in the output folder: results.json (every cell, then mean/std over seeds), results.md (one
+markdown table per model/dataset), plots/*.png (metric vs number of edits), and per-cell metrics
+files under cells/ (written with `write_metrics`). Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from horse_jax import config as config_lib
+from horse_jax.errors import UserError
+from horse_jax.eval import methods as methods_lib
+from horse_jax.eval import plots, tables
+from horse_jax.eval.scoring import score_records, summarize, write_metrics
+from horse_jax.io import atomic_write_json, atomic_write_text
+
+DEFAULTS: dict[str, Any] = {
+    "name": "sweep",
+    "model": None,  # HF checkpoint folder, or a list of them
+    "tokenizer": None,  # default: the model folder
+    "data": None,  # edit records file, or a list of them
+    "format": "auto",
+    "skip_invalid": False,
+    "dtype": "float32",
+    "n_edits": [1, 10, 100],
+    "seeds": [0],
+    "sample": "random",  # random (a seeded shuffle) | first (file order)
+    "methods": ["unedited"],
+    "eval": {
+        "mode": "teacher",  # teacher | generate (teacher-forced scores are always computed)
+        "batch_size": 64,
+        "immediate_batch_size": 4,
+        "max_length": None,  # default: the model's max_position_embeddings
+        "immediate": True,  # sequential methods: also score each edit right after it is made
+        "save_cells": True,  # per-cell metrics files with per-record scores
+    },
+}
+
+
+def _as_list(value, what: str) -> list:
+  if value is None:
+    raise UserError(f"sweep: `{what}` is not set")
+  return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _method_entries(settings) -> list[dict[str, Any]]:
+  out = []
+  for i, entry in enumerate(_as_list(settings["methods"], "methods")):
+    if isinstance(entry, str):
+      entry = {"name": entry}
+    if not isinstance(entry, Mapping) or "name" not in entry:
+      raise UserError(f"sweep: methods[{i}] should be a method name or a mapping with `name`")
+    entry = dict(entry)
+    entry.setdefault("label", entry["name"])
+    methods_lib.kind_of(entry["name"])  # unknown names fail before any work
+    out.append(entry)
+  labels = [e["label"] for e in out]
+  if len(set(labels)) != len(labels):
+    raise UserError(f"sweep: method labels must be unique (set `label`), got {labels}")
+  return out
+
+
+def _counts(value, where: str) -> list[int]:
+  counts = sorted({int(n) for n in _as_list(value, where)})
+  if not counts or counts[0] < 1:
+    raise UserError(f"sweep: {where} must be positive integers")
+  return counts
+
+
+def slug(text: str) -> str:
+  """A file-name-safe short form of a path or label."""
+  base = os.path.basename(os.path.normpath(str(text))) or str(text)
+  return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-") or "x"
+
+
+def order_for(n_records: int, seed: int, sample: str) -> np.ndarray:
+  """Record order for a seed: a seeded permutation, or file order."""
+  if sample == "first":
+    return np.arange(n_records)
+  if sample != "random":
+    raise UserError(f"sweep: sample must be 'random' or 'first', not {sample!r}")
+  return np.random.default_rng(seed).permutation(n_records)
+
+
+# ---- model-level helpers (jitted forward / generate of a Model) ----
+
+
+def _logits_fn_factory():
+  import jax  # noqa: PLC0415
+  from horse_jax.models import apply  # noqa: PLC0415
+
+  @jax.jit
+  def forward(model, ids, mask):
+    return apply(model, ids, mask)
+
+  def make(model):
+    return lambda batch: forward(model, batch.input_ids, batch.attention_mask)
+
+  return make
+
+
+def _generate_fn_factory():
+  from horse_jax.models.generate import generate  # noqa: PLC0415
+
+  def make(model):
+    return lambda ids, mask, n: generate(model, ids, mask, n)
+
+  return make
+
+
+def _load_model(path: str, settings):
+  from horse_jax import models  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if settings["dtype"] not in dtypes:
+    raise UserError(f"sweep: dtype must be one of {', '.join(dtypes)}")
+  model = models.from_pretrained(path, dtype=dtypes[settings["dtype"]])
+  tokenizer = models.load_tokenizer(settings["tokenizer"] or path)
+  return model, tokenizer
+
+
+# ---- the sweep ----
+
+
+def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
+              loaded: Mapping[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+  """Runs every cell of a sweep and writes results.json, results.md, plots/ and cells/ under `out`.
+
+  Args:
+    settings: resolved sweep settings (DEFAULTS merged with the YAML and --set overrides).
+    out: output folder.
+    progress: show tqdm bars.
+    loaded: optional {model path: (Model, tokenizer)} already in memory (tests, notebooks).
+
+  Returns:
+    The results dict that was written to results.json.
+  """
+  from horse_jax.data.loaders import load_records  # noqa: PLC0415
+  model_paths = [str(p) for p in _as_list(settings["model"], "model")]
+  data_paths = [str(p) for p in _as_list(settings["data"], "data")]
+  entries = _method_entries(settings)
+  n_edits = _counts(settings["n_edits"], "n_edits")
+  seeds = [int(s) for s in _as_list(settings["seeds"], "seeds")]
+  ev = settings["eval"]
+  if ev["mode"] not in ("teacher", "generate"):
+    raise UserError(f"sweep: eval.mode must be teacher or generate, not {ev['mode']!r}")
+  datasets = {p: load_records(p, fmt=settings["format"], skip_invalid=bool(settings["skip_invalid"]))
+              for p in data_paths}  # every dataset is checked before any model work
+  os.makedirs(out, exist_ok=True)
+  results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
+                             "cells": [], "skipped": [], "aggregate": []}
+  make_logits = _logits_fn_factory()
+  make_generate = _generate_fn_factory() if ev["mode"] == "generate" else None
+
+  for model_path in model_paths:
+    if loaded and model_path in loaded:
+      model, tokenizer = loaded[model_path]
+    else:
+      model, tokenizer = _load_model(model_path, settings)
+    max_length = ev["max_length"] or getattr(model.config, "max_position_embeddings", None)
+    pre_logits = make_logits(model)
+    pre_generate = make_generate(model) if make_generate else None
+
+    def score(records, post_logits_fn, post_generate_fn=None, batch_size=None):
+      return score_records(records, tokenizer, post_logits_fn, pre_logits,
+                           batch_size=int(batch_size or ev["batch_size"]),
+                           generate_fn=post_generate_fn if make_generate else None,
+                           pre_generate_fn=pre_generate, max_length=max_length, progress=progress)
+
+    ctx = methods_lib.CellContext(model=model, tokenizer=tokenizer, score=score, logits_fn=make_logits,
+                                  generate_fn=make_generate, model_path=model_path, progress=progress)
+    for data_path, records in datasets.items():
+      group = {"model": model_path, "data": data_path}
+      for entry in entries:
+        counts = _counts(entry.get("n_edits", n_edits), f"methods.{entry['label']}.n_edits")
+        usable = [n for n in counts if n <= len(records)]
+        for n in counts:
+          if n > len(records):
+            note = f"{entry['label']}: n_edits={n} > {len(records)} records in {data_path}"
+            print(f"sweep: skipped {note}", file=sys.stderr)
+            results["skipped"].append(note)
+        if not usable:
+          continue
+        for seed in tqdm(seeds, desc=f"{entry['label']} seeds", disable=not progress or len(seeds) < 2):
+          order = order_for(len(records), seed, settings["sample"])
+          if methods_lib.kind_of(entry["name"]) == "batch":
+            cells = _run_batch(ctx, entry, records, order, usable, seed, progress)
+          else:
+            cells = _run_sequential(ctx, entry, records, order, usable, seed, ev, progress)
+          for cell in cells:
+            cell.update(group)
+            if ev["save_cells"]:
+              _save_cell(out, cell)
+            cell.pop("scores", None)
+            results["cells"].append(cell)
+          atomic_write_json(os.path.join(out, "results.json"), _finite(results))  # partial progress
+  results["aggregate"] = tables.aggregate(results["cells"])
+  results["complete"] = True
+  results["plots"] = [os.path.relpath(p, out) for p in plots.plot_sweep(results["aggregate"], os.path.join(out, "plots"))]
+  atomic_write_text(os.path.join(out, "results.md"), tables.markdown(results))
+  atomic_write_json(os.path.join(out, "results.json"), _finite(results))
+  return results
+
+
+def _cell(entry, n, seed, timing, scores, seconds) -> dict[str, Any]:
+  return {"method": entry["label"], "editor": entry["name"], "n_edits": int(n), "seed": int(seed),
+          "timing": timing, "seconds": round(float(seconds), 3), "summary": scores["summary"],
+          "scores": scores}
+
+
+def _run_batch(ctx, entry, records, order, counts, seed, progress) -> list[dict[str, Any]]:
+  run = methods_lib.BATCH[entry["name"]]
+  cells = []
+  for n in tqdm(counts, desc=f"{entry['label']} (seed {seed})", disable=not progress, leave=False):
+    chosen = [records[i] for i in order[:n]]
+    start = time.perf_counter()
+    scores = run(ctx, chosen, entry, seed)
+    cells.append(_cell(entry, n, seed, "at_once", scores, time.perf_counter() - start))
+  return cells
+
+
+def _run_sequential(ctx, entry, records, order, counts, seed, ev, progress) -> list[dict[str, Any]]:
+  method = methods_lib.SEQUENTIAL[entry["name"]]
+  immediate = bool(ev["immediate"])
+  chosen = [records[i] for i in order[:max(counts)]]
+  state = method.start(ctx, entry, seed)
+  immediate_rows: list[dict[str, Any]] = []
+  cells = []
+  start = time.perf_counter()
+  for i in tqdm(range(len(chosen)), desc=f"{entry['label']} edits (seed {seed})", disable=not progress,
+                leave=False):
+    state = method.edit(ctx, state, chosen[i])
+    if immediate:
+      logits_fn, gen_fn = method.fns(ctx, state)
+      row = ctx.score([chosen[i]], logits_fn, gen_fn, batch_size=ev["immediate_batch_size"])["records"][0]
+      immediate_rows.append(dict(row, index=i))
+    if i + 1 in counts:
+      n = i + 1
+      elapsed = time.perf_counter() - start
+      logits_fn, gen_fn = method.fns(ctx, state)
+      final = ctx.score(chosen[:n], logits_fn, gen_fn)
+      cells.append(_cell(entry, n, seed, "final", final, elapsed))
+      if immediate:
+        rows = immediate_rows[:n]
+        cells.append(_cell(entry, n, seed, "immediate", {"summary": summarize(rows), "records": rows},
+                           elapsed))
+  return cells
+
+
+def _save_cell(out: str, cell: Mapping[str, Any]) -> None:
+  folder = os.path.join(out, "cells", slug(cell["model"]), slug(cell["data"]), slug(cell["method"]))
+  name = f"n{cell['n_edits']}_seed{cell['seed']}_{cell['timing']}.json"
+  write_metrics(os.path.join(folder, name), cell["method"], cell["n_edits"], cell["scores"],
+                extra={"editor": cell["editor"], "seed": cell["seed"], "timing": cell["timing"],
+                       "seconds": cell["seconds"], "model": cell["model"], "data": cell["data"]})
+
+
+def _plain(obj):
+  if isinstance(obj, Mapping):
+    return {str(k): _plain(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_plain(v) for v in obj]
+  return obj
+
+
+def _finite(obj):
+  if isinstance(obj, float):
+    return obj if np.isfinite(obj) else None
+  if isinstance(obj, Mapping):
+    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite(v) for v in obj]
+  if isinstance(obj, (np.floating, np.integer)):
+    return _finite(obj.item())
+  return obj
+
+
+def resolve_settings(config_file: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+  """DEFAULTS <- sweep YAML <- --set overrides (unknown top-level YAML keys are an error)."""
+  return config_lib.resolve(DEFAULTS, config_file, overrides, strict_file=True)
