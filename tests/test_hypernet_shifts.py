@@ -130,11 +130,6 @@ def np_shifts(state, cfg, rows_per_batch, keys, grads):
 
 # ---------------------------------------------------------------- tests
 
-@pytest.fixture(autouse=True)
-def _models_rank_promotion():
-  # horse_jax.models (not this package) still relies on implicit rank promotion in rms_norm/rope.
-  with jax.numpy_rank_promotion("allow"):
-    yield
 
 
 @pytest.fixture(scope="module")
