@@ -1,0 +1,255 @@
+"""A synthetic world of facts, deterministic from a seed: the embedded default's knowledge.
+
+Subjects are made-up pronounceable names; every subject has exactly one value for each relation
+(birthplace, occupation, employer, language, favourite colour), drawn from per-relation vocabularies
+of multi-word values. Each relation has five question templates: three are used in pre-training,
+two are held out and only ever appear as evaluation rephrases, so generalization is measured on
+phrasings the model never saw. The held-out templates recombine words of the training ones
+("Which city is the birthplace of X?" from "In which city was X born?" and "What is the birthplace
+of X?"), the way real paraphrases share content words.
+
+Subjects are partitioned into the edit splits (meta-train / validation / test) and a locality pool.
+Every fact of every subject is pre-trained (so edits change something the model knows); locality
+questions ask about facts of locality-pool subjects, which no edit ever touches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies. Values are multi-word so answers span several tokens.
+
+_CITY_HEADS = ("Port", "San", "New", "Lake", "Fort", "Mount", "North", "South", "East", "West",
+               "Saint", "Old")
+_CITY_TAILS = ("Avelin", "Dorova", "Kethra", "Miravel", "Sorrin", "Talmor", "Vesk", "Ondara",
+               "Brisca", "Calder", "Hollin", "Marrow", "Quenna", "Rusk", "Selby", "Tiber", "Ulvan",
+               "Wyrne", "Zennor", "Fallow")
+
+OCCUPATIONS = (
+    "marine biologist", "tax lawyer", "jazz pianist", "civil engineer", "pastry chef",
+    "wildlife photographer", "school teacher", "airline pilot", "software developer",
+    "tree surgeon", "opera singer", "museum curator", "crime novelist", "dental surgeon",
+    "bridge architect", "ship captain", "radio presenter", "glass blower", "fashion designer",
+    "mountain guide", "river pilot", "court reporter", "stage magician", "wine merchant",
+    "clock maker", "data analyst", "street painter", "rail engineer", "flower grower",
+    "chess coach", "sound engineer", "film editor", "bee keeper", "tailor apprentice",
+    "police detective", "art restorer", "book binder", "yoga teacher", "toy maker", "map maker")
+
+_COMPANY_HEADS = ("Zentrix", "Orvane", "Kalmora", "Brightel", "Vantor", "Quillon", "Helvar",
+                  "Morrow", "Tesseri", "Dunmere", "Corvell", "Polaris", "Ashgrove", "Nimbal")
+_COMPANY_TAILS = ("Labs", "Group", "Systems", "Foods", "Motors", "Bank")
+
+_LANG_HEADS = ("Old", "High", "Low", "Coastal", "Northern", "Southern")
+_LANG_TAILS = ("Velsic", "Tamari", "Orsk", "Dunlan", "Kethic", "Marran", "Sylvish")
+
+_SHADES = ("pale", "deep", "bright", "dark", "soft", "dusty")
+_HUES = ("amber", "teal", "crimson", "olive", "violet", "coral", "indigo", "saffron", "jade",
+         "copper")
+
+# ---------------------------------------------------------------------------------------------
+# Relations and templates: (train templates, held-out evaluation templates). Every template is a
+# question ending with "?", with "{s}" for the subject.
+
+
+@dataclasses.dataclass(frozen=True)
+class Relation:
+  """One relation: its name, its value vocabulary and its question templates."""
+
+  name: str
+  values: tuple[str, ...]
+  train_templates: tuple[str, ...]
+  eval_templates: tuple[str, ...]
+
+
+def _product(heads, tails, sep=" "):
+  return tuple(f"{h}{sep}{t}" for h in heads for t in tails)
+
+
+def relations() -> tuple[Relation, ...]:
+  """The world's relations (fixed; the seed only draws subjects, values and splits)."""
+  return (
+      Relation("birthplace", _product(_CITY_HEADS[:6], _CITY_TAILS[:10]),
+               ("Where was {s} born?", "What is the birthplace of {s}?",
+                "In which city was {s} born?"),
+               ("Which city is the birthplace of {s}?", "{s} was born in which city?")),
+      Relation("occupation", OCCUPATIONS,
+               ("What is the occupation of {s}?", "What does {s} do for a living?",
+                "What job does {s} have?"),
+               ("What is the job of {s}?", "What occupation does {s} have?")),
+      Relation("employer", _product(_COMPANY_HEADS, _COMPANY_TAILS[:4]),
+               ("Who is the employer of {s}?", "Which company does {s} work for?",
+                "Where does {s} work?"),
+               ("Which company is the employer of {s}?", "Who does {s} work for?")),
+      Relation("language", _product(_LANG_HEADS, _LANG_TAILS),
+               ("What language does {s} speak?", "What is the native language of {s}?",
+                "Which language is spoken by {s}?"),
+               ("Which language does {s} speak?", "What is the language of {s}?")),
+      Relation("colour", _product(_SHADES, _HUES),
+               ("What is the favourite colour of {s}?", "Which colour does {s} like best?",
+                "What colour does {s} love?"),
+               ("What is the colour that {s} likes best?", "Which colour is the favourite of {s}?")),
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Names.
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr",
+           "tr", "st", "th", "sh", "ch")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+_CODAS = ("", "", "", "n", "r", "l", "s", "m", "th")
+
+
+def _name(rng: random.Random) -> str:
+  syllables = rng.choice((2, 2, 3))
+  parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)]
+  return ("".join(parts) + rng.choice(_CODAS)).capitalize()
+
+
+def make_subjects(rng: random.Random, n: int) -> list[str]:
+  """`n` distinct made-up names (none equal to a vocabulary word)."""
+  taken: set[str] = set()
+  words = {w for rel in relations() for v in rel.values for w in v.split()}
+  out = []
+  while len(out) < n:
+    name = _name(rng)
+    if name in taken or name in words or len(name) < 4:
+      continue
+    taken.add(name)
+    out.append(name)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The world.
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+  """Sizes of the world. Defaults build the shipped embedded default."""
+
+  n_subjects: int = 1000
+  n_train_subjects: int = 250  # meta-train edit split (1,250 edits)
+  n_val_subjects: int = 30
+  n_test_subjects: int = 210  # x 5 relations = 1,050 test edits
+
+
+@dataclasses.dataclass
+class World:
+  """Facts and splits.
+
+  Attributes:
+    seed: the seed it was built from.
+    subjects: all subject names.
+    facts: {subject: {relation: value}} — one value per (subject, relation).
+    split_of: subject -> "train" | "val" | "test" | "pool".
+    edits: split -> list of edit dicts (subject, relation, prompt, rephrase, target_new,
+      ground_truth, loc_prompt, loc_answer).
+  """
+
+  seed: int
+  subjects: list[str]
+  facts: dict[str, dict[str, str]]
+  split_of: dict[str, str]
+  edits: dict[str, list[dict[str, str]]]
+
+  @property
+  def relations(self) -> tuple[Relation, ...]:
+    return relations()
+
+
+def build_world(seed: int = 0, spec: WorldSpec = WorldSpec()) -> World:
+  """Draws subjects, their facts, the subject splits and the edit records.
+
+  Args:
+    seed: everything is a function of it.
+    spec: sizes.
+
+  Returns:
+    The world.
+  """
+  rng = random.Random(seed)
+  rels = relations()
+  subjects = make_subjects(rng, spec.n_subjects)
+  facts = {s: {r.name: rng.choice(r.values) for r in rels} for s in subjects}
+
+  order = list(subjects)
+  rng.shuffle(order)
+  a = spec.n_train_subjects
+  b = a + spec.n_val_subjects
+  c = b + spec.n_test_subjects
+  if c >= len(order):
+    raise ValueError("edit splits need fewer subjects than the world has (a locality pool remains)")
+  split_of = {s: "train" for s in order[:a]}
+  split_of.update({s: "val" for s in order[a:b]})
+  split_of.update({s: "test" for s in order[b:c]})
+  split_of.update({s: "pool" for s in order[c:]})
+  pool = order[c:]
+
+  edits: dict[str, list[dict[str, str]]] = {"train": [], "val": [], "test": []}
+  for split, members in (("train", order[:a]), ("val", order[a:b]), ("test", order[b:c])):
+    for s in members:
+      for r in rels:
+        truth = facts[s][r.name]
+        new = rng.choice([v for v in r.values if v != truth])
+        loc_s = rng.choice(pool)
+        loc_r = rng.choice(rels)
+        edits[split].append(dict(
+            subject=s, relation=r.name,
+            prompt=rng.choice(r.train_templates).format(s=s),
+            rephrase=rng.choice(r.eval_templates).format(s=s),
+            target_new=new, ground_truth=truth,
+            loc_prompt=rng.choice(loc_r.train_templates).format(s=loc_s),
+            loc_answer=facts[loc_s][loc_r.name]))
+    rng.shuffle(edits[split])
+  return World(seed, subjects, facts, split_of, edits)
+
+
+def pretraining_pairs(world: World) -> list[tuple[str, str]]:
+  """(question, answer) for every fact under every *training* template (held-out ones excluded).
+
+  Locality questions are training-template questions about pool subjects, so they are included.
+  """
+  pairs = []
+  for s in world.subjects:
+    for r in world.relations:
+      for t in r.train_templates:
+        pairs.append((t.format(s=s), world.facts[s][r.name]))
+  return pairs
+
+
+def heldout_pairs(world: World) -> list[tuple[str, str]]:
+  """(question, answer) for every fact under the held-out evaluation templates."""
+  return [(t.format(s=s), world.facts[s][r.name])
+          for s in world.subjects for r in world.relations for t in r.eval_templates]
+
+
+# ---------------------------------------------------------------------------------------------
+# Export in the formats the loaders read.
+
+
+def to_zsre(edit: dict[str, str]) -> dict[str, Any]:
+  """ZsRE / MEND record. The loaders append "?" to `loc`, so it is stored without it."""
+  loc = edit["loc_prompt"]
+  assert loc.endswith("?")
+  return {"subject": edit["subject"], "src": edit["prompt"], "pred": edit["ground_truth"],
+          "rephrase": edit["rephrase"], "alt": edit["target_new"],
+          "answers": [edit["ground_truth"]], "loc": loc[:-1], "loc_ans": edit["loc_answer"],
+          "cond": f"{edit['ground_truth']} >> {edit['target_new']} || {edit['prompt']}"}
+
+
+def to_counterfact(edit: dict[str, str], case_id: int) -> dict[str, Any]:
+  """CounterFact record in the EasyEdit JSON layout."""
+  return {"case_id": case_id, "prompt": edit["prompt"], "target_new": edit["target_new"],
+          "ground_truth": edit["ground_truth"], "rephrase_prompt": edit["rephrase"],
+          "locality_prompt": edit["loc_prompt"], "locality_ground_truth": edit["loc_answer"],
+          "subject": edit["subject"], "relation": edit["relation"]}
+
+
+def facts_table(world: World) -> list[dict[str, str]]:
+  """Flat list of every fact with its subject's split (for inspection and the pre-training check)."""
+  return [{"subject": s, "relation": r.name, "answer": world.facts[s][r.name],
+           "split": world.split_of[s]} for s in world.subjects for r in world.relations]
