@@ -97,33 +97,42 @@ register_batch("unedited", run_unedited)
 # ---- HORSE / MALMEN / MEND (horse_jax.editors.hypernet) ----
 
 
-def _hypernet_state(hypernet, cfg, options, seed):
-  """A trained hypernetwork from `options["hypernet"]` when given, else fresh (untrained) nets."""
-  folder = options.get("hypernet")
-  if folder:
-    load = getattr(hypernet, "load", None) or getattr(hypernet, "load_state", None)
-    if load is None:
-      raise UserError("this build cannot load trained hypernetworks (horse_jax.editors.hypernet.load)")
-    loaded = load(folder, cfg) if _takes_two(load) else load(folder)
-    return loaded[0] if isinstance(loaded, tuple) else loaded
-  return hypernet.init(cfg, jax.random.PRNGKey(seed))
+def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):
+  """(cfg, state): the trained hypernetwork in `options["hypernet"]` when given, else fresh nets.
 
-
-def _takes_two(fn) -> bool:
-  import inspect  # noqa: PLC0415
+  Settings: the method's defaults, the model card's edit modules, then `options["settings"]`
+  (reference names, e.g. {"editor": {"lr": 1e-5}, "data": {"batch_size": 32}}).
+  """
+  import dataclasses  # noqa: PLC0415
+  from horse_jax import config as config_lib  # noqa: PLC0415
+  defaults = hypernet.default_settings(method)
   try:
-    return len(inspect.signature(fn).parameters) >= 2
-  except (TypeError, ValueError):
-    return False
+    from horse_jax.cli.edit_hypernet import model_defaults  # noqa: PLC0415  (model card lookup)
+    defaults["model"]["edit_modules"] = model_defaults(ctx.model_path, ctx.model)["model"]["edit_modules"]
+  except ImportError:
+    pass
+  settings = config_lib.merge(defaults, options.get("settings") or {}, strict=False,
+                              where=f"methods.{options.get('label', method)}.settings")
+  folder = options.get("hypernet")
+  if not folder:
+    cfg = hypernet.from_settings(method, settings, ctx.model)
+    return cfg, hypernet.init(cfg, jax.random.PRNGKey(seed))
+  from horse_jax.editors.hypernet.checkpoint import load_hypernet  # noqa: PLC0415
+  cfg, state, _ = load_hypernet(folder)
+  if cfg.method != method:
+    raise UserError(f"methods.{options.get('label', method)}.hypernet {folder}: trained for {cfg.method!r}")
+  shapes = hypernet.module_shapes(ctx.model.params, cfg.modules)
+  if shapes != cfg.shapes:
+    raise UserError(f"hypernet {folder}: module shapes {cfg.shapes} do not match the model's {shapes}")
+  # Batching may change at edit time; what was learned may not.
+  cfg = dataclasses.replace(cfg, lm_batch=int(settings["data"]["batch_size"]),
+                            chunk=int(settings["editor"]["batch_size"]))
+  return cfg, state
 
 
 def run_hypernet(method: str, ctx: CellContext, records, options, seed) -> dict:
-  from horse_jax import config as config_lib  # noqa: PLC0415
   from horse_jax.editors import hypernet  # noqa: PLC0415
-  settings = config_lib.merge(hypernet.default_settings(method), options.get("settings") or {},
-                              strict=False, where=f"methods.{method}.settings")
-  cfg = hypernet.from_settings(method, settings, ctx.model)
-  state = _hypernet_state(hypernet, cfg, options, seed)
+  cfg, state = _hypernet_editor(hypernet, method, ctx, options, seed)
   batches = hypernet.edit_batches(ctx.tokenizer, records, cfg.lm_batch)
   shifts, _ = hypernet.edit(state, ctx.model, cfg, batches)
   edited = hypernet.apply(ctx.model, shifts)

@@ -69,6 +69,9 @@ def _method_entries(settings) -> list[dict[str, Any]]:
     entry = dict(entry)
     entry.setdefault("label", entry["name"])
     methods_lib.kind_of(entry["name"])  # unknown names fail before any work
+    for key in ("hypernet",):
+      if entry.get(key) and not os.path.exists(str(entry[key])):
+        raise UserError(f"sweep: methods[{i}] ({entry['label']}): {key} folder {entry[key]!r} not found")
     out.append(entry)
   labels = [e["label"] for e in out]
   if len(set(labels)) != len(labels):
