@@ -1,0 +1,135 @@
+"""`horse-jax train`: meta-train a HORSE / MALMEN / MEND hypernetwork.
+
+Each step draws N = data.n_edits training records (a pure function of (seed, step), so a resumed run
+sees exactly the data an uninterrupted run would), predicts shifts, and takes one Adam step on the
+decoupled meta-gradient. Per-step metrics are appended to OUT/metrics.jsonl; orbax checkpoints go to
+OUT/checkpoints every --save-every steps; re-running the same command resumes from the latest one.
+The final hypernetwork is written to OUT/hypernet/ (what `horse-jax edit --hypernet` reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from horse_jax.cli.edit_hypernet import load_model, logits_fn, resolve_settings
+from horse_jax.editors import hypernet
+from horse_jax.editors.hypernet import checkpoint as ckpt
+from horse_jax.errors import UserError
+from horse_jax.io import atomic_write_json, atomic_write_text
+
+
+def register(sub) -> None:
+  p = sub.add_parser("train", help="meta-train a HORSE/MALMEN/MEND hypernetwork")
+  p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
+  p.add_argument("--data", required=True, help="training edit records (needs rephrase and locality fields)")
+  p.add_argument("--valid", default=None, help="held-out records for validation ES/GS/LS")
+  p.add_argument("--method", required=True, choices=hypernet.config.METHODS)
+  p.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, hypernet/)")
+  p.add_argument("--config", default=None, help="reference-style YAML settings")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a setting, e.g. --set data.n_edits=64 (repeatable)")
+  p.add_argument("--steps", type=int, default=100, help="meta-training steps in total")
+  p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
+  p.add_argument("--valid-every", type=int, default=None, help="validate every K steps (default --save-every)")
+  p.add_argument("--valid-n", type=int, default=None, help="validation edits at once (default data.n_edits)")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(func=run)
+
+
+def step_indices(seed: int, step: int, n_records: int, n_edits: int) -> np.ndarray:
+  """The training records of one step: a pure function of (seed, step)."""
+  rng = np.random.default_rng([seed, step])
+  return rng.choice(n_records, size=n_edits, replace=False)
+
+
+def step_batches(tokenizer, records, cfg, max_length):
+  return (hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length),
+          hypernet.rephrase_batches(tokenizer, records, cfg.lm_batch, max_length),
+          hypernet.loc_batches(tokenizer, records, cfg.lm_batch, max_length))
+
+
+def validate(state, model, tokenizer, cfg, records, max_length):
+  """Edits all validation records at once and scores them; returns (state, summary)."""
+  from horse_jax.eval.scoring import score_records
+  shifts, state = hypernet.edit(state, model, cfg, hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length))
+  scores = score_records(records, tokenizer, logits_fn(hypernet.apply(model, shifts)), progress=False)
+  s = scores["summary"]
+  return state, {k: s.get(k) for k in ("edit_acc", "rephrase_acc", "loc_acc")}
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """Keeps the metrics lines of steps <= `step` (a resumed run rewrites what came after)."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError):
+        continue  # a half-written last line of a killed run
+  atomic_write_text(path, "".join(kept))
+
+
+def run(args) -> int:
+  from tqdm import tqdm
+  from horse_jax.data.loaders import load_records
+
+  if args.steps < 1 or args.save_every < 1:
+    raise UserError("--steps and --save-every must be >= 1")
+  model, tokenizer = load_model(args.model)
+  settings = resolve_settings(args.method, args.model, model, args.config, args.overrides)
+  cfg = hypernet.from_settings(args.method, settings, model)
+  max_length = settings["data"].get("max_length")
+  train = load_records(args.data)
+  n_edits = int(settings["data"]["n_edits"])
+  if n_edits > len(train):
+    raise UserError(f"data.n_edits={n_edits} exceeds the {len(train)} records of {args.data}")
+  valid = load_records(args.valid, limit=args.valid_n or n_edits) if args.valid else []
+  valid_every = args.valid_every or args.save_every
+
+  os.makedirs(args.out, exist_ok=True)
+  atomic_write_json(os.path.join(args.out, "run.json"),
+                    {"method": args.method, "model": args.model, "data": args.data, "valid": args.valid,
+                     "seed": args.seed, "steps": args.steps, "settings": settings, "config": cfg.to_dict()})
+  mgr = ckpt.manager(os.path.join(args.out, "checkpoints"))
+  template = hypernet.init(cfg, jax.random.PRNGKey(args.seed))
+  try:
+    state = ckpt.restore_latest(mgr, template)
+  except (ValueError, KeyError) as err:
+    raise UserError(f"{args.out}/checkpoints: does not match this model/settings ({err})") from None
+  start = 0 if state is None else int(state.step)
+  state = template if state is None else state
+  metrics_path = os.path.join(args.out, "metrics.jsonl")
+  _truncate_metrics(metrics_path, start)
+  if start:
+    print(f"resuming from step {start}")
+
+  with open(metrics_path, "a", encoding="utf-8") as log:
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {args.method}")
+    for step in bar:
+      records = [train[i] for i in step_indices(args.seed, step, len(train), n_edits)]
+      t0 = time.time()
+      try:
+        state, m = hypernet.train_step(state, model, cfg, *step_batches(tokenizer, records, cfg, max_length))
+      except FloatingPointError:
+        raise UserError(f"non-finite meta-training loss at step {step + 1}; last good checkpoint: "
+                        f"step {mgr.latest_step()} in {args.out}/checkpoints") from None
+      row = {"step": step + 1, **m, "seconds": round(time.time() - t0, 3)}
+      if valid and (step + 1) % valid_every == 0:
+        state, v = validate(state, model, tokenizer, cfg, valid, max_length)
+        row.update({f"valid_{k}": x for k, x in v.items()})
+      log.write(json.dumps(row) + "\n")
+      log.flush()
+      bar.set_postfix(gen=f"{m['gen_loss']:.3f}", loc=f"{m['loc_loss']:.3f}")
+      if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        ckpt.save_step(mgr, state)
+  ckpt.save_hypernet(os.path.join(args.out, "hypernet"), cfg, state, settings)
+  print(f"hypernetwork -> {os.path.join(args.out, 'hypernet')}")
+  return 0

@@ -1,0 +1,92 @@
+"""Saving and loading hypernetworks (orbax): the final `hypernet/` folder and training checkpoints.
+
+A hypernet folder holds `hypernet.json` (the static `HypernetConfig` and the settings it was trained
+with) and `state/` (an orbax checkpoint of the hypernetworks and normalizers). Training checkpoints
+(`orbax.checkpoint.CheckpointManager`, a few kept) also hold the Adam state and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from horse_jax.editors.hypernet import normalizer
+from horse_jax.editors.hypernet.config import HypernetConfig
+from horse_jax.editors.hypernet.editor import HypernetState, init
+from horse_jax.errors import UserError
+from horse_jax.io import atomic_directory, atomic_write_json
+
+CONFIG_FILE = "hypernet.json"
+
+
+def to_tree(state: HypernetState, with_opt: bool = True) -> dict:
+  """A plain-dict pytree of the state (what orbax writes)."""
+  tree = {"nets": state.nets,
+          "norms": {k: {"n": s.n, "mean": s.mean, "var": s.var} for k, s in state.norms.items()}}
+  if with_opt:
+    tree["opt_state"] = state.opt_state
+    tree["step"] = state.step
+  return tree
+
+
+def from_tree(tree: dict, template: HypernetState) -> HypernetState:
+  norms = {k: normalizer.NormState(v["n"], v["mean"], v["var"]) for k, v in tree["norms"].items()}
+  return HypernetState(tree["nets"], norms, tree.get("opt_state", template.opt_state),
+                       tree.get("step", template.step))
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def save_hypernet(path: str | os.PathLike, cfg: HypernetConfig, state: HypernetState,
+                  settings: dict[str, Any] | None = None) -> None:
+  """Writes a hypernet folder atomically (replaced whole on success)."""
+  with atomic_directory(path) as tmp:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(os.path.abspath(tmp), "state"), to_tree(state, with_opt=False))
+    ckptr.wait_until_finished()
+    atomic_write_json(os.path.join(tmp, CONFIG_FILE),
+                      {"config": cfg.to_dict(), "settings": settings or {}, "step": int(state.step)})
+
+
+def load_hypernet(path: str | os.PathLike) -> tuple[HypernetConfig, HypernetState, dict]:
+  """(config, state with a fresh optimizer, settings) from a hypernet folder."""
+  path = os.path.abspath(os.fspath(path))
+  meta_file = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(meta_file):
+    raise UserError(f"{path}: not a hypernet folder (no {CONFIG_FILE})")
+  with open(meta_file, encoding="utf-8") as f:
+    meta = json.load(f)
+  cfg = HypernetConfig.from_dict(meta["config"])
+  template = init(cfg, jax.random.PRNGKey(0))
+  target = _abstract(to_tree(template, with_opt=False))
+  tree = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+  state = from_tree(tree, template)
+  return cfg, state._replace(step=jnp.asarray(meta.get("step", 0), jnp.int32)), meta.get("settings", {})
+
+
+def manager(folder: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
+  """A CheckpointManager for training checkpoints under `folder`."""
+  return ocp.CheckpointManager(os.path.abspath(os.fspath(folder)),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+
+def save_step(mgr: ocp.CheckpointManager, state: HypernetState) -> None:
+  """Saves the full training state at its step and waits until it is on disk."""
+  mgr.save(int(state.step), args=ocp.args.StandardSave(to_tree(state)))
+  mgr.wait_until_finished()
+
+
+def restore_latest(mgr: ocp.CheckpointManager, template: HypernetState) -> HypernetState | None:
+  """The latest checkpointed state (None when there is none)."""
+  step = mgr.latest_step()
+  if step is None:
+    return None
+  tree = mgr.restore(step, args=ocp.args.StandardRestore(_abstract(to_tree(template))))
+  return from_tree(tree, template)
