@@ -30,7 +30,7 @@ from horse_jax.editors.codebook import grace
 from horse_jax.editors.codebook.adapter import new_output, set_rows
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
-from horse_jax.editors.codebook.settings import CodebookSettings
+from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, split_dynamic
 from horse_jax.editors.codebook.state import Codebook, ensure_room, label_key
 from horse_jax.models import Hooks, Model, forward_from, hidden_before, layer_index
 from horse_jax.models.names import get_module
@@ -86,7 +86,6 @@ def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> j
   return buf.at[row].set(jnp.where(when, value.astype(buf.dtype), buf[row]))
 
 
-@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("book",))
 def edit_step(model: Model, book: Codebook, input_ids_T: jax.Array, attention_mask_T: jax.Array,
               labels_T: jax.Array, prompt_len: jax.Array, label: jax.Array, *,
               settings: CodebookSettings) -> tuple[Codebook, EditInfo]:
@@ -103,6 +102,15 @@ def edit_step(model: Model, book: Codebook, input_ids_T: jax.Array, attention_ma
   Returns:
     (new codebook, EditInfo).
   """
+  static, numbers = split_dynamic(settings)
+  return _edit_step_jit(model, book, input_ids_T, attention_mask_T, labels_T, prompt_len, label,
+                        numbers, settings=static)
+
+
+@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("book",))
+def _edit_step_jit(model, book, input_ids_T, attention_mask_T, labels_T, prompt_len, label, numbers,
+                   *, settings):
+  settings = join_dynamic(settings, numbers)
   name = settings.layer
   first_layer = layer_index(name)
   ids, mask, labels = input_ids_T[None], attention_mask_T[None], labels_T[None]
@@ -129,6 +137,8 @@ def edit_step(model: Model, book: Codebook, input_ids_T: jax.Array, attention_ma
       jax.random.fold_in(jax.random.PRNGKey(settings.seed), book.n_edits))
   d_out = book.values.shape[1]
   value0 = y_p if settings.val_init == "warm" else jax.random.uniform(rng_value, (d_out,))
+  if settings.adapter_mode == "lora":
+    value0 = jnp.zeros((d_out,))  # LoRA mode learns A, B; the value row stays unused
   lora_a0 = 0.01 * jax.random.normal(rng_lora, book.lora_a.shape[1:])
   book = Codebook(
       keys=_put(book.keys, slot, q, add),
@@ -186,7 +196,7 @@ def edit_step(model: Model, book: Codebook, input_ids_T: jax.Array, attention_ma
 
 def compile_count() -> int:
   """How many programs `edit_step` has compiled in this process (one per shape/settings bucket)."""
-  return edit_step._cache_size()
+  return _edit_step_jit._cache_size()
 
 
 def apply_edit(model: Model, book: Codebook, batch: EditBatch, row: int,

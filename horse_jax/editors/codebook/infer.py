@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.adapter import make_adapter
-from horse_jax.editors.codebook.settings import CodebookSettings
+from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, split_dynamic
 from horse_jax.editors.codebook.state import Codebook
 from horse_jax.models import Hooks, Model, apply
 
@@ -23,11 +23,19 @@ def hooks_for(book: Codebook, settings: CodebookSettings, p_B, start_B=None) -> 
   return Hooks(adapters={settings.layer: make_adapter(book, settings, p_B, start_B)})
 
 
-@functools.partial(jax.jit, static_argnames=("settings",))
 def edited_logits(model: Model, book: Codebook, input_ids_BxT: jax.Array,
                   attention_mask_BxT: jax.Array, prompt_len_B: jax.Array, *,
                   settings: CodebookSettings) -> jax.Array:
   """Logits [B, T, V] of the edited model on right-padded prompts (p = prompt_len - 1)."""
+  static, numbers = split_dynamic(settings)
+  return _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B, numbers,
+                        settings=static)
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B, numbers, *,
+                   settings):
+  settings = join_dynamic(settings, numbers)
   hooks = hooks_for(book, settings, jnp.asarray(prompt_len_B, jnp.int32) - 1)
   return apply(model, input_ids_BxT, attention_mask_BxT, hooks=hooks)
 
@@ -52,7 +60,6 @@ def logits_fn(model: Model, book: Codebook, settings: CodebookSettings):
   return fn
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "max_new_tokens"))
 def edited_generate(model: Model, book: Codebook, input_ids_BxT: jax.Array,
                     attention_mask_BxT: jax.Array, *, settings: CodebookSettings,
                     max_new_tokens: int) -> jax.Array:
@@ -61,6 +68,15 @@ def edited_generate(model: Model, book: Codebook, input_ids_BxT: jax.Array,
   The codebook is a traced argument here (the foundation's `generate` treats adapters as static,
   compiled-in functions), so one program serves every codebook of the same capacity.
   """
+  static, numbers = split_dynamic(settings)
+  return _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, numbers, settings=static,
+                          max_new_tokens=max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("settings", "max_new_tokens"))
+def _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, numbers, *, settings,
+                     max_new_tokens):
+  settings = join_dynamic(settings, numbers)
   from horse_jax.models.generate import generate  # the foundation's KV-cache decoder
   p, start = left_padded_positions(attention_mask_BxT)
   return generate(model, input_ids_BxT, attention_mask_BxT, max_new_tokens,

@@ -115,6 +115,22 @@ class CodebookSettings:
     }
 
 
+# Float settings that enter the jitted programs as traced scalars, so that sweeping a threshold or a
+# learning rate reuses the compiled edit step instead of compiling a new one.
+DYNAMIC = ("edit_lr", "alpha", "beta", "eps", "threshold", "lora_scale", "grace_eps")
+
+
+def split_dynamic(settings: CodebookSettings) -> tuple[CodebookSettings, dict[str, float]]:
+  """(settings with the DYNAMIC fields zeroed: the static jit key, {field: value})."""
+  numbers = {k: float(getattr(settings, k)) for k in DYNAMIC}
+  return dataclasses.replace(settings, **{k: 0.0 for k in DYNAMIC}), numbers
+
+
+def join_dynamic(static: CodebookSettings, numbers) -> CodebookSettings:
+  """Inside a jitted function: the settings with the (traced) DYNAMIC values put back."""
+  return dataclasses.replace(static, **{k: numbers[k] for k in DYNAMIC})
+
+
 def parse_strategy(name: str) -> tuple[str, int]:
   """Query strategy name -> (kind, number).
 
