@@ -1,0 +1,136 @@
+"""Model cards: per-checkpoint settings (edit modules, HoReN layer/threshold, dtype, mesh).
+
+Cards are the YAML files in the repository's top-level `models/` folder. `card_for` finds the card
+of a checkpoint by, in order: an explicit card name; the folder name (or a `.../world/model` path);
+the config's `_name_or_path`; matching is on names with case and punctuation ignored, against each
+card's `name`, `hf_id` (and its last part) and `aliases`. A card whose model_type or layer count
+contradicts the actual config is not used. Without a card (or without the `models/` folder, as in
+a non-editable install) the defaults are derived from the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from horse_jax.errors import UserError
+from horse_jax.models.config import ModelConfig
+from horse_jax.models.names import default_edit_modules, module_names
+
+CARDS_DIR = Path(__file__).resolve().parents[2] / "models"
+DEFAULT_HOREN_THRESHOLD = 0.75
+
+
+def _key(name: str) -> str:
+  return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+@functools.lru_cache(maxsize=None)
+def load_cards(folder: str = str(CARDS_DIR)) -> dict[str, dict[str, Any]]:
+  """All cards by name ({} when the folder is missing)."""
+  cards = {}
+  root = Path(folder)
+  if not root.is_dir():
+    return cards
+  for file in sorted(root.glob("*.yaml")):
+    try:
+      card = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+      raise UserError(f"{file}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(card, dict) or "name" not in card:
+      raise UserError(f"{file}: a model card must be a mapping with a 'name'")
+    card["card_file"] = str(file)
+    cards[str(card["name"])] = card
+  return cards
+
+
+def _card_keys(card: dict[str, Any]) -> set[str]:
+  names = [str(card["name"])] + [str(a) for a in card.get("aliases") or []]
+  if card.get("hf_id"):
+    names += [str(card["hf_id"]), str(card["hf_id"]).rsplit("/", 1)[-1]]
+  return {_key(n) for n in names}
+
+
+def default_card(config: ModelConfig) -> dict[str, Any]:
+  """Settings derived from the config alone: last 6 down-projections, HoReN at ~0.9 depth."""
+  mods = default_edit_modules(config)
+  horen_layer = min(int(round(0.9 * config.num_layers)), config.num_layers - 1)
+  horen_module = default_edit_modules(config, config.num_layers)[horen_layer]
+  return {
+      "name": "default",
+      "model_type": config.model_type,
+      "num_layers": config.num_layers,
+      "dtype": "float32",
+      "edit_modules": mods,
+      "horen": {"layer": horen_module, "threshold": DEFAULT_HOREN_THRESHOLD,
+                "query_strategy": "last_50_perc_prompt_tokens_avg"},
+      "sharding": {"mesh": {"data": 1, "model": 1}},
+  }
+
+
+def _fits(card: dict[str, Any], config: ModelConfig | None) -> bool:
+  if config is None:
+    return True
+  if card.get("model_type") not in (None, config.model_type):
+    return False
+  if card.get("num_layers") not in (None, config.num_layers):
+    return False
+  known = set(module_names(config))
+  wanted = list(card.get("edit_modules") or []) + [(card.get("horen") or {}).get("layer")]
+  return all(m is None or m in known for m in wanted)
+
+
+def _candidates(path_or_name: str | os.PathLike | None, config: ModelConfig | None) -> list[str]:
+  out = []
+  if path_or_name:
+    text = os.fspath(path_or_name).rstrip("/\\")
+    out.append(text)
+    parts = Path(text).parts
+    if len(parts) >= 2 and parts[-2:] == ("world", "model"):
+      out.append("world")
+    out.append(Path(text).name)
+  if config is not None:
+    name_or_path = config.hf_config.get("_name_or_path")
+    if name_or_path:
+      out += [str(name_or_path), Path(str(name_or_path)).name]
+  return out
+
+
+def card_for(path_or_name: str | os.PathLike | None, config: ModelConfig | None = None,
+             cards_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+  """The model card of a checkpoint (a fresh dict; safe to modify).
+
+  Args:
+    path_or_name: checkpoint folder, HF id, or card name (e.g. "llama-3-8b").
+    config: the loaded model's config: used for `_name_or_path`, to reject a card that does not
+      fit the model, and for the defaults.
+    cards_dir: folder of *.yaml cards; default the repository's `models/`.
+
+  Returns:
+    {"name", "dtype", "edit_modules", "horen": {"layer", "threshold", ...}, "sharding", ...}.
+
+  Raises:
+    UserError: no config was given and nothing matched (defaults need a config), or a card file is
+      malformed.
+  """
+  cards = load_cards(str(cards_dir or CARDS_DIR))
+  for candidate in _candidates(path_or_name, config):
+    if candidate in cards and _fits(cards[candidate], config):
+      return _copy(cards[candidate])
+    key = _key(candidate)
+    for card in cards.values():
+      if key and key in _card_keys(card) and _fits(card, config):
+        return _copy(card)
+  if config is None:
+    raise UserError(f"no model card matches {os.fspath(path_or_name)!r} "
+                    f"(cards: {', '.join(sorted(cards)) or 'none found'})")
+  return default_card(config)
+
+
+def _copy(card: dict[str, Any]) -> dict[str, Any]:
+  return yaml.safe_load(yaml.safe_dump(card))

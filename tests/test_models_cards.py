@@ -1,0 +1,91 @@
+"""Model cards: every shipped card is valid for its architecture; lookup and fallbacks."""
+
+import dataclasses
+import json
+
+import pytest
+
+from horse_jax.errors import UserError
+from horse_jax.models.cards import CARDS_DIR, card_for, load_cards
+from horse_jax.models.init import tiny_llama_config
+from horse_jax.models.names import module_names
+
+EXPECTED = {"llama-2-7b", "llama-3-8b", "llama-3.1-8b", "mistral-7b", "gpt-j-6b", "qwen2.5-7b",
+            "deepseek-r1-distill-qwen-7b", "world"}
+
+
+def _config_like(card):
+  """A small config with the card's architecture and depth (sizes do not matter for names)."""
+  return tiny_llama_config(model_type=card["model_type"], num_layers=card["num_layers"],
+                           hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=2,
+                           head_dim=8)
+
+
+def test_all_cards_present_and_valid():
+  cards = load_cards()
+  assert EXPECTED <= set(cards)
+  for name, card in cards.items():
+    known = set(module_names(_config_like(card)))
+    assert card["edit_modules"], name
+    assert all(m in known for m in card["edit_modules"]), name
+    assert card["horen"]["layer"] in known, name
+    assert 0.55 <= card["horen"]["threshold"] <= 0.85, name
+    assert card["dtype"] in ("float32", "bfloat16"), name
+    assert set(card["sharding"]["mesh"]) == {"data", "model"}, name
+
+
+def test_reference_modules():
+  cards = load_cards()
+  assert cards["llama-3-8b"]["edit_modules"] == [f"model.layers.{i}.mlp.down_proj" for i in range(26, 32)]
+  assert cards["gpt-j-6b"]["edit_modules"] == [f"transformer.h.{i}.mlp.fc_out" for i in range(22, 28)]
+  assert cards["qwen2.5-7b"]["edit_modules"] == [f"model.layers.{i}.mlp.down_proj" for i in range(22, 28)]
+  assert cards["llama-3-8b"]["horen"]["layer"] == "model.layers.29.mlp.down_proj"
+  assert cards["qwen2.5-7b"]["horen"]["layer"] == "model.layers.24.mlp.down_proj"
+
+
+def test_lookup_by_folder_name_hf_id_and_card_name():
+  cfg = _config_like(load_cards()["llama-3-8b"])
+  assert card_for("/data/ckpt/Meta-Llama-3-8B", cfg)["name"] == "llama-3-8b"
+  assert card_for("meta-llama/Meta-Llama-3-8B", cfg)["name"] == "llama-3-8b"
+  assert card_for("qwen2.5-7b")["name"] == "qwen2.5-7b"  # no config: explicit name only
+  gptj = _config_like(load_cards()["gpt-j-6b"])
+  assert card_for("/models/gpt-j-6B", gptj)["horen"]["layer"].startswith("transformer.h.")
+
+
+def test_lookup_by_name_or_path_in_config():
+  cfg = _config_like(load_cards()["qwen2.5-7b"])
+  cfg = dataclasses.replace(cfg, hf_config_json=json.dumps({"_name_or_path": "Qwen/Qwen2.5-7B"}))
+  assert card_for("/tmp/anything", cfg)["name"] == "qwen2.5-7b"
+
+
+def test_world_path_matches_world_card():
+  cfg = _config_like(load_cards()["world"])
+  assert card_for("checkpoints/world/model", cfg)["name"] == "world"
+
+
+def test_card_that_does_not_fit_the_model_falls_back_to_defaults():
+  tiny = tiny_llama_config(num_layers=3)
+  card = card_for("/tmp/llama-3-8b", tiny)  # a tiny model in a misleadingly named folder
+  assert card["name"] == "default"
+  assert card["edit_modules"] == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+  assert card["horen"]["layer"] == "model.layers.2.mlp.down_proj"
+
+
+def test_unknown_model_defaults_and_missing_cards_folder(tmp_path):
+  cfg = tiny_llama_config(num_layers=8)
+  card = card_for("/tmp/my-model", cfg)
+  assert card["name"] == "default"
+  assert card["edit_modules"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2, 8)]
+  assert card_for("llama-3-8b", cfg, cards_dir=tmp_path / "none")["name"] == "default"
+  with pytest.raises(UserError, match="no model card"):
+    card_for("/tmp/my-model")
+
+
+def test_returned_card_is_a_copy():
+  card = card_for("llama-3-8b")
+  card["edit_modules"].clear()
+  assert card_for("llama-3-8b")["edit_modules"]
+
+
+def test_cards_live_in_the_repository_models_folder():
+  assert CARDS_DIR.name == "models" and (CARDS_DIR / "llama-3-8b.yaml").is_file()
