@@ -199,3 +199,19 @@ def test_mean_std():
   assert tables.mean_std([0.5, None, 1.0]) == {"mean": 0.75, "std": pytest.approx(np.std([0.5, 1.0], ddof=1)), "n": 2}
   assert tables.mean_std([None]) == {"mean": None, "std": None, "n": 0}
   assert tables.mean_std([0.25])["std"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["horse", "malmen", "horen", "grace"])
+def test_real_editor_adapters(world, tmp_path, method):
+  """The registry's adapters drive the real editors (fresh hypernetwork / empty codebook)."""
+  out = tmp_path / method
+  code = main(["eval", "--model", str(world / "model"), "--data", str(world / "edits.jsonl"), "--method", method,
+               "--n-edits", "1", "3", "--set", "sample=first", "--out", str(out), "--quiet"])
+  assert code == 0
+  cells = json.loads((out / "results.json").read_text())["cells"]
+  timings = {"at_once"} if method in ("horse", "malmen") else {"final", "immediate"}
+  assert {c["timing"] for c in cells} == timings and {c["n_edits"] for c in cells} == {1, 3}
+  if method in ("horen", "grace"):  # a codebook edit is scored right after it is made: ES = 1
+    first = [c for c in cells if c["n_edits"] == 1 and c["timing"] == "immediate"][0]
+    assert first["summary"]["edit_acc"] == 1.0
