@@ -1,0 +1,83 @@
+"""`horse-jax info` and `horse-jax convert`: inspect a checkpoint; re-export it (dtype, sharding).
+
+`convert` loads a Hugging Face checkpoint with horse-jax and writes it back with `save_pretrained`:
+a check that horse-jax reads a checkpoint completely, and a way to change its dtype or file sharding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from horse_jax.errors import UserError
+
+
+def register(sub) -> None:
+  p = sub.add_parser("info", help="show a checkpoint's architecture, size and model card")
+  p.add_argument("model", help="Hugging Face checkpoint folder")
+  p.add_argument("--json", action="store_true", help="print JSON instead of text")
+  p.set_defaults(func=run_info)
+  p = sub.add_parser("convert", help="re-export a checkpoint (change dtype or shard size)")
+  p.add_argument("model", help="Hugging Face checkpoint folder to read")
+  p.add_argument("out", help="output folder (replaced atomically)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                 help="tensor dtype of the output (default: as declared by the input config)")
+  p.add_argument("--max-shard-size", default="5GB",
+                 help="split the weights into files of at most this size, e.g. 2GB, 500MB")
+  p.set_defaults(func=run_convert)
+
+
+def _bytes(text: str) -> int:
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+  if not match:
+    raise UserError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
+  scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[match[2]]
+  return int(float(match[1]) * scale)
+
+
+def _summary(path: str) -> dict:
+  import numpy as np
+  from safetensors import safe_open
+  from horse_jax.models import hf_io, hf_map
+  from horse_jax.models.cards import card_for
+  cfg = hf_io.read_config(path)
+  n_params = sum(int(np.prod(e.shape)) for e in hf_map.entries(cfg))
+  card = card_for(path, cfg)
+  folder = Path(path)
+  files = sorted(p.name for p in folder.glob("*.safetensors"))
+  if not files:
+    raise UserError(f"{folder}: no .safetensors files")
+  with safe_open(str(folder / files[0]), framework="np") as f:
+    stored = f.get_slice(next(iter(f.keys()))).get_dtype() if f.keys() else "?"
+  return {
+      "model_type": cfg.model_type, "layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "heads": cfg.num_heads,
+      "kv_heads": cfg.num_kv_heads, "vocab_size": cfg.vocab_size, "parameters": n_params,
+      "stored_dtype": stored, "files": files, "card": card["name"],
+      "edit_modules": card["edit_modules"], "horen_layer": card["horen"]["layer"],
+      "horen_threshold": card["horen"]["threshold"],
+  }
+
+
+def run_info(args) -> int:
+  info = _summary(args.model)
+  if args.json:
+    print(json.dumps(info, indent=2))
+    return 0
+  for key, value in info.items():
+    print(f"{key:16s} {', '.join(value) if isinstance(value, list) else value}")
+  return 0
+
+
+def run_convert(args) -> int:
+  import jax.numpy as jnp
+  from horse_jax.models import from_pretrained, save_pretrained
+  from horse_jax.models.hf_io import TOKENIZER_FILES
+  limit = _bytes(args.max_shard_size)
+  model = from_pretrained(args.model, dtype=args.dtype or jnp.float32)
+  has_tokenizer = any((Path(args.model) / name).is_file() for name in TOKENIZER_FILES)
+  save_pretrained(model, args.out, tokenizer_src=args.model if has_tokenizer else None,
+                  dtype=args.dtype, max_shard_bytes=limit)
+  print(f"wrote {args.out}")
+  return 0
