@@ -146,28 +146,32 @@ for _name in ("horse", "malmen", "mend"):
 # ---- HoReN / GRACE (horse_jax.editors.codebook) ----
 
 
-def _codebook_layer(ctx: CellContext, options) -> str:
-  layer = (options.get("settings") or {}).get("editor", {}).get("layer")
-  if layer:
-    return layer
+def _codebook_card(ctx: CellContext) -> dict[str, Any]:
+  """`editor.*` defaults from the model card's `horen` entry (layer, threshold, query strategy);
+  without a card the layer is the down-projection of layer round(0.9 L)."""
+  card: dict[str, Any] = {}
   try:
     from horse_jax.models.cards import card_for  # noqa: PLC0415
-    card = card_for(ctx.model_path, ctx.model.config) or {}
-    layer = (card.get("horen") or {}).get("layer")
+    card = dict((card_for(ctx.model_path, ctx.model.config) or {}).get("horen") or {})
   except (ImportError, UserError):
-    layer = None
-  if layer is None:
-    n = ctx.model.config.num_layers
-    layer = f"model.layers.{min(int(round(0.9 * n)), n - 1)}.mlp.down_proj"
-  return layer
+    card = {}
+  from horse_jax.models import names  # noqa: PLC0415
+  cfg = ctx.model.config
+  index = min(int(round(0.9 * cfg.num_layers)), cfg.num_layers - 1)
+  # default_edit_modules(cfg, k) lists the MLP output modules of the last k layers, lowest first.
+  out = {"layer": card.get("layer") or names.default_edit_modules(cfg, cfg.num_layers - index)[0]}
+  if card.get("threshold") is not None:
+    out["hopfield_key_match_threshold"] = float(card["threshold"])
+  if card.get("query_strategy"):
+    out["query_selection_strategy"] = card["query_strategy"]
+  return out
 
 
 def _codebook_start(method: str, ctx: CellContext, options, seed):
   from horse_jax.editors.codebook import settings as settings_lib, state as state_lib  # noqa: PLC0415
   from horse_jax.models import names  # noqa: PLC0415
-  editor = dict((options.get("settings") or {}).get("editor", {}))
-  editor.setdefault("seed", seed)
-  settings = settings_lib.from_editor_dict(method, editor, _codebook_layer(ctx, options))
+  editor = {"seed": seed, **_codebook_card(ctx), **((options.get("settings") or {}).get("editor") or {})}
+  settings = settings_lib.from_editor_dict(method, editor, editor["layer"])
   d_in, d_out = names.get_kernel(ctx.model.params, settings.layer).shape
   return settings, state_lib.init(settings, int(d_in), int(d_out))
 
