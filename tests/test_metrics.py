@@ -91,3 +91,18 @@ def test_random_logits_vs_numpy(seed):
   got = np.asarray(metrics.agreement(pre, post, labels))
   np.testing.assert_allclose(got, reference_agreement(pre, post, labels), rtol=1e-6, equal_nan=True)
   assert np.all(np.isfinite(got[1:]))
+
+
+def test_agreement_with_cached_predictions_matches_agreement():
+  rng = np.random.default_rng(5)
+  b, t, v = 6, 9, 4
+  pre = rng.normal(size=(b, t, v)).astype(np.float32)
+  post = rng.normal(size=(b, t, v)).astype(np.float32)
+  labels = rng.integers(0, v, size=(b, t)).astype(np.int32)
+  labels[rng.random((b, t)) < 0.5] = I
+  labels[2] = I
+  pred = np.asarray(metrics.answer_predictions(pre, labels))
+  want_pred = np.where(labels != I, np.argmax(pre, axis=-1), -1)
+  np.testing.assert_array_equal(pred, want_pred)
+  got = np.asarray(metrics.agreement_with_predictions(pred, post, labels))
+  np.testing.assert_allclose(got, reference_agreement(pre, post, labels), rtol=1e-6, equal_nan=True)

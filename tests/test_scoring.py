@@ -8,7 +8,7 @@ import pytest
 from _eval_helpers import word_tokenizer
 from horse_jax.data.records import EditRecord
 from horse_jax.data.tokenize import tokenize_edit
-from horse_jax.eval.scoring import score_records, write_metrics
+from horse_jax.eval.scoring import PreCache, score_records, write_metrics
 
 WORDS = ("the capital of france is paris rome who wrote hamlet shakespeare marlowe sky colour blue red "
          "green a b c d e f g h i j").split()
@@ -173,3 +173,31 @@ def test_write_metrics(tmp_path, setup):
   assert data["summary"]["edit_acc"] == pytest.approx(scores["summary"]["edit_acc"])
   assert len(data["records"]) == 4
   assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+def test_pre_cache_gives_the_same_scores_and_runs_pre_once(setup):
+  tok, pre, post = setup
+  calls = {"logits": 0, "generate": 0}
+  pre_fn, pre_gen = bigram_logits_fn(pre), bigram_generate_fn(pre)
+
+  def counted_logits(batch):
+    calls["logits"] += 1
+    return pre_fn(batch)
+
+  def counted_generate(ids, mask, n):
+    calls["generate"] += 1
+    return pre_gen(ids, mask, n)
+
+  kwargs = dict(batch_size=2, generate_fn=bigram_generate_fn(post), progress=False)
+  plain = score_records(records(), tok, bigram_logits_fn(post), bigram_logits_fn(pre),
+                        pre_generate_fn=bigram_generate_fn(pre), **kwargs)
+  cache = PreCache()
+  cached = score_records(records(), tok, bigram_logits_fn(post), counted_logits,
+                         pre_generate_fn=counted_generate, pre_cache=cache, **kwargs)
+  assert cached == plain
+  first = dict(calls)
+  assert first["logits"] > 0 and first["generate"] > 0
+  again = score_records(records()[1:3], tok, bigram_logits_fn(post), counted_logits,
+                        pre_generate_fn=counted_generate, pre_cache=cache, **kwargs)
+  assert calls == first  # every pair was cached
+  assert again["records"][0]["loc_agree"] == plain["records"][1]["loc_agree"]

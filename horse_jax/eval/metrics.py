@@ -57,6 +57,32 @@ def agreement(pre_logits_BxTxV: ArrayLike, post_logits_BxTxV: ArrayLike, labels_
 
 
 @jax.jit
+def agreement_with_predictions(pre_pred_BxT: ArrayLike, post_logits_BxTxV: ArrayLike,
+                               labels_BxT: ArrayLike) -> jax.Array:
+  """`agreement` with the pre-edit argmax given as token ids (cached once, reused across edits).
+
+  Args:
+    pre_pred_BxT: argmax of the unedited model's logits (only answer positions are read).
+    post_logits_BxTxV: logits of the edited model.
+    labels_BxT: answer positions are where labels != IGNORE.
+
+  Returns:
+    [B] float32 share of answer positions where argmax(post) == pre_pred (NaN without positions).
+  """
+  labels_BxT = jnp.asarray(labels_BxT)
+  same_BxT = jnp.argmax(post_logits_BxTxV, axis=-1) == jnp.asarray(pre_pred_BxT)
+  return _masked_share(same_BxT, labels_BxT != IGNORE)
+
+
+@jax.jit
+def answer_predictions(logits_BxTxV: ArrayLike, labels_BxT: ArrayLike) -> jax.Array:
+  """argmax of the logits at answer positions, -1 elsewhere ([B, T] int32)."""
+  labels_BxT = jnp.asarray(labels_BxT)
+  pred_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+  return jnp.where(labels_BxT != IGNORE, pred_BxT, -1)
+
+
+@jax.jit
 def generation_accuracy(generated_BxN: ArrayLike, target_ids_BxN: ArrayLike, target_len_B: ArrayLike) -> jax.Array:
   """Token match of greedy generations with targets (HoReN reference).
 

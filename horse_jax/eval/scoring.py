@@ -96,8 +96,25 @@ def _tf_scores_both(post_BxTxV, pre_BxTxV, labels_BxT):
           metrics.agreement(pre_BxTxV, post_BxTxV, labels_BxT))
 
 
-def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size, max_length, progress):
-  """Per-pair (post_acc, pre_acc or None, agree or None) as NumPy float arrays."""
+class PreCache:
+  """Pre-edit results per (prompt, answer) pair, computed once and reused by later calls.
+
+  The unedited model does not change across the cells of a sweep, so its teacher-forced accuracy and
+  answer-position argmax (for loc_agree), and its greedy generations, are computed once per pair.
+  Keys include max_length, which decides the truncation.
+  """
+
+  def __init__(self):
+    self.teacher: dict[tuple, tuple[float, np.ndarray]] = {}
+    self.generated: dict[tuple, tuple[float, np.ndarray]] = {}
+
+
+def _pair_key(pair: _Pair, max_length) -> tuple:
+  return (pair.prompt, pair.answer, max_length)
+
+
+def _tf_jobs(pairs, tokenizer, batch_size, max_length, warn=True):
+  """(chunk of pair indices, right-padded EditBatch) in length buckets; filler rows have no labels."""
   lengths = []
   too_long = 0
   for p in pairs:
@@ -105,28 +122,77 @@ def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
     if max_length is not None and len(ids) > max_length:
       too_long += 1
     lengths.append(min(len(ids), max_length) if max_length is not None else len(ids))
-  if too_long:
+  if too_long and warn:
     warnings.warn(f"{too_long} prompt+answer pair(s) longer than max_length={max_length} tokens were "
-                  "truncated on the left (prompt start dropped)", stacklevel=3)
+                  "truncated on the left (prompt start dropped)", stacklevel=4)
   buckets: dict[int, list[int]] = {}
   for j, n in enumerate(lengths):
     buckets.setdefault(bucket_length(n), []).append(j)
-  jobs = [(length, chunk) for length, idx in sorted(buckets.items()) for chunk in _chunks(idx, batch_size)]
   pad_id = _pad_id(tokenizer)
+  for length, idx in sorted(buckets.items()):
+    for chunk in _chunks(idx, batch_size):
+      rows = _fill(chunk, batch_size)
+      batch = tokenize_edits(tokenizer, [pairs[j].prompt for j in rows], [pairs[j].answer for j in rows],
+                             pad_to=length, max_length=max_length, pad_id=pad_id)
+      labels = batch.labels.copy()
+      labels[len(chunk):] = IGNORE  # filler rows score nothing
+      yield chunk, batch._replace(labels=labels)
+
+
+@jax.jit
+def _tf_pre_pass(pre_BxTxV, labels_BxT):
+  return metrics.token_accuracy(pre_BxTxV, labels_BxT), metrics.answer_predictions(pre_BxTxV, labels_BxT)
+
+
+@jax.jit
+def _tf_post_with_pred(post_BxTxV, pre_pred_BxT, labels_BxT):
+  return (metrics.token_accuracy(post_BxTxV, labels_BxT),
+          metrics.agreement_with_predictions(pre_pred_BxT, post_BxTxV, labels_BxT))
+
+
+def _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cache: PreCache, progress):
+  """Runs the unedited model on the pairs the cache lacks (each distinct pair once)."""
+  missing, seen = [], set()
+  for p in pairs:
+    key = _pair_key(p, max_length)
+    if key not in cache.teacher and key not in seen:
+      seen.add(key)
+      missing.append(p)
+  if not missing:
+    return
   results = []
-  for length, chunk in tqdm(jobs, desc="scoring (teacher-forced)", unit="batch", disable=not progress,
-                            leave=False):
-    rows = _fill(chunk, batch_size)
-    batch = tokenize_edits(tokenizer, [pairs[j].prompt for j in rows], [pairs[j].answer for j in rows],
-                           pad_to=length, max_length=max_length, pad_id=pad_id)
-    labels = batch.labels.copy()
-    labels[len(chunk):] = IGNORE  # filler rows score nothing
-    batch = batch._replace(labels=labels)
+  jobs = list(_tf_jobs(missing, tokenizer, batch_size, max_length, warn=False))
+  for chunk, batch in tqdm(jobs, desc="scoring (pre-edit)", unit="batch",
+                           disable=not progress, leave=False):
+    results.append((chunk, batch.labels, _tf_pre_pass(pre_logits_fn(batch), batch.labels)))
+  for chunk, labels, (acc, pred) in jax.device_get(results):
+    for row, j in enumerate(chunk):
+      cache.teacher[_pair_key(missing[j], max_length)] = (float(acc[row]), pred[row][labels[row] != IGNORE])
+
+
+def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size, max_length, progress,
+                    cache: PreCache | None = None):
+  """Per-pair (post_acc, pre_acc or None, agree or None) as NumPy float arrays."""
+  if pre_logits_fn is not None and cache is not None:
+    _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cache, progress)
+  results = []
+  jobs = list(_tf_jobs(pairs, tokenizer, batch_size, max_length))
+  for chunk, batch in tqdm(jobs, desc="scoring (teacher-forced)", unit="batch",
+                           disable=not progress, leave=False):
     post = post_logits_fn(batch)
     if pre_logits_fn is None:
       results.append((chunk, _tf_scores_post(post, batch.labels), None, None))
-    else:
+    elif cache is None:
       results.append((chunk, *_tf_scores_both(post, pre_logits_fn(batch), batch.labels)))
+    else:
+      pre_pred = np.full(batch.labels.shape, -1, np.int32)
+      pre_acc = np.full(batch.labels.shape[0], np.nan, np.float32)
+      for row, j in enumerate(chunk):
+        acc, pred = cache.teacher[_pair_key(pairs[j], max_length)]
+        pre_pred[row, batch.labels[row] != IGNORE] = pred
+        pre_acc[row] = acc
+      post_acc, agree = _tf_post_with_pred(post, pre_pred, batch.labels)
+      results.append((chunk, post_acc, pre_acc, agree))
   n = len(pairs)
   post_acc = np.full(n, np.nan)
   pre_acc = np.full(n, np.nan) if pre_logits_fn is not None else None
@@ -140,9 +206,7 @@ def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
   return post_acc, pre_acc, agree
 
 
-def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_length, progress):
-  """Per-pair (post gen acc, pre gen acc or None, post-vs-pre agreement or None)."""
-  pad_id = _pad_id(tokenizer)
+def _gen_inputs(pairs, tokenizer, max_length):
   prompts, answers = [], []
   for p in pairs:
     prompt_ids = list(tokenizer(p.prompt)["input_ids"])
@@ -151,32 +215,75 @@ def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_
       prompt_ids = prompt_ids[-max(max_length - len(answer_ids), 1):]
     prompts.append(prompt_ids)
     answers.append(answer_ids)
+  return prompts, answers
+
+
+def _gen_jobs(pairs, tokenizer, batch_size, max_length):
+  """(chunk, left-padded ids, mask, target ids, target lengths, new tokens) per generation call."""
+  pad_id = _pad_id(tokenizer)
+  prompts, answers = _gen_inputs(pairs, tokenizer, max_length)
   buckets: dict[tuple[int, int], list[int]] = {}
   for j in range(len(pairs)):
     key = (bucket_length(len(prompts[j])), bucket_length(len(answers[j]), minimum=4))
     buckets.setdefault(key, []).append(j)
-  jobs = [(key, chunk) for key, idx in sorted(buckets.items()) for chunk in _chunks(idx, batch_size)]
+  for (length, new), idx in sorted(buckets.items()):
+    for chunk in _chunks(idx, batch_size):
+      rows = _fill(chunk, batch_size)
+      ids = np.full((batch_size, length), pad_id, np.int32)
+      mask = np.zeros((batch_size, length), np.int32)
+      target = np.full((batch_size, new), -1, np.int32)
+      target_len = np.zeros((batch_size,), np.int32)
+      for b, j in enumerate(rows):
+        ids[b, length - len(prompts[j]):] = prompts[j]  # left-padded
+        mask[b, length - len(prompts[j]):] = 1
+        target[b, :len(answers[j])] = answers[j]
+        target_len[b] = len(answers[j]) if b < len(chunk) else 0
+      yield chunk, ids, mask, target, target_len, new
+
+
+def _generate(fn, ids, mask, new):
+  return jnp.asarray(fn(ids, mask, new))[:, :new]
+
+
+def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_length, progress,
+                cache: PreCache | None = None):
+  """Per-pair (post gen acc, pre gen acc or None, post-vs-pre agreement or None)."""
+  if pre_generate_fn is not None and cache is not None:
+    missing, seen = [], set()
+    for p in pairs:
+      key = _pair_key(p, max_length)
+      if key not in cache.generated and key not in seen:
+        seen.add(key)
+        missing.append(p)
+    done = []
+    for chunk, ids, mask, target, target_len, new in tqdm(
+        list(_gen_jobs(missing, tokenizer, batch_size, max_length)),
+        desc="generation (pre-edit)", unit="batch", disable=not progress or not missing, leave=False):
+      pre = _generate(pre_generate_fn, ids, mask, new)
+      done.append((chunk, target_len, pre, metrics.generation_accuracy(pre, target, target_len)))
+    for chunk, target_len, pre, acc in jax.device_get(done):
+      for row, j in enumerate(chunk):
+        cache.generated[_pair_key(missing[j], max_length)] = (float(acc[row]), pre[row, :target_len[row]])
   results = []
-  for (length, new), chunk in tqdm(jobs, desc="scoring (generation)", unit="batch", disable=not progress,
-                                   leave=False):
-    rows = _fill(chunk, batch_size)
-    ids = np.full((batch_size, length), pad_id, np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    target = np.full((batch_size, new), -1, np.int32)
-    target_len = np.zeros((batch_size,), np.int32)
-    for b, j in enumerate(rows):
-      ids[b, length - len(prompts[j]):] = prompts[j]  # left-padded
-      mask[b, length - len(prompts[j]):] = 1
-      target[b, :len(answers[j])] = answers[j]
-      target_len[b] = len(answers[j]) if b < len(chunk) else 0
-    post = jnp.asarray(generate_fn(ids, mask, new))[:, :new]
+  for chunk, ids, mask, target, target_len, new in tqdm(
+      list(_gen_jobs(pairs, tokenizer, batch_size, max_length)),
+      desc="scoring (generation)", unit="batch", disable=not progress, leave=False):
+    post = _generate(generate_fn, ids, mask, new)
     post_acc = metrics.generation_accuracy(post, target, target_len)
     if pre_generate_fn is None:
       results.append((chunk, post_acc, None, None))
-    else:
-      pre = jnp.asarray(pre_generate_fn(ids, mask, new))[:, :new]
+    elif cache is None:
+      pre = _generate(pre_generate_fn, ids, mask, new)
       results.append((chunk, post_acc, metrics.generation_accuracy(pre, target, target_len),
                       metrics.generation_accuracy(post, pre, target_len)))
+    else:
+      pre = np.full(target.shape, -1, np.int32)
+      pre_acc = np.full(target.shape[0], np.nan, np.float32)
+      for row, j in enumerate(chunk):
+        acc, tokens = cache.generated[_pair_key(pairs[j], max_length)]
+        pre[row, :len(tokens)] = tokens
+        pre_acc[row] = acc
+      results.append((chunk, post_acc, pre_acc, metrics.generation_accuracy(post, pre, target_len)))
   n = len(pairs)
   post_acc = np.full(n, np.nan)
   pre_acc = np.full(n, np.nan) if pre_generate_fn is not None else None
@@ -225,7 +332,8 @@ def _overall(summary: dict[str, Any], prefix: str) -> None:
 def score_records(records: Sequence[EditRecord], tokenizer, post_logits_fn: LogitsFn,
                   pre_logits_fn: LogitsFn | None = None, *, batch_size: int = 64,
                   generate_fn: GenerateFn | None = None, pre_generate_fn: GenerateFn | None = None,
-                  max_length: int | None = None, progress: bool = True) -> dict[str, Any]:
+                  max_length: int | None = None, progress: bool = True,
+                  pre_cache: PreCache | None = None) -> dict[str, Any]:
   """Scores records with the edited model (and the unedited one when given).
 
   Args:
@@ -240,6 +348,8 @@ def score_records(records: Sequence[EditRecord], tokenizer, post_logits_fn: Logi
     pre_generate_fn: the same for the unedited model; enables gen_loc_agree and pre_gen_*.
     max_length: the model's context limit; longer pairs lose their prompt start, with a warning.
     progress: show tqdm bars.
+    pre_cache: a `PreCache` shared by calls that score the same unedited model (a sweep): each pair's
+      pre-edit results are computed once. Scores are the same with or without it.
 
   Returns:
     {"summary": {...}, "records": [per-record dict, ...]} as described in the module docstring.
@@ -253,14 +363,14 @@ def score_records(records: Sequence[EditRecord], tokenizer, post_logits_fn: Logi
       for i, r in enumerate(records)]
 
   post, pre, agree = _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
-                                     max_length, progress)
+                                     max_length, progress, pre_cache)
   _collect(per_record, pairs, post, {k: v[0] for k, v in _TF_KEYS.items()})
   if pre is not None:
     _collect(per_record, pairs, pre, {k: v[1] for k, v in _TF_KEYS.items()})
     _collect(per_record, pairs, agree, {"loc": "loc_agree"})
   if generate_fn is not None:
     post, pre, agree = _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size,
-                                   max_length, progress)
+                                   max_length, progress, pre_cache)
     _collect(per_record, pairs, post, {k: v[0] for k, v in _GEN_KEYS.items()})
     if pre is not None:
       _collect(per_record, pairs, pre, {k: v[1] for k, v in _GEN_KEYS.items()})

@@ -27,7 +27,7 @@ from horse_jax import config as config_lib
 from horse_jax.errors import UserError
 from horse_jax.eval import methods as methods_lib
 from horse_jax.eval import plots, tables
-from horse_jax.eval.scoring import score_records, summarize, write_metrics
+from horse_jax.eval.scoring import PreCache, score_records, summarize, write_metrics
 from horse_jax.io import atomic_write_json, atomic_write_text
 
 DEFAULTS: dict[str, Any] = {
@@ -179,12 +179,14 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     max_length = ev["max_length"] or getattr(model.config, "max_position_embeddings", None)
     pre_logits = make_logits(model)
     pre_generate = make_generate(model) if make_generate else None
+    pre_cache = PreCache()  # the unedited model's results per pair, shared by every cell of this model
 
     def score(records, post_logits_fn, post_generate_fn=None, batch_size=None):
       return score_records(records, tokenizer, post_logits_fn, pre_logits,
                            batch_size=int(batch_size or ev["batch_size"]),
                            generate_fn=post_generate_fn if make_generate else None,
-                           pre_generate_fn=pre_generate, max_length=max_length, progress=progress)
+                           pre_generate_fn=pre_generate, max_length=max_length, progress=progress,
+                           pre_cache=pre_cache)
 
     ctx = methods_lib.CellContext(model=model, tokenizer=tokenizer, score=score, logits_fn=make_logits,
                                   generate_fn=make_generate, model_path=model_path, progress=progress)
