@@ -49,12 +49,23 @@ def resolve_settings(method: str, model_path: str, model, config_file, overrides
   return config_lib.resolve(defaults, config_file, overrides)
 
 
+def card_dtype(path: str) -> str | None:
+  """The LM dtype the model card asks for (None when there is no card)."""
+  try:
+    from horse_jax.models import read_config
+    from horse_jax.models.cards import card_for
+    return card_for(path, read_config(path)).get("dtype")
+  except (ModuleNotFoundError, UserError):
+    return None
+
+
 def load_model(path: str, dtype: str | None = None):
-  """(model, tokenizer) from a Hugging Face folder."""
+  """(model, tokenizer) from a Hugging Face folder; dtype default float32."""
   from horse_jax.models import from_pretrained, load_tokenizer
   if not os.path.isdir(path):
     raise UserError(f"--model {path!r}: folder not found")
-  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, None: jnp.float32}[dtype]
+  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+        None: jnp.float32}.get(dtype, jnp.float32)
   return from_pretrained(path, dtype=dt), load_tokenizer(path)
 
 
@@ -105,7 +116,7 @@ def run(args) -> int:
   from horse_jax.models import save_pretrained
   import safetensors.numpy
 
-  model, tokenizer = load_model(args.model, args.dtype)
+  model, tokenizer = load_model(args.model, args.dtype or card_dtype(args.model))
   settings = resolve_settings(args.method, args.model, model, args.config, args.overrides)
   records = load_records(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
   if not records:

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from horse_jax.cli.edit_hypernet import load_model, logits_fn, resolve_settings
+from horse_jax.cli.edit_hypernet import card_dtype, load_model, logits_fn, resolve_settings
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
 from horse_jax.errors import UserError
@@ -33,7 +33,8 @@ def register(sub) -> None:
   p.add_argument("--config", default=None, help="reference-style YAML settings")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a setting, e.g. --set data.n_edits=64 (repeatable)")
-  p.add_argument("--steps", type=int, default=100, help="meta-training steps in total")
+  p.add_argument("--steps", type=int, default=None,
+                 help="meta-training steps in total (default editor.n_epochs passes over --data)")
   p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
   p.add_argument("--valid-every", type=int, default=None, help="validate every K steps (default --save-every)")
   p.add_argument("--valid-n", type=int, default=None, help="validation edits at once (default data.n_edits)")
@@ -81,9 +82,9 @@ def run(args) -> int:
   from tqdm import tqdm
   from horse_jax.data.loaders import load_records
 
-  if args.steps < 1 or args.save_every < 1:
+  if (args.steps is not None and args.steps < 1) or args.save_every < 1:
     raise UserError("--steps and --save-every must be >= 1")
-  model, tokenizer = load_model(args.model)
+  model, tokenizer = load_model(args.model, card_dtype(args.model))
   settings = resolve_settings(args.method, args.model, model, args.config, args.overrides)
   cfg = hypernet.from_settings(args.method, settings, model)
   max_length = settings["data"].get("max_length")
@@ -91,6 +92,8 @@ def run(args) -> int:
   n_edits = int(settings["data"]["n_edits"])
   if n_edits > len(train):
     raise UserError(f"data.n_edits={n_edits} exceeds the {len(train)} records of {args.data}")
+  if args.steps is None:
+    args.steps = max(int(settings["editor"]["n_epochs"]) * (-(-len(train) // n_edits)), 1)
   valid = load_records(args.valid, limit=args.valid_n or n_edits) if args.valid else []
   valid_every = args.valid_every or args.save_every
 
