@@ -154,3 +154,17 @@ def test_failed_export_leaves_the_old_folder_intact(tiny_hf, tmp_path, monkeypat
     save_pretrained(model, tmp_path / "out")
   assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
   assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp folders left behind
+
+
+def test_gpt2_legacy_names_and_buffers(tiny_hf, tmp_path):
+  """Old GPT-2 files: no `transformer.` prefix, causal-mask buffers stored; both handled."""
+  _, folder = tiny_hf("gpt2")
+  tensors = load_file(str(folder / "model.safetensors"))
+  legacy = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+  legacy["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+  legacy["h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+  out = tmp_path / "legacy"
+  out.mkdir()
+  save_file(legacy, str(out / "model.safetensors"))
+  (out / "config.json").write_text((folder / "config.json").read_text())
+  _assert_trees_equal(from_pretrained(folder).params, from_pretrained(out).params)
