@@ -139,3 +139,11 @@ def test_cli_error_subprocess_has_no_traceback(tmp_path):
   assert "Traceback" not in proc.stderr
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and "nope" in lines[0]
+
+
+def test_unsupported_activation(checkpoint):
+  hf = json.loads((checkpoint / "config.json").read_text())
+  hf["hidden_act"] = "swish_of_doom"
+  (checkpoint / "config.json").write_text(json.dumps(hf))
+  with pytest.raises(UserError, match="unsupported activation 'swish_of_doom'"):
+    from_pretrained(checkpoint)

@@ -92,6 +92,23 @@ def _require(hf: dict[str, Any], key: str, source: str) -> Any:
   return hf[key]
 
 
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu")
+
+
+def _check_unsupported(hf: dict[str, Any], model_type: str, source: str) -> None:
+  """Rejects config options the forward pass does not implement (instead of silently differing)."""
+  act = hf.get("hidden_act", hf.get("activation_function"))
+  if act is not None and act not in SUPPORTED_ACTIVATIONS:
+    raise UserError(f"{source}: unsupported activation {act!r} "
+                    f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+  if model_type == "gpt2":
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+      raise UserError(f"{source}: GPT-2 options scale_attn_by_inverse_layer_idx / "
+                      "reorder_and_upcast_attn are not supported")
+    if hf.get("scale_attn_weights", True) is False:
+      raise UserError(f"{source}: GPT-2 option scale_attn_weights=false is not supported")
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
   """Builds a ModelConfig from a Hugging Face config dict.
 
@@ -109,6 +126,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise UserError(f"{source}: unsupported model_type {model_type!r} "
                     f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+  _check_unsupported(hf, model_type, source)
   raw = json.dumps(hf, sort_keys=True)
   eos = hf.get("eos_token_id")
   common = dict(
