@@ -147,3 +147,13 @@ def test_unsupported_activation(checkpoint):
   (checkpoint / "config.json").write_text(json.dumps(hf))
   with pytest.raises(UserError, match="unsupported activation 'swish_of_doom'"):
     from_pretrained(checkpoint)
+
+
+def test_per_layer_sliding_window_is_rejected():
+  from horse_jax.models.config import config_from_hf
+  base = dict(model_type="qwen2", vocab_size=10, hidden_size=8, intermediate_size=8,
+              num_hidden_layers=4, num_attention_heads=2, sliding_window=8, use_sliding_window=True)
+  assert config_from_hf(dict(base, max_window_layers=0)).sliding_window == 8
+  assert config_from_hf(dict(base, max_window_layers=4)).sliding_window is None
+  with pytest.raises(UserError, match="sliding window on some layers only"):
+    config_from_hf(dict(base, max_window_layers=2))

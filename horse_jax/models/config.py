@@ -86,6 +86,26 @@ def _rope(hf: dict[str, Any]) -> tuple[float, tuple | None]:
   return theta, _freeze(scaling) if scaling else None
 
 
+def _sliding_window(hf: dict[str, Any], model_type: str, num_layers: int, source: str) -> int | None:
+  """One window for all layers, or None; a per-layer mix (Qwen2 max_window_layers) is rejected."""
+  window = hf.get("sliding_window")
+  if model_type == "qwen2":
+    if not hf.get("use_sliding_window", False):
+      return None
+    kinds = hf.get("layer_types") or [
+        "sliding_attention" if i >= int(hf.get("max_window_layers", num_layers)) else "full_attention"
+        for i in range(num_layers)]
+  else:
+    kinds = hf.get("layer_types") or ["sliding_attention" if window else "full_attention"]
+  kinds = set(kinds)
+  if kinds == {"full_attention"}:
+    return None
+  if kinds != {"sliding_attention"} or not window:
+    raise UserError(f"{source}: sliding window on some layers only (layer_types / "
+                    "max_window_layers) is not supported")
+  return int(window)
+
+
 def _require(hf: dict[str, Any], key: str, source: str) -> Any:
   if key not in hf:
     raise UserError(f"{source}: config field {key!r} is missing")
@@ -141,9 +161,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     hidden = int(_require(hf, "hidden_size", source))
     heads = int(_require(hf, "num_attention_heads", source))
     theta, scaling = _rope(hf)
-    window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-      window = None
+    window = _sliding_window(hf, model_type, int(_require(hf, "num_hidden_layers", source)), source)
     return ModelConfig(
         **common,
         hidden_size=hidden,
