@@ -69,11 +69,15 @@ def load_model(path: str, dtype: str | None = None):
   return from_pretrained(path, dtype=dt), load_tokenizer(path)
 
 
-def logits_fn(model):
-  """EditBatch -> logits, jitted once per shape."""
+@jax.jit
+def _logits(model, input_ids, attention_mask):
   from horse_jax.models import apply
-  fn = jax.jit(lambda m, ids, mask: apply(m, ids, mask))
-  return lambda batch: fn(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+  return apply(model, input_ids, attention_mask)
+
+
+def logits_fn(model):
+  """EditBatch -> logits (one compile per shape, shared by every model with the same config)."""
+  return lambda batch: _logits(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
 
 
 def hf_deltas(original, edited, modules) -> dict[str, np.ndarray]:
