@@ -17,6 +17,7 @@ PANELS = (("edit_acc", "Edit success (ES)"), ("rephrase_acc", "Generalization (G
           ("gen_edit_acc", "Generation ES"), ("gen_rephrase_acc", "Generation GS"),
           ("gen_loc_agree", "Generation locality (agreement)"), ("gen_overall", "Generation overall"))
 _STYLE = {"at_once": "-", "final": "-", "immediate": "--"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _slug(text: str) -> str:
@@ -43,9 +44,11 @@ def plot_group(rows: Sequence[Mapping[str, Any]], title: str):
   lines: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
   for r in rows:
     lines.setdefault((r["method"], r["timing"]), []).append(r)
-  colors = {}
+  colors, markers = {}, {}
   for method, _ in lines:
     colors.setdefault(method, f"C{len(colors) % 10}")
+    # Distinct markers (drawn smaller for later methods) keep coinciding lines visible.
+    markers.setdefault(method, (_MARKERS[len(markers) % len(_MARKERS)], max(7 - len(markers), 3)))
   all_n = sorted({r["n_edits"] for r in rows})
   for ax, (key, panel_title) in zip(axes.flat, panels):
     for (method, timing), pts in lines.items():
@@ -55,7 +58,8 @@ def plot_group(rows: Sequence[Mapping[str, Any]], title: str):
       label = method if timing == "at_once" else f"{method} ({timing})"
       ax.errorbar([p["n_edits"] for p in pts], [p[key]["mean"] for p in pts],
                   yerr=[p[key]["std"] or 0.0 for p in pts], label=label, color=colors[method],
-                  linestyle=_STYLE.get(timing, "-"), marker="o", markersize=4, capsize=3)
+                  linestyle=_STYLE.get(timing, "-"), marker=markers[method][0],
+                  markersize=markers[method][1], capsize=3, alpha=0.9)
     ax.set_xscale("log")
     if all_n:
       ax.set_xlim(all_n[0] / 1.6, all_n[-1] * 1.6)
@@ -70,9 +74,13 @@ def plot_group(rows: Sequence[Mapping[str, Any]], title: str):
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1, frameon=False)
+  ncol = min(len(labels), 4) or 1
+  legend_rows = math.ceil(len(labels) / ncol)
+  height = fig.get_size_inches()[1]
+  bottom = min((0.3 * legend_rows + 0.25) / height, 0.4)  # room for the legend below the panels
+  fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
   fig.suptitle(title, fontsize=11)
-  fig.tight_layout(rect=(0, 0.08 if nrows == 1 else 0.05, 1, 0.95))
+  fig.tight_layout(rect=(0, bottom, 1, 0.95))
   return fig
 
 
