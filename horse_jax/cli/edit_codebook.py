@@ -92,7 +92,8 @@ def run(args) -> int:
   editor = dict(settings_tree["editor"])
   if not args.codebook and not any(o.startswith("editor.seed=") for o in args.overrides):
     editor["seed"] = args.seed
-  settings = settings_lib.from_editor_dict(args.method, editor, editor["layer"])
+  settings = settings_lib.from_editor_dict(args.method, editor,
+                                           editor["layer"] or default_layer(args.model, model)["layer"])
   d_in, d_out = (int(n) for n in names.get_kernel(model.params, settings.layer).shape)
   if book is None:
     book = state_lib.init(settings, d_in, d_out)
