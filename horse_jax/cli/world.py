@@ -1,0 +1,61 @@
+"""`horse-jax world`: build (or describe) the embedded default world and its pre-trained model.
+
+  horse-jax world build [--out DIR] [--seed S]   regenerate data + tokenizer + model from a seed
+  horse-jax world info [--dir DIR]               sizes and accuracies of a built world
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from horse_jax.errors import UserError
+
+
+def register(sub) -> None:
+  p = sub.add_parser("world", help="build or describe the embedded default world (synthetic facts + small Llama)")
+  wsub = p.add_subparsers(dest="world_command", metavar="ACTION")
+  b = wsub.add_parser("build", help="generate the world, train its tokenizer and pre-train its model")
+  b.add_argument("--out", default=os.path.join("checkpoints", "world"),
+                 help="output folder (default checkpoints/world, the shipped copy)")
+  b.add_argument("--seed", type=int, default=0, help="world, tokenizer-data and model seed")
+  b.add_argument("--steps", type=int, default=None, help="pre-training steps (default from PretrainConfig)")
+  b.add_argument("--eval-every", type=int, default=500,
+                 help="log sample accuracies every N steps (0: never)")
+  b.set_defaults(func=run_build)
+  i = wsub.add_parser("info", help="print the sizes and accuracies of a built world")
+  i.add_argument("--dir", default=None, help="world folder (default: the shipped checkpoints/world)")
+  i.set_defaults(func=run_info)
+  p.set_defaults(func=lambda args: p.print_help() or 1)
+
+
+def run_build(args) -> int:
+  import dataclasses
+
+  from horse_jax.world import build, pretrain
+  cfg = pretrain.PretrainConfig()
+  if args.steps is not None:
+    if args.steps < 1:
+      raise UserError("--steps must be positive")
+    cfg = dataclasses.replace(cfg, steps=args.steps)
+  build.build(args.out, seed=args.seed, cfg=cfg, eval_every=args.eval_every)
+  print(f"wrote {args.out}")
+  return 0
+
+
+def run_info(args) -> int:
+  from horse_jax.world.build import default_world_dir
+  folder = args.dir or default_world_dir()
+  path = os.path.join(folder, "world.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} does not exist (build it with `horse-jax world build --out {folder}`)")
+  with open(path) as f:
+    report = json.load(f)
+  print(f"world: {folder}  seed {report['seed']}  subjects {report['world']['n_subjects']}")
+  print(f"model: {report['n_params']:,} params, {report['model_bytes'] / 1e6:.1f} MB, vocab "
+        f"{report['vocab_size']}, built in {report['build_wall_s']:.0f}s wall / "
+        f"{report['build_cpu_s']:.0f}s CPU")
+  for name, acc in report["accuracy"].items():
+    print(f"  {name:32s} n={acc['n']:6d} full_answer={acc['full_answer_acc']:.4f} "
+          f"token={acc['token_acc']:.4f} greedy={acc['greedy_exact']:.4f}")
+  return 0
