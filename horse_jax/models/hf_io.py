@@ -155,9 +155,17 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
       if mesh is None:
         value = jnp.asarray(_read(slice_, entry, None, np_dtype))
       else:
+        # Devices holding the same block (replicas over `data`) share one read.
+        blocks: dict = {}
+
+        def read_block(index, s=slice_, e=entry, blocks=blocks):
+          key = tuple((i.start, i.stop, i.step) for i in index)
+          if key not in blocks:
+            blocks[key] = _read(s, e, index, np_dtype)
+          return blocks[key]
+
         value = jax.make_array_from_callback(
-            entry.shape, sharding.sharding_for(entry.path, entry.shape, mesh),
-            lambda index, s=slice_, e=entry: _read(s, e, index, np_dtype))
+            entry.shape, sharding.sharding_for(entry.path, entry.shape, mesh), read_block)
       hf_map.set_path(params, entry.path, value)
   return Model(params, cfg)
 
