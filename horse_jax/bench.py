@@ -1,0 +1,180 @@
+"""Benchmarks of the hot paths, written as markdown tables (never asserted in tests).
+
+Each benchmark is a function `(world) -> list of row dicts`; `run(names, ...)` times them after a
+warm-up call (so compile time is reported separately from steady-state time) and returns the rows.
+Shapes default to what fits a 2-core CPU in about a minute; `reference=True` adds reference-scale
+shapes (Llama-3-8B down_proj: d_k 14336, 11008 for Llama-2) that need an accelerator.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, float]:
+  """(first-call seconds incl. compile, best steady-state seconds)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - start
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return first, best
+
+
+def bench_forward(world, reference=False):
+  """Teacher-forced forward of the world model (the evaluation hot path)."""
+  from horse_jax.models import apply
+  model = world["model"]
+  fwd = jax.jit(apply)
+  rows = []
+  for b, t in ((64, 32), (256, 32)):
+    ids = jnp.ones((b, t), jnp.int32)
+    first, best = _timed(lambda: fwd(model, ids))
+    rows.append({"benchmark": "forward", "shape": f"B={b} T={t}", "first_s": first, "steady_s": best,
+                 "throughput": f"{b * t / best:,.0f} tokens/s"})
+  return rows
+
+
+def bench_generate(world, reference=False):
+  """Greedy decoding with the KV cache."""
+  from horse_jax.models import generate
+  model = world["model"]
+  rows = []
+  for b, new in ((32, 16),):
+    ids = jnp.ones((b, 16), jnp.int32)
+    first, best = _timed(lambda: generate(model, ids, None, new))
+    rows.append({"benchmark": "generate", "shape": f"B={b} prompt=16 new={new}", "first_s": first,
+                 "steady_s": best, "throughput": f"{b * new / best:,.0f} new tokens/s"})
+  return rows
+
+
+def bench_ridge_solve(world, reference=False):
+  """The closed-form shift S = (K^T K + e^lamda I)^{-1} K^T D (Cholesky, float32)."""
+  from horse_jax.editors.hypernet.shifts import ridge_solve
+  solve = jax.jit(ridge_solve)
+  shapes = [(2048, 384, 128), (16384, 2048, 512)]
+  if reference:
+    shapes.append((16384, 11008, 4096))
+  rows = []
+  for r, k, v in shapes:
+    keys = jax.random.normal(jax.random.PRNGKey(0), (r, k), jnp.float32)
+    diffs = jax.random.normal(jax.random.PRNGKey(1), (r, v), jnp.float32)
+    first, best = _timed(lambda: solve(keys, diffs, jnp.float32(0.0)), repeats=2)
+    flops = 2 * r * k * k + k ** 3 / 3 + 2 * r * k * v + 2 * k * k * v
+    rows.append({"benchmark": "ridge_solve", "shape": f"rows={r} d_k={k} d_v={v}", "first_s": first,
+                 "steady_s": best, "throughput": f"{flops / best / 1e9:,.1f} GFLOP/s"})
+  return rows
+
+
+def bench_hopfield(world, reference=False):
+  """Batched damped-Hopfield retrieval (vmapped over queries) against a codebook."""
+  from horse_jax.editors.codebook.retrieval import retrieve_batch
+  fn = jax.jit(lambda q, keys, count: retrieve_batch(q, keys, count, alpha=0.1, beta=20.0, eps=1e-5,
+                                                    max_iter=1, threshold=0.7, normalize=True).index)
+  rows = []
+  sizes = (1024, 16384, 65536)
+  for c in sizes:
+    keys = jax.random.normal(jax.random.PRNGKey(0), (c, 384), jnp.float32)
+    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
+    q = keys[:256] + 0.01
+    first, best = _timed(lambda: fn(q, keys, jnp.int32(c)))
+    rows.append({"benchmark": "hopfield_retrieval", "shape": f"queries=256 keys={c} d=384",
+                 "first_s": first, "steady_s": best, "throughput": f"{256 / best:,.0f} queries/s"})
+  return rows
+
+
+def bench_horse_edit(world, reference=False):
+  """HORSE: cache keys/value gradients, predict shifts and solve for N world edits at once."""
+  from horse_jax.editors import hypernet
+  from horse_jax.eval import methods as methods_lib
+  model, tok, records = world["model"], world["tokenizer"], world["records"]
+  ctx = methods_lib.CellContext(model=model, tokenizer=tok, score=None, logits_fn=None,
+                                generate_fn=None, model_path=world["model_path"], progress=False)
+  cfg, state = methods_lib._hypernet_editor(hypernet, "horse", ctx, {"name": "horse"}, 0)
+  rows = []
+  for n in (100, 1000):
+    batches = hypernet.edit_batches(tok, records[:n], cfg.lm_batch)
+    first, best = _timed(lambda: hypernet.edit(state, model, cfg, batches)[0], repeats=1)
+    rows.append({"benchmark": "horse_edit", "shape": f"N={n} edits at once", "first_s": first,
+                 "steady_s": best, "throughput": f"{n / best:,.0f} edits/s"})
+  return rows
+
+
+def bench_horen_edit(world, reference=False):
+  """HoReN: sequential edits (n_iter Adam steps each, layers from the wrapped one upward)."""
+  from horse_jax.eval import methods as methods_lib
+  model, tok, records = world["model"], world["tokenizer"], world["records"]
+  ctx = methods_lib.CellContext(model=model, tokenizer=tok, score=None, logits_fn=None,
+                                generate_fn=None, model_path=world["model_path"], progress=False)
+  method = methods_lib.SEQUENTIAL["horen"]
+  state = method.start(ctx, {"name": "horen"}, 0)
+  n_warm, n = 20, 100
+  start = time.perf_counter()
+  for record in records[:n_warm]:
+    state = method.edit(ctx, state, record)
+  jax.block_until_ready(state[1])
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  for record in records[n_warm:n_warm + n]:
+    state = method.edit(ctx, state, record)
+  jax.block_until_ready(state[1])
+  steady = time.perf_counter() - start
+  return [{"benchmark": "horen_edit", "shape": f"{n} sequential edits (after {n_warm} warm-up)",
+           "first_s": first, "steady_s": steady, "throughput": f"{n / steady:,.1f} edits/s"}]
+
+
+BENCHMARKS = {
+    "forward": bench_forward,
+    "generate": bench_generate,
+    "ridge_solve": bench_ridge_solve,
+    "hopfield": bench_hopfield,
+    "horse_edit": bench_horse_edit,
+    "horen_edit": bench_horen_edit,
+}
+
+
+def load_world(world_dir: str | None = None, n_records: int = 1000) -> dict[str, Any]:
+  """The embedded world model, tokenizer and test records used by the benchmarks."""
+  import os
+  from horse_jax.data.loaders import load_records
+  from horse_jax.models import from_pretrained, load_tokenizer
+  from horse_jax.world.build import default_world_dir
+  root = world_dir or default_world_dir()
+  path = os.path.join(root, "model")
+  return {"model": from_pretrained(path), "tokenizer": load_tokenizer(path), "model_path": path,
+          "records": load_records(os.path.join(root, "data", "zsre_test.json"), limit=n_records)}
+
+
+def markdown(rows: list[dict[str, Any]], device: str) -> str:
+  """Rows as a markdown table (seconds to 4 significant digits)."""
+  lines = [f"Device: {device}", "",
+           "| benchmark | shape | first call (s, incl. compile) | steady (s) | throughput |",
+           "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['benchmark']} | {r['shape']} | {r['first_s']:.4g} | {r['steady_s']:.4g} | "
+                 f"{r['throughput']} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(names, world_dir=None, reference=False, progress=True) -> list[dict[str, Any]]:
+  """Runs the named benchmarks; returns their rows."""
+  from tqdm import tqdm
+  world = load_world(world_dir)
+  rows: list[dict[str, Any]] = []
+  for name in tqdm(names, desc="benchmarks", disable=not progress):
+    rows += BENCHMARKS[name](world, reference)
+  return rows
+
+
+def device_description() -> str:
+  dev = jax.devices()[0]
+  return f"{dev.platform} ({dev.device_kind}) x{jax.device_count()}, jax {jax.__version__}, " \
+         f"numpy {np.__version__}"
