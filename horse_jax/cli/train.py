@@ -39,6 +39,7 @@ def register(sub) -> None:
   p.add_argument("--valid-every", type=int, default=None, help="validate every K steps (default --save-every)")
   p.add_argument("--valid-n", type=int, default=None, help="validation edits at once (default data.n_edits)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
   p.set_defaults(func=run)
 
 
@@ -88,13 +89,14 @@ def run(args) -> int:
   settings = resolve_settings(args.method, args.model, model, args.config, args.overrides)
   cfg = hypernet.from_settings(args.method, settings, model)
   max_length = settings["data"].get("max_length")
-  train = load_records(args.data)
+  train = load_records(args.data, skip_invalid=getattr(args, "skip_invalid", False))
   n_edits = int(settings["data"]["n_edits"])
   if n_edits > len(train):
     raise UserError(f"data.n_edits={n_edits} exceeds the {len(train)} records of {args.data}")
   if args.steps is None:
     args.steps = max(int(settings["editor"]["n_epochs"]) * (-(-len(train) // n_edits)), 1)
-  valid = load_records(args.valid, limit=args.valid_n or n_edits) if args.valid else []
+  valid = load_records(args.valid, limit=args.valid_n or n_edits,
+                       skip_invalid=getattr(args, "skip_invalid", False)) if args.valid else []
   valid_every = args.valid_every or args.save_every
 
   os.makedirs(args.out, exist_ok=True)
