@@ -47,6 +47,7 @@ def default_layer(model_path: str, model) -> dict[str, Any]:
     out["hopfield_key_match_threshold"] = float(card["threshold"])
   if card.get("query_strategy"):
     out["query_selection_strategy"] = card["query_strategy"]
+  out.update(card.get("editor") or {})  # other HoReN `editor.*` defaults of the card (n_iter, ...)
   return out
 
 

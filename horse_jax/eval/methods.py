@@ -164,13 +164,19 @@ def _codebook_card(ctx: CellContext) -> dict[str, Any]:
     out["hopfield_key_match_threshold"] = float(card["threshold"])
   if card.get("query_strategy"):
     out["query_selection_strategy"] = card["query_strategy"]
+  out["card_editor"] = dict(card.get("editor") or {})  # other HoReN `editor.*` defaults of the card
   return out
 
 
 def _codebook_start(method: str, ctx: CellContext, options, seed):
   from horse_jax.editors.codebook import settings as settings_lib, state as state_lib  # noqa: PLC0415
   from horse_jax.models import names  # noqa: PLC0415
-  editor = {"seed": seed, **_codebook_card(ctx), **((options.get("settings") or {}).get("editor") or {})}
+  card = _codebook_card(ctx)
+  card_editor = card.pop("card_editor")
+  if method != "horen":  # the card's extra editor defaults are tuned for HoReN only
+    card_editor = {}
+  editor = {"seed": seed, **card, **card_editor,
+            **((options.get("settings") or {}).get("editor") or {})}
   settings = settings_lib.from_editor_dict(method, editor, editor["layer"])
   d_in, d_out = names.get_kernel(ctx.model.params, settings.layer).shape
   return settings, state_lib.init(settings, int(d_in), int(d_out))

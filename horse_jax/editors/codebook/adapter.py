@@ -51,6 +51,20 @@ def set_rows(y_BxTxD: jax.Array, p_B: jax.Array, rows_BxD: jax.Array) -> jax.Arr
   return y_BxTxD.at[jnp.arange(y_BxTxD.shape[0]), p_B].set(rows_BxD.astype(y_BxTxD.dtype))
 
 
+def put_edit(settings: CodebookSettings, y_BxTxD: jax.Array, p_B: jax.Array,
+             rows_BxD: jax.Array) -> jax.Array:
+  """Writes the edited rows: at p only (`edit_span=last`, the reference), or with `edit_span=onward`
+  the change at p (rows - y[p]) is also added to every later position (answer tokens when scoring
+  teacher-forced), like GRACE's `replace_all` applied from the prompt end on."""
+  if settings.edit_span != "onward":
+    return set_rows(y_BxTxD, p_B, rows_BxD)
+  b_idx = jnp.arange(y_BxTxD.shape[0])
+  delta_BxD = rows_BxD.astype(jnp.float32) - y_BxTxD[b_idx, p_B].astype(jnp.float32)
+  after_BxT = jnp.arange(y_BxTxD.shape[1])[None, :] >= p_B[:, None]
+  shift = jnp.where(after_BxT[:, :, None], delta_BxD[:, None, :], 0.0)
+  return (y_BxTxD.astype(jnp.float32) + shift).astype(y_BxTxD.dtype)
+
+
 def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
                  start_B: jax.Array | None = None):
   """The codebook hook for a batch (use it in `Hooks(adapters={settings.layer: fn})`).
@@ -72,6 +86,6 @@ def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
     y_p = y_out[jnp.arange(y_out.shape[0]), p_B]
     rows = jax.vmap(lambda y, m, j: new_output(settings, y, m, book.values[j], book.lora_a[j],
                                                book.lora_b[j]))(y_p, match, index)
-    return set_rows(y_out, p_B, rows)
+    return put_edit(settings, y_out, p_B, rows)
 
   return fn

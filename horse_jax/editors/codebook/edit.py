@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from horse_jax.data.tokenize import IGNORE, EditBatch
 from horse_jax.editors.codebook import grace
-from horse_jax.editors.codebook.adapter import new_output, set_rows
+from horse_jax.editors.codebook.adapter import new_output, put_edit
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, split_dynamic
@@ -169,7 +169,7 @@ def _edit_step_jit(model, book, input_ids_T, attention_mask_T, labels_T, prompt_
     def adapter(x_in, y_out):
       del x_in  # the query is fixed: layers below the wrapped one do not change
       row = new_output(settings, y_out[0, p], match, value, a, b)
-      return set_rows(y_out, p[None], row[None])
+      return put_edit(settings, y_out, p[None], row[None])
 
     logits = forward_from(model, first_layer, h0, mask, hooks=Hooks(adapters={name: adapter})).logits
     return token_ce(logits, labels), logits

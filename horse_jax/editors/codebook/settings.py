@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "hopfield_retrieval_eps": 1e-5,
     "hopfield_retrieval_max_iter": 1,
     "hopfield_key_match_threshold": 0.7,
+    "edit_span": "last",  # last (reference: y[p] only) | onward (the change at p also at t > p)
     "label_match": "mean",  # mean (reference: equal mean of the label array) | exact (hash)
     "lora_rank": 4,
     "lora_scale": 1.0,
@@ -54,6 +55,8 @@ class CodebookSettings:
     alpha, beta, eps, max_iter: damped Hopfield retrieval.
     threshold: strict match threshold on the retrieval score.
     label_match: "mean" or "exact" (see `labels.py`).
+    edit_span: "last" (reference: only y[p] changes) or "onward" (the change at p is also added at
+      every later position; generation applies it during prefill only).
     lora_rank, lora_scale: LoRA mode.
     grace_eps: GRACE initial deferral radius.
     initial_capacity: rows preallocated at init.
@@ -74,6 +77,7 @@ class CodebookSettings:
   max_iter: int = 1
   threshold: float = 0.7
   label_match: str = "mean"
+  edit_span: str = "last"
   lora_rank: int = 4
   lora_scale: float = 1.0
   grace_eps: float = 1.0
@@ -87,6 +91,8 @@ class CodebookSettings:
       raise UserError(f"editor.adapter_mode={self.adapter_mode!r}: expected value or lora")
     if self.val_init not in ("cold", "warm"):
       raise UserError(f"editor.val_init={self.val_init!r}: expected cold or warm")
+    if self.edit_span not in ("last", "onward"):
+      raise UserError(f"editor.edit_span={self.edit_span!r}: expected last or onward")
     if self.label_match not in ("mean", "exact"):
       raise UserError(f"editor.label_match={self.label_match!r}: expected mean or exact")
     parse_strategy(self.strategy)
@@ -110,6 +116,7 @@ class CodebookSettings:
         "hopfield_retrieval_alpha": self.alpha, "hopfield_retrieval_beta": self.beta,
         "hopfield_retrieval_eps": self.eps, "hopfield_retrieval_max_iter": self.max_iter,
         "hopfield_key_match_threshold": self.threshold, "label_match": self.label_match,
+        "edit_span": self.edit_span,
         "lora_rank": self.lora_rank, "lora_scale": self.lora_scale, "grace_eps": self.grace_eps,
         "initial_capacity": self.initial_capacity, "seed": self.seed,
     }
@@ -172,6 +179,7 @@ def from_editor_dict(method: str, editor: Mapping[str, Any], layer: str) -> Code
         beta=float(e["hopfield_retrieval_beta"]), eps=float(e["hopfield_retrieval_eps"]),
         max_iter=int(e["hopfield_retrieval_max_iter"]),
         threshold=float(e["hopfield_key_match_threshold"]), label_match=str(e["label_match"]),
+        edit_span=str(e["edit_span"]),
         lora_rank=int(e["lora_rank"]), lora_scale=float(e["lora_scale"]),
         grace_eps=float(e["grace_eps"]), initial_capacity=int(e["initial_capacity"]),
         seed=int(e["seed"]))
