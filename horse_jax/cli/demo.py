@@ -27,8 +27,8 @@ def register(sub) -> None:
   p.add_argument("--n-edits", type=int, default=1000, help="facts to edit [1000]")
   p.add_argument("--hypernet", default=None,
                  help="trained HORSE hypernetwork [WORLD/hypernet]; meta-trained first when missing")
-  p.add_argument("--train-steps", type=int, default=400,
-                 help="meta-training steps when no hypernetwork is shipped [400]")
+  p.add_argument("--train-steps", type=int, default=60,
+                 help="meta-training steps when no hypernetwork is shipped [60]")
   p.add_argument("--skip", choices=("horse", "horen"), action="append", default=[],
                  help="leave a method out (repeatable)")
   p.add_argument("--seed", type=int, default=0)
