@@ -404,7 +404,6 @@ def summarize(per_record: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     _overall(summary, "gen_")
   summary["counts"] = counts
   return summary
-  return {"summary": summary, "records": per_record}
 
 
 def _keys(r: EditRecord, pre: bool, gen: bool, pre_gen: bool) -> list[str]:
@@ -428,16 +427,16 @@ def _keys(r: EditRecord, pre: bool, gen: bool, pre_gen: bool) -> list[str]:
   return keys
 
 
-def _finite(obj):
+def json_safe(obj):
   """NaN/inf -> None so the JSON is strict."""
   if isinstance(obj, float):
     return obj if math.isfinite(obj) else None
-  if isinstance(obj, dict):
-    return {k: _finite(v) for k, v in obj.items()}
+  if isinstance(obj, Mapping):
+    return {k: json_safe(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_finite(v) for v in obj]
+    return [json_safe(v) for v in obj]
   if isinstance(obj, (np.floating, np.integer)):
-    return _finite(obj.item())
+    return json_safe(obj.item())
   return obj
 
 
@@ -455,4 +454,4 @@ def write_metrics(path: str | os.PathLike, method: str, n_edits: int, scores: Ma
   obj = dict(extra or {})
   obj.update({"method": method, "n_edits": int(n_edits), "summary": scores["summary"],
               "records": scores["records"]})
-  atomic_write_json(path, _finite(obj))
+  atomic_write_json(path, json_safe(obj))

@@ -27,7 +27,7 @@ from horse_jax import config as config_lib
 from horse_jax.errors import UserError
 from horse_jax.eval import methods as methods_lib
 from horse_jax.eval import plots, tables
-from horse_jax.eval.scoring import PreCache, score_records, summarize, write_metrics
+from horse_jax.eval.scoring import PreCache, json_safe, score_records, summarize, write_metrics
 from horse_jax.io import atomic_write_json, atomic_write_text
 
 DEFAULTS: dict[str, Any] = {
@@ -214,12 +214,12 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
               _save_cell(out, cell)
             cell.pop("scores", None)
             results["cells"].append(cell)
-          atomic_write_json(os.path.join(out, "results.json"), _finite(results))  # partial progress
+          atomic_write_json(os.path.join(out, "results.json"), json_safe(results))  # partial progress
   results["aggregate"] = tables.aggregate(results["cells"])
   results["complete"] = True
   results["plots"] = [os.path.relpath(p, out) for p in plots.plot_sweep(results["aggregate"], os.path.join(out, "plots"))]
   atomic_write_text(os.path.join(out, "results.md"), tables.markdown(results))
-  atomic_write_json(os.path.join(out, "results.json"), _finite(results))
+  atomic_write_json(os.path.join(out, "results.json"), json_safe(results))
   return results
 
 
@@ -281,18 +281,6 @@ def _plain(obj):
     return {str(k): _plain(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [_plain(v) for v in obj]
-  return obj
-
-
-def _finite(obj):
-  if isinstance(obj, float):
-    return obj if np.isfinite(obj) else None
-  if isinstance(obj, Mapping):
-    return {k: _finite(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_finite(v) for v in obj]
-  if isinstance(obj, (np.floating, np.integer)):
-    return _finite(obj.item())
   return obj
 
 
