@@ -126,7 +126,7 @@ def train_step(state: HypernetState, model: Model, cfg: HypernetConfig, edits: S
   shifts, diffs, cache, chunk, state = predict(state, model, cfg, edits)
   gen, locl, dshifts = meta_loss_grads(model, cfg, shifts, rephrase, loc)
   grads = meta_gradients(state, cache, cfg, chunk, shifts, diffs, dshifts)
-  gnorm = optax.global_norm(grads)
+  gnorm = optax.tree.norm(grads)
   updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.nets)
   nets = optax.apply_updates(state.nets, updates)
   metrics = {"gen_loss": float(gen), "loc_loss": float(locl), "grad_norm": float(gnorm)}
