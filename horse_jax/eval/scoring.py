@@ -150,14 +150,20 @@ def _tf_post_with_pred(post_BxTxV, pre_pred_BxT, labels_BxT):
           metrics.agreement_with_predictions(pre_pred_BxT, post_BxTxV, labels_BxT))
 
 
-def _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cache: PreCache, progress):
-  """Runs the unedited model on the pairs the cache lacks (each distinct pair once)."""
+def _uncached(pairs, table, max_length) -> list:
+  """The distinct pairs whose key is not in `table` yet, in first-seen order."""
   missing, seen = [], set()
   for p in pairs:
     key = _pair_key(p, max_length)
-    if key not in cache.teacher and key not in seen:
+    if key not in table and key not in seen:
       seen.add(key)
       missing.append(p)
+  return missing
+
+
+def _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cache: PreCache, progress):
+  """Runs the unedited model on the pairs the cache lacks (each distinct pair once)."""
+  missing = _uncached(pairs, cache.teacher, max_length)
   if not missing:
     return
   results = []
@@ -249,12 +255,7 @@ def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_
                 cache: PreCache | None = None):
   """Per-pair (post gen acc, pre gen acc or None, post-vs-pre agreement or None)."""
   if pre_generate_fn is not None and cache is not None:
-    missing, seen = [], set()
-    for p in pairs:
-      key = _pair_key(p, max_length)
-      if key not in cache.generated and key not in seen:
-        seen.add(key)
-        missing.append(p)
+    missing = _uncached(pairs, cache.generated, max_length)
     done = []
     for chunk, ids, mask, target, target_len, new in tqdm(
         list(_gen_jobs(missing, tokenizer, batch_size, max_length)),
