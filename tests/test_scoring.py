@@ -201,3 +201,19 @@ def test_pre_cache_gives_the_same_scores_and_runs_pre_once(setup):
                         pre_generate_fn=counted_generate, pre_cache=cache, **kwargs)
   assert calls == first  # every pair was cached
   assert again["records"][0]["loc_agree"] == plain["records"][1]["loc_agree"]
+
+
+def test_summary_whole_answer_shares():
+  from horse_jax.eval.scoring import summarize
+  # Hand-made per-record scores: token-mean accuracies of 1, 0.5 and 1 (one record has no rephrase).
+  per_record = [
+      {"index": 0, "prompt": "a", "target": "x", "edit_acc": 1.0, "rephrase_acc": 0.5, "pre_edit_acc": 0.5},
+      {"index": 1, "prompt": "b", "target": "y", "edit_acc": 0.5, "rephrase_acc": None, "pre_edit_acc": 0.0},
+      {"index": 2, "prompt": "c", "target": "z", "edit_acc": 1.0, "rephrase_acc": 1.0, "pre_edit_acc": 0.5},
+  ]
+  s = summarize(per_record)
+  assert s["edit_acc"] == pytest.approx(2.5 / 3)
+  assert s["edit_exact"] == pytest.approx(2 / 3)
+  assert s["rephrase_exact"] == pytest.approx(1 / 2) and s["counts"]["rephrase_exact"] == 2
+  assert s["pre_edit_exact"] == 0.0
+  assert "loc_exact" not in s and "pre_rephrase_exact" not in s

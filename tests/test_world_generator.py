@@ -32,10 +32,20 @@ def test_default_world_sizes():
 
 def test_templates_split_train_and_eval():
   for rel in g.relations():
-    assert len(rel.train_templates) == 3 and len(rel.eval_templates) == 2
+    assert len(rel.train_templates) == 4 and len(rel.eval_templates) == 2
+    # Both word orders are trained, so held-out phrasings of either order recombine seen patterns.
+    assert any(t.startswith("{s}") for t in rel.train_templates)
     assert not set(rel.train_templates) & set(rel.eval_templates)
     for t in rel.train_templates + rel.eval_templates:
       assert t.count("{s}") == 1 and t.endswith("?")
+
+
+def test_first_word_names_the_value():
+  # Like real entity names, a value's first word determines the rest, and every value is multi-word.
+  for rel in g.relations():
+    heads = [v.split()[0] for v in rel.values]
+    assert len(set(heads)) == len(heads) == len(set(rel.values)), rel.name
+    assert all(len(v.split()) >= 2 for v in rel.values)
 
 
 def _template_regex(template):

@@ -96,6 +96,19 @@ def hf_deltas(original, edited, modules) -> dict[str, np.ndarray]:
   return out
 
 
+def explicit_lm_batch(config_file, overrides) -> int | None:
+  """`data.batch_size` when the user set it (--config or --set), else None.
+
+  A trained hypernetwork keeps the LM mini-batch size it was trained with unless told otherwise:
+  value gradients are token means over a mini-batch, so their scale (which the hypernetwork and its
+  normalizer have learned) changes with the mini-batch size. The token chunk is free to change.
+  """
+  given = config_lib.resolve({"data": {"batch_size": None}}, config_file,
+                             [o for o in overrides if o.startswith("data.batch_size")])
+  size = (given.get("data") or {}).get("batch_size")
+  return None if size is None else int(size)
+
+
 def editor_for(args, settings, model):
   """(cfg, state): the trained hypernetwork from --hypernet, else a fresh one."""
   if args.hypernet:
@@ -105,9 +118,9 @@ def editor_for(args, settings, model):
     shapes = hypernet.module_shapes(model.params, cfg.modules)
     if shapes != cfg.shapes:
       raise UserError(f"--hypernet {args.hypernet}: module shapes {cfg.shapes} do not match the model's {shapes}")
-    # Batching is free to change at edit time; what was learned is not.
     import dataclasses
-    cfg = dataclasses.replace(cfg, lm_batch=int(settings["data"]["batch_size"]),
+    lm_batch = explicit_lm_batch(args.config, args.overrides)
+    cfg = dataclasses.replace(cfg, lm_batch=lm_batch or cfg.lm_batch,
                               chunk=int(settings["editor"]["batch_size"]))
     return cfg, state
   cfg = hypernet.from_settings(args.method, settings, model)

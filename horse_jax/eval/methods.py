@@ -124,8 +124,10 @@ def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):
   shapes = hypernet.module_shapes(ctx.model.params, cfg.modules)
   if shapes != cfg.shapes:
     raise UserError(f"hypernet {folder}: module shapes {cfg.shapes} do not match the model's {shapes}")
-  # Batching may change at edit time; what was learned may not.
-  cfg = dataclasses.replace(cfg, lm_batch=int(settings["data"]["batch_size"]),
+  # The token chunk may change at edit time; the LM mini-batch size only when asked for, since the
+  # scale of the token-mean value gradients the hypernetwork learned depends on it.
+  given = ((options.get("settings") or {}).get("data") or {}).get("batch_size")
+  cfg = dataclasses.replace(cfg, lm_batch=int(given) if given else cfg.lm_batch,
                             chunk=int(settings["editor"]["batch_size"]))
   return cfg, state
 

@@ -12,7 +12,8 @@ Per-record keys (None when the record lacks that part or the needed function was
   port_acc / pre_port_acc (mean over the record's portability pairs);
   with generate_fn: gen_edit_acc, gen_rephrase_acc, gen_loc_acc, gen_port_acc, and with
   pre_generate_fn also gen_loc_agree (post vs pre generations on the unrelated prompt) and pre_gen_*.
-Summary: the mean of each key over the records that have it, `counts`, and
+Summary: the mean of each key over the records that have it, `counts`, the whole-answer shares
+  edit_exact / rephrase_exact (and pre_*: records whose score is 1, i.e. every target token right), and
   overall = mean(edit_acc, rephrase_acc, locality) with `overall_locality` naming the locality used
   (loc_agree when the pre-edit model was scored, else loc_acc); gen_overall likewise.
 """
@@ -381,6 +382,10 @@ def score_records(records: Sequence[EditRecord], tokenizer, post_logits_fn: Logi
 
 
 _NOT_METRICS = ("index", "prompt", "target")
+# Whole-answer companions of the token-mean scores: the share of records whose every target token is
+# predicted. Token-mean ES gives partial credit (the reference metric); on multi-token names whose
+# continuation follows from the first token, `edit_exact` shows how many edits really took.
+_EXACT_OF = ("edit_acc", "rephrase_acc", "pre_edit_acc", "pre_rephrase_acc")
 
 
 def summarize(per_record: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -400,6 +405,11 @@ def summarize(per_record: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   counts = {}
   for key in keys:
     summary[key], counts[key] = _mean_over(per_record, key)
+  for key in _EXACT_OF:
+    if key in keys:
+      exact = [{"x": float(r[key] >= 1.0)} for r in per_record if r.get(key) is not None]
+      name = key.replace("_acc", "_exact")
+      summary[name], counts[name] = _mean_over(exact, "x")
   _overall(summary, "")
   if any(k.startswith("gen_") for k in keys):
     _overall(summary, "gen_")

@@ -20,13 +20,19 @@ import random
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------
-# Vocabularies. Values are multi-word so answers span several tokens.
+# Vocabularies. Values are multi-word names, like real entities: the first word of a value
+# determines the rest ("Avelin Bay" is the only city starting with "Avelin"), so an answer spans
+# several tokens and its continuation is language knowledge shared by every subject with that value,
+# while the first token carries the subject-specific fact. (Independent words would make each answer
+# token a separate fact, unlike real names: "Barack" is followed by "Obama" whoever is asked about.)
 
-_CITY_HEADS = ("Port", "San", "New", "Lake", "Fort", "Mount", "North", "South", "East", "West",
-               "Saint", "Old")
-_CITY_TAILS = ("Avelin", "Dorova", "Kethra", "Miravel", "Sorrin", "Talmor", "Vesk", "Ondara",
+_CITY_NAMES = ("Avelin", "Dorova", "Kethra", "Miravel", "Sorrin", "Talmor", "Vesk", "Ondara",
                "Brisca", "Calder", "Hollin", "Marrow", "Quenna", "Rusk", "Selby", "Tiber", "Ulvan",
-               "Wyrne", "Zennor", "Fallow")
+               "Wyrne", "Zennor", "Fallow", "Garrow", "Ilsen", "Jorvik", "Lorne", "Nessa", "Pell",
+               "Revel", "Tansy", "Varro", "Yarrow", "Ashby", "Brenn", "Corran", "Dunmore", "Esk",
+               "Farran", "Glenn", "Harwick", "Islay", "Kirrin", "Lanark", "Morven", "Norra",
+               "Orrin", "Penhal", "Rathe", "Stenn", "Trevel")
+_CITY_KINDS = ("Bay", "Falls", "Harbour", "Springs", "Ridge", "Crossing")
 
 OCCUPATIONS = (
     "marine biologist", "tax lawyer", "jazz pianist", "civil engineer", "pastry chef",
@@ -38,16 +44,33 @@ OCCUPATIONS = (
     "chess coach", "sound engineer", "film editor", "bee keeper", "tailor apprentice",
     "police detective", "art restorer", "book binder", "yoga teacher", "toy maker", "map maker")
 
-_COMPANY_HEADS = ("Zentrix", "Orvane", "Kalmora", "Brightel", "Vantor", "Quillon", "Helvar",
-                  "Morrow", "Tesseri", "Dunmere", "Corvell", "Polaris", "Ashgrove", "Nimbal")
-_COMPANY_TAILS = ("Labs", "Group", "Systems", "Foods", "Motors", "Bank")
+_COMPANY_NAMES = ("Zentrix", "Orvane", "Kalmora", "Brightel", "Vantor", "Quillon", "Helvar",
+                  "Morrowind", "Tesseri", "Dunmere", "Corvell", "Polaris", "Ashgrove", "Nimbal",
+                  "Arcway", "Bellcrest", "Cindral", "Dovetail", "Emberly", "Fenwick", "Graviton",
+                  "Halcyon", "Ironvale", "Juniper", "Keystone", "Lumora", "Meridian", "Northwind",
+                  "Oakhurst", "Pinnacle", "Quartzel", "Redfern", "Silvane", "Thornbury", "Umbral",
+                  "Vireo", "Westmark", "Xylos", "Yellowfin", "Zephyra")
+_COMPANY_KINDS = ("Labs", "Group", "Systems", "Foods", "Motors", "Bank")
 
-_LANG_HEADS = ("Old", "High", "Low", "Coastal", "Northern", "Southern")
-_LANG_TAILS = ("Velsic", "Tamari", "Orsk", "Dunlan", "Kethic", "Marran", "Sylvish")
+_LANGUAGE_NAMES = ("Velsic", "Tamari", "Orsk", "Dunlan", "Kethic", "Marran", "Sylvish", "Aldric",
+                   "Brevan", "Corish", "Drassic", "Elvane", "Fennic", "Galdor", "Hesper", "Istran",
+                   "Jovic", "Kavari", "Lethic", "Mondric", "Norvic", "Oskan", "Pellish", "Quorran",
+                   "Rhodic", "Saltic", "Torvan", "Umbric", "Valdic", "Wendish")
+_LANGUAGE_KINDS = ("Creole", "Dialect", "Tongue")
 
-_SHADES = ("pale", "deep", "bright", "dark", "soft", "dusty")
-_HUES = ("amber", "teal", "crimson", "olive", "violet", "coral", "indigo", "saffron", "jade",
-         "copper")
+COLOURS = (
+    "sea green", "brick red", "midnight blue", "mustard yellow", "forest green", "sky blue",
+    "blood orange", "rose pink", "ash grey", "lemon yellow", "plum purple", "slate grey",
+    "sand beige", "ice white", "coal black", "rust brown", "mint green", "wine red", "ocean blue",
+    "honey gold", "lilac purple", "peach orange", "moss green", "cherry red", "storm grey",
+    "cream white", "jet black", "coffee brown", "salmon pink", "royal blue", "lime green",
+    "ruby red", "steel blue", "chalk white", "olive green", "copper brown")
+
+
+def _named(names, kinds):
+  """"<name> <kind>" values, the kind a fixed function of the name."""
+  return tuple(f"{n} {kinds[i % len(kinds)]}" for i, n in enumerate(names))
+
 
 # ---------------------------------------------------------------------------------------------
 # Relations and templates: (train templates, held-out evaluation templates). Every template is a
@@ -64,32 +87,32 @@ class Relation:
   eval_templates: tuple[str, ...]
 
 
-def _product(heads, tails, sep=" "):
-  return tuple(f"{h}{sep}{t}" for h in heads for t in tails)
-
-
 def relations() -> tuple[Relation, ...]:
-  """The world's relations (fixed; the seed only draws subjects, values and splits)."""
+  """The world's relations (fixed; the seed only draws subjects, values and splits).
+
+  Each relation has four training templates, one of them subject-first, so that the held-out
+  phrasings (both word orders occur among them) recombine patterns the model has seen.
+  """
   return (
-      Relation("birthplace", _product(_CITY_HEADS[:6], _CITY_TAILS[:10]),
+      Relation("birthplace", _named(_CITY_NAMES, _CITY_KINDS),
                ("Where was {s} born?", "What is the birthplace of {s}?",
-                "In which city was {s} born?"),
+                "In which city was {s} born?", "{s} was born where?"),
                ("Which city is the birthplace of {s}?", "{s} was born in which city?")),
       Relation("occupation", OCCUPATIONS,
                ("What is the occupation of {s}?", "What does {s} do for a living?",
-                "What job does {s} have?"),
+                "What job does {s} have?", "{s} works as what?"),
                ("What is the job of {s}?", "What occupation does {s} have?")),
-      Relation("employer", _product(_COMPANY_HEADS, _COMPANY_TAILS[:4]),
+      Relation("employer", _named(_COMPANY_NAMES, _COMPANY_KINDS),
                ("Who is the employer of {s}?", "Which company does {s} work for?",
-                "Where does {s} work?"),
+                "Where does {s} work?", "{s} is employed by which company?"),
                ("Which company is the employer of {s}?", "Who does {s} work for?")),
-      Relation("language", _product(_LANG_HEADS, _LANG_TAILS),
+      Relation("language", _named(_LANGUAGE_NAMES, _LANGUAGE_KINDS),
                ("What language does {s} speak?", "What is the native language of {s}?",
-                "Which language is spoken by {s}?"),
+                "Which language is spoken by {s}?", "{s} speaks which language?"),
                ("Which language does {s} speak?", "What is the language of {s}?")),
-      Relation("colour", _product(_SHADES, _HUES),
+      Relation("colour", COLOURS,
                ("What is the favourite colour of {s}?", "Which colour does {s} like best?",
-                "What colour does {s} love?"),
+                "What colour does {s} love?", "{s} likes which colour best?"),
                ("What is the colour that {s} likes best?", "Which colour is the favourite of {s}?")),
   )
 
@@ -132,9 +155,9 @@ class WorldSpec:
   """Sizes of the world. Defaults build the shipped embedded default."""
 
   n_subjects: int = 1000
-  n_train_subjects: int = 250  # meta-train edit split (1,250 edits)
-  n_val_subjects: int = 30
-  n_test_subjects: int = 210  # x 5 relations = 1,050 test edits
+  n_train_subjects: int = 500  # meta-train edit split (2,500 edits)
+  n_val_subjects: int = 40  # 200 validation edits
+  n_test_subjects: int = 210  # x 5 relations = 1,050 test edits; 250 subjects stay for locality
 
 
 @dataclasses.dataclass

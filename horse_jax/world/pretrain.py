@@ -39,13 +39,13 @@ class PretrainConfig:
   """Model size and optimisation settings of the world model."""
 
   hidden_size: int = 128
-  intermediate_size: int = 384
+  intermediate_size: int = 768
   num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 2
   seq_len: int = 16  # every training sequence fits (checked)
   batch_size: int = 128
-  steps: int = 2000
+  steps: int = 3000
   peak_lr: float = 3e-3
   warmup_steps: int = 100
   end_lr_ratio: float = 0.05
