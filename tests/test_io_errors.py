@@ -55,10 +55,14 @@ def test_invalid_config_json(checkpoint):
     from_pretrained(checkpoint)
 
 
-def test_unsupported_model_type(checkpoint):
+def _set_config_field(checkpoint, key, value):
   hf = json.loads((checkpoint / "config.json").read_text())
-  hf["model_type"] = "bert"
+  hf[key] = value
   (checkpoint / "config.json").write_text(json.dumps(hf))
+
+
+def test_unsupported_model_type(checkpoint):
+  _set_config_field(checkpoint, "model_type", "bert")
   with pytest.raises(UserError, match="unsupported model_type 'bert'"):
     from_pretrained(checkpoint)
 
@@ -142,9 +146,7 @@ def test_cli_error_subprocess_has_no_traceback(tmp_path):
 
 
 def test_unsupported_activation(checkpoint):
-  hf = json.loads((checkpoint / "config.json").read_text())
-  hf["hidden_act"] = "swish_of_doom"
-  (checkpoint / "config.json").write_text(json.dumps(hf))
+  _set_config_field(checkpoint, "hidden_act", "swish_of_doom")
   with pytest.raises(UserError, match="unsupported activation 'swish_of_doom'"):
     from_pretrained(checkpoint)
 

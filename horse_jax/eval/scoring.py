@@ -407,9 +407,9 @@ def summarize(per_record: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     summary[key], counts[key] = _mean_over(per_record, key)
   for key in _EXACT_OF:
     if key in keys:
-      exact = [{"x": float(r[key] >= 1.0)} for r in per_record if r.get(key) is not None]
+      whole = [r[key] >= 1.0 for r in per_record if r.get(key) is not None]
       name = key.replace("_acc", "_exact")
-      summary[name], counts[name] = _mean_over(exact, "x")
+      summary[name], counts[name] = (float(np.mean(whole)) if whole else None), len(whole)
   _overall(summary, "")
   if any(k.startswith("gen_") for k in keys):
     _overall(summary, "gen_")
