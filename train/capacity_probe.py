@@ -47,12 +47,13 @@ def finetune_shifts(model, tokenizer, records, modules, steps: int, lr: float, l
   """
   from horse_jax.editors import hypernet
   from horse_jax.editors.hypernet.meta import shift_loss_grad
+  from horse_jax.models.names import layer_index
 
   shapes = hypernet.module_shapes(model.params, modules)
   shifts = {m: jnp.zeros(s, jnp.float32) for m, s in zip(modules, shapes)}
   edit_b = hypernet.edit_batches(tokenizer, records, lm_batch)
   loc_b = hypernet.loc_batches(tokenizer, records, lm_batch)
-  low = min(int(m.split(".")[2]) for m in modules)
+  low = min(layer_index(m) for m in modules)
   opt = optax.adam(lr)
   state = opt.init(shifts)
   t0 = time.time()

@@ -18,7 +18,7 @@ import numpy as np
 
 from horse_jax import config as config_lib
 from horse_jax.editors import hypernet
-from horse_jax.editors.hypernet.checkpoint import load_hypernet
+from horse_jax.editors.hypernet.checkpoint import load_for_editing
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_bytes
 
@@ -97,12 +97,8 @@ def hf_deltas(original, edited, modules) -> dict[str, np.ndarray]:
 
 
 def explicit_lm_batch(config_file, overrides) -> int | None:
-  """`data.batch_size` when the user set it (--config or --set), else None.
-
-  A trained hypernetwork keeps the LM mini-batch size it was trained with unless told otherwise:
-  value gradients are token means over a mini-batch, so their scale (which the hypernetwork and its
-  normalizer have learned) changes with the mini-batch size. The token chunk is free to change.
-  """
+  """`data.batch_size` when the user set it (--config or --set), else None (a trained hypernetwork
+  then keeps the LM mini-batch it was trained with; see `checkpoint.load_for_editing`)."""
   given = config_lib.resolve({"data": {"batch_size": None}}, config_file,
                              [o for o in overrides if o.startswith("data.batch_size")])
   size = (given.get("data") or {}).get("batch_size")
@@ -112,17 +108,8 @@ def explicit_lm_batch(config_file, overrides) -> int | None:
 def editor_for(args, settings, model):
   """(cfg, state): the trained hypernetwork from --hypernet, else a fresh one."""
   if args.hypernet:
-    cfg, state, _ = load_hypernet(args.hypernet)
-    if cfg.method != args.method:
-      raise UserError(f"--hypernet {args.hypernet}: trained for {cfg.method!r}, not {args.method!r}")
-    shapes = hypernet.module_shapes(model.params, cfg.modules)
-    if shapes != cfg.shapes:
-      raise UserError(f"--hypernet {args.hypernet}: module shapes {cfg.shapes} do not match the model's {shapes}")
-    import dataclasses
-    lm_batch = explicit_lm_batch(args.config, args.overrides)
-    cfg = dataclasses.replace(cfg, lm_batch=lm_batch or cfg.lm_batch,
-                              chunk=int(settings["editor"]["batch_size"]))
-    return cfg, state
+    return load_for_editing(args.hypernet, args.method, model, settings["editor"]["batch_size"],
+                            explicit_lm_batch(args.config, args.overrides), f"--hypernet {args.hypernet}")
   cfg = hypernet.from_settings(args.method, settings, model)
   return cfg, hypernet.init(cfg, jax.random.PRNGKey(args.seed))
 

@@ -103,7 +103,6 @@ def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):
   Settings: the method's defaults, the model card's edit modules, then `options["settings"]`
   (reference names, e.g. {"editor": {"lr": 1e-5}, "data": {"batch_size": 32}}).
   """
-  import dataclasses  # noqa: PLC0415
   from horse_jax import config as config_lib  # noqa: PLC0415
   defaults = hypernet.default_settings(method)
   try:
@@ -117,19 +116,10 @@ def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):
   if not folder:
     cfg = hypernet.from_settings(method, settings, ctx.model)
     return cfg, hypernet.init(cfg, jax.random.PRNGKey(seed))
-  from horse_jax.editors.hypernet.checkpoint import load_hypernet  # noqa: PLC0415
-  cfg, state, _ = load_hypernet(folder)
-  if cfg.method != method:
-    raise UserError(f"methods.{options.get('label', method)}.hypernet {folder}: trained for {cfg.method!r}")
-  shapes = hypernet.module_shapes(ctx.model.params, cfg.modules)
-  if shapes != cfg.shapes:
-    raise UserError(f"hypernet {folder}: module shapes {cfg.shapes} do not match the model's {shapes}")
-  # The token chunk may change at edit time; the LM mini-batch size only when asked for, since the
-  # scale of the token-mean value gradients the hypernetwork learned depends on it.
+  from horse_jax.editors.hypernet.checkpoint import load_for_editing  # noqa: PLC0415
   given = ((options.get("settings") or {}).get("data") or {}).get("batch_size")
-  cfg = dataclasses.replace(cfg, lm_batch=int(given) if given else cfg.lm_batch,
-                            chunk=int(settings["editor"]["batch_size"]))
-  return cfg, state
+  return load_for_editing(folder, method, ctx.model, settings["editor"]["batch_size"], given,
+                          f"methods.{options.get('label', method)}.hypernet {folder}")
 
 
 def run_hypernet(method: str, ctx: CellContext, records, options, seed) -> dict:

@@ -71,6 +71,38 @@ def load_hypernet(path: str | os.PathLike) -> tuple[HypernetConfig, HypernetStat
   return cfg, state._replace(step=jnp.asarray(meta.get("step", 0), jnp.int32)), meta.get("settings", {})
 
 
+def load_for_editing(path: str | os.PathLike, method: str, model, chunk: int,
+                     lm_batch: int | None = None, where: str | None = None):
+  """A trained hypernetwork, checked against `method` and `model`, set up to edit with.
+
+  The token chunk is compute layout and may change freely. The LM mini-batch size stays the one the
+  hypernetwork was trained with unless `lm_batch` is given: value gradients are token means over a
+  mini-batch, so their scale (which the hypernetwork and its normalizer learned) depends on it.
+
+  Args:
+    path: hypernet folder.
+    method: the method it must have been trained for.
+    model: the LM it will edit (its module shapes must match).
+    chunk: token chunk (`editor.batch_size`).
+    lm_batch: LM mini-batch size the user asked for, or None to keep the trained one.
+    where: what to name in errors (default the path).
+
+  Returns:
+    (cfg, state).
+  """
+  import dataclasses
+  from horse_jax.editors.hypernet.config import module_shapes
+  where = where or str(path)
+  cfg, state, _ = load_hypernet(path)
+  if cfg.method != method:
+    raise UserError(f"{where}: trained for {cfg.method!r}, not {method!r}")
+  shapes = module_shapes(model.params, cfg.modules)
+  if shapes != cfg.shapes:
+    raise UserError(f"{where}: module shapes {cfg.shapes} do not match the model's {shapes}")
+  return dataclasses.replace(cfg, lm_batch=int(lm_batch) if lm_batch else cfg.lm_batch,
+                             chunk=int(chunk)), state
+
+
 def manager(folder: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
   """A CheckpointManager for training checkpoints under `folder`."""
   return ocp.CheckpointManager(os.path.abspath(os.fspath(folder)),
