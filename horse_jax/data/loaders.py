@@ -17,6 +17,9 @@ Field mapping (see methods.md):
   wikibigedit     update -> prompt, ans -> target, rephrase, loc (+ "?" unless it ends with one) ->
                   loc_prompt, loc_ans, personas / mhop (+ mhop_ans) -> portability pairs.
   generic         prompt, target, optional rephrase, loc_prompt, loc_answer, ground_truth, portability.
+  unke            question -> prompt, answer -> target (long free text), para_question -> rephrase,
+                  sub_question[i] / sub_answer[i] -> portability pairs; extra["format"] = "unke"
+                  (prompts, tokenization and scoring in `horse_jax.data.unke`, `horse_jax.eval.unke`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from horse_jax.data.records import EditRecord
 from horse_jax.errors import UserError
 
-FORMATS = ("zsre", "counterfact", "counterfact_rome", "wikibigedit", "generic")
+FORMATS = ("zsre", "counterfact", "counterfact_rome", "wikibigedit", "generic", "unke")
 ALIASES = {
     "mend": "zsre", "zsre_mend": "zsre", "easyedit": "counterfact", "counterfact_easyedit": "counterfact",
     "cf": "counterfact", "rome": "counterfact_rome", "wiki_big_edit": "wikibigedit", "wbe": "wikibigedit",
+    "unstructured": "unke",
 }
 
 
@@ -246,12 +250,37 @@ def _from_generic(row: Mapping[str, Any]) -> EditRecord:
                          "portability")))
 
 
+def _from_unke(row: Mapping[str, Any]) -> EditRecord:
+  """UnKE unstructured edit: a question with a long free-text answer, its paraphrase and
+  sub-questions with their own answers (both lists, equally long)."""
+  questions = _text_list(row, "sub_question")
+  answers = _get(row, "sub_answer", required=bool(questions))
+  answers = [] if answers is None else answers
+  if isinstance(answers, str):
+    answers = [answers]
+  if not isinstance(answers, (list, tuple)):
+    raise RecordError("sub_answer", f"field 'sub_answer' should be a list, got {type(answers).__name__}")
+  if len(answers) != len(questions):
+    raise RecordError("sub_answer", f"field 'sub_answer' has {len(answers)} item(s) but 'sub_question' "
+                      f"has {len(questions)}")
+  for i, answer in enumerate(answers):
+    if not isinstance(answer, str) or not answer.strip():
+      raise RecordError(f"sub_answer[{i}]", f"field sub_answer[{i}] should be a non-empty string")
+  return EditRecord(
+      prompt=_text(row, "question"), target=_text(row, "answer", what=" (the new answer)"),
+      rephrase=_text(row, "para_question", required=False),
+      portability=tuple(zip(questions, answers)),
+      extra=_extra(row, ("question", "answer", "para_question", "sub_question", "sub_answer"))
+      | {"format": "unke"})
+
+
 CONVERTERS: dict[str, Callable[[Mapping[str, Any]], EditRecord]] = {
     "zsre": _from_zsre,
     "counterfact": _from_counterfact,
     "counterfact_rome": _from_counterfact_rome,
     "wikibigedit": _from_wikibigedit,
     "generic": _from_generic,
+    "unke": _from_unke,
 }
 
 
@@ -268,6 +297,8 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
     return "counterfact"
   if "prompt" in keys and "target" in keys:
     return "generic"
+  if "question" in keys and "answer" in keys:
+    return "unke"
   return None
 
 
@@ -396,7 +427,8 @@ def convert_rows(rows: Sequence[Any], path: str = "<rows>", fmt: str = "auto", s
           fields = ", ".join(sorted(str(k) for k, v in row.items() if v is not None)) or "none"
           raise UserError(f"{path}: record {index}: unknown format (fields: {fields}); expected ZsRE "
                           "(src, alt), CounterFact (prompt, target_new), ROME CounterFact "
-                          "(requested_rewrite), WikiBigEdit (update, ans) or generic (prompt, target)")
+                          "(requested_rewrite), WikiBigEdit (update, ans), generic (prompt, target) or UnKE "
+                          "(question, answer)")
         fmt = found
       records.append(CONVERTERS[fmt](row))
     except RecordError as err:

@@ -5,6 +5,7 @@ Layout written under `out` (the shipped copy is `checkpoints/world/`):
   data/facts.json                      every fact with its subject's split
   data/zsre_{train,val,test}.json      edit splits in the ZsRE / MEND layout
   data/counterfact_{train,val,test}.json  the same edits in the CounterFact (EasyEdit) layout
+  data/unke_test.json                  50 UnKE (unstructured) edits: paragraphs of new facts
   model/                               Hugging Face Llama checkpoint + tokenizer
   world.json                           seed, sizes, settings and measured accuracies
 """
@@ -38,6 +39,8 @@ def write_data(world: generator.World, folder: str) -> dict[str, str]:
     paths[f"counterfact_{split}"] = os.path.join(folder, f"counterfact_{split}.json")
     atomic_write_json(paths[f"counterfact_{split}"],
                       [generator.to_counterfact(e, i) for i, e in enumerate(edits)], indent=1)
+  paths["unke_test"] = os.path.join(folder, "unke_test.json")
+  atomic_write_json(paths["unke_test"], generator.unke_records(world), indent=1)
   return paths
 
 

@@ -276,3 +276,48 @@ def facts_table(world: World) -> list[dict[str, str]]:
   """Flat list of every fact with its subject's split (for inspection and the pre-training check)."""
   return [{"subject": s, "relation": r.name, "answer": world.facts[s][r.name],
            "split": world.split_of[s]} for s in world.subjects for r in world.relations]
+
+
+# ---------------------------------------------------------------------------------------------
+# UnKE (unstructured editing): long free-text answers about world subjects.
+
+UNKE_QUESTIONS = ("What do you know about {s}?", "Tell me about {s}.")
+
+
+def _unke_paragraph(s: str, values: dict[str, str]) -> str:
+  occupation = values["occupation"]
+  article = "an" if occupation[0] in "aeiou" else "a"
+  return (f"{s} was born in {values['birthplace']}. {s} works as {article} {occupation}. "
+          f"{s} works for {values['employer']}. {s} speaks {values['language']}. "
+          f"The favourite colour of {s} is {values['colour']}.")
+
+
+def unke_records(world: World, n: int = 50, n_sub: int = 3) -> list[dict[str, Any]]:
+  """UnKE-format records (question, para_question, answer, sub_question[], sub_answer[]).
+
+  Each record rewrites all five facts of one test-split subject at once: the answer is a paragraph
+  stating new values (each differs from the subject's true value), and the sub-questions ask
+  `n_sub` of those facts with training templates, their sub-answers the new values. The draws use
+  their own generator (seeded from the world seed), so the world's other data is unchanged.
+
+  Args:
+    world: the world.
+    n: number of records (distinct test subjects, in test-split order).
+    n_sub: sub-questions per record.
+
+  Returns:
+    The records.
+  """
+  rng = random.Random(f"unke:{world.seed}")
+  subjects = list(dict.fromkeys(e["subject"] for e in world.edits["test"]))[:n]
+  out = []
+  for s in subjects:
+    new = {r.name: rng.choice([v for v in r.values if v != world.facts[s][r.name]])
+           for r in world.relations}
+    asked = rng.sample(world.relations, n_sub)
+    question, para = (t.format(s=s) for t in UNKE_QUESTIONS)
+    out.append({"subject": s, "question": question, "para_question": para,
+                "answer": _unke_paragraph(s, new),
+                "sub_question": [rng.choice(r.train_templates).format(s=s) for r in asked],
+                "sub_answer": [new[r.name] for r in asked]})
+  return out
