@@ -28,6 +28,8 @@ def register(sub) -> None:
                  help="override a setting, e.g. --set editor.lr=1e-5 (repeatable)")
   p.add_argument("--eval", dest="eval_mode", choices=("teacher", "generate"), default="teacher",
                  help="scoring: teacher-forced token accuracy, or also greedy generation")
+  p.add_argument("--max-new-tokens", type=int, default=None,
+                 help="(UnKE data) greedy generation budget per prompt (default 512, cut to the context)")
   p.add_argument("--eval-every", type=int, default=0,
                  help="(horen/grace) re-score all edits so far every K edits")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
@@ -38,6 +40,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
   family = "edit_hypernet" if args.method in HYPERNET_METHODS else "edit_codebook"
+  from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
+  if looks_like_unke(args.data):  # unstructured edits: chat prompts, long targets, text metrics
+    family = "edit_unke"
   try:
     module = importlib.import_module(f"horse_jax.cli.{family}")
   except ModuleNotFoundError as err:
