@@ -149,7 +149,9 @@ def load_world(world_dir: str | None = None, n_records: int = 1000) -> dict[str,
   from horse_jax.world.build import default_world_dir
   root = world_dir or default_world_dir()
   path = os.path.join(root, "model")
-  return {"model": from_pretrained(path), "tokenizer": load_tokenizer(path), "model_path": path,
+  from horse_jax import distributed
+  model = from_pretrained(path, mesh=distributed.cli_mesh(), fsdp=distributed.cli_fsdp())
+  return {"model": model, "tokenizer": load_tokenizer(path), "model_path": path,
           "records": load_records(os.path.join(root, "data", "zsre_test.json"), limit=n_records)}
 
 

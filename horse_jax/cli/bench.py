@@ -16,12 +16,16 @@ def register(sub) -> None:
   p.add_argument("--world", default=None, help="world folder [checkpoints/world]")
   p.add_argument("--reference", action="store_true",
                  help="add reference-scale shapes (needs an accelerator's memory and speed)")
+  from horse_jax.cli.common import add_mesh_args
+  add_mesh_args(p)
   p.set_defaults(func=run)
 
 
 def run(args) -> int:
   from horse_jax import bench
   from horse_jax.io import atomic_write_json, atomic_write_text
+  from horse_jax.cli.common import setup_devices
+  setup_devices(args, args.world and os.path.join(args.world, "model"))
   names = args.only or list(bench.BENCHMARKS)
   unknown = [n for n in names if n not in bench.BENCHMARKS]
   if unknown:

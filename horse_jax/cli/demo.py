@@ -35,6 +35,8 @@ def register(sub) -> None:
   p.add_argument("--skip", choices=("horse", "horen"), action="append", default=[],
                  help="leave a method out (repeatable)")
   p.add_argument("--seed", type=int, default=0)
+  from horse_jax.cli.common import add_mesh_args
+  add_mesh_args(p)
   p.set_defaults(func=run)
 
 
@@ -127,6 +129,8 @@ def run(args) -> int:
   paths = _world_paths(args.world)
   if args.n_edits < 1:
     raise UserError("--n-edits must be at least 1")
+  from horse_jax.cli.common import setup_devices
+  setup_devices(args, paths["model"])
   model, tokenizer = load_model(paths["model"])
   records = load_records(paths["test"], limit=args.n_edits)
   if len(records) < args.n_edits:

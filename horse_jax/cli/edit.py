@@ -35,10 +35,14 @@ def register(sub) -> None:
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="LM dtype (default from the model card)")
   p.add_argument("--seed", type=int, default=0)
+  from horse_jax.cli.common import add_device_args
+  add_device_args(p)
   p.set_defaults(func=run)
 
 
 def run(args) -> int:
+  from horse_jax.cli.common import setup_devices
+  setup_devices(args, args.model)
   family = "edit_hypernet" if args.method in HYPERNET_METHODS else "edit_codebook"
   from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
   if looks_like_unke(args.data):  # unstructured edits: chat prompts, long targets, text metrics

@@ -60,13 +60,16 @@ def card_dtype(path: str) -> str | None:
 
 
 def load_model(path: str, dtype: str | None = None):
-  """(model, tokenizer) from a Hugging Face folder; dtype default float32."""
+  """(model, tokenizer) from a Hugging Face folder; dtype default float32. Sharded over the mesh of
+  the running command's --mesh (`horse_jax.distributed.cli_mesh`), each device reading its slices."""
+  from horse_jax import distributed
   from horse_jax.models import from_pretrained, load_tokenizer
   if not os.path.isdir(path):
     raise UserError(f"--model {path!r}: folder not found")
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
         None: jnp.float32}.get(dtype, jnp.float32)
-  return from_pretrained(path, dtype=dt), load_tokenizer(path)
+  model = from_pretrained(path, dtype=dt, mesh=distributed.cli_mesh(), fsdp=distributed.cli_fsdp())
+  return model, load_tokenizer(path)
 
 
 @jax.jit

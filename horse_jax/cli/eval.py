@@ -29,6 +29,8 @@ def register(sub) -> None:
                  help="teacher-forced scores only, or also greedy generation")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
+  from horse_jax.cli.common import add_device_args
+  add_device_args(p)
   p.set_defaults(func=run)
 
 
@@ -45,6 +47,8 @@ def run(args) -> int:
     settings["eval"]["mode"] = args.eval_mode
   if args.skip_invalid:
     settings["skip_invalid"] = True
+  from horse_jax.cli.common import setup_devices
+  setup_devices(args, settings.get("model"))
   out = args.out or os.path.join("eval", "results", sweep.slug(settings["name"]))
   results = sweep.run_sweep(settings, out, progress=not args.quiet)
   print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} cells, "

@@ -40,6 +40,8 @@ def register(sub) -> None:
   p.add_argument("--valid-n", type=int, default=None, help="validation edits at once (default data.n_edits)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
+  from horse_jax.cli.common import add_device_args
+  add_device_args(p)
   p.set_defaults(func=run)
 
 
@@ -85,6 +87,8 @@ def run(args) -> int:
 
   if (args.steps is not None and args.steps < 1) or args.save_every < 1:
     raise UserError("--steps and --save-every must be >= 1")
+  from horse_jax.cli.common import setup_devices
+  setup_devices(args, args.model)
   model, tokenizer = load_model(args.model, card_dtype(args.model))
   settings = resolve_settings(args.method, args.model, model, args.config, args.overrides)
   cfg = hypernet.from_settings(args.method, settings, model)

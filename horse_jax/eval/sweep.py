@@ -133,7 +133,9 @@ def _load_model(path: str, settings):
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
   if settings["dtype"] not in dtypes:
     raise UserError(f"sweep: dtype must be one of {', '.join(dtypes)}")
-  model = models.from_pretrained(path, dtype=dtypes[settings["dtype"]])
+  from horse_jax import distributed  # noqa: PLC0415  (the mesh of the CLI's --mesh, if any)
+  model = models.from_pretrained(path, dtype=dtypes[settings["dtype"]], mesh=distributed.cli_mesh(),
+                                 fsdp=distributed.cli_fsdp())
   tokenizer = models.load_tokenizer(settings["tokenizer"] or path)
   return model, tokenizer
 

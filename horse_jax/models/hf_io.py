@@ -121,7 +121,8 @@ def _read(slice_, entry: hf_map.Entry, index: tuple[slice, ...] | None, dtype) -
   return np.ascontiguousarray(array).astype(dtype, copy=False)
 
 
-def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None) -> Model:
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None,
+                    fsdp: bool = False) -> Model:
   """Loads a Hugging Face checkpoint folder (config.json + safetensors).
 
   Args:
@@ -129,6 +130,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
     dtype: param dtype (jnp.float32, jnp.bfloat16, jnp.float16 or their names).
     mesh: optional (data, model) mesh (`sharding.make_mesh`); params are then created sharded by
       `sharding.RULES` and each device reads only its own slice of each tensor.
+    fsdp: with a mesh, also split matrices over `data` (`sharding.fsdp_spec`).
 
   Returns:
     The model.
@@ -165,7 +167,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
           return blocks[key]
 
         value = jax.make_array_from_callback(
-            entry.shape, sharding.sharding_for(entry.path, entry.shape, mesh), read_block)
+            entry.shape, sharding.sharding_for(entry.path, entry.shape, mesh, fsdp), read_block)
       hf_map.set_path(params, entry.path, value)
   return Model(params, cfg)
 

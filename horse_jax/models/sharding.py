@@ -8,6 +8,10 @@ replicated over `data`; batches are split over it (`batch_sharding`).
 
 A dimension that the mesh axis does not divide falls back to replicated for that dimension, so any
 mesh works with any model (only less sharded). XLA inserts the collectives (Auto axis types).
+
+FSDP (`fsdp=True`): a model too large for one replica per `data` row is also split over `data`: every
+matrix gets `data` on its largest dimension that the rules left free and `data` divides (ZeRO-3 style;
+XLA all-gathers the slices where a matmul needs them). Vectors stay replicated over `data`.
 """
 
 from __future__ import annotations
@@ -63,8 +67,33 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """The PartitionSpec of one param (rules, then divisibility fallback)."""
+def fsdp_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """`spec` with `data` added on the largest free dimension it divides (matrices only).
+
+  Args:
+    spec: the tensor-parallel spec of the param.
+    shape: the param shape.
+    mesh: the (data, model) mesh.
+
+  Returns:
+    The FSDP spec (unchanged for vectors, a 1-wide `data` axis, or no divisible free dimension).
+  """
+  n = mesh.shape.get(DATA, 1)
+  axes = list(spec) + [None] * (len(shape) - len(spec))
+  if len(shape) < 2 or n <= 1 or DATA in axes:
+    return spec
+  free = [i for i, (dim, axis) in enumerate(zip(shape, axes)) if axis is None and dim % n == 0]
+  if not free:
+    return spec
+  best = max(free, key=lambda i: (shape[i], -i))  # the largest dimension; the first on ties
+  axes[best] = DATA
+  while axes and axes[-1] is None:
+    axes.pop()
+  return P(*axes)
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = False) -> P:
+  """The PartitionSpec of one param (rules, then divisibility fallback, then FSDP if asked)."""
   spec = P()
   for pattern, rule in RULES:
     if re.search(pattern, path):
@@ -78,41 +107,87 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     fixed.append(axis)
   while fixed and fixed[-1] is None:
     fixed.pop()
-  return P(*fixed)
+  spec = P(*fixed)
+  return fsdp_spec(spec, shape, mesh) if fsdp else spec
 
 
-def sharding_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, spec_for(path, shape, mesh))
+def sharding_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = False) -> NamedSharding:
+  return NamedSharding(mesh, spec_for(path, shape, mesh, fsdp))
 
 
-def param_shardings(params: dict, mesh: Mesh) -> dict:
-  """A pytree of NamedSharding matching `params`."""
+def param_shardings(params: dict, mesh: Mesh, fsdp: bool = False) -> dict:
+  """A pytree of NamedSharding matching `params` (leaves may be arrays or ShapeDtypeStructs)."""
   def walk(node, path):
     if isinstance(node, dict):
       return {k: walk(v, f"{path}.{k}" if path else k) for k, v in node.items()}
-    return sharding_for(path, tuple(node.shape), mesh)
+    return sharding_for(path, tuple(node.shape), mesh, fsdp)
   return walk(params, "")
 
 
-def shard_params(params: dict, cfg: ModelConfig | None, mesh: Mesh) -> dict:
+def shard_params(params: dict, cfg: ModelConfig | None, mesh: Mesh, fsdp: bool = False) -> dict:
   """Places each param on the mesh according to the rules.
 
   Args:
     params: the param tree.
     cfg: the model config (unused today: the rules key on HF module names, which are unambiguous).
     mesh: a (data, model) mesh, e.g. from `make_mesh`.
+    fsdp: also split matrices over `data` (see `fsdp_spec`).
 
   Returns:
     The same tree with sharded arrays.
   """
   del cfg
-  return jax.device_put(params, param_shardings(params, mesh))
+  return jax.device_put(params, param_shardings(params, mesh, fsdp))
 
 
-def shard_model(model: Any, mesh: Mesh) -> Any:
+def shard_model(model: Any, mesh: Mesh, fsdp: bool = False) -> Any:
   """`Model` with its params sharded (see `shard_params`)."""
   from horse_jax.models.transformer import Model
-  return Model(shard_params(model.params, model.config, mesh), model.config)
+  return Model(shard_params(model.params, model.config, mesh, fsdp), model.config)
+
+
+def replica_bytes(params: dict, mesh: Mesh) -> int:
+  """Bytes of params one device holds with tensor-parallel rules only (no FSDP)."""
+  total = 0
+  for path, leaf in _leaves(params):
+    spec = spec_for(path, tuple(leaf.shape), mesh)
+    n = int(np.prod([mesh.shape[a] for a in spec if a is not None] or [1]))
+    total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize // n
+  return total
+
+
+def _leaves(params: dict, prefix: str = ""):
+  for k, v in params.items():
+    path = f"{prefix}.{k}" if prefix else k
+    if isinstance(v, dict):
+      yield from _leaves(v, path)
+    else:
+      yield path, v
+
+
+def want_fsdp(setting: Any, params: dict, mesh: Mesh, device_bytes: int | None) -> bool:
+  """Resolves `sharding.fsdp: true|false|auto`.
+
+  Args:
+    setting: True/False/"auto" (strings "true"/"false" accepted).
+    params: the param tree (arrays or ShapeDtypeStructs).
+    mesh: the mesh.
+    device_bytes: memory of one device, or None when unknown (auto then means off).
+
+  Returns:
+    Whether to shard over `data` too: auto = on when the tensor-parallel replica takes more than
+    half a device (the rest is needed for activations and the editor's caches and solves).
+  """
+  if isinstance(setting, str):
+    setting = {"true": True, "false": False, "auto": "auto"}.get(setting.lower(), setting)
+  if setting is True or setting is False:
+    return setting
+  if setting != "auto":
+    from horse_jax.errors import UserError
+    raise UserError(f"sharding.fsdp must be true, false or auto, not {setting!r}")
+  if mesh.shape.get(DATA, 1) <= 1 or not device_bytes:
+    return False
+  return replica_bytes(params, mesh) > device_bytes // 2
 
 
 def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:

@@ -1,0 +1,170 @@
+"""Device meshes and multi-host runs on JAX's own runtime (`jax.distributed`).
+
+One program runs on every process (multi-controller): each process reads the same inputs, builds the
+same global arrays from the slices its own devices hold, and runs the same jitted programs; only
+process 0 writes results and prints logs. Nothing here starts processes: launch one per host (TPU pod:
+`gcloud ... tpu-vm ssh --worker=all --command "horse-jax ... --distributed auto"`; GPU hosts: one
+process per host with `--coordinator HOST:PORT --num-processes N --process-id I`, or SLURM's srun with
+`--distributed auto`).
+
+  initialize(coordinator, num_processes, process_id, auto)   before anything touches a JAX backend
+  parse_mesh("2x4") -> (2, 4);  mesh_for("auto", card) -> Mesh
+  is_main() / main_print(...)                                process 0 only
+  global_array(host_array, sharding)                         every process passes the same values
+  to_host(array)                                             the full value on every process
+  set_cli_mesh(mesh, fsdp) / cli_mesh() / cli_fsdp()         the mesh the running command uses
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from horse_jax.errors import UserError
+
+_STATE: dict[str, Any] = {"mesh": None, "fsdp": False, "initialized": False}
+
+
+def parse_mesh(text: str | None) -> tuple[int, int] | None:
+  """"DATAxMODEL" -> (data, model); None or "auto" -> None (decided later from the card/devices).
+
+  Raises:
+    UserError: not of the form 2x4 with positive sizes.
+  """
+  if text is None or str(text).strip().lower() == "auto":
+    return None
+  match = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
+  if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+    raise UserError(f"--mesh {text!r}: expected DATAxMODEL with positive sizes, e.g. 2x4, or auto")
+  return int(match.group(1)), int(match.group(2))
+
+
+def card_mesh(card: dict[str, Any] | None, n_devices: int) -> tuple[int, int]:
+  """The mesh `auto` picks: the card's `sharding.mesh` when it has one that fits the devices, else all
+  devices on `model`."""
+  if card and card.get("name") != "default":
+    mesh = (card.get("sharding") or {}).get("mesh") or {}
+    data, model = int(mesh.get("data", 1)), int(mesh.get("model", 1))
+    if data >= 1 and model >= 1 and data * model <= n_devices and (data, model) != (1, 1):
+      return data, model
+  return 1, n_devices
+
+
+def mesh_for(text: str | None, card: dict[str, Any] | None = None, devices=None):
+  """A (data, model) mesh from `--mesh` ("2x4" or "auto"; see `card_mesh`)."""
+  from horse_jax.models.sharding import make_mesh
+  devices = list(jax.devices() if devices is None else devices)
+  shape = parse_mesh(text) or card_mesh(card, len(devices))
+  return make_mesh(shape[0], shape[1], devices)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, auto: bool = False) -> bool:
+  """Joins a multi-process run (call before any JAX computation).
+
+  Args:
+    coordinator: "HOST:PORT" of process 0's coordination service.
+    num_processes: number of processes in the run.
+    process_id: this process's index (0 = the one that writes results).
+    auto: let `jax.distributed.initialize()` detect everything (TPU pods, SLURM, Open MPI).
+
+  Returns:
+    True when this process joined a run, False when there is nothing to join (single process).
+
+  Raises:
+    UserError: a partial set of arguments, or the runtime refused to start.
+  """
+  explicit = (coordinator, num_processes, process_id)
+  if not auto and all(v is None for v in explicit):
+    return False
+  if not auto and any(v is None for v in explicit):
+    raise UserError("multi-host: give --coordinator, --num-processes and --process-id together "
+                    "(or --distributed auto)")
+  if _STATE["initialized"]:
+    return True
+  if num_processes is not None and (num_processes < 1 or not 0 <= (process_id or 0) < num_processes):
+    raise UserError(f"--process-id {process_id} is not in [0, --num-processes {num_processes})")
+  # CPU processes need a collectives backend to talk to each other; GPUs/TPUs ignore this setting.
+  try:
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except AttributeError:
+    pass
+  kwargs = {} if auto else dict(coordinator_address=coordinator, num_processes=int(num_processes),
+                                process_id=int(process_id))
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as err:
+    raise UserError(f"multi-host: jax.distributed.initialize failed: {str(err).splitlines()[0]}") from None
+  _STATE["initialized"] = True
+  return True
+
+
+def is_main() -> bool:
+  """True on process 0 (the one that writes files and prints)."""
+  return jax.process_index() == 0
+
+
+def main_print(*args, **kwargs) -> None:
+  if is_main():
+    print(*args, **kwargs)
+
+
+def set_cli_mesh(mesh, fsdp: bool = False) -> None:
+  """Records the mesh the running command loads models on (None = one device)."""
+  _STATE["mesh"], _STATE["fsdp"] = mesh, bool(fsdp)
+
+
+def cli_mesh():
+  """The mesh set by the running command (`set_cli_mesh`), else None."""
+  return _STATE["mesh"]
+
+
+def cli_fsdp() -> bool:
+  return _STATE["fsdp"] and _STATE["mesh"] is not None
+
+
+def global_array(host_array: Any, sharding) -> jax.Array:
+  """A global array from a value every process holds in full (each device takes its slice).
+
+  In a single process this is `jax.device_put`; across processes every process must pass the same
+  value (they all read the same inputs).
+  """
+  host_array = np.asarray(host_array)
+  if jax.process_count() == 1:
+    return jax.device_put(host_array, sharding)
+  return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+def to_host(x: Any) -> np.ndarray:
+  """The full value of an array as NumPy on every process (gathers what other processes hold)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def tree_to_host(tree: Any) -> Any:
+  return jax.tree_util.tree_map(to_host, tree)
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def device_memory_bytes() -> int | None:
+  """Memory of one local device when the backend reports it (GPU/TPU), else None (CPU)."""
+  try:
+    stats = jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # noqa: BLE001  (backends without memory stats raise various errors)
+    return None
+  value = stats.get("bytes_limit")
+  return int(value) if value else None

@@ -1,0 +1,122 @@
+"""`--mesh DATAxMODEL` on the CLI (8 forced CPU devices): same outputs as one device; FSDP specs."""
+
+import json
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from horse_jax import distributed
+from horse_jax.cli.main import main
+from horse_jax.errors import UserError
+from horse_jax.models import from_pretrained, make_mesh, save_pretrained
+from horse_jax.models.init import random_model, tiny_llama_config
+from horse_jax.models.sharding import fsdp_spec, spec_for, want_fsdp
+from test_cli_train_edit import tiny_tokenizer, zsre_rows
+
+
+@pytest.fixture(autouse=True)
+def _reset_cli_mesh():
+  yield
+  distributed.set_cli_mesh(None)  # the CLI runs in-process: do not leak a mesh into other tests
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mesh")
+  tok, vocab = tiny_tokenizer()
+  tok.save_pretrained(str(root / "tok"))
+  # hidden 64 / MLP 128 / 4 heads: every rule's dimension divides 4 (model) and 2 (data).
+  cfg = tiny_llama_config(vocab_size=vocab, num_layers=3)
+  save_pretrained(random_model(cfg, seed=1), str(root / "llama"), tokenizer_src=str(root / "tok"))
+  (root / "edits.json").write_text(json.dumps(zsre_rows(np.random.default_rng(1), 8)))
+  return root
+
+
+def _edit(ws, out, method, *extra):
+  args = ["edit", "--model", str(ws / "llama"), "--data", str(ws / "edits.json"), "--method", method,
+          "--out", str(out), "--set", "data.batch_size=4", *extra]
+  if method == "horse":
+    args += ["--set", "editor.rank=16", "--set", "editor.lr=1e-2",
+             "--set", "model.edit_modules=[model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj]"]
+  assert main(args) == 0
+
+
+def _same_outputs(a, b):
+  from safetensors.numpy import load_file
+  da, db = load_file(str(a / "deltas.safetensors")), load_file(str(b / "deltas.safetensors"))
+  assert sorted(da) == sorted(db)
+  for name in da:
+    assert np.abs(da[name]).max() > 0
+    np.testing.assert_allclose(db[name], da[name], rtol=1e-4, atol=1e-4 * np.abs(da[name]).max())
+  ma, mb = (json.loads((x / "metrics.json").read_text()) for x in (a, b))
+  assert ma["summary"] == mb["summary"]
+  assert ma["records"] == mb["records"]
+
+
+def test_edit_with_mesh_equals_one_device(ws):
+  _edit(ws, ws / "one", "horse")
+  _edit(ws, ws / "mesh", "horse", "--mesh", "2x4")
+  _same_outputs(ws / "one", ws / "mesh")
+  # The edited checkpoint written from sharded params loads back equal to the one-device one.
+  a, b = from_pretrained(str(ws / "one" / "model")), from_pretrained(str(ws / "mesh" / "model"))
+  ka = np.asarray(a.params["model"]["layers"]["2"]["mlp"]["down_proj"]["kernel"])
+  kb = np.asarray(b.params["model"]["layers"]["2"]["mlp"]["down_proj"]["kernel"])
+  np.testing.assert_allclose(kb, ka, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_edit_with_fsdp_mesh_equals_one_device(ws):
+  if not (ws / "one" / "deltas.safetensors").exists():
+    _edit(ws, ws / "one", "horse")
+  _edit(ws, ws / "fsdp", "horse", "--mesh", "2x4", "--fsdp", "true")
+  _same_outputs(ws / "one", ws / "fsdp")
+
+
+def test_load_model_uses_the_cli_mesh(ws):
+  from horse_jax.cli.edit_hypernet import load_model
+  distributed.set_cli_mesh(make_mesh(2, 4), fsdp=True)
+  model, _ = load_model(str(ws / "llama"))
+  down = model.params["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]  # [128, 64]
+  assert down.sharding.spec == P("model", "data")
+  assert down.addressable_shards[0].data.shape == (32, 32)
+  norm = model.params["model"]["norm"]["scale"]
+  assert norm.sharding.spec == P()
+
+
+def test_parse_mesh_and_auto():
+  assert distributed.parse_mesh("2x4") == (2, 4)
+  assert distributed.parse_mesh(" 1X8 ") == (1, 8)
+  assert distributed.parse_mesh("auto") is None and distributed.parse_mesh(None) is None
+  for bad in ("2x", "0x8", "two", "2x4x1"):
+    with pytest.raises(UserError):
+      distributed.parse_mesh(bad)
+  card = {"name": "llama-3-8b", "sharding": {"mesh": {"data": 1, "model": 4}}}
+  assert distributed.card_mesh(card, 8) == (1, 4)
+  assert distributed.card_mesh(card, 2) == (1, 2)  # the card's mesh needs more devices than exist
+  assert distributed.card_mesh({"name": "default", "sharding": {"mesh": {"data": 1, "model": 1}}}, 8) == (1, 8)
+  assert dict(distributed.mesh_for("auto", None).shape) == {"data": 1, "model": 8}
+  with pytest.raises(UserError):
+    distributed.mesh_for("4x4")
+
+
+def test_fsdp_spec_adds_data_to_the_largest_free_dim():
+  mesh = make_mesh(2, 4)
+  assert fsdp_spec(P(None, "model"), (4096, 14336), mesh) == P("data", "model")
+  assert fsdp_spec(P("model"), (14336, 4096), mesh) == P("model", "data")
+  assert fsdp_spec(P(), (128256, 4096), mesh) == P("data")
+  assert fsdp_spec(P(), (4096,), mesh) == P()                    # vectors stay replicated
+  assert fsdp_spec(P(None, "model"), (3, 8), mesh) == P(None, "model")  # 3 % 2 != 0
+  assert fsdp_spec(P(), (6, 10), mesh) == P(None, "data")        # largest divisible dim
+  assert fsdp_spec(P(None, "model"), (64, 64), make_mesh(1, 8)) == P(None, "model")  # data = 1
+  assert spec_for("model.layers.0.mlp.down_proj.kernel", (128, 64), mesh, fsdp=True) == P("model", "data")
+  # auto: on only when one tensor-parallel replica takes over half a device.
+  import jax
+  params = {"model": {"layers": {"0": {"mlp": {"down_proj": {"kernel": jax.ShapeDtypeStruct((1024, 512), np.float32)}}}}}}
+  per_device = 1024 * 512 * 4 // 4
+  assert want_fsdp("auto", params, mesh, 2 * per_device - 8)
+  assert not want_fsdp("auto", params, mesh, 2 * per_device + 8)
+  assert not want_fsdp("auto", params, mesh, None)
+  assert want_fsdp("true", params, mesh, None) and not want_fsdp(False, params, mesh, None)
+  with pytest.raises(UserError):
+    want_fsdp("sometimes", params, mesh, None)
