@@ -1,16 +1,18 @@
 """Model cards: per-checkpoint settings (edit modules, HoReN layer/threshold, dtype, mesh).
 
-Cards are the YAML files in the repository's top-level `models/` folder. `card_for` finds the card
+Cards are the YAML files in the repository's top-level `models/` folder, installed with the package
+as `horse_jax.cards` (pyproject maps that package to `models/`), so a wheel and a clone find them the
+same way: through the import system (`cards_dir`). `card_for` finds the card
 of a checkpoint by, in order: an explicit card name; the folder name (or a `.../world/model` path);
 the config's `_name_or_path`; matching is on names with case and punctuation ignored, against each
 card's `name`, `hf_id` (and its last part) and `aliases`. A card whose model_type or layer count
-contradicts the actual config is not used. Without a card (or without the `models/` folder, as in
-a non-editable install) the defaults are derived from the config.
+contradicts the actual config is not used. Without a card the defaults are derived from the config.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -18,12 +20,30 @@ from typing import Any
 
 import yaml
 
+from horse_jax import settings as settings_lib
 from horse_jax.errors import UserError
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.names import default_edit_modules, module_names
 
-CARDS_DIR = Path(__file__).resolve().parents[2] / "models"
-DEFAULT_HOREN_THRESHOLD = 0.75
+
+
+def cards_dir() -> Path:
+  """The folder of the cards: the installed package `horse_jax.cards` (a wheel, or an editable
+  install made with this pyproject), else the `models/` folder next to the source tree (a clone run
+  without installing, or an editable install made before the mapping existed)."""
+  try:
+    spec = importlib.util.find_spec("horse_jax.cards")
+  except ModuleNotFoundError:
+    spec = None
+  for location in (spec.submodule_search_locations or []) if spec else []:
+    if Path(location).is_dir():
+      return Path(location)
+  return Path(__file__).resolve().parents[2] / "models"
+
+
+CARDS_DIR = cards_dir()
+# One source of defaults: the settings table (imported lazily there, so no cycle).
+DEFAULT_HOREN_THRESHOLD = settings_lib.default("editor.hopfield_key_match_threshold", "horen")
 
 
 def _key(name: str) -> str:
@@ -68,7 +88,7 @@ def default_card(config: ModelConfig) -> dict[str, Any]:
       "dtype": "float32",
       "edit_modules": mods,
       "horen": {"layer": horen_module, "threshold": DEFAULT_HOREN_THRESHOLD,
-                "query_strategy": "last_50_perc_prompt_tokens_avg"},
+                "query_strategy": settings_lib.default("editor.query_selection_strategy", "horen")},
       "sharding": {"mesh": {"data": 1, "model": 1}},
   }
 
@@ -109,7 +129,7 @@ def card_for(path_or_name: str | os.PathLike | None, config: ModelConfig | None 
     path_or_name: checkpoint folder, HF id, or card name (e.g. "llama-3-8b").
     config: the loaded model's config: used for `_name_or_path`, to reject a card that does not
       fit the model, and for the defaults.
-    cards_dir: folder of *.yaml cards; default the repository's `models/`.
+    cards_dir: folder of *.yaml cards; default `cards_dir()` (the installed `horse_jax.cards`).
 
   Returns:
     {"name", "dtype", "edit_modules", "horen": {"layer", "threshold", ...}, "sharding", ...}.

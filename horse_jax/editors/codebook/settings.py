@@ -10,30 +10,19 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+from horse_jax import settings as settings_lib
 from horse_jax.errors import UserError
+from horse_jax.models import names as names_lib
 
-# Defaults of the HoReN reference (see ../shared methods.md, "HoReN ... and GRACE").
-DEFAULTS: dict[str, Any] = {
-    "layer": None,  # HF module name; None = from the model card, else down_proj of layer ~0.9 L
-    "n_iter": 50,
-    "edit_lr": 1.0,
-    "adapter_mode": "value",  # value | lora
-    "val_init": "cold",  # cold (uniform [0, 1)) | warm (the layer's own output at p)
-    "normalize_codebook_keys": True,
-    "query_selection_strategy": "last_50_perc_prompt_tokens_avg",
-    "hopfield_retrieval_alpha": 0.1,
-    "hopfield_retrieval_beta": 20.0,
-    "hopfield_retrieval_eps": 1e-5,
-    "hopfield_retrieval_max_iter": 1,
-    "hopfield_key_match_threshold": 0.7,
-    "edit_span": "last",  # last (reference: y[p] only) | onward (the change at p also at t > p)
-    "label_match": "mean",  # mean (reference: equal mean of the label array) | exact (hash)
-    "lora_rank": 4,
-    "lora_scale": 1.0,
-    "grace_eps": 1.0,  # GRACE: initial deferral radius of a new key
-    "initial_capacity": 64,  # preallocated codebook rows (doubles when full)
-    "seed": 0,
-}
+# HoReN's `editor.*` defaults under the reference names (declared once, in horse_jax.settings; GRACE
+# differs in normalize_codebook_keys and query_selection_strategy, see `settings_lib.defaults`).
+DEFAULTS: dict[str, Any] = {k.split(".", 1)[1]: v for k, v in settings_lib.defaults("horen").items()
+                            if k.startswith("editor.")}
+
+
+def _d(name: str) -> Any:
+  return DEFAULTS[name]
+
 
 _PERC = re.compile(r"^last_(\d+)_perc_prompt_tokens_avg$")
 _LASTN = re.compile(r"^last_(\d+)_prompt_tokens_avg$")
@@ -65,24 +54,24 @@ class CodebookSettings:
 
   method: str = "horen"
   layer: str = "model.layers.0.mlp.down_proj"
-  n_iter: int = 50
-  edit_lr: float = 1.0
-  adapter_mode: str = "value"
-  val_init: str = "cold"
-  normalize: bool = True
-  strategy: str = "last_50_perc_prompt_tokens_avg"
-  alpha: float = 0.1
-  beta: float = 20.0
-  eps: float = 1e-5
-  max_iter: int = 1
-  threshold: float = 0.7
-  label_match: str = "mean"
-  edit_span: str = "last"
-  lora_rank: int = 4
-  lora_scale: float = 1.0
-  grace_eps: float = 1.0
-  initial_capacity: int = 64
-  seed: int = 0
+  n_iter: int = _d("n_iter")
+  edit_lr: float = _d("edit_lr")
+  adapter_mode: str = _d("adapter_mode")
+  val_init: str = _d("val_init")
+  normalize: bool = _d("normalize_codebook_keys")
+  strategy: str = _d("query_selection_strategy")
+  alpha: float = _d("hopfield_retrieval_alpha")
+  beta: float = _d("hopfield_retrieval_beta")
+  eps: float = _d("hopfield_retrieval_eps")
+  max_iter: int = _d("hopfield_retrieval_max_iter")
+  threshold: float = _d("hopfield_key_match_threshold")
+  label_match: str = _d("label_match")
+  edit_span: str = _d("edit_span")
+  lora_rank: int = _d("lora_rank")
+  lora_scale: float = _d("lora_scale")
+  grace_eps: float = _d("grace_eps")
+  initial_capacity: int = _d("initial_capacity")
+  seed: int = _d("seed")
 
   def __post_init__(self):
     if self.method not in ("horen", "grace"):
@@ -161,15 +150,33 @@ def parse_strategy(name: str) -> tuple[str, int]:
                   "first_prompt_token, last_X_perc_prompt_tokens_avg or last_N_prompt_tokens_avg")
 
 
+def default_layer(config) -> str:
+  """The wrapped module without a card or a setting: the MLP output projection of layer
+  round(0.9 L) (HoReN wraps a late MLP down-projection; the reference uses layer 29 of 32)."""
+  index = min(int(round(0.9 * config.num_layers)), config.num_layers - 1)
+  # default_edit_modules(cfg, k) lists the MLP output modules of the last k layers, lowest first.
+  return names_lib.default_edit_modules(config, config.num_layers - index)[0]
+
+
+def from_resolved(resolved, config) -> CodebookSettings:
+  """Settings from a `horse_jax.settings.Resolved` of horen/grace and the model's config."""
+  editor = resolved.editor()
+  return from_editor_dict(resolved.method, editor, editor.get("layer") or default_layer(config))
+
+
 def from_editor_dict(method: str, editor: Mapping[str, Any], layer: str) -> CodebookSettings:
-  """Builds settings from an `editor.*` tree (unknown keys ignored: reference YAMLs carry others).
+  """Builds settings from an `editor.*` tree (keys other than the declared ones are not read here;
+  `horse_jax.settings.resolve` is where unknown keys are refused).
 
   Args:
     method: "horen" or "grace".
-    editor: the `editor` section (reference names, see DEFAULTS).
+    editor: the `editor` section (reference names, see DEFAULTS; missing keys take the method's
+      declared defaults).
     layer: the resolved wrapped-module name (used when `editor.layer` is None).
   """
-  e = {**DEFAULTS, **{k: v for k, v in editor.items() if k in DEFAULTS}}
+  own = {k.split(".", 1)[1]: v for k, v in settings_lib.defaults(method).items()
+         if k.startswith("editor.")} if method in settings_lib.CODEBOOK else DEFAULTS
+  e = {**own, **{k: v for k, v in editor.items() if k in DEFAULTS}}
   try:
     return CodebookSettings(
         method=method, layer=str(e["layer"] or layer), n_iter=int(e["n_iter"]),

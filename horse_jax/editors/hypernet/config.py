@@ -5,26 +5,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+from horse_jax import settings as settings_lib
 from horse_jax.errors import UserError
 from horse_jax.models import names as names_lib
 
-METHODS = ("horse", "malmen", "mend")
-SPREADS = ("reference", "gram_schmidt")
-TOKENS = ("ans", "all")
+METHODS = settings_lib.HYPERNET
+SPREADS = settings_lib.BY_KEY["editor.spread"].choices
+TOKENS = settings_lib.BY_KEY["editor.token"].choices
 
 
 def default_settings(method: str) -> dict[str, Any]:
-  """Reference-named settings tree for `horse-jax train/edit --method METHOD`."""
+  """Reference-named settings tree of `method` (the declared defaults of `horse_jax.settings`)."""
   if method not in METHODS:
     raise UserError(f"unknown hypernetwork method {method!r} (one of {', '.join(METHODS)})")
-  lr = {"horse": 1e-5, "malmen": 1e-6, "mend": 1e-6}[method]
-  return {
-      "model": {"edit_modules": None},
-      "data": {"n_edits": 32, "batch_size": 32, "max_length": 64},
-      "editor": {"rank": 1920, "n_blocks": 2, "lr": lr, "meta_lr": 1e-5, "loc_coef": 1.0,
-                 "max_grad_norm": 1.0, "n_epochs": 1, "batch_size": 1024,
-                 "token": "all" if method == "mend" else "ans", "spread": "reference"},
-  }
+  return settings_lib.nest(settings_lib.defaults(method))
+
+
+def _d(key: str) -> Any:
+  """A declared default (HORSE's where methods differ): the dataclass defaults are not a copy."""
+  return settings_lib.default(key, "horse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +49,16 @@ class HypernetConfig:
   method: str
   modules: tuple[str, ...]
   shapes: tuple[tuple[int, int], ...]
-  rank: int = 1920
-  n_blocks: int = 2
-  lr: float = 1e-5
-  meta_lr: float = 1e-5
-  loc_coef: float = 1.0
-  max_grad_norm: float = 1.0
-  chunk: int = 1024
-  token: str = "ans"
-  spread: str = "reference"
-  lm_batch: int = 32
+  rank: int = _d("editor.rank")
+  n_blocks: int = _d("editor.n_blocks")
+  lr: float = _d("editor.lr")
+  meta_lr: float = _d("editor.meta_lr")
+  loc_coef: float = _d("editor.loc_coef")
+  max_grad_norm: float = _d("editor.max_grad_norm")
+  chunk: int = _d("editor.batch_size")
+  token: str = _d("editor.token")
+  spread: str = _d("editor.spread")
+  lm_batch: int = _d("data.batch_size")
 
   @property
   def shape_keys(self) -> tuple[str, ...]:
@@ -99,8 +98,19 @@ def module_shapes(params: dict, modules: Sequence[str]) -> tuple[tuple[int, int]
   return tuple(tuple(int(x) for x in names_lib.get_kernel(params, n).shape) for n in modules)
 
 
-def from_settings(method: str, settings: Mapping[str, Any], model) -> HypernetConfig:
-  """Builds the static config from a resolved settings tree and the model it edits."""
+def from_settings(method: str, settings, model) -> HypernetConfig:
+  """Builds the static config from resolved settings and the model it edits.
+
+  Args:
+    method: horse | malmen | mend.
+    settings: a `horse_jax.settings.Resolved`, or a reference-named tree ({"model", "data", "editor"}).
+    model: the LM (its config names the default edit modules; its params give module shapes).
+
+  Returns:
+    The HypernetConfig.
+  """
+  if isinstance(settings, settings_lib.Resolved):
+    settings = settings.tree()
   if method not in METHODS:
     raise UserError(f"unknown hypernetwork method {method!r}")
   ed, data = settings["editor"], settings["data"]
