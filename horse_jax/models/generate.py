@@ -93,15 +93,15 @@ _generate_jit = jax.jit(_generate, static_argnames=("max_new_tokens", "capture",
                                                     "eos_token_id", "pad_token_id"))
 
 
-def generate(model: Model, input_ids_BxT, attention_mask_BxT=None, max_new_tokens: int = 16,
+def generate(model: Model, input_ids, attention_mask=None, max_new_tokens: int = 16,
              hooks: Hooks | None = None, *, eos_token_id: int | None = None,
              pad_token_id: int | None = None) -> jax.Array:
   """Greedy decoding of left-padded prompts.
 
   Args:
     model: the model.
-    input_ids_BxT: prompts, left-padded [B, T].
-    attention_mask_BxT: 1 on real tokens, 0 on the left padding; default all ones.
+    input_ids: prompts, left-padded [B, T].
+    attention_mask: [B, T], 1 on real tokens, 0 on the left padding; default all ones.
     max_new_tokens: number of tokens to generate (static: one compiled program per value).
     hooks: named-module hooks applied while the prompt is prefilled (not while decoding). Offsets
       must be [B, T, d_out]. Adapters are part of the compiled program: pass the same function
@@ -114,23 +114,23 @@ def generate(model: Model, input_ids_BxT, attention_mask_BxT=None, max_new_token
   """
   if max_new_tokens < 1:
     raise ValueError("max_new_tokens must be >= 1")
-  input_ids_BxT = jnp.asarray(input_ids_BxT)
-  if attention_mask_BxT is None:
-    attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
+  input_ids_BxT = jnp.asarray(input_ids)
+  if attention_mask is None:
+    attention_mask = jnp.ones(input_ids_BxT.shape, jnp.int32)
   hooks = hooks or Hooks()
   if pad_token_id is None:
     pad_token_id = eos_token_id
-  return _generate_jit(model, input_ids_BxT, jnp.asarray(attention_mask_BxT), dict(hooks.offsets),
+  return _generate_jit(model, input_ids_BxT, jnp.asarray(attention_mask), dict(hooks.offsets),
                        max_new_tokens=max_new_tokens, capture=tuple(hooks.capture),
                        adapters=tuple(sorted(hooks.adapters.items())), eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id)
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens",))
-def greedy_reference(model: Model, input_ids_BxT, attention_mask_BxT, max_new_tokens: int):
+def greedy_reference(model: Model, input_ids, attention_mask, max_new_tokens: int):
   """Greedy decoding by repeated full forward passes (no cache): slow, for tests."""
   from horse_jax.models.transformer import apply
-  ids, mask = input_ids_BxT, attention_mask_BxT
+  ids, mask = input_ids, attention_mask
   out = []
   for _ in range(max_new_tokens):
     token = jnp.argmax(apply(model, ids, mask)[:, -1], axis=-1).astype(ids.dtype)

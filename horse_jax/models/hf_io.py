@@ -129,7 +129,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
     path: folder with config.json and model.safetensors or model.safetensors.index.json + shards.
     dtype: param dtype (jnp.float32, jnp.bfloat16, jnp.float16 or their names).
     mesh: optional (data, model) mesh (`sharding.make_mesh`); params are then created sharded by
-      `sharding.RULES` and each device reads only its own slice of each tensor.
+      the architecture's `sharding_rules` and each device reads only its own slice of each tensor.
     fsdp: with a mesh, also split matrices over `data` (`sharding.fsdp_spec`).
 
   Returns:
@@ -143,6 +143,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
   cfg = read_config(folder)
   np_dtype = _DTYPES[dtype_name(dtype)]
   params: dict = {}
+  rules = sharding.rules_for(cfg)
   with contextlib.ExitStack() as stack:
     tensors = _Tensors(folder, stack)
     for entry in hf_map.entries(cfg):
@@ -167,7 +168,8 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
           return blocks[key]
 
         value = jax.make_array_from_callback(
-            entry.shape, sharding.sharding_for(entry.path, entry.shape, mesh, fsdp), read_block)
+            entry.shape, sharding.sharding_for(entry.path, entry.shape, mesh, fsdp, rules=rules),
+            read_block)
       hf_map.set_path(params, entry.path, value)
   return Model(params, cfg)
 

@@ -79,8 +79,8 @@ def tiny_llama_config(**overrides) -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> Model:
-  """A randomly initialised model (llama family: `init_llama_params`; others: `init_params`)."""
+  """A randomly initialised model (the architecture's `init_params`, else the generic `init_params`)."""
+  from horse_jax.models import registry
   key = jax.random.PRNGKey(seed)
-  if cfg.model_type in ("llama", "mistral", "qwen2"):
-    return Model(init_llama_params(cfg, key, dtype), cfg)
-  return Model(init_params(cfg, key, dtype), cfg)
+  make = registry.get(cfg.model_type).init_params or init_params
+  return Model(make(cfg, key, dtype, 0.02), cfg)

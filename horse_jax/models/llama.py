@@ -1,5 +1,9 @@
 """Llama family: Llama-2/3/3.1, Mistral (sliding window), Qwen2/2.5 and DeepSeek-R1 distills.
 
+Holds everything specific to the family (registered in `registry` at the bottom): config parsing,
+the HF name table, addressable linear modules, sharding rules and the forward pass. Qwen3 reuses this
+forward pass (`qwen3.py`): a layer with `q_norm` / `k_norm` params normalises q and k per head.
+
 Param tree (HF names, kernels [in, out]):
   model.embed_tokens.embedding [V, D]
   model.layers.{i}.input_layernorm.scale, post_attention_layernorm.scale
@@ -10,10 +14,11 @@ Param tree (HF names, kernels [in, out]):
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from horse_jax.models import layers
+from horse_jax.models import config as config_lib
+from horse_jax.models import hf_map, layers, registry
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Tap
 
@@ -31,14 +36,12 @@ def attention(p, cfg: ModelConfig, x_BxTxD, positions_BxT, bias, tap: Tap, name:
   q = tap.linear(f"{name}.q_proj", p["q_proj"], x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
   k = tap.linear(f"{name}.k_proj", p["k_proj"], x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   v = tap.linear(f"{name}.v_proj", p["v_proj"], x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  if "q_norm" in p:  # Qwen3: RMSNorm over each head's channels, before rope
+    q = layers.rms_norm(p["q_norm"], q, cfg.norm_eps)
+    k = layers.rms_norm(p["k_norm"], k, cfg.norm_eps)
   cos, sin = layers.rope_angles(cfg, positions_BxT, cfg.head_dim)
   q, k = layers.apply_rope_half(q, cos, sin), layers.apply_rope_half(k, cos, sin)
-  new_cache = None
-  if cache is not None:
-    k_cache, v_cache, index = cache
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-    k, v, new_cache = k_cache, v_cache, (k_cache, v_cache)
+  k, v, new_cache = layers.update_cache(cache, k, v)
   out = layers.dot_attention(q, k, v, bias).reshape(b, t, cfg.num_heads * cfg.head_dim)
   return tap.linear(f"{name}.o_proj", p["o_proj"], out), new_cache
 
@@ -69,3 +72,164 @@ def head(params, cfg: ModelConfig, h_BxTxD, tap: Tap):
 
 def layer_params(params, index: int):
   return params["model"]["layers"][str(index)]
+
+
+# --- config.json ---------------------------------------------------------------------------------
+
+
+def parse_config(hf: dict, source: str) -> ModelConfig:
+  """Llama / Mistral / Qwen2 fields of a config.json."""
+  model_type = hf["model_type"]
+  config_lib.check_activation(hf.get("hidden_act"), source)
+  hidden = int(config_lib.require(hf, "hidden_size", source))
+  heads = int(config_lib.require(hf, "num_attention_heads", source))
+  num_layers = int(config_lib.require(hf, "num_hidden_layers", source))
+  theta, scaling = config_lib.rope_from_hf(hf)
+  window = config_lib.sliding_window_from_hf(hf, num_layers, source, use_flag=model_type == "qwen2",
+                                             max_window_layers=num_layers)
+  return ModelConfig(
+      **config_lib.common_fields(hf, source),
+      hidden_size=hidden,
+      intermediate_size=int(config_lib.require(hf, "intermediate_size", source)),
+      num_layers=num_layers,
+      num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+      head_dim=int(hf.get("head_dim") or hidden // heads),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      hidden_act=hf.get("hidden_act", "silu"),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      # Qwen2 always has q/k/v biases and Mistral never has any, whatever the config says.
+      attention_bias=(model_type == "qwen2" or
+                      (model_type == "llama" and bool(hf.get("attention_bias", False)))),
+      mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+      sliding_window=window,
+  )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+  hf = dict(
+      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+      hidden_act=cfg.hidden_act, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_dict)
+  if cfg.model_type in ("llama", "qwen3"):
+    hf.update(attention_bias=cfg.attention_bias)
+  if cfg.model_type == "llama":
+    hf.update(mlp_bias=cfg.mlp_bias)
+  if cfg.model_type == "mistral":
+    hf["sliding_window"] = cfg.sliding_window
+  if cfg.model_type in ("qwen2", "qwen3"):
+    # max_window_layers 0: the window (if any) covers every layer, as parse_config requires.
+    hf.update(use_sliding_window=cfg.sliding_window is not None,
+              sliding_window=cfg.sliding_window, max_window_layers=0)
+  return hf
+
+
+# --- HF name table -------------------------------------------------------------------------------
+
+
+def _qkv_bias(c):
+  return c.attention_bias
+
+
+def _o_bias(c):  # Qwen2 has biases on q/k/v only; Llama's (and Qwen3's) `attention_bias` covers o_proj.
+  return c.attention_bias and c.model_type != "qwen2"
+
+
+def _mlp_bias(c):
+  return c.mlp_bias
+
+
+def _dq(c):
+  return hf_map.d(c) + hf_map.q(c)
+
+
+def _dkv(c):
+  return hf_map.d(c) + hf_map.kv(c)
+
+
+def _qd(c):
+  return hf_map.q(c) + hf_map.d(c)
+
+
+def _df(c):
+  return hf_map.d(c) + hf_map.f(c)
+
+
+def _fd(c):
+  return hf_map.f(c) + hf_map.d(c)
+
+
+LINEAR, COPY = hf_map.LINEAR, hf_map.COPY
+always = hf_map.always
+
+GLOBAL_RULES: tuple[hf_map.Rule, ...] = (
+    ("model.embed_tokens.weight", "model.embed_tokens.embedding", COPY, hf_map.vd, always),
+    ("model.norm.weight", "model.norm.scale", COPY, hf_map.d, always),
+    ("lm_head.weight", "lm_head.kernel", LINEAR, hf_map.dv, hf_map.untied),
+)
+LAYER_RULES: tuple[hf_map.Rule, ...] = (
+    ("input_layernorm.weight", "input_layernorm.scale", COPY, hf_map.d, always),
+    ("post_attention_layernorm.weight", "post_attention_layernorm.scale", COPY, hf_map.d, always),
+    ("self_attn.q_proj.weight", "self_attn.q_proj.kernel", LINEAR, _dq, always),
+    ("self_attn.q_proj.bias", "self_attn.q_proj.bias", COPY, hf_map.q, _qkv_bias),
+    ("self_attn.k_proj.weight", "self_attn.k_proj.kernel", LINEAR, _dkv, always),
+    ("self_attn.k_proj.bias", "self_attn.k_proj.bias", COPY, hf_map.kv, _qkv_bias),
+    ("self_attn.v_proj.weight", "self_attn.v_proj.kernel", LINEAR, _dkv, always),
+    ("self_attn.v_proj.bias", "self_attn.v_proj.bias", COPY, hf_map.kv, _qkv_bias),
+    ("self_attn.o_proj.weight", "self_attn.o_proj.kernel", LINEAR, _qd, always),
+    ("self_attn.o_proj.bias", "self_attn.o_proj.bias", COPY, hf_map.d, _o_bias),
+    ("mlp.gate_proj.weight", "mlp.gate_proj.kernel", LINEAR, _df, always),
+    ("mlp.gate_proj.bias", "mlp.gate_proj.bias", COPY, hf_map.f, _mlp_bias),
+    ("mlp.up_proj.weight", "mlp.up_proj.kernel", LINEAR, _df, always),
+    ("mlp.up_proj.bias", "mlp.up_proj.bias", COPY, hf_map.f, _mlp_bias),
+    ("mlp.down_proj.weight", "mlp.down_proj.kernel", LINEAR, _fd, always),
+    ("mlp.down_proj.bias", "mlp.down_proj.bias", COPY, hf_map.d, _mlp_bias),
+)
+
+LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+# --- sharding ------------------------------------------------------------------------------------
+
+MODEL = "model"
+# Megatron pairs: q/k/v and gate/up split by output column, o/down by input row (one all-reduce
+# per pair); embeddings split over the vocabulary; norms replicated.
+SHARDING_RULES = (
+    (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, MODEL)),
+    (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", P(MODEL)),
+    (r"\.(o_proj|down_proj)\.kernel$", P(MODEL, None)),
+    (r"embed_tokens\.embedding$", P(MODEL, None)),
+    (r"^lm_head\.kernel$", P(None, MODEL)),
+)
+
+
+def _init_params(cfg, key, dtype, std):
+  from horse_jax.models.init import init_llama_params  # init imports the forward pass
+  return init_llama_params(cfg, key, dtype, std)
+
+
+ARCH = registry.register(registry.Architecture(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    hf_classes={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"},
+    parse_config=parse_config,
+    config_to_hf=config_to_hf,
+    embed=embed,
+    block=block,
+    head=head,
+    layer_params=layer_params,
+    layer_prefix=LAYER_PREFIX,
+    global_rules=GLOBAL_RULES,
+    layer_rules=LAYER_RULES,
+    linear_modules=LINEAR_MODULES,
+    edit_module="mlp.down_proj",
+    codebook_module="mlp.down_proj",
+    sharding_rules=SHARDING_RULES,
+    init_params=_init_params,
+))

@@ -7,26 +7,15 @@ from typing import Any, Sequence
 import jax
 
 from horse_jax.errors import UserError
+from horse_jax.models import registry
 from horse_jax.models.config import ModelConfig
-
-_LINEARS = {
-    "llama": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "gptj": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
-}
-_PREFIX = {"llama": "model.layers", "gpt2": "transformer.h", "gptj": "transformer.h"}
-_DOWN_PROJ = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gptj": "mlp.fc_out"}
-
-
-def _family(cfg: ModelConfig) -> str:
-  return "llama" if cfg.model_type in ("llama", "mistral", "qwen2") else cfg.model_type
 
 
 def module_names(cfg: ModelConfig) -> list[str]:
   """Every addressable linear module, in config (layer) order."""
-  fam = _family(cfg)
-  names = [f"{_PREFIX[fam]}.{i}.{suffix}" for i in range(cfg.num_layers) for suffix in _LINEARS[fam]]
+  arch = registry.get(cfg.model_type)
+  names = [f"{arch.layer_prefix}.{i}.{suffix}" for i in range(cfg.num_layers)
+           for suffix in arch.linear_modules]
   if not cfg.tie_word_embeddings:
     names.append("lm_head")
   return names
@@ -34,9 +23,16 @@ def module_names(cfg: ModelConfig) -> list[str]:
 
 def default_edit_modules(cfg: ModelConfig, count: int = 6) -> list[str]:
   """The MLP down-projections of the last `count` layers (the HORSE/MALMEN default)."""
-  fam = _family(cfg)
+  arch = registry.get(cfg.model_type)
   first = max(cfg.num_layers - count, 0)
-  return [f"{_PREFIX[fam]}.{i}.{_DOWN_PROJ[fam]}" for i in range(first, cfg.num_layers)]
+  return [f"{arch.layer_prefix}.{i}.{arch.edit_module}" for i in range(first, cfg.num_layers)]
+
+
+def default_codebook_module(cfg: ModelConfig, layer: int) -> str:
+  """The module HoReN/GRACE wrap in decoder layer `layer` (the MLP output projection, or what the
+  architecture declares instead, e.g. the attention output for mixture-of-experts MLPs)."""
+  arch = registry.get(cfg.model_type)
+  return f"{arch.layer_prefix}.{layer}.{arch.codebook_module}"
 
 
 def layer_index(name: str) -> int:

@@ -3,7 +3,8 @@
 Megatron layout: projections into the wide space (q/k/v, gate/up, GPT-2 c_attn/c_fc, GPT-J fc_in,
 lm_head) are split by output column over `model`; projections back to the residual stream (o_proj,
 down_proj, c_proj, out_proj, fc_out) are split by input row, so the pair needs one all-reduce.
-Embeddings are split over the vocabulary. Norms and small vectors are replicated. Params are
+Embeddings are split over the vocabulary. Norms and small vectors are replicated. Each architecture
+module declares its rule table (`sharding_rules`, read through `registry`; `rules_for`). Params are
 replicated over `data`; batches are split over it (`batch_sharding`).
 
 A dimension that the mesh axis does not divide falls back to replicated for that dimension, so any
@@ -27,18 +28,22 @@ from horse_jax.models.config import ModelConfig
 
 DATA, MODEL = "data", "model"
 
-_COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj|c_attn|c_fc|fc_in)"
-_ROW = r"(o_proj|down_proj|out_proj|fc_out|attn\.c_proj|mlp\.c_proj)"
 
-# (regex on the dot-joined param path, spec); the first match wins; no match = replicated.
-RULES: tuple[tuple[str, P], ...] = (
-    (rf"\.{_COLUMN}\.kernel$", P(None, MODEL)),
-    (rf"\.{_COLUMN}\.bias$", P(MODEL)),
-    (rf"\.{_ROW}\.kernel$", P(MODEL, None)),
-    (r"(embed_tokens|wte)\.embedding$", P(MODEL, None)),
-    (r"^lm_head\.kernel$", P(None, MODEL)),
-    (r"^lm_head\.bias$", P(MODEL)),
-)
+
+def rules_for(cfg: ModelConfig | None) -> tuple[tuple[str, P], ...]:
+  """The tensor-parallel rules of an architecture (its module's `sharding_rules`).
+
+  Args:
+    cfg: the model config; None = every registered architecture's rules (they key on HF module
+      names, which do not collide across architectures).
+
+  Returns:
+    ((regex on the dot-joined param path, PartitionSpec), ...): the first match wins.
+  """
+  from horse_jax.models import registry
+  if cfg is not None:
+    return registry.get(cfg.model_type).sharding_rules
+  return tuple(rule for arch in registry.architectures() for rule in arch.sharding_rules)
 
 
 def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
@@ -92,10 +97,14 @@ def fsdp_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   return P(*axes)
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = False) -> P:
-  """The PartitionSpec of one param (rules, then divisibility fallback, then FSDP if asked)."""
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = False, *,
+             rules=None) -> P:
+  """The PartitionSpec of one param (rules, then divisibility fallback, then FSDP if asked).
+
+  `rules` default to every architecture's (`rules_for(None)`).
+  """
   spec = P()
-  for pattern, rule in RULES:
+  for pattern, rule in (rules_for(None) if rules is None else rules):
     if re.search(pattern, path):
       spec = rule
       break
@@ -111,16 +120,17 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = False) 
   return fsdp_spec(spec, shape, mesh) if fsdp else spec
 
 
-def sharding_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = False) -> NamedSharding:
-  return NamedSharding(mesh, spec_for(path, shape, mesh, fsdp))
+def sharding_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp: bool = False, *,
+                 rules=None) -> NamedSharding:
+  return NamedSharding(mesh, spec_for(path, shape, mesh, fsdp, rules=rules))
 
 
-def param_shardings(params: dict, mesh: Mesh, fsdp: bool = False) -> dict:
+def param_shardings(params: dict, mesh: Mesh, fsdp: bool = False, *, rules=None) -> dict:
   """A pytree of NamedSharding matching `params` (leaves may be arrays or ShapeDtypeStructs)."""
   def walk(node, path):
     if isinstance(node, dict):
       return {k: walk(v, f"{path}.{k}" if path else k) for k, v in node.items()}
-    return sharding_for(path, tuple(node.shape), mesh, fsdp)
+    return sharding_for(path, tuple(node.shape), mesh, fsdp, rules=rules)
   return walk(params, "")
 
 
@@ -129,15 +139,14 @@ def shard_params(params: dict, cfg: ModelConfig | None, mesh: Mesh, fsdp: bool =
 
   Args:
     params: the param tree.
-    cfg: the model config (unused today: the rules key on HF module names, which are unambiguous).
+    cfg: the model config (selects its architecture's rules; None = all architectures').
     mesh: a (data, model) mesh, e.g. from `make_mesh`.
     fsdp: also split matrices over `data` (see `fsdp_spec`).
 
   Returns:
     The same tree with sharded arrays.
   """
-  del cfg
-  return jax.device_put(params, param_shardings(params, mesh, fsdp))
+  return jax.device_put(params, param_shardings(params, mesh, fsdp, rules=rules_for(cfg)))
 
 
 def shard_model(model: Any, mesh: Mesh, fsdp: bool = False) -> Any:

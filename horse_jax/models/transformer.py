@@ -13,21 +13,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from horse_jax.models import gpt2, gptj, layers, llama
+from horse_jax.models import layers, registry
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Hooks, Tap
 
-ARCHS: dict[str, Any] = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2,
-                         "gptj": gptj}
 
-
-def register_arch(model_type: str, module: Any) -> None:
-  """Adds an architecture module (embed / block / head / layer_params / LAYER_PREFIX)."""
-  ARCHS[model_type] = module
-
-
-def arch(cfg: ModelConfig):
-  return ARCHS[cfg.model_type]
+def arch(cfg: ModelConfig) -> registry.Architecture:
+  """The registered architecture of a config (see `registry` for what one provides)."""
+  return registry.get(cfg.model_type)
 
 
 @jax.tree_util.register_dataclass
@@ -53,9 +46,9 @@ def default_positions(attention_mask_BxT: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask_BxT, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def _mask_and_positions(input_ids_BxT, attention_mask_BxT, position_ids_BxT):
+def _mask_and_positions(shape_BxT, attention_mask_BxT, position_ids_BxT):
   if attention_mask_BxT is None:
-    attention_mask_BxT = jnp.ones(input_ids_BxT.shape, jnp.int32)
+    attention_mask_BxT = jnp.ones(shape_BxT, jnp.int32)
   if position_ids_BxT is None:
     position_ids_BxT = default_positions(attention_mask_BxT)
   return attention_mask_BxT, position_ids_BxT
@@ -90,51 +83,67 @@ def _check_names(model: Model, tap: Tap, hooks: Hooks | None, start: int) -> Non
     check_module_names(model.config, sorted(unknown), first_layer=start)
 
 
-def forward(model: Model, input_ids_BxT, attention_mask_BxT=None, *, hooks: Hooks | None = None,
-            position_ids_BxT=None) -> ForwardOutput:
+def forward(model: Model, input_ids, attention_mask=None, *, position_ids=None,
+            hooks: Hooks | None = None) -> ForwardOutput:
   """Full forward pass with optional named-module hooks.
 
   Args:
     model: the model.
-    input_ids_BxT: token ids [B, T] (int).
-    attention_mask_BxT: 1 for real tokens, 0 for padding (left or right); default all ones.
+    input_ids: token ids [B, T] (int).
+    attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right); default all ones.
+    position_ids: [B, T]; default counts real tokens from 0, so left padding needs nothing else.
     hooks: capture / offset / adapter hooks at named linear modules.
-    position_ids_BxT: default counts real tokens from 0, so left padding needs nothing else.
 
   Returns:
     ForwardOutput(logits [B, T, V], captured inputs by module name).
   """
-  mask, positions = _mask_and_positions(input_ids_BxT, attention_mask_BxT, position_ids_BxT)
+  mask_BxT, positions_BxT = _mask_and_positions(jnp.shape(input_ids), attention_mask, position_ids)
   tap = Tap(hooks)
-  h = embed(model, input_ids_BxT, positions)
-  h = run_layers(model, h, mask, positions, tap)
-  logits = arch(model.config).head(model.params, model.config, h, tap)
+  h_BxTxD = embed(model, input_ids, positions_BxT)
+  h_BxTxD = run_layers(model, h_BxTxD, mask_BxT, positions_BxT, tap)
+  logits = arch(model.config).head(model.params, model.config, h_BxTxD, tap)
   _check_names(model, tap, hooks, 0)
   return ForwardOutput(logits, tap.captured)
 
 
-def apply(model: Model, input_ids_BxT, attention_mask_BxT=None, *, hooks: Hooks | None = None,
-          position_ids_BxT=None) -> jax.Array:
-  """Logits [B, T, V] of `forward`."""
-  return forward(model, input_ids_BxT, attention_mask_BxT, hooks=hooks,
-                 position_ids_BxT=position_ids_BxT).logits
+def apply(model: Model, input_ids, attention_mask=None, *, position_ids=None,
+          hooks: Hooks | None = None) -> jax.Array:
+  """Logits [B, T, V] of `forward` (same arguments)."""
+  return forward(model, input_ids, attention_mask, position_ids=position_ids, hooks=hooks).logits
 
 
-def hidden_before(model: Model, layer: int, input_ids_BxT, attention_mask_BxT=None,
-                  position_ids_BxT=None) -> jax.Array:
-  """Residual stream entering decoder layer `layer` [B, T, D] (no hooks: it is edit-invariant)."""
-  mask, positions = _mask_and_positions(input_ids_BxT, attention_mask_BxT, position_ids_BxT)
-  h = embed(model, input_ids_BxT, positions)
-  return run_layers(model, h, mask, positions, Tap(None), 0, layer)
+def hidden_before(model: Model, layer: int, input_ids, attention_mask=None, *,
+                  position_ids=None) -> jax.Array:
+  """Residual stream entering decoder layer `layer` [B, T, D] (no hooks: it is edit-invariant).
+
+  Args:
+    model: the model.
+    layer: decoder layer index (`num_layers` gives the stream before the final norm).
+    input_ids, attention_mask, position_ids: as in `forward`.
+  """
+  mask_BxT, positions_BxT = _mask_and_positions(jnp.shape(input_ids), attention_mask, position_ids)
+  h_BxTxD = embed(model, input_ids, positions_BxT)
+  return run_layers(model, h_BxTxD, mask_BxT, positions_BxT, Tap(None), 0, layer)
 
 
-def forward_from(model: Model, layer: int, h_BxTxD, attention_mask_BxT, *,
-                 hooks: Hooks | None = None, position_ids_BxT=None) -> ForwardOutput:
-  """Finishes a forward pass from the residual stream entering `layer` (see `hidden_before`)."""
-  if position_ids_BxT is None:
-    position_ids_BxT = default_positions(attention_mask_BxT)
+def forward_from(model: Model, layer: int, hidden_states, attention_mask=None, *,
+                 position_ids=None, hooks: Hooks | None = None) -> ForwardOutput:
+  """Finishes a forward pass from the residual stream entering `layer` (see `hidden_before`).
+
+  Args:
+    model: the model.
+    layer: the decoder layer `hidden_states` enters.
+    hidden_states: [B, T, D] from `hidden_before(model, layer, ...)`.
+    attention_mask, position_ids, hooks: as in `forward` (the same mask and positions as were
+      given to `hidden_before`).
+
+  Returns:
+    ForwardOutput(logits [B, T, V], captured inputs by module name).
+  """
+  mask_BxT, positions_BxT = _mask_and_positions(hidden_states.shape[:2], attention_mask,
+                                                position_ids)
   tap = Tap(hooks)
-  h = run_layers(model, h_BxTxD, attention_mask_BxT, position_ids_BxT, tap, layer)
-  logits = arch(model.config).head(model.params, model.config, h, tap)
+  h_BxTxD = run_layers(model, hidden_states, mask_BxT, positions_BxT, tap, layer)
+  logits = arch(model.config).head(model.params, model.config, h_BxTxD, tap)
   _check_names(model, tap, hooks, layer)
   return ForwardOutput(logits, tap.captured)
