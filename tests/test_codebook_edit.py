@@ -26,7 +26,9 @@ def model():
 
 
 def make_batch(prompts, targets, t=T):
-  """EditBatch from token-id lists (BOS-free synthetic prompts), tokenized as methods.md says."""
+  """EditBatch from token-id lists (BOS-free synthetic prompts), tokenized as `tokenize_edits` lays
+  them out: prompt then target[:-1], the target as labels from the last prompt token on,
+  prompt_len = len(prompt)."""
   n = len(prompts)
   ids = np.zeros((n, t), np.int32)
   mask = np.zeros((n, t), np.int32)

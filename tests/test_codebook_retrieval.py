@@ -1,4 +1,5 @@
-"""Queries and damped Hopfield retrieval vs NumPy float64 implementations of methods.md."""
+"""Queries and damped Hopfield retrieval vs NumPy float64 implementations of the
+HoReN reference formulas (query selection, damped Hopfield iteration, strict threshold)."""
 
 import math
 

@@ -1,4 +1,5 @@
-"""The running normalizer against hand-computed numbers (methods.md formula)."""
+"""The running normalizer against hand-computed numbers (the reference's running mean and sum of
+squares: std = sqrt(var / (n - 1 + eps)), applied as (x - mean) / (std + eps))."""
 
 import jax.numpy as jnp
 import numpy as np

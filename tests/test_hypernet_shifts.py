@@ -1,4 +1,5 @@
-"""Fresh-hypernetwork shifts against an independent NumPy float64 implementation of methods.md.
+"""Fresh-hypernetwork shifts against an independent NumPy float64 implementation of the
+HORSE/MALMEN formulas.
 
 The NumPy side re-derives everything from the cached keys/value grads: the running normalizer over
 the mini-batches, the residual blocks (with random non-zero params, so the net is not the identity),
@@ -21,7 +22,7 @@ EPS = 2.0 ** -23
 
 
 def make_batch(pairs, length=16):
-  """Right-padded EditBatch from (prompt ids incl. BOS, target ids) pairs, per methods.md."""
+  """Right-padded EditBatch from (prompt ids incl. BOS, target ids) pairs (labels shifted one left)."""
   b = len(pairs)
   ids = np.zeros((b, length), np.int32)
   mask = np.zeros((b, length), np.int32)

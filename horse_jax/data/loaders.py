@@ -6,7 +6,7 @@ loads a Hub dataset through the same path. Each raw row is then checked and mapp
 by the format's converter; the first problem raises `UserError` naming the file, the record index
 (0-based, file order) and the field, or, with `skip_invalid`, is reported on stderr and skipped.
 
-Field mapping (see methods.md):
+Field mapping (each dataset's own field names -> EditRecord):
   zsre            src -> prompt, alt (else ans) -> target, rephrase, loc + "?" -> loc_prompt,
                   loc_ans -> loc_answer, answers[0] -> ground_truth, optional portability.
   counterfact     prompt, target_new -> target (never ground_truth), ground_truth, rephrase_prompt,

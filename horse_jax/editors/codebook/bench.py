@@ -10,7 +10,7 @@ equals the number of capacity buckets (not the number of edits) and memory grows
 codebook.
 
 Demo (--demo): after the edits, scores every edit on the final model (teacher-forced token accuracy,
-as in methods.md) and checks unrelated prompts keep their pre-edit greedy predictions at every
+as MALMEN's succ_ratios: per edit, the share of answer positions whose argmax is the label) and checks unrelated prompts keep their pre-edit greedy predictions at every
 target position (locality agreement).
 """
 

@@ -1,4 +1,4 @@
-"""Queries from the wrapped module's input h [T, d_in] (methods.md, "Query").
+"""Queries from the wrapped module's input h [T, d_in], as the HoReN reference selects them.
 
 p is the edit position (last prompt token) and `start` the first real token (0 unless the prompt is
 left-padded), so P = p - start + 1 prompt tokens:

@@ -1,4 +1,4 @@
-"""Damped Hopfield retrieval over the live codebook rows (methods.md, "Retrieval").
+"""Damped Hopfield retrieval over the live codebook rows (the HoReN reference's retrieval).
 
   xi = q
   repeat max_iter times:
