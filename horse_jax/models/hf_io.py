@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_directory
-from horse_jax.models import hf_map
+from horse_jax.models import hf_map, mxfp4
 from horse_jax.models.config import ModelConfig, config_from_hf, config_to_hf
 from horse_jax.models.transformer import Model
 
@@ -121,6 +121,18 @@ def _read(slice_, entry: hf_map.Entry, index: tuple[slice, ...] | None, dtype) -
   return np.ascontiguousarray(array).astype(dtype, copy=False)
 
 
+def _mxfp4_slice(tensors: _Tensors, entry: hf_map.Entry, dtype):
+  """An MXFP4 `<name>_blocks` / `<name>_scales` pair (gpt-oss experts) read as one tensor."""
+  blocks, file = tensors.slice(tensors.resolve(entry.hf_name + "_blocks"))
+  scales_name = tensors.resolve(entry.hf_name + "_scales")
+  if scales_name is None:
+    raise UserError(f"{file}: tensor {entry.hf_name + '_blocks'!r} has no matching _scales")
+  try:
+    return mxfp4.PackedSlice(blocks, tensors.slice(scales_name)[0], dtype), file
+  except ValueError as err:
+    raise UserError(f"{file}: {entry.hf_name}: {err}") from None
+
+
 def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None,
                     fsdp: bool = False) -> Model:
   """Loads a Hugging Face checkpoint folder (config.json + safetensors).
@@ -148,12 +160,13 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
     tensors = _Tensors(folder, stack)
     for entry in hf_map.entries(cfg):
       stored = tensors.resolve(entry.hf_name)
-      if stored is None:
+      packed = None if stored else tensors.resolve(entry.hf_name + "_blocks")
+      if stored is None and packed is None:
         raise UserError(f"{folder / tensors.index_name}: tensor {entry.hf_name!r} is missing")
-      slice_, file = tensors.slice(stored)
+      slice_, file = tensors.slice(stored) if stored else _mxfp4_slice(tensors, entry, np_dtype)
       shape = tuple(slice_.get_shape())
       if shape != entry.hf_shape:
-        raise UserError(f"{file}: tensor {stored!r} has shape {list(shape)}, expected "
+        raise UserError(f"{file}: tensor {stored or entry.hf_name!r} has shape {list(shape)}, expected "
                         f"{list(entry.hf_shape)} from config.json")
       if mesh is None:
         value = jnp.asarray(_read(slice_, entry, None, np_dtype))
@@ -176,6 +189,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
 
 def _updated_config_json(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
   hf = cfg.hf_config if cfg.hf_config else config_to_hf(cfg)
+  hf.pop("quantization_config", None)  # tensors are written dequantized (e.g. MXFP4 experts)
   keys = [k for k in ("dtype", "torch_dtype") if k in hf] or ["dtype"]
   for key in keys:
     hf[key] = dtype

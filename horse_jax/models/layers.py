@@ -53,6 +53,8 @@ def rope_inv_freq(cfg: ModelConfig, rotary_dim: int) -> np.ndarray:
     return inv_freq.astype(np.float32)
   if scaling["rope_type"] == "linear":
     return (inv_freq / float(scaling["factor"])).astype(np.float32)
+  if scaling["rope_type"] == "yarn":
+    return _yarn_inv_freq(cfg, scaling, inv_freq, rotary_dim)
   # llama3: long wavelengths are slowed by `factor`, short ones kept, smooth blend in between.
   factor = float(scaling["factor"])
   low = float(scaling.get("low_freq_factor", 1.0))
@@ -66,10 +68,62 @@ def rope_inv_freq(cfg: ModelConfig, rotary_dim: int) -> np.ndarray:
   return np.where(medium, blended, scaled).astype(np.float32)
 
 
+def _yarn_factor(cfg: ModelConfig, scaling: dict) -> float:
+  factor = scaling.get("factor")
+  if factor is None:  # as transformers: the context extension ratio
+    return cfg.max_position_embeddings / float(scaling["original_max_position_embeddings"])
+  return float(factor)
+
+
+def _yarn_inv_freq(cfg: ModelConfig, scaling: dict, inv_freq: np.ndarray,
+                   rotary_dim: int) -> np.ndarray:
+  """YaRN: high frequencies kept (extrapolated), low ones divided by `factor` (interpolated), with
+  a linear ramp over the dimensions between the `beta_fast` and `beta_slow` rotation counts."""
+  factor = _yarn_factor(cfg, scaling)
+  beta_fast = float(scaling.get("beta_fast") or 32.0)
+  beta_slow = float(scaling.get("beta_slow") or 1.0)
+  old_len = float(scaling["original_max_position_embeddings"])
+  base = cfg.rope_theta
+
+  def dim_for(rotations):  # the dimension that turns `rotations` times over the old context
+    return rotary_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = dim_for(beta_fast), dim_for(beta_slow)
+  if scaling.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rotary_dim - 1)
+  if low == high:
+    high += 0.001  # transformers' guard against a zero-width ramp
+  ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+  keep = 1.0 - ramp  # 1 = extrapolate (unchanged frequency), 0 = interpolate (divided by factor)
+  return (inv_freq / factor * (1.0 - keep) + inv_freq * keep).astype(np.float32)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+  """The factor YaRN multiplies cos and sin by (1.0 for every other rope type)."""
+  scaling = cfg.rope_scaling_dict
+  if scaling is None or scaling["rope_type"] != "yarn":
+    return 1.0
+  if scaling.get("attention_factor") is not None:
+    return float(scaling["attention_factor"])
+  factor = _yarn_factor(cfg, scaling)
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+  if m and m_all:
+    return float(mscale(factor, float(m)) / mscale(factor, float(m_all)))
+  return mscale(factor)
+
+
 def rope_angles(cfg: ModelConfig, positions_BxT: jax.Array, rotary_dim: int):
-  """cos, sin [B, T, rotary_dim // 2] in float32."""
+  """cos, sin [B, T, rotary_dim // 2] in float32 (times YaRN's attention factor when it applies)."""
   inv_freq = jnp.asarray(rope_inv_freq(cfg, rotary_dim))
   angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+  scale = rope_attention_factor(cfg)
+  if scale != 1.0:
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
   return jnp.cos(angles), jnp.sin(angles)
 
 

@@ -51,7 +51,7 @@ from horse_jax.errors import UserError
 
 # Modules that register the built-in architectures (imported on the first lookup).
 BUILTIN_MODULES = ("horse_jax.models.llama", "horse_jax.models.qwen3", "horse_jax.models.gpt2",
-                   "horse_jax.models.gptj")
+                   "horse_jax.models.gptj", "horse_jax.models.gpt_oss")
 
 
 class Architecture(NamedTuple):

@@ -1,0 +1,293 @@
+"""gpt-oss: parity with transformers (logits, greedy generation, routing), MXFP4 dequantization,
+load -> export -> load, and HoReN edits wrapping an attention output projection."""
+
+import json
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from horse_jax.editors.codebook import adapter, edit, state  # noqa: E402
+from horse_jax.models import Hooks, apply, forward, from_pretrained, generate, save_pretrained  # noqa: E402
+from horse_jax.models import mxfp4  # noqa: E402
+from horse_jax.models.names import get_module  # noqa: E402
+from test_codebook_edit import make_batch, np_query_perc50, settings  # noqa: E402
+
+WINDOW = 3
+YARN = dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=4096)
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+            num_experts_per_tok=2, sliding_window=WINDOW, max_position_embeddings=131072,
+            layer_types=["sliding_attention", "full_attention"], rope_theta=150000.0,
+            rope_scaling=YARN, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            initializer_range=0.1)
+
+
+def build_tiny(folder, seed=0):
+  """A tiny random transformers GptOss (eager attention), saved to `folder`; returns it (eval).
+
+  Every parameter gets extra noise; the fused gate/up biases get large noise so the clamp at
+  `swiglu_limit` is reached.
+  """
+  import transformers
+  torch.manual_seed(seed)
+  torch.set_num_threads(1)
+  config = transformers.GptOssConfig(**TINY)
+  config._attn_implementation = "eager"
+  model = transformers.GptOssForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      param.add_((4.0 if name.endswith("gate_up_proj_bias") else 0.1) * torch.randn_like(param))
+  model.save_pretrained(str(folder))
+  return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("gpt-oss")
+  return build_tiny(folder), folder
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+  return from_pretrained(tiny[1])
+
+
+def _batch(vocab=101, b=3, t=9, seed=0):
+  """Ids [B, T] with left padding on rows 0 (4 pads) and 1 (1 pad); T > the sliding window."""
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(3, vocab, (b, t))
+  mask = np.ones((b, t), np.int64)
+  mask[0, :4] = 0
+  mask[1, :1] = 0
+  ids[mask == 0] = 0
+  return ids, mask
+
+
+def _torch_logits(model, ids, mask):
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    out = model(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(positions))
+  return out.logits.float().numpy()
+
+
+def test_config_fields(ours):
+  cfg = ours.config
+  assert cfg.model_type == "gpt_oss" and cfg.num_experts == 4 and cfg.experts_per_token == 2
+  assert cfg.window == WINDOW and cfg.sliding_window is None  # windowed per layer, not globally
+  assert cfg.layer_types == ("sliding_attention", "full_attention")
+  assert dict(cfg.rope_scaling)["rope_type"] == "yarn"
+
+
+def test_logits_match_transformers(tiny, ours):
+  torch_model, _ = tiny
+  ids, mask = _batch()
+  full = np.ones_like(mask)
+  ref = _torch_logits(torch_model, ids, full)
+  got = np.asarray(apply(ours, jnp.asarray(ids), attention_mask=jnp.asarray(full)))
+  assert np.abs(ref).max() > 0.5
+  np.testing.assert_array_less(np.abs(got - ref).max(), 1e-4)
+  ref = _torch_logits(torch_model, ids, mask)
+  got = np.asarray(apply(ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  real = mask.astype(bool)
+  np.testing.assert_array_less(np.abs(got - ref)[real].max(), 1e-4)
+
+
+def test_routing_and_clamp_are_exercised(tiny):
+  """Tokens go to different experts, and some gate/up values pass the clamp (so both count)."""
+  torch_model, _ = tiny
+  chosen, clamped = [], []
+
+  def router_hook(module, args, out):
+    chosen.append(out[2].numpy())
+
+  def experts_hook(module, args, out):
+    x = args[0]
+    gate_up = torch.einsum("td,edf->tef", x, module.gate_up_proj) + module.gate_up_proj_bias
+    clamped.append(float((gate_up.abs() > module.limit).float().mean()))
+
+  layer = torch_model.model.layers[1].mlp
+  handles = [layer.router.register_forward_hook(router_hook),
+             layer.experts.register_forward_hook(experts_hook)]
+  try:
+    ids, mask = _batch()
+    _torch_logits(torch_model, ids, np.ones_like(mask))
+  finally:
+    for h in handles:
+      h.remove()
+  picks = chosen[0]  # [tokens, k]
+  assert len({tuple(sorted(row)) for row in picks}) > 1  # tokens differ in their expert pair
+  assert len(np.unique(picks)) == 4  # every expert is used by some token
+  assert 0.0 < clamped[0] < 0.5
+
+
+def test_greedy_generation_matches_transformers(tiny, ours):
+  torch_model, _ = tiny
+  ids, mask = _batch(t=6)
+  new = np.asarray(generate(ours, ids, attention_mask=mask, max_new_tokens=8))
+  with torch.no_grad():
+    ref = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                               max_new_tokens=8, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[:, ids.shape[1]:].numpy()
+  np.testing.assert_array_equal(new, ref)
+  assert len(np.unique(ref)) > 3  # not one repeated token
+
+
+# MXFP4.
+
+
+def pack_mxfp4(values, exponents):
+  """Test-side packer: values [..., G * 32] that are e2m1 numbers times 2 ** exponents [..., G]."""
+  table = {v: i for i, v in enumerate([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])}
+  scaled = values / np.repeat(np.exp2(exponents.astype(np.float64)), 32, axis=-1)
+  codes = np.vectorize(lambda v: table[abs(v)] | (8 if np.signbit(v) else 0))(scaled).astype(np.uint8)
+  codes = codes.reshape(values.shape[:-1] + (-1, 32))
+  blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+  return blocks, (exponents + 127).astype(np.uint8)
+
+
+def _known(shape_rows, groups, seed):
+  rng = np.random.RandomState(seed)
+  magnitudes = np.asarray([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+  e2m1 = magnitudes[rng.randint(0, 8, shape_rows + (groups * 32,))]
+  e2m1 = np.where(rng.rand(*e2m1.shape) < 0.5, -e2m1, e2m1)
+  exponents = rng.randint(-20, 20, shape_rows + (groups,))
+  exponents[..., 0] = -127  # the smallest scale: subnormal float32 results
+  return e2m1 * np.repeat(np.exp2(exponents.astype(np.float64)), 32, axis=-1), exponents
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mxfp4_matches_transformers(dtype):
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+  values, exponents = _known((3, 5), 2, seed=1)  # [E, rows, cols]
+  blocks, scales = pack_mxfp4(values, exponents)
+  assert blocks.shape == (3, 5, 2, 16) and scales.shape == (3, 5, 2)
+  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  ours = mxfp4.dequantize_experts(blocks, scales, np_dtype)
+  ref = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales),
+                                   dtype=getattr(torch, dtype)).float().numpy()
+  assert ours.shape == ref.shape == (3, 64, 5)
+  np.testing.assert_array_equal(ours.astype(np.float32), ref)
+  if dtype == "float32":  # the known values, transposed to [E, in, out]
+    np.testing.assert_array_equal(ours, np.swapaxes(values, 1, 2).astype(np.float32))
+
+
+def test_mxfp4_checkpoint_loads_like_transformers(tiny, tmp_path):
+  """A checkpoint whose expert matrices are MXFP4 pairs loads to transformers' dequantization."""
+  from safetensors.numpy import load_file, save_file
+  import shutil
+
+  from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+  _, folder = tiny
+  out = tmp_path / "mxfp4"
+  shutil.copytree(folder, out)
+  tensors = load_file(str(out / "model.safetensors"))
+  expected = {}
+  for i, name in enumerate(n for n in list(tensors) if n.endswith(("gate_up_proj", "down_proj"))):
+    e, d_in, d_out = tensors[name].shape  # transformers' [E, in, out]; MXFP4 packs [E, out, in]
+    values, exponents = _known((e, d_out), d_in // 32, seed=10 + i)
+    blocks, scales = pack_mxfp4(values, exponents)
+    del tensors[name]
+    tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+    expected[name] = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales),
+                                                dtype=torch.float32).numpy()
+  assert len(expected) == 2 * TINY["num_hidden_layers"]
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  model = from_pretrained(out)
+  for name, ref in expected.items():
+    got = np.asarray(get_module(model.params, name.rsplit(".", 1)[0])[name.rsplit(".", 1)[1]])
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_load_export_load_bit_exact(ours, tmp_path):
+  save_pretrained(ours, tmp_path / "a")
+  again = from_pretrained(tmp_path / "a")
+  flat = lambda m: dict(  # noqa: E731
+      (str(k), np.asarray(v)) for k, v in __import__("jax").tree_util.tree_leaves_with_path(m.params))
+  a, b = flat(ours), flat(again)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  assert again.config == ours.config
+  hf = json.loads((tmp_path / "a" / "config.json").read_text())
+  assert hf["model_type"] == "gpt_oss" and "quantization_config" not in hf
+
+
+# HoReN on an attention output projection.
+
+O_PROJ = "model.layers.0.self_attn.o_proj"  # a sliding-window layer; layer 1 runs above it
+
+
+def _o_proj_io(model, batch):
+  """Input [B, T, H*Dh] and own output [B, T, D] of the wrapped o_proj (float64)."""
+  out = forward(model, jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
+                hooks=Hooks(capture=(O_PROJ,)))
+  x = np.asarray(out.captured[O_PROJ], np.float64)
+  module = get_module(model.params, O_PROJ)
+  return x, x @ np.asarray(module["kernel"], np.float64) + np.asarray(module["bias"], np.float64)
+
+
+def test_horen_on_o_proj_adds_and_reuses(ours):
+  st = settings(layer=O_PROJ)
+  batch = make_batch([[5, 9, 17, 33, 2], [5, 9, 17, 33, 2], [70, 71, 3]],
+                     [[40, 41], [40, 41], [40, 41]])
+  cfg = ours.config
+  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+  book, first = edit.apply_edit(ours, book, batch, 0, st)
+  assert bool(first.added) and int(book.count) == 2
+  x, _ = _o_proj_io(ours, batch)
+  np.testing.assert_allclose(np.asarray(book.keys[1]), np_query_perc50(x[0], 4), rtol=1e-4,
+                             atol=1e-5)
+  book, again = edit.apply_edit(ours, book, batch, 1, st)
+  assert not bool(again.added) and int(again.index) == 1 and int(book.count) == 2
+
+
+def test_horen_on_o_proj_changes_only_the_edit_position(ours):
+  st = settings(layer=O_PROJ, threshold=0.5)
+  batch = make_batch([[5, 9, 17, 33, 2], [8, 8, 60, 61, 62, 63, 64]], [[40, 41], [50]])
+  cfg = ours.config
+  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+  book, _ = edit.apply_edit(ours, book, batch, 0, st)
+  book, _ = edit.apply_edit(ours, book, batch, 1, st)
+  x, y = _o_proj_io(ours, batch)
+  p = batch.prompt_len - 1
+  fn = adapter.make_adapter(book, st, jnp.asarray(p))
+  y_new = np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)), np.float64)
+  diff = np.abs(y_new - y).sum(-1)
+  for b in range(2):
+    assert np.all(np.delete(diff[b], p[b]) < 1e-4)
+    np.testing.assert_allclose(y_new[b, p[b]] - y[b, p[b]], np.asarray(book.values[b + 1]),
+                               rtol=1e-3, atol=1e-3)
+  ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+  base = np.asarray(forward(ours, ids, attention_mask=mask).logits)
+  edited = np.asarray(forward(ours, ids, attention_mask=mask, hooks=Hooks(adapters={O_PROJ: fn})).logits)
+  for b in range(2):
+    np.testing.assert_array_equal(edited[b, :p[b]], base[b, :p[b]])
+    assert np.abs(edited[b, p[b]] - base[b, p[b]]).max() > 1e-3
+
+
+def test_horen_on_o_proj_unmatched_query_changes_nothing(ours):
+  st = settings(layer=O_PROJ, threshold=0.999999)
+  batch = make_batch([[5, 9, 17, 33, 2], [90, 91, 92, 93]], [[40], [41]])
+  cfg = ours.config
+  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+  book, _ = edit.apply_edit(ours, book, batch, 0, st)
+  x, y = _o_proj_io(ours, batch)
+  fn = adapter.make_adapter(book, st, jnp.asarray(batch.prompt_len - 1))
+  y_new = np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
+  np.testing.assert_allclose(y_new[1], y[1], atol=1e-5)
+
+
+def test_horen_on_o_proj_learns_its_target(ours):
+  st = settings(layer=O_PROJ, n_iter=50)
+  batch = make_batch([[5, 9, 17, 33, 2]], [[40]])
+  cfg = ours.config
+  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+  book, info = edit.apply_edit(ours, book, batch, 0, st)
+  assert float(info.loss_last) < float(info.loss_first) - 0.5
+  assert float(info.edit_acc) == 1.0
