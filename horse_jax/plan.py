@@ -1,0 +1,438 @@
+"""Memory and FLOPs of an editing run, per device, without allocating a single weight.
+
+`plan(...)` lowers and compiles the editors' jitted functions on `jax.ShapeDtypeStruct` inputs laid
+out on a (data, model) mesh (weights by the tensor-parallel rules, optionally FSDP; batches and
+cached rows over `data`), then reads XLA's own numbers: `compiled.memory_analysis()` (arguments,
+outputs, temporaries) and `compiled.cost_analysis()` (FLOPs), both per device. Only config.json is
+needed. Stages:
+
+  load        the sharded weights (no program: bytes from the shardings)
+  cache       keys and value gradients of one LM mini-batch (horse / malmen / mend)
+  solve       shifts of all N edits from the cache (ridge solves; MEND's rank-one sums)
+  meta-lm     dLoss/dShift of one LM mini-batch of the edited model (meta-training)
+  meta-net    the decoupled backward to the hypernetwork over the N edits' cache (meta-training)
+  meta-adam   the clipped Adam update of the hypernetwork (meta-training)
+  edit        one HoReN / GRACE edit into an N-entry codebook
+
+When the hypernetwork editors run as two compiled programs (`editors.hypernet.program`), their stages
+are those programs instead: `edit` (cache + normalizer + solves of all N edits) and `meta-step` (one
+whole meta-training step), lowered from abstract `packing.Packed` sets of N sequences.
+
+A stage's peak is arguments + outputs + temporaries - donated (aliased) bytes, plus `resident`: what
+the caller keeps alive across the stage without passing it (e.g. the rows already cached while the
+next mini-batch is cached). `peak_bytes_per_device` is the largest stage peak. When the mesh needs more
+devices than the host has and the platform is CPU, the CLI forces that many CPU devices (XLA's CPU
+compiler then stands in for the target: layouts and fusion differ a little from TPU/GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from horse_jax.errors import UserError
+
+GIB = 1024 ** 3
+# Per-chip memory (GiB) of the accelerators the plan compares against.
+CHIPS: tuple[tuple[str, float], ...] = (("TPU v5e", 16), ("TPU v4", 32), ("TPU v5p", 95),
+                                        ("H100", 80), ("H200", 141))
+HYPERNET = ("horse", "malmen", "mend")
+CODEBOOK = ("horen", "grace")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Stage:
+  """Per-device numbers of one compiled stage (bytes; FLOPs as XLA counts them)."""
+
+  name: str
+  what: str
+  weights: int = 0
+  arguments: int = 0
+  outputs: int = 0
+  temporaries: int = 0
+  aliased: int = 0
+  resident: int = 0
+  flops: float = 0.0
+
+  @property
+  def peak(self) -> int:
+    return self.arguments + self.outputs + self.temporaries - self.aliased + self.resident
+
+  def to_dict(self) -> dict[str, Any]:
+    return {**dataclasses.asdict(self), "peak": self.peak}
+
+
+def abstract_params(cfg, dtype: Any = "float32") -> dict:
+  """The param tree of a config as ShapeDtypeStructs (HF name table order, our layouts)."""
+  from horse_jax.models import hf_map
+  dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+  params: dict = {}
+  for entry in hf_map.entries(cfg):
+    hf_map.set_path(params, entry.path, jax.ShapeDtypeStruct(tuple(entry.shape), dt))
+  return params
+
+
+def _with_sharding(tree, shardings):
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _replicated(tree, mesh):
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), tree)
+
+
+def _rows(shape, dtype, mesh):
+  """A [rows, ...] input split over `data` when it divides the rows."""
+  n = mesh.shape["data"]
+  spec = P("data") if shape and shape[0] % n == 0 else P()
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def _compile(fn: Callable, *args, **kwargs):
+  try:
+    return fn.lower(*args, **kwargs).compile()
+  except Exception as err:  # noqa: BLE001  (XLA reports shape/memory problems as many types)
+    raise UserError(f"plan: compiling {getattr(fn, '__name__', fn)} failed: "
+                    f"{str(err).splitlines()[0][:300]}") from None
+
+
+def _measure(stage: Stage, compiled) -> Stage:
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    stage.arguments = int(mem.argument_size_in_bytes)
+    stage.outputs = int(mem.output_size_in_bytes)
+    stage.temporaries = int(mem.temp_size_in_bytes)
+    stage.aliased = int(mem.alias_size_in_bytes)
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  stage.flops = float((cost or {}).get("flops", 0.0))
+  return stage
+
+
+def _settings(method: str, model, model_path: str, overrides) -> dict[str, Any]:
+  from horse_jax import config as config_lib
+  from horse_jax.editors import hypernet
+  defaults = hypernet.default_settings(method)
+  card = _card(model_path, model.config)
+  defaults["model"]["edit_modules"] = list(card.get("edit_modules") or [])
+  if not defaults["model"]["edit_modules"]:
+    from horse_jax.models.names import default_edit_modules
+    defaults["model"]["edit_modules"] = default_edit_modules(model.config)
+  return config_lib.resolve(defaults, None, list(overrides))
+
+
+def _card(model_path: str, config) -> dict[str, Any]:
+  try:
+    from horse_jax.models.cards import card_for
+    return dict(card_for(model_path, config) or {})
+  except (ModuleNotFoundError, UserError):
+    return {}
+
+
+def hypernet_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                    answer_tokens: int, seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """Stages of a HORSE / MALMEN / MEND edit and meta-training step (see module docstring)."""
+  from horse_jax.data.tokenize import bucket_length
+  from horse_jax.editors import hypernet
+  from horse_jax.editors.hypernet import cache as cache_lib
+  from horse_jax.editors.hypernet import meta as meta_lib
+  from horse_jax.editors.hypernet import shifts as shifts_lib
+
+  settings = _settings(method, model, model_path, overrides)
+  cfg = hypernet.from_settings(method, settings, model)
+  weights = _shard_bytes(model.params)
+  state = _replicated(jax.eval_shape(functools.partial(hypernet.init, cfg), jax.random.PRNGKey(0)), mesh)
+  nets_bytes = _shard_bytes(state.nets) + _shard_bytes(state.norms)
+  opt_bytes = _shard_bytes(state.opt_state)
+  f32 = jnp.float32
+  n_data = mesh.shape["data"]
+  # One LM mini-batch: lm_batch edits of seq_len tokens, answer_tokens used rows each.
+  b = max(cfg.lm_batch, n_data) if cfg.lm_batch % n_data else cfg.lm_batch
+  rows_b = bucket_length(b * answer_tokens, minimum=8)
+  ids = _rows((b, seq_len), jnp.int32, mesh)
+  stages: list[Stage] = []
+  cached_rows = n_edits * answer_tokens
+  total, chunk = cache_lib.padded_rows(cached_rows, cfg.chunk)
+  cache = cache_lib.Cache({n: _rows((total, dk), f32, mesh) for n, (dk, _) in zip(cfg.modules, cfg.shapes)},
+                          {n: _rows((total, dv), f32, mesh) for n, (_, dv) in zip(cfg.modules, cfg.shapes)},
+                          _rows((total,), f32, mesh))
+  cache_bytes = _shard_bytes(cache)
+
+  st = Stage("cache", f"keys + value grads of one LM mini-batch ({b} edits x {seq_len} tokens)",
+             weights=weights, resident=cache_bytes + opt_bytes)
+  compiled = _compile(cache_lib.cache_batch, model, state.norms, cfg.modules, cfg.shapes, ids, ids, ids,
+                      _rows((rows_b,), jnp.int32, mesh), _rows((rows_b,), f32, mesh))
+  stages.append(_measure(st, compiled))
+
+  st = Stage("solve", f"shifts of {n_edits} edits from {total} cached rows", weights=0,
+             resident=weights + opt_bytes)
+  compiled = _compile(shifts_lib.predict_shifts, state.nets, state.norms, cache, cfg=cfg, chunk=chunk)
+  stages.append(_measure(st, compiled))
+
+  shifts_abs = {n: jax.ShapeDtypeStruct((dk, dv), f32, sharding=NamedSharding(mesh, P()))
+                for n, (dk, dv) in zip(cfg.modules, cfg.shapes)}
+  diffs_abs = {} if method == "mend" else {n: _rows((total, dv), f32, mesh)
+                                           for n, (_, dv) in zip(cfg.modules, cfg.shapes)}
+  kind = "ce" if method == "horse" else "kl"
+  st = Stage("meta-lm", f"dLoss/dShift of one LM mini-batch ({b} x {seq_len})", weights=weights,
+             resident=cache_bytes + _shard_bytes(diffs_abs) + nets_bytes + opt_bytes)
+  compiled = _compile(meta_lib.shift_loss_grad, model, shifts_abs, ids, ids, ids, kind=kind,
+                      low=cfg.lowest_layer)
+  stages.append(_measure(st, compiled))
+
+  st = Stage("meta-net", f"decoupled backward to the hypernetwork over {total} rows", weights=0,
+             resident=weights + opt_bytes)
+  compiled = _compile(meta_lib.decoupled_grads_jit, state.nets, state.norms, cache, shifts_abs,
+                      diffs_abs, shifts_abs, cfg=cfg, chunk=chunk)
+  stages.append(_measure(st, compiled))
+
+  opt = hypernet.optimizer(cfg)
+
+  @jax.jit
+  def adam(nets, grads, opt_state):
+    import optax
+    updates, opt_state = opt.update(grads, opt_state, nets)
+    return optax.apply_updates(nets, updates), opt_state
+
+  st = Stage("meta-adam", "clipped Adam update of the hypernetwork", weights=0, resident=weights + cache_bytes)
+  stages.append(_measure(st, _compile(adam, state.nets, state.nets, state.opt_state)))
+  info = {"modules": list(cfg.modules), "rank": cfg.rank, "lm_batch": cfg.lm_batch, "chunk": chunk,
+          "cached_rows": total, "answer_tokens_per_edit": answer_tokens, "seq_len": seq_len,
+          "hypernet_bytes": nets_bytes, "adam_bytes": opt_bytes, "cache_bytes_per_device": cache_bytes}
+  return stages, info
+
+
+def packed_abstract(n_seqs: int, seq_len: int, answer_tokens: int, lm_batch: int, chunk: int, mesh,
+                    with_rows: bool):
+  """ShapeDtypeStructs of a `packing.Packed` set of n_seqs sequences of seq_len tokens (each with
+  answer_tokens labels), with the shapes and shardings `packing.pack` + `program.put` give it."""
+  from horse_jax.data.tokenize import bucket_length
+  from horse_jax.editors.hypernet import packing
+  from horse_jax.editors.hypernet.cache import padded_rows
+  multiple = max(8, mesh.shape["data"])
+  width = max(32, 2 * bucket_length(seq_len, minimum=8))
+  per_row = max(width // seq_len, 1)
+  w = packing.rows_bucket(-(-n_seqs // per_row), multiple)
+  n_labels = packing.rows_bucket(n_seqs * answer_tokens, multiple)
+  total = padded_rows(n_seqs * answer_tokens, chunk)[0] if with_rows else multiple
+  n_batches = -(-n_seqs // lm_batch)
+  i32, f32 = jnp.int32, jnp.float32
+  shapes = ((w, width), (w, width), (w, width), (n_labels,), (n_labels,), (n_labels,), (total,),
+            (total,), (total,), (n_batches,))
+  dtypes = (i32, i32, i32, i32, i32, f32, i32, f32, i32, i32)
+  out = []
+  for shape, dt in zip(shapes, dtypes):
+    spec = P("data") if shape[0] > 1 and shape[0] % mesh.shape["data"] == 0 else P()
+    out.append(jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec)))
+  return packing.Packed(*out), total
+
+
+def program_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                   answer_tokens: int, seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """HORSE / MALMEN / MEND as the editors' two compiled programs (`hypernet.program`): the whole
+  edit, and one whole meta-training step."""
+  from horse_jax.editors import hypernet
+  from horse_jax.editors.hypernet import program
+
+  settings = _settings(method, model, model_path, overrides)
+  cfg = hypernet.from_settings(method, settings, model)
+  weights = _shard_bytes(model.params)
+  state = _replicated(jax.eval_shape(functools.partial(hypernet.init, cfg), jax.random.PRNGKey(0)), mesh)
+  edits, total = packed_abstract(n_edits, seq_len, answer_tokens, cfg.lm_batch, cfg.chunk, mesh, True)
+  other, _ = packed_abstract(n_edits, seq_len, answer_tokens, cfg.lm_batch, cfg.chunk, mesh, False)
+  stages = []
+  st = Stage("edit", f"cache + solves of {n_edits} edits ({total} cached rows), one program",
+             weights=weights, resident=_shard_bytes(state.opt_state))
+  compiled = _compile(program.edit_program, state.nets, state.norms, model, edits, cfg=cfg, mesh=mesh)
+  stages.append(_measure(st, compiled))
+  st = Stage("meta-step", f"one meta-training step on {n_edits} edits (+ rephrases, locality), one program",
+             weights=weights)
+  compiled = _compile(program.train_program, state, model, edits, other, other, cfg=cfg, mesh=mesh)
+  stages.append(_measure(st, compiled))
+  info = {"modules": list(cfg.modules), "rank": cfg.rank, "lm_batch": cfg.lm_batch,
+          "cached_rows": total, "answer_tokens_per_edit": answer_tokens, "seq_len": seq_len,
+          "hypernet_bytes": _shard_bytes(state.nets) + _shard_bytes(state.norms),
+          "adam_bytes": _shard_bytes(state.opt_state), "programs": "hypernet.program"}
+  return stages, info
+
+
+def _has_programs() -> bool:
+  try:
+    from horse_jax.editors.hypernet import program
+  except ImportError:
+    return False
+  return hasattr(program, "edit_program") and hasattr(program, "train_program")
+
+
+def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                    seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """One HoReN / GRACE edit into a codebook of `n_edits` rows."""
+  from horse_jax import config as config_lib
+  from horse_jax.editors.codebook import edit as edit_lib
+  from horse_jax.editors.codebook import settings as settings_lib
+  from horse_jax.editors.codebook import state as state_lib
+  from horse_jax.models import names
+
+  card = _card(model_path, model.config)
+  horen = dict(card.get("horen") or {})
+  editor = dict(settings_lib.DEFAULTS)
+  if method == "grace":
+    editor.update(normalize_codebook_keys=False, query_selection_strategy="last_prompt_token")
+  layer = horen.get("layer") or names.default_edit_modules(model.config, 1)[0]
+  editor["layer"] = layer
+  editor = config_lib.resolve({"editor": editor}, None, list(overrides))["editor"]
+  settings = settings_lib.from_editor_dict(method, editor, editor.get("layer") or layer)
+  d_in, d_out = (int(n) for n in names.get_kernel(model.params, settings.layer).shape)
+  capacity = max(int(n_edits) + 1, 2)
+  settings = dataclasses.replace(settings, initial_capacity=capacity)
+  book = jax.eval_shape(lambda: state_lib.init(settings, d_in, d_out))
+  book = _replicated(book, mesh)
+  static, numbers = settings_lib.split_dynamic(settings)
+  tok = jax.ShapeDtypeStruct((seq_len,), jnp.int32, sharding=NamedSharding(mesh, P()))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  label = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
+  weights = _shard_bytes(model.params)
+  st = Stage("edit", f"one {method} edit into a {capacity}-row codebook ({seq_len} tokens)",
+             weights=weights)
+  compiled = _compile(edit_lib._edit_step_jit, model, book, tok, tok, tok, scalar, label, numbers,
+                      settings=static)
+  info = {"layer": settings.layer, "codebook_rows": capacity, "codebook_bytes_per_device": _shard_bytes(book),
+          "seq_len": seq_len}
+  return [_measure(st, compiled)], info
+
+
+def load_stage(model) -> Stage:
+  w = _shard_bytes(model.params)
+  return Stage("load", "sharded weights (each device reads its own slices)", weights=w, arguments=w)
+
+
+def resolve_model_path(path_or_card: str) -> str:
+  """A folder with config.json: the path itself, or models/<card>/ shipped with the repository."""
+  import os
+  from horse_jax.models.cards import CARDS_DIR
+  if os.path.isfile(os.path.join(path_or_card, "config.json")):
+    return path_or_card
+  for name in (path_or_card, os.path.basename(path_or_card.rstrip("/"))):
+    folder = os.path.join(str(CARDS_DIR), name)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+      return folder
+  try:
+    from horse_jax.models.cards import card_for
+    card = card_for(path_or_card)
+  except UserError:
+    card = None
+  if card:
+    folder = os.path.join(str(CARDS_DIR), card["name"])
+    if os.path.isfile(os.path.join(folder, "config.json")):
+      return folder
+  raise UserError(f"--model {path_or_card!r}: no config.json there and no model card with a shipped "
+                  "config (models/<card>/config.json)")
+
+
+def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = None, overrides=(),
+         fsdp: bool = False, answer_tokens: int = 3, seq_len: int = 32) -> dict[str, Any]:
+  """Compiles every stage of `method` on abstract inputs and collects per-device memory and FLOPs.
+
+  Args:
+    model_path: folder with config.json (weights are never read), or a card name with a shipped config.
+    method: horse, malmen, mend, horen or grace.
+    n_edits: edits at once (hypernetworks) or codebook rows (HoReN / GRACE).
+    mesh: the (data, model) mesh to compile for.
+    dtype: LM dtype; default the card's, else float32.
+    overrides: `--set KEY=VALUE` settings (editor.rank=..., data.batch_size=..., ...).
+    fsdp: split weights over `data` too.
+    answer_tokens: cached rows per edit (answer tokens; ZsRE averages about 3).
+    seq_len: tokens of one padded prompt + answer.
+
+  Returns:
+    {"model", "method", "n_edits", "mesh", "dtype", "fsdp", "stages": [...], "peak_bytes_per_device",
+     "peak_stage", "fits": {chip: bool}, "info": {...}}.
+  """
+  from horse_jax.models import Model, read_config
+  from horse_jax.models import sharding
+  if method not in HYPERNET + CODEBOOK:
+    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK)}")
+  if n_edits < 1:
+    raise UserError("--n-edits must be at least 1")
+  folder = resolve_model_path(model_path)
+  cfg = read_config(folder)
+  card = _card(folder, cfg)
+  dtype = dtype or card.get("dtype") or "float32"
+  if dtype not in DTYPES:
+    raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+  params = abstract_params(cfg, dtype)
+  params = _with_sharding(params, sharding.param_shardings(params, mesh, fsdp))
+  model = Model(params, cfg)
+  stages = [load_stage(model)]
+  if method in HYPERNET and _has_programs():
+    more, info = program_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens, seq_len)
+  elif method in HYPERNET:
+    more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens, seq_len)
+  else:
+    more, info = codebook_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
+  stages += more
+  peak = max(stages, key=lambda s: s.peak)
+  names = [s.name for s in stages]
+  groups = {"edit": [s for s in stages if s.name in ("load", "cache", "solve", "edit")],
+            "meta-training step": [s for s in stages if s.name.startswith("meta")
+                                   or (s.name in ("cache", "solve") and "meta-lm" in names)]}
+  return {
+      "model": model_path, "config": folder, "method": method, "n_edits": n_edits,
+      "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"]},
+      "platform": mesh.devices.flat[0].platform, "dtype": dtype, "fsdp": bool(fsdp),
+      "stages": [s.to_dict() for s in stages],
+      "peak_bytes_per_device": peak.peak, "peak_stage": peak.name,
+      "peaks": {k: max(s.peak for s in v) for k, v in groups.items() if v},
+      "fits": {chip: peak.peak <= gib * GIB for chip, gib in CHIPS},
+      "info": info,
+  }
+
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f}"
+
+
+def _flops(f: float) -> str:
+  if not f:
+    return "-"
+  exp = int(math.floor(math.log10(abs(f)) / 3)) if f else 0
+  unit = ["", "K", "M", "G", "T", "P"][max(0, min(exp, 5))]
+  return f"{f / 1000 ** max(0, min(exp, 5)):.1f} {unit}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+  """The plan as a markdown table (GiB per device) plus the peak and the chips it fits."""
+  m = result["mesh"]
+  lines = [f"{result['method']} on {result['model']} ({result['dtype']}), {result['n_edits']} edits, "
+           f"mesh {m['data']}x{m['model']} (data x model){', FSDP' if result['fsdp'] else ''}; "
+           f"GiB per device",
+           "",
+           "| stage | weights | arguments | outputs | temporaries | resident | peak | FLOPs | what |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+  for s in result["stages"]:
+    lines.append(f"| {s['name']} | {_gib(s['weights'])} | {_gib(s['arguments'])} | {_gib(s['outputs'])} | "
+                 f"{_gib(s['temporaries'])} | {_gib(s['resident'])} | **{_gib(s['peak'])}** | "
+                 f"{_flops(s['flops'])} | {s['what']} |")
+  fits = [c for c, ok in result["fits"].items() if ok]
+  lines += ["", f"peak {_gib(result['peak_bytes_per_device'])} GiB per device ({result['peak_stage']}); "
+                f"fits: {', '.join(fits) if fits else 'none of ' + ', '.join(c for c, _ in CHIPS)}"]
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,102 @@
+"""`horse-jax plan`: per-device numbers from compiled stages, with a config.json and no weights."""
+
+import json
+
+import numpy as np
+import pytest
+
+from horse_jax.cli.main import main
+from horse_jax.models import config_to_hf, make_mesh
+from horse_jax.models.init import tiny_llama_config
+from horse_jax import plan as plan_lib
+
+# hidden 64, MLP 128, 4 heads of 16 (2 kv heads), vocab 128, 2 layers: every matrix dimension is a
+# multiple of 8, so every matrix splits over any mesh axis of the 8 test devices.
+H, I, V, L, KV = 64, 128, 128, 2, 32
+
+
+def _config_folder(tmp_path):
+  folder = tmp_path / "tiny-llama"
+  folder.mkdir()
+  cfg = tiny_llama_config(num_layers=L, vocab_size=V)
+  (folder / "config.json").write_text(json.dumps(config_to_hf(cfg)))
+  return folder
+
+
+def _bytes_by_hand(split_matrices: int, itemsize: int = 4) -> int:
+  """Per-device param bytes: every matrix split `split_matrices` ways, vectors (norms) replicated."""
+  per_layer = H * H + H * KV + H * KV + H * H + 3 * H * I
+  matrices = L * per_layer + 2 * V * H
+  vectors = L * 2 * H + H
+  return (matrices // split_matrices + vectors) * itemsize
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return _config_folder(tmp_path_factory.mktemp("plan"))
+
+
+@pytest.mark.parametrize("shape,fsdp,split", [((1, 8), False, 8), ((2, 4), False, 4), ((2, 4), True, 8),
+                                              ((1, 1), False, 1)])
+def test_load_stage_counts_the_shards_a_device_holds(folder, shape, fsdp, split):
+  from horse_jax.models import Model, read_config
+  from horse_jax.models import sharding
+  mesh = make_mesh(*shape)
+  params = plan_lib.abstract_params(read_config(str(folder)), "float32")
+  params = plan_lib._with_sharding(params, sharding.param_shardings(params, mesh, fsdp))
+  stage = plan_lib.load_stage(Model(params, read_config(str(folder))))
+  assert stage.weights == _bytes_by_hand(split)
+  bf16 = plan_lib.abstract_params(read_config(str(folder)), "bfloat16")
+  assert plan_lib._shard_bytes(plan_lib._with_sharding(bf16, sharding.param_shardings(bf16, mesh, fsdp))) \
+      == _bytes_by_hand(split, 2)
+
+
+def test_plan_horse_json(folder, capsys):
+  rc = main(["plan", "--model", str(folder), "--method", "horse", "--n-edits", "40", "--mesh", "2x4",
+             "--set", "editor.rank=16", "--set", "data.batch_size=8", "--json"])
+  assert rc == 0
+  out = json.loads(capsys.readouterr().out)
+  stages = {s["name"]: s for s in out["stages"]}
+  assert out["mesh"] == {"data": 2, "model": 4} and out["dtype"] == "float32"
+  assert stages["load"]["weights"] == _bytes_by_hand(4)
+  assert out["peak_bytes_per_device"] == max(s["peak"] for s in out["stages"])
+  for s in out["stages"]:
+    assert s["peak"] == s["arguments"] + s["outputs"] + s["temporaries"] - s["aliased"] + s["resident"]
+  compiled = [s for s in out["stages"] if s["name"] != "load"]
+  assert len(compiled) >= 2 and all(s["flops"] > 0 and s["arguments"] > 0 for s in compiled)
+  assert out["fits"] == {c: True for c, _ in plan_lib.CHIPS}
+  assert out["info"]["modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_plan_horen_codebook_and_table(folder, capsys):
+  n = 4000
+  assert main(["plan", "--model", str(folder), "--method", "horen", "--n-edits", str(n),
+               "--mesh", "1x8", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert [s["name"] for s in out["stages"]] == ["load", "edit"]
+  assert out["info"]["codebook_rows"] == n + 1
+  # Keys [rows, 128] and values [rows, 64] float32 (plus labels, radius) are arguments of the edit.
+  edit = out["stages"][1]
+  assert edit["arguments"] >= _bytes_by_hand(8) + (n + 1) * (I + H) * 4
+  assert edit["flops"] > 0
+  text = plan_lib.markdown(out)
+  assert "| edit |" in text and "fits: TPU v5e" in text
+
+
+def test_plan_errors(folder):
+  assert main(["plan", "--model", str(folder / "missing"), "--method", "horse", "--n-edits", "1"]) == 2
+  assert main(["plan", "--model", str(folder), "--method", "horse", "--n-edits", "1", "--mesh", "4x4"]) == 2
+  assert main(["plan", "--model", str(folder), "--method", "horse", "--n-edits", "0"]) == 2
+
+
+@pytest.mark.slow
+def test_llama3_8b_fits_16gib_per_device_on_1x8(capsys):
+  """Issue 11: Llama-3-8B (bf16, rank 1920, its card's 6 modules) on 1x8."""
+  for method, n in (("horse", 8000), ("horen", 50000)):
+    assert main(["plan", "--model", "llama-3-8b", "--method", method, "--n-edits", str(n),
+                 "--mesh", "1x8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dtype"] == "bfloat16"
+    if method == "horse":
+      assert out["info"]["rank"] == 1920 and len(out["info"]["modules"]) == 6
+    assert out["fits"]["TPU v5e"], (method, out["peak_bytes_per_device"] / 2 ** 30)
