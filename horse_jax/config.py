@@ -1,13 +1,14 @@
-"""Experiment settings: nested dicts with reference-style names, YAML files and `--set a.b=v`.
+"""Nested-dict settings of sweeps: YAML files and `--set a.b=v` over a defaults tree.
 
-Settings keep the reference's names (`model.edit_modules`, `data.n_edits`, `data.batch_size`,
-`editor.rank`, `editor.lr`, ...) so a reference YAML works as it is. Each command supplies its own
-defaults; `merge` refuses keys that the defaults do not know, naming them.
+Editor settings (`editor.*`, `model.edit_modules`, `data.*`) are declared and resolved in
+`horse_jax.settings`; this module serves trees whose defaults are a plain dict (the sweep YAML).
+`merge` refuses keys that the defaults do not know, naming them and the closest known key.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from typing import Any, Iterable, Mapping
 
@@ -50,7 +51,9 @@ def merge(defaults: Mapping[str, Any], updates: Mapping[str, Any], *, strict: bo
     full = f"{_prefix}{key}"
     if key not in out:
       if strict:
-        raise UserError(f"{where}: unknown setting {full!r}")
+        close = difflib.get_close_matches(str(key), [str(k) for k in out], n=1, cutoff=0.5)
+        hint = f"; did you mean {_prefix + close[0]!r}?" if close else ""
+        raise UserError(f"{where}: unknown setting {full!r}{hint}")
       out[key] = copy.deepcopy(value)
     elif isinstance(out[key], dict) and isinstance(value, Mapping):
       out[key] = merge(out[key], value, strict=strict, where=where, _prefix=f"{full}.")

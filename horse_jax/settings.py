@@ -21,6 +21,8 @@ layer it came from:
                 <name>.yaml` with `edit_modules`, `config/data/zsre.yaml`; told apart by the folder
                 name), or the hydra root `config.yaml` whose `defaults:` list names those groups
   set       `--set key=value` on the command line
+  run       the run's own choice where it fills a setting left at its default (`--seed`, a
+            sweep's seed -> `editor.seed`)
 
 A key that no layer of the chosen method reads is an error naming the closest valid key: a typo must
 never silently fall back to a default.
@@ -43,7 +45,7 @@ from horse_jax.errors import UserError
 HYPERNET = ("horse", "malmen", "mend")
 CODEBOOK = ("horen", "grace")
 METHODS = HYPERNET + CODEBOOK
-SOURCES = ("default", "card", "codebook", "config", "set")
+SOURCES = ("default", "card", "codebook", "config", "set", "run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,7 +489,7 @@ class Resolved:
   Attributes:
     method: the editing method.
     values: {dotted key: value} of every setting the method reads.
-    sources: {dotted key: "default" | "card" | "codebook" | "config" | "set"}.
+    sources: {dotted key: "default" | "card" | "codebook" | "config" | "set" | "run"}.
     ignored: reference config keys knowingly ignored {key: reason}.
   """
 

@@ -9,21 +9,28 @@ import os
 
 import pytest
 
-from horse_jax.cli.edit_hypernet import explicit_lm_batch
+from horse_jax import settings
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "world")
 
 
+def _explicit(config, overrides):
+  """data.batch_size when the user chose it (--config or --set), else None: the rule
+  `protocol.make_editor` applies to a trained hypernetwork."""
+  r = settings.resolve("horse", configs=[config] if config else [], overrides=overrides)
+  return r["data.batch_size"] if r.given("data.batch_size") else None
+
+
 def test_explicit_lm_batch_only_when_given(tmp_path):
-  assert explicit_lm_batch(None, []) is None
-  assert explicit_lm_batch(None, ["editor.lr=0.1"]) is None
+  assert _explicit(None, []) is None
+  assert _explicit(None, ["editor.lr=0.1"]) is None
   cfg = tmp_path / "c.yaml"
   cfg.write_text("data:\n  batch_size: 12\neditor:\n  rank: 4\n")
-  assert explicit_lm_batch(str(cfg), []) == 12
-  assert explicit_lm_batch(str(cfg), ["data.batch_size=5"]) == 5  # --set wins over the file
+  assert _explicit(str(cfg), []) == 12
+  assert _explicit(str(cfg), ["data.batch_size=5"]) == 5  # --set wins over the file
   other = tmp_path / "d.yaml"
   other.write_text("editor:\n  rank: 4\n")
-  assert explicit_lm_batch(str(other), []) is None
+  assert _explicit(str(other), []) is None
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "hypernet")), reason="no shipped hypernet")

@@ -23,9 +23,8 @@ def register(sub) -> None:
   p.add_argument("--n-edits", type=int, default=None, help="edit the first N records (file order); default all")
   p.add_argument("--hypernet", default=None, help="trained hypernetwork folder (horse/malmen/mend); fresh if absent")
   p.add_argument("--codebook", default=None, help="codebook folder to continue editing (horen/grace)")
-  p.add_argument("--config", default=None, help="reference-style YAML settings")
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a setting, e.g. --set editor.lr=1e-5 (repeatable)")
+  from horse_jax.cli.settings_args import add_settings_args
+  add_settings_args(p, "editor.lr=1e-5 data.batch_size=16")
   p.add_argument("--eval", dest="eval_mode", choices=("teacher", "generate"), default="teacher",
                  help="scoring: teacher-forced token accuracy, or also greedy generation")
   p.add_argument("--max-new-tokens", type=int, default=None,

@@ -4,7 +4,9 @@ Writes to --out:
   codebook/        orbax state + codebook.safetensors + settings.json (the base model is untouched;
                    edited model = --model + this folder, see `codebook.load_edited_model`)
   metrics.json     every edit scored on the final model (pre-edit model as reference), plus
-                   extra["immediate"]: each edit's own ES scored right after it was made
+                   extra["immediate"]: each edit's own ES scored right after it was made, and
+                   extra["effective_settings"]: every setting's value and source (default, card,
+                   codebook, config, set, run)
   progress.jsonl   with --eval-every K: all edits so far re-scored every K edits (one line each)
 """
 
@@ -19,50 +21,44 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from horse_jax import config as config_lib
-from horse_jax.data.tokenize import tokenize_edits
+from horse_jax.editors import protocol
 from horse_jax.editors.codebook import edit as edit_lib
 from horse_jax.editors.codebook import infer, persist
 from horse_jax.editors.codebook import settings as settings_lib
-from horse_jax.editors.codebook import state as state_lib
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_text
-from horse_jax.models import names
 
 
 def default_layer(model_path: str, model) -> dict[str, Any]:
-  """`editor.*` defaults from the model card (layer, threshold, query strategy), else the
-  down-projection of layer round(0.9 L)."""
-  card: dict[str, Any] = {}
-  try:
-    from horse_jax.models.cards import card_for
-    card = dict((card_for(model_path, model.config) or {}).get("horen") or {})
-  except (ModuleNotFoundError, UserError):
-    card = {}
-  out: dict[str, Any] = {}
-  cfg = model.config
-  index = min(int(round(0.9 * cfg.num_layers)), cfg.num_layers - 1)
-  out["layer"] = card.get("layer") or names.default_edit_modules(cfg, cfg.num_layers - index)[0]
-  if card.get("threshold") is not None:
-    out["hopfield_key_match_threshold"] = float(card["threshold"])
-  if card.get("query_strategy"):
-    out["query_selection_strategy"] = card["query_strategy"]
-  out.update(card.get("editor") or {})  # other HoReN `editor.*` defaults of the card (n_iter, ...)
-  return out
+  """{"layer": the wrapped module}: the model card's HoReN layer, else the down-projection of layer
+  round(0.9 L) (kept for callers that need only the layer)."""
+  resolved = protocol.resolve_settings("horen", model_path, model)
+  return {"layer": resolved["editor.layer"] or settings_lib.default_layer(model.config)}
+
+
+def resolve(args, model, saved: dict[str, Any] | None = None):
+  """The run's `horse_jax.settings.Resolved`: defaults <- model card <- the continued codebook's own
+  <- --config <- --set; --seed fills editor.seed and --dtype model.dtype when given."""
+  resolved = protocol.resolve_settings(args.method, args.model, model, codebook=saved,
+                                       configs=_configs(args), overrides=args.overrides)
+  protocol.with_seed(resolved, args.seed)
+  if getattr(args, "dtype", None):
+    resolved.values["model.dtype"], resolved.sources["model.dtype"] = args.dtype, "set"
+  return resolved
+
+
+def _configs(args) -> list[str]:
+  config = getattr(args, "config", None)
+  return [] if not config else [config] if isinstance(config, str) else list(config)
 
 
 def resolve_settings(args, model, saved: dict[str, Any] | None) -> dict[str, Any]:
-  """defaults (method, model card; or the continued codebook's own) <- --config <- --set."""
-  editor = dict(settings_lib.DEFAULTS)
-  card = default_layer(args.model, model)
-  if args.method == "grace":  # Euclidean balls on the raw input of the last prompt token
-    card = {"layer": card["layer"]}
-    editor.update(normalize_codebook_keys=False, query_selection_strategy="last_prompt_token")
-  editor.update(card)
-  if saved:
-    editor.update(saved)
-  defaults = {"editor": editor, "data": {"max_length": None}, "eval": {"batch_size": 64}}
-  return config_lib.resolve(defaults, args.config, args.overrides)
+  """The resolved settings as a reference-named tree ({"editor", "data", "eval", "model"}), with
+  `editor.layer` and `editor.seed` filled in."""
+  resolved = resolve(args, model, saved)
+  tree = resolved.tree()
+  tree["editor"]["layer"] = tree["editor"]["layer"] or settings_lib.default_layer(model.config)
+  return tree
 
 
 def _score(records, tokenizer, model, book, settings, pre_fn, generate: bool, batch_size: int):
@@ -81,32 +77,30 @@ def run(args) -> int:
   from horse_jax.cli.edit_hypernet import load_model, logits_fn
   from horse_jax.data.loaders import load_records
   from horse_jax.eval.scoring import summarize, write_metrics
+  from horse_jax.models import read_config
 
-  model, tokenizer = load_model(args.model, args.dtype)
+  if not os.path.isdir(args.model):
+    raise UserError(f"--model {args.model!r}: folder not found")
   book, saved = None, None
   if args.codebook:
     book, old = persist.load(args.codebook)
     if old.method != args.method:
       raise UserError(f"--codebook {args.codebook}: a {old.method} codebook, not {args.method}")
     saved = old.to_editor_dict()
-  settings_tree = resolve_settings(args, model, saved)
-  editor = dict(settings_tree["editor"])
-  if not args.codebook and not any(o.startswith("editor.seed=") for o in args.overrides):
-    editor["seed"] = args.seed
-  settings = settings_lib.from_editor_dict(args.method, editor,
-                                           editor["layer"] or default_layer(args.model, model)["layer"])
-  d_in, d_out = (int(n) for n in names.get_kernel(model.params, settings.layer).shape)
-  if book is None:
-    book = state_lib.init(settings, d_in, d_out)
-  elif book.keys.shape[1] != d_in or book.values.shape[1] != d_out:
-    raise UserError(f"--codebook {args.codebook}: keys/values {book.keys.shape[1]}/"
-                    f"{book.values.shape[1]} wide, but {settings.layer} is {d_in} -> {d_out}")
+  resolved = resolve(args, read_config(args.model), saved)
+  model, tokenizer = load_model(args.model, resolved["model.dtype"])
+  where = f"--codebook {args.codebook}" if args.codebook else None
+  try:
+    editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book)
+  except UserError as err:
+    raise UserError(f"{where}: {err}" if where else str(err)) from None
+  settings = editor.config
+  book = editor.init(jax.random.PRNGKey(args.seed))
 
   records = load_records(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
   if not records:
     raise UserError(f"{args.data}: no records")
-  max_length = settings_tree["data"].get("max_length") or model.config.max_position_embeddings
-  batch_size = int(settings_tree["eval"]["batch_size"])
+  batch_size = int(resolved["eval.batch_size"])
   pre_fn = logits_fn(model)
   os.makedirs(args.out, exist_ok=True)
   progress_lines: list[str] = []
@@ -114,10 +108,8 @@ def run(args) -> int:
   compiles0 = edit_lib.compile_count()
   edit_s = 0.0
   for i, record in enumerate(tqdm(records, desc=f"{args.method} edits", unit="edit")):
-    batch = tokenize_edits(tokenizer, [record.prompt], [record.target], max_length=max_length)
     t0 = time.time()
-    book, info = edit_lib.apply_edit(model, book, batch, 0, settings)
-    info = {k: v.item() for k, v in jax.device_get(info)._asdict().items()}
+    book, (info,) = editor.edit(book, [record])  # one host sync per edit: the loss is checked
     edit_s += time.time() - t0
     if not np.isfinite(info["loss_last"]):
       raise UserError(f"{args.data}: record {i}: the edit loss became {info['loss_last']} "
@@ -142,8 +134,10 @@ def run(args) -> int:
       "scoring": {"summary": "all edits scored on the final model (p = last prompt token)",
                   "immediate": "each edit's own ES, teacher-forced, right after that edit"},
       "immediate": imm,
-      "settings": {"editor": settings.to_editor_dict(), "data": settings_tree["data"],
-                   "eval": settings_tree["eval"]},
+      "settings": {"editor": settings.to_editor_dict(), "data": resolved.tree()["data"],
+                   "eval": resolved.tree()["eval"], "model": resolved.tree()["model"]},
+      "effective_settings": resolved.effective(),
+      "ignored_settings": resolved.ignored,
       "edit_seconds": edit_s, "edits_per_second": len(records) / max(edit_s, 1e-9),
       "compile_count": edit_lib.compile_count() - compiles0,
       "codebook": {"rows": int(book.count), "capacity": book.capacity, "bytes": book.nbytes()},

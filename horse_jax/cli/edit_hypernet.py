@@ -3,7 +3,9 @@
 Writes to --out:
   deltas.safetensors  float32 edited - original, one tensor per edited HF weight, HF layout
   model/              the edited checkpoint (save_pretrained; loads in transformers)
-  metrics.json        post-edit scores (pre-edit model as reference) via horse_jax.eval.scoring
+  metrics.json        post-edit scores (pre-edit model as reference) via horse_jax.eval.scoring, with
+                      effective_settings: every setting's value and source (default, card, config,
+                      set)
 """
 
 from __future__ import annotations
@@ -16,37 +18,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from horse_jax import config as config_lib
-from horse_jax.editors import hypernet
-from horse_jax.editors.hypernet.checkpoint import load_for_editing
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_bytes
 
 
-def model_defaults(model_path: str, model) -> dict[str, Any]:
-  """Per-model settings from its card (when the cards module exists) else the architecture default."""
-  card: dict[str, Any] = {}
-  try:
-    from horse_jax.models.cards import card_for
-    card = dict(card_for(model_path, model.config) or {})
-  except ModuleNotFoundError:
-    pass
-  except UserError:
-    card = {}
-  mods = card.get("edit_modules") or hypernet_modules_default(model)
-  return {"model": {"edit_modules": list(mods)}, "dtype": card.get("dtype")}
-
-
-def hypernet_modules_default(model):
-  from horse_jax.models.names import default_edit_modules
-  return default_edit_modules(model.config)
+def resolve(method: str, model_path: str, config, config_files=(), overrides=(), dtype: str | None = None):
+  """The run's `horse_jax.settings.Resolved`: defaults <- model card <- --config files <- --set
+  (--dtype, when given, is the command line's model.dtype)."""
+  from horse_jax.editors import protocol
+  if isinstance(config_files, str):
+    config_files = [config_files]
+  resolved = protocol.resolve_settings(method, model_path, config, configs=list(config_files or ()),
+                                       overrides=overrides)
+  if dtype:
+    resolved.values["model.dtype"], resolved.sources["model.dtype"] = dtype, "set"
+  return resolved
 
 
 def resolve_settings(method: str, model_path: str, model, config_file, overrides) -> dict[str, Any]:
-  """defaults(method, model card) <- --config YAML <- --set overrides."""
-  defaults = hypernet.default_settings(method)
-  defaults["model"]["edit_modules"] = model_defaults(model_path, model)["model"]["edit_modules"]
-  return config_lib.resolve(defaults, config_file, overrides)
+  """The resolved settings as a reference-named tree (model.edit_modules filled in)."""
+  tree = resolve(method, model_path, model, config_file or (), overrides).tree()
+  if not tree["model"].get("edit_modules"):
+    from horse_jax.models.names import default_edit_modules
+    tree["model"]["edit_modules"] = list(default_edit_modules(getattr(model, "config", model)))
+  return tree
 
 
 def card_dtype(path: str) -> str | None:
@@ -99,40 +94,28 @@ def hf_deltas(original, edited, modules) -> dict[str, np.ndarray]:
   return out
 
 
-def explicit_lm_batch(config_file, overrides) -> int | None:
-  """`data.batch_size` when the user set it (--config or --set), else None (a trained hypernetwork
-  then keeps the LM mini-batch it was trained with; see `checkpoint.load_for_editing`)."""
-  given = config_lib.resolve({"data": {"batch_size": None}}, config_file,
-                             [o for o in overrides if o.startswith("data.batch_size")])
-  size = (given.get("data") or {}).get("batch_size")
-  return None if size is None else int(size)
-
-
-def editor_for(args, settings, model):
-  """(cfg, state): the trained hypernetwork from --hypernet, else a fresh one."""
-  if args.hypernet:
-    return load_for_editing(args.hypernet, args.method, model, settings["editor"]["batch_size"],
-                            explicit_lm_batch(args.config, args.overrides), f"--hypernet {args.hypernet}")
-  cfg = hypernet.from_settings(args.method, settings, model)
-  return cfg, hypernet.init(cfg, jax.random.PRNGKey(args.seed))
-
-
 def run(args) -> int:
   from horse_jax.data.loaders import load_records
+  from horse_jax.editors import protocol
   from horse_jax.eval.scoring import score_records, write_metrics
-  from horse_jax.models import save_pretrained
+  from horse_jax.models import read_config, save_pretrained
   import safetensors.numpy
 
-  model, tokenizer = load_model(args.model, args.dtype or card_dtype(args.model))
-  settings = resolve_settings(args.method, args.model, model, args.config, args.overrides)
+  if not os.path.isdir(args.model):
+    raise UserError(f"--model {args.model!r}: folder not found")
+  resolved = resolve(args.method, args.model, read_config(args.model), args.config or (),
+                     args.overrides, args.dtype)
+  model, tokenizer = load_model(args.model, resolved["model.dtype"])
   records = load_records(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
   if not records:
     raise UserError(f"{args.data}: no records")
-  cfg, state = editor_for(args, settings, model)
+  editor = protocol.make_editor(args.method, model, tokenizer, resolved, hypernet=args.hypernet,
+                                progress=True)
+  cfg = editor.config
+  state = editor.init(jax.random.PRNGKey(args.seed))
   t0 = time.time()
-  batches = hypernet.edit_batches(tokenizer, records, cfg.lm_batch, settings["data"].get("max_length"))
-  shifts, state = hypernet.edit(state, model, cfg, batches, progress=True)
-  edited = hypernet.apply(model, shifts)
+  state, _ = editor.edit(state, records)
+  edited = editor.apply(state).model
   jax.block_until_ready(edited.params)
   edit_s = time.time() - t0
 
@@ -143,15 +126,15 @@ def run(args) -> int:
 
   gen = pre_gen = None
   if args.eval_mode == "generate":
-    from horse_jax.models import generate
-    gen = lambda ids, mask, n: generate(edited, ids, mask, n)
-    pre_gen = lambda ids, mask, n: generate(model, ids, mask, n)
+    gen, pre_gen = protocol.model_generate(edited), protocol.model_generate(model)
   scores = score_records(records, tokenizer, logits_fn(edited), logits_fn(model),
                          generate_fn=gen, pre_generate_fn=pre_gen,
                          max_length=model.config.max_position_embeddings)
   write_metrics(os.path.join(args.out, "metrics.json"), args.method, len(records), scores,
-                extra={"settings": settings, "hypernet": args.hypernet, "edit_seconds": edit_s,
-                       "edit_modules": list(cfg.modules)})
+                extra={"settings": resolved.tree(), "effective_settings": resolved.effective(),
+                       "ignored_settings": resolved.ignored, "hypernet": args.hypernet,
+                       "edit_seconds": edit_s, "edit_modules": list(cfg.modules),
+                       "lm_batch": cfg.lm_batch})
   s = scores["summary"]
   print(f"{args.method}: {len(records)} edits  ES {s.get('edit_acc')}  GS {s.get('rephrase_acc')}  "
         f"loc_acc {s.get('loc_acc')}  loc_agree {s.get('loc_agree')}  -> {args.out}")

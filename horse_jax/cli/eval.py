@@ -17,8 +17,8 @@ def register(sub) -> None:
   p = sub.add_parser("eval", help="evaluation sweep: methods x numbers of edits x seeds -> tables and plots")
   p.add_argument("--config", default=None, help="sweep YAML (see eval/README.md)")
   p.add_argument("--out", default=None, help="output folder (default eval/results/<name>)")
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a sweep setting, e.g. --set seeds=[0,1,2] (repeatable)")
+  p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                 help="override sweep settings, e.g. --set seeds=[0,1,2] n_edits=[1,10] (repeatable)")
   p.add_argument("--model", default=None, help="model folder (overrides the YAML's `model`)")
   p.add_argument("--data", default=None, help="edit records (overrides the YAML's `data`)")
   p.add_argument("--method", dest="methods", action="append", default=None,

@@ -16,9 +16,10 @@ import time
 import jax
 import numpy as np
 
-from horse_jax.cli.edit_hypernet import card_dtype, load_model, logits_fn, resolve_settings
+from horse_jax.cli.edit_hypernet import load_model, logits_fn, resolve
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
+from horse_jax.cli.settings_args import add_settings_args
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_json, atomic_write_text
 
@@ -30,9 +31,7 @@ def register(sub) -> None:
   p.add_argument("--valid", default=None, help="held-out records for validation ES/GS/LS")
   p.add_argument("--method", required=True, choices=hypernet.config.METHODS)
   p.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, hypernet/)")
-  p.add_argument("--config", default=None, help="reference-style YAML settings")
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a setting, e.g. --set data.n_edits=64 (repeatable)")
+  add_settings_args(p, "data.n_edits=64 editor.rank=128")
   p.add_argument("--steps", type=int, default=None,
                  help="meta-training steps in total (default editor.n_epochs passes over --data)")
   p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
@@ -89,9 +88,14 @@ def run(args) -> int:
     raise UserError("--steps and --save-every must be >= 1")
   from horse_jax.cli.common import setup_devices
   setup_devices(args, args.model)
-  model, tokenizer = load_model(args.model, card_dtype(args.model))
-  settings = resolve_settings(args.method, args.model, model, args.config, args.overrides)
-  cfg = hypernet.from_settings(args.method, settings, model)
+  if not os.path.isdir(args.model):
+    raise UserError(f"--model {args.model!r}: folder not found")
+  from horse_jax.models import read_config
+  resolved = resolve(args.method, args.model, read_config(args.model), args.config or (), args.overrides)
+  model, tokenizer = load_model(args.model, resolved["model.dtype"])
+  cfg = hypernet.from_settings(args.method, resolved, model)
+  settings = resolved.tree()
+  settings["model"]["edit_modules"] = list(cfg.modules)
   max_length = settings["data"].get("max_length")
   train = load_records(args.data, skip_invalid=getattr(args, "skip_invalid", False))
   n_edits = int(settings["data"]["n_edits"])
@@ -106,7 +110,8 @@ def run(args) -> int:
   os.makedirs(args.out, exist_ok=True)
   atomic_write_json(os.path.join(args.out, "run.json"),
                     {"method": args.method, "model": args.model, "data": args.data, "valid": args.valid,
-                     "seed": args.seed, "steps": args.steps, "settings": settings, "config": cfg.to_dict()})
+                     "seed": args.seed, "steps": args.steps, "settings": settings, "config": cfg.to_dict(),
+                     "effective_settings": resolved.effective(), "ignored_settings": resolved.ignored})
   mgr = ckpt.manager(os.path.join(args.out, "checkpoints"))
   template = hypernet.init(cfg, jax.random.PRNGKey(args.seed))
   try:

@@ -1,0 +1,194 @@
+"""One editor protocol for both families, in the style of optax: a NamedTuple of pure functions.
+
+  editor = make_editor("horse", model, tokenizer, settings)    # or "malmen", "mend", "horen", "grace"
+  state = editor.init(jax.random.PRNGKey(0))
+  state, info = editor.edit(state, records)                     # EditRecords; call again to add more
+  edited = editor.apply(state)                                  # Edited(model, logits, generate)
+  edited.logits(batch)                                          # EditBatch -> [B, T, V]
+  edited.generate(input_ids, attention_mask, max_new_tokens)    # greedy tokens [B, N]
+
+HORSE/MALMEN/MEND edit all the records of one `edit` call at once (their shifts are added to the
+kernels; a second call edits the already edited model and adds its shifts); HoReN/GRACE edit them
+one after another into the codebook. The state is explicit and the functions close over nothing
+that changes: the same state gives the same edited model. Sweeps (`horse_jax.eval.methods`), the CLI
+and other projects drive every method through this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from horse_jax import settings as settings_lib
+from horse_jax.errors import UserError
+
+
+class Edited(NamedTuple):
+  """An edited model, as scoring and generation use it.
+
+  Attributes:
+    model: the weights-edited Model (hypernetwork methods) or the unchanged base model (codebook
+      methods: the edit lives in `state`, applied by `logits`/`generate` as a hook).
+    logits: EditBatch -> logits [B, T, V].
+    generate: (left-padded input_ids, attention_mask, max_new_tokens) -> greedy tokens [B, N].
+  """
+
+  model: Any
+  logits: Callable[[Any], jax.Array]
+  generate: Callable[[Any, Any, int], jax.Array]
+
+
+class Editor(NamedTuple):
+  """Any editing method as pure functions over an explicit state.
+
+  Attributes:
+    method: horse | malmen | mend | horen | grace.
+    kind: "at_once" (hypernetwork methods) or "sequential" (codebook methods).
+    settings: the resolved settings (`horse_jax.settings.Resolved`, with provenance).
+    config: the static editor config (`HypernetConfig` or `CodebookSettings`).
+    init: key -> state.
+    edit: (state, records) -> (state, info); info is a list of per-edit dicts (codebook methods) or
+      {} (hypernetwork methods).
+    apply: state -> Edited.
+  """
+
+  method: str
+  kind: str
+  settings: settings_lib.Resolved
+  config: Any
+  init: Callable[[jax.Array], Any]
+  edit: Callable[[Any, Sequence[Any]], tuple[Any, Any]]
+  apply: Callable[[Any], Edited]
+
+
+@jax.jit
+def _forward(model, input_ids, attention_mask):
+  from horse_jax.models import apply  # noqa: PLC0415
+  return apply(model, input_ids, attention_mask)
+
+
+def model_logits(model) -> Callable:
+  """EditBatch -> logits of a plain Model (one compile per shape, shared by equal configs)."""
+  return lambda batch: _forward(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+
+
+def model_generate(model) -> Callable:
+  """(input_ids, attention_mask, max_new_tokens) -> greedy tokens of a plain Model."""
+  from horse_jax.models.generate import generate  # noqa: PLC0415
+  return lambda ids, mask, n: generate(model, ids, mask, n)
+
+
+def resolve_settings(method: str, model_path, model, **kw) -> settings_lib.Resolved:
+  """The settings of `method` for the checkpoint at `model_path`: the one resolution the CLI and
+  sweeps share (defaults <- model card <- config <- --set; see `horse_jax.settings.resolve`).
+
+  Args:
+    method: the editing method.
+    model_path: the checkpoint folder (its card is found by folder name, HF id or alias).
+    model: the Model, or just its ModelConfig.
+    **kw: `horse_jax.settings.resolve` keywords (configs, config_tree, overrides, codebook).
+  """
+  return settings_lib.resolve_for_model(method, model_path, getattr(model, "config", model), **kw)
+
+
+def with_seed(resolved: settings_lib.Resolved, seed: int) -> settings_lib.Resolved:
+  """The run's seed as `editor.seed` (codebook methods), unless a config or --set chose one."""
+  if "editor.seed" in resolved.values and resolved.sources["editor.seed"] in ("default", "card"):
+    resolved.values["editor.seed"] = int(seed)
+    resolved.sources["editor.seed"] = "run"
+  return resolved
+
+
+def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, *,
+                hypernet: str | None = None, codebook: Any = None, progress: bool = False,
+                where: str | None = None, mesh=None) -> Editor:
+  """The Editor of `method` for `model`.
+
+  Args:
+    method: horse | malmen | mend | horen | grace.
+    model: the unedited Model.
+    tokenizer: its tokenizer (records are tokenized inside `edit`).
+    settings: resolved settings of `method` (`resolve_settings`).
+    hypernet: a trained hypernetwork folder (hypernetwork methods; fresh networks when None).
+    codebook: a Codebook to continue (codebook methods; an empty one when None).
+    progress: show progress bars while editing.
+    where: what to name in errors about `hypernet` (default the folder).
+    mesh: optional (`data`, `model`) mesh for the codebook's shardings.
+
+  Returns:
+    The Editor.
+  """
+  if settings.method != method:
+    raise UserError(f"settings resolved for {settings.method}, not {method}")
+  if method in settings_lib.HYPERNET:
+    return _hypernet_editor(method, model, tokenizer, settings, hypernet, progress, where)
+  if method in settings_lib.CODEBOOK:
+    return _codebook_editor(method, model, tokenizer, settings, codebook, progress, mesh)
+  raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
+
+
+def _hypernet_editor(method, model, tokenizer, settings, folder, progress, where) -> Editor:
+  from horse_jax.editors import hypernet  # noqa: PLC0415
+  from horse_jax.editors.hypernet.checkpoint import load_for_editing  # noqa: PLC0415
+  trained = None
+  if folder:
+    # The LM mini-batch stays the trained one unless the user chose data.batch_size.
+    lm_batch = settings["data.batch_size"] if settings.given("data.batch_size") else None
+    cfg, trained = load_for_editing(folder, method, model, settings["editor.batch_size"], lm_batch,
+                                    where or f"--hypernet {folder}")
+  else:
+    cfg = hypernet.from_settings(method, settings, model)
+  max_length = settings["data.max_length"]
+
+  def init(key):
+    nets = trained if trained is not None else hypernet.init(cfg, key)
+    return nets, None  # (hypernetwork state, accumulated shifts)
+
+  def edit(state, records):
+    nets, shifts = state
+    base = model if shifts is None else hypernet.apply(model, shifts)
+    batches = hypernet.edit_batches(tokenizer, list(records), cfg.lm_batch, max_length)
+    new, nets = hypernet.edit(nets, base, cfg, batches, progress=progress)
+    if shifts is not None:
+      new = {k: new[k] + shifts[k] for k in new}
+    return (nets, new), {}
+
+  def apply(state):
+    _, shifts = state
+    edited = model if shifts is None else hypernet.apply(model, shifts)
+    return Edited(edited, model_logits(edited), model_generate(edited))
+
+  return Editor(method, "at_once", settings, cfg, init, edit, apply)
+
+
+def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) -> Editor:
+  from horse_jax.data.unke import tokenize_record  # noqa: PLC0415
+  from horse_jax.editors.codebook import edit as edit_lib, infer  # noqa: PLC0415
+  from horse_jax.editors.codebook import settings as cb_settings, state as state_lib  # noqa: PLC0415
+  from horse_jax.models import names  # noqa: PLC0415
+  cfg = cb_settings.from_resolved(settings, model.config)
+  names.check_module_names(model.config, (cfg.layer,))
+  d_in, d_out = (int(n) for n in names.get_kernel(model.params, cfg.layer).shape)
+  if book0 is not None and (book0.keys.shape[1] != d_in or book0.values.shape[1] != d_out):
+    raise UserError(f"codebook: keys/values {book0.keys.shape[1]}/{book0.values.shape[1]} wide, "
+                    f"but {cfg.layer} is {d_in} -> {d_out}")
+  max_length = settings["data.max_length"] or model.config.max_position_embeddings
+
+  def init(key):
+    del key  # values are initialised from editor.seed folded with the edit counter
+    return book0 if book0 is not None else state_lib.init(cfg, d_in, d_out)
+
+  def edit(book, records):
+    infos = []
+    for record in records:  # one request at a time, as the reference edits
+      batch = tokenize_record(tokenizer, record, max_length)  # UnKE records: chat prompts, long targets
+      book, info = edit_lib.apply_edit(model, book, batch, 0, cfg, **({"mesh": mesh} if mesh else {}))
+      infos.append(info)
+    return book, [{k: v.item() for k, v in x._asdict().items()} for x in jax.device_get(infos)]
+
+  def apply(book):
+    return Edited(model, infer.logits_fn(model, book, cfg), infer.generate_fn(model, book, cfg))
+
+  return Editor(method, "sequential", settings, cfg, init, edit, apply)
