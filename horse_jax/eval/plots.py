@@ -15,7 +15,13 @@ PANELS = (("edit_acc", "Edit success (ES)"), ("rephrase_acc", "Generalization (G
           ("loc_acc", "Locality vs gold (loc_acc)"), ("loc_agree", "Locality vs pre-edit (loc_agree)"),
           ("port_acc", "Portability"), ("overall", "Overall"),
           ("gen_edit_acc", "Generation ES"), ("gen_rephrase_acc", "Generation GS"),
-          ("gen_loc_agree", "Generation locality (agreement)"), ("gen_overall", "Generation overall"))
+          ("gen_loc_agree", "Generation locality (agreement)"), ("gen_overall", "Generation overall"),
+          # UnKE (unstructured) data
+          ("question_token_acc", "UnKE answer token accuracy"),
+          ("question_rougeL_recall", "UnKE question ROUGE-L recall"),
+          ("question_bleu1", "UnKE question BLEU-1"),
+          ("para_question_rougeL_recall", "UnKE paraphrase ROUGE-L recall"),
+          ("sub_question_rougeL_recall", "UnKE sub-question ROUGE-L recall"))
 _STYLE = {"at_once": "-", "final": "-", "immediate": "--"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 

@@ -24,9 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from horse_jax import config as config_lib
+from horse_jax.data import unke
 from horse_jax.errors import UserError
 from horse_jax.eval import methods as methods_lib
 from horse_jax.eval import plots, tables
+from horse_jax.eval import unke as unke_eval
 from horse_jax.eval.scoring import PreCache, json_safe, score_records, summarize, write_metrics
 from horse_jax.io import atomic_write_json, atomic_write_text
 
@@ -49,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
         "max_length": None,  # default: the model's max_position_embeddings
         "immediate": True,  # sequential methods: also score each edit right after it is made
         "save_cells": True,  # per-cell metrics files with per-record scores
+        "max_new_tokens": 512,  # UnKE data: greedy generation budget per prompt (cut to the context)
     },
 }
 
@@ -167,6 +170,12 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     raise UserError(f"sweep: eval.mode must be teacher or generate, not {ev['mode']!r}")
   datasets = {p: load_records(p, fmt=settings["format"], skip_invalid=bool(settings["skip_invalid"]))
               for p in data_paths}  # every dataset is checked before any model work
+  for path, records in datasets.items():
+    hypernet = [e["label"] for e in entries
+                if methods_lib.kind_of(e["name"]) == "batch" and e["name"] != "unedited"]
+    if unke.is_unke(records[0]) and hypernet:
+      raise UserError(f"sweep: {path} holds UnKE (unstructured) records, edited by horen, grace "
+                      f"(or scored unedited), not by {', '.join(hypernet)}")
   os.makedirs(out, exist_ok=True)
   results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
                              "cells": [], "skipped": [], "aggregate": []}
@@ -182,8 +191,15 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     pre_logits = make_logits(model)
     pre_generate = make_generate(model) if make_generate else None
     pre_cache = PreCache()  # the unedited model's results per pair, shared by every cell of this model
+    unke_pre_cache: dict = {}  # the same for UnKE prompts
 
     def score(records, post_logits_fn, post_generate_fn=None, batch_size=None):
+      if records and unke.is_unke(records[0]):  # unstructured edits: generation + text metrics
+        return unke_eval.score_unke(
+            records, tokenizer, post_generate_fn if make_generate else None, pre_generate,
+            logits_fn=post_logits_fn, pre_logits_fn=pre_logits,
+            max_new_tokens=int(ev["max_new_tokens"]), batch_size=int(batch_size or ev["batch_size"]),
+            max_length=max_length, progress=progress, pre_cache=unke_pre_cache)
       return score_records(records, tokenizer, post_logits_fn, pre_logits,
                            batch_size=int(batch_size or ev["batch_size"]),
                            generate_fn=post_generate_fn if make_generate else None,
@@ -265,8 +281,8 @@ def _run_sequential(ctx, entry, records, order, counts, seed, ev, progress) -> l
       cells.append(_cell(entry, n, seed, "final", final, elapsed))
       if immediate:
         rows = immediate_rows[:n]
-        cells.append(_cell(entry, n, seed, "immediate", {"summary": summarize(rows), "records": rows},
-                           elapsed))
+        summary = (unke_eval.summarize if unke.is_unke(chosen[0]) else summarize)(rows)
+        cells.append(_cell(entry, n, seed, "immediate", {"summary": summary, "records": rows}, elapsed))
   return cells
 
 

@@ -12,7 +12,13 @@ COLUMNS = (("edit_acc", "ES"), ("rephrase_acc", "GS"), ("loc_acc", "loc_acc"), (
 GEN_COLUMNS = (("gen_edit_acc", "gen ES"), ("gen_rephrase_acc", "gen GS"), ("gen_loc_acc", "gen loc_acc"),
                ("gen_loc_agree", "gen loc_agree"), ("gen_port_acc", "gen portability"),
                ("gen_overall", "gen overall"))
-METRICS = tuple(k for k, _ in COLUMNS + GEN_COLUMNS) + ("pre_edit_acc", "pre_rephrase_acc", "pre_loc_acc")
+# UnKE (unstructured) data: teacher-forced token accuracy of the long answer, and generation scores
+# (ROUGE recall and BLEU-1 against the answers; `horse_jax.eval.unke`).
+UNKE_COLUMNS = (("question_token_acc", "answer token acc"), ("question_rougeL_recall", "question ROUGE-L R"),
+                ("question_bleu1", "question BLEU-1"), ("para_question_rougeL_recall", "paraphrase ROUGE-L R"),
+                ("sub_question_rougeL_recall", "sub-question ROUGE-L R"))
+METRICS = tuple(k for k, _ in COLUMNS + GEN_COLUMNS + UNKE_COLUMNS) + (
+    "pre_edit_acc", "pre_rephrase_acc", "pre_loc_acc")
 TIMING_ORDER = {"at_once": 0, "final": 1, "immediate": 2}
 
 
@@ -80,6 +86,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     columns = [(k, t) for k, t in COLUMNS if any(r[k]["mean"] is not None for r in group)]
     gen = [(k, t) for k, t in GEN_COLUMNS if any(r[k]["mean"] is not None for r in group)]
     columns += gen
+    columns += [(k, t) for k, t in UNKE_COLUMNS if any(r[k]["mean"] is not None for r in group)]
     lines += [f"## model `{model}` · data `{data}`", ""]
     header = ["method", "timing", "n_edits", "seeds"] + [t for _, t in columns] + ["overall locality", "seconds"]
     lines.append("| " + " | ".join(header) + " |")

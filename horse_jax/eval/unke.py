@@ -178,6 +178,22 @@ def _fill_text_scores(per_record, prompts, texts, prefix: str) -> None:
     per_record[i][f"{prefix}generations"] = g
 
 
+def _cached(prompts: Sequence[_Prompt], cache: dict | None, tag: tuple, compute: Callable) -> list:
+  """compute(prompts) per prompt, through `cache` (keyed by tag, question, answer) when given:
+  only the prompts the cache lacks are computed, each distinct one once."""
+  if cache is None:
+    return list(compute(list(prompts)))
+  keys = [(tag, p.question, p.answer) for p in prompts]
+  missing: dict[tuple, _Prompt] = {}
+  for p, key in zip(prompts, keys):
+    if key not in cache:
+      missing.setdefault(key, p)
+  if missing:
+    for key, value in zip(missing, compute(list(missing.values()))):
+      cache[key] = value
+  return [cache[key] for key in keys]
+
+
 def summarize(per_record: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """n_records, the mean of every numeric score key over the records that have it, and counts."""
   keys: list[str] = []
@@ -198,8 +214,8 @@ def summarize(per_record: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def score_unke(records: Sequence[EditRecord], tokenizer, generate_fn: Callable | None = None,
                pre_generate_fn: Callable | None = None, *, logits_fn: Callable | None = None,
                pre_logits_fn: Callable | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               batch_size: int = 16, max_length: int | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               batch_size: int = 16, max_length: int | None = None, progress: bool = True,
+               pre_cache: dict | None = None) -> dict[str, Any]:
   """Scores UnKE records by generation (and teacher forcing when logits functions are given).
 
   Args:
@@ -214,6 +230,8 @@ def score_unke(records: Sequence[EditRecord], tokenizer, generate_fn: Callable |
     batch_size: rows per call (short chunks are filled, so shapes stay fixed).
     max_length: the model's context length (None: unlimited).
     progress: show tqdm bars.
+    pre_cache: a dict shared by calls that score the same unedited model (a sweep): each prompt's
+      pre-edit generation and token accuracy are computed once. Scores are the same without it.
 
   Returns:
     {"summary": {...}, "records": [...]} as described in the module docstring.
@@ -229,13 +247,21 @@ def score_unke(records: Sequence[EditRecord], tokenizer, generate_fn: Callable |
   prompts = prompts_of(records)
   tf_prompts = [p for p in prompts if p.kind != "sub_question"]
   for prefix, gen, lg in runs:
+    cache = pre_cache if prefix == "pre_" else None
     if lg is not None:
-      acc = teacher_forced(tf_prompts, tokenizer, lg, batch_size=batch_size, max_length=max_length)
+
+      def token_acc(ps, lg=lg):
+        return teacher_forced(ps, tokenizer, lg, batch_size=batch_size, max_length=max_length)
+
+      acc = _cached(tf_prompts, cache, ("token_acc", max_length), token_acc)
       for p, value in zip(tf_prompts, acc):
         per_record[p.record][f"{prefix}{p.kind}_token_acc"] = None if np.isnan(value) else float(value)
     if gen is not None:
-      texts = generate_texts(prompts, tokenizer, gen, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, max_length=max_length, progress=progress,
-                             desc=f"generation ({'pre-edit' if prefix else 'edited'})")
+
+      def texts_of(ps, gen=gen, desc=f"generation ({'pre-edit' if prefix else 'edited'})"):
+        return generate_texts(ps, tokenizer, gen, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              max_length=max_length, progress=progress, desc=desc)
+
+      texts = _cached(prompts, cache, ("text", max_new_tokens, max_length), texts_of)
       _fill_text_scores(per_record, prompts, texts, prefix)
   return {"summary": summarize(per_record), "records": per_record}
