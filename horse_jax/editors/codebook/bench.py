@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from horse_jax.data.tokenize import IGNORE, EditBatch
 from horse_jax.editors.codebook import edit, infer, state
-from horse_jax.editors.codebook.settings import CodebookSettings
+from horse_jax import settings as settings_lib
+from horse_jax.editors.codebook.settings import CodebookSettings, from_resolved
 from horse_jax.models import apply
 from horse_jax.models.init import random_model, tiny_llama_config
 
@@ -113,7 +114,7 @@ def demo_scores(model, book, settings, batch: EditBatch, unrelated: EditBatch, c
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--edits", type=int, default=10000)
-  parser.add_argument("--n-iter", type=int, default=50)
+  parser.add_argument("--n-iter", type=int, default=settings_lib.default("editor.n_iter", "horen"))
   parser.add_argument("--layer", type=int, default=1, help="wrapped down_proj layer (of 4)")
   parser.add_argument("--threshold", type=float, default=0.8,
                       help="match threshold (tiny random models have anisotropic queries)")
@@ -129,12 +130,11 @@ def main(argv=None) -> int:
 
   cfg = tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4)
   model = random_model(cfg, seed=0)
-  settings = CodebookSettings(method=args.method, layer=f"model.layers.{args.layer}.mlp.down_proj",
-                              n_iter=args.n_iter, threshold=args.threshold,
-                              initial_capacity=args.capacity,
-                              normalize=args.method == "horen",
-                              strategy=("last_50_perc_prompt_tokens_avg" if args.method == "horen"
-                                        else "last_prompt_token"))
+  # The method's declared defaults (horse_jax.settings: GRACE's differ from HoReN's), then the flags.
+  resolved = settings_lib.resolve(args.method, overrides=[
+      f"editor.layer=model.layers.{args.layer}.mlp.down_proj", f"editor.n_iter={args.n_iter}",
+      f"editor.hopfield_key_match_threshold={args.threshold}", f"editor.initial_capacity={args.capacity}"])
+  settings = from_resolved(resolved, cfg)
   batch = random_edits(args.edits, cfg.vocab_size, args.seq, seed=1, max_target=args.max_target)
   print(f"{jax.devices()[0].platform}: {args.method}, {args.edits} edits, n_iter {args.n_iter}, "
         f"tiny llama (hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab {cfg.vocab_size}), "
