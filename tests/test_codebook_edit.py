@@ -249,8 +249,18 @@ def test_one_compilation_per_capacity_bucket():
   batch = random_edits(50)
   before = edit.compile_count()
   book = state.init(st, 128, 64)
-  book, infos = edit.apply_edits(model, book, batch, st, progress=False)
+  infos = []
+  for i in range(50):  # one edit at a time: the codebook doubles when full
+    book, info = edit.apply_edit(model, book, batch, i, st)
+    infos.append(bool(info.added))
   assert int(book.count) == 51 and book.capacity == 64
   # Capacities 2, 4, 8, 16, 32, 64: six programs for fifty edits.
   assert edit.compile_count() - before == 6
+  assert all(infos)
+  # Knowing the number of edits up front, apply_edits grows once: one program for all fifty.
+  before = edit.compile_count()
+  book, infos = edit.apply_edits(model, state.init(st, 128, 64), batch, st, progress=False,
+                                 block=1)
+  assert int(book.count) == 51 and book.capacity == 64
+  assert edit.compile_count() - before == 0  # capacity 64, block 1: compiled above
   assert all(x["added"] for x in infos)

@@ -1,15 +1,40 @@
-"""One HoReN / GRACE edit as a single jitted program, and the sequential loop around it.
+"""HoReN / GRACE edits as jitted programs over blocks of edits, and the sequential loop around them.
 
-`edit_step` (compiled once per (capacity, sequence length, settings)):
-  1. h0 = residual stream entering the wrapped layer (layers below never change: computed once);
-     x = the wrapped module's input; q = query(x, p = prompt_len - 1).
-  2. Decide: HoReN reuses j* when s[j*] > threshold and label_j* == this edit's label, else appends
-     the *unrefined* query as a new key (value cold: uniform [0, 1) seeded by the edit counter; warm:
-     the module's own output y[p]) with this label; GRACE uses its radius rules (grace.py).
-  3. Recompute the retrieval with the updated codebook -> (j, match); train value[j] (or LoRA A_j,
-     B_j) with a fresh Adam(edit_lr) for n_iter steps (`lax.scan`) on the token-mean CE of
-     "prompt target" (prompt masked), running only the layers from the wrapped one upward.
-  4. Write the trained entry back and score the edit right away (teacher-forced token accuracy).
+One program (`edit_block`, compiled once per (capacity, block size, sequence length, label width,
+settings, mesh)) applies B edits in their order:
+  1. h0 = residual stream entering the wrapped layer L (layers below never change: computed once);
+     the wrapped layer runs once to get its module input x and output y; q = query(x, p), p =
+     prompt_len - 1.
+  2. Decide, edit after edit (`lax.scan`, cheap: retrievals only): HoReN reuses j* when s[j*] >
+     threshold and label_j* == the edit's label, else appends the *unrefined* query as a new key
+     (value cold: uniform [0, 1) seeded by the edit counter; warm: the module's own output y[p]) with
+     this label; GRACE uses its radius rules (grace.py). Then the retrieval is redone with the updated
+     codebook -> (j, match): the row this edit trains and whether its own prompt retrieves it.
+  3. Train: each edit trains row j (value, or LoRA A_j, B_j) with a fresh Adam(edit_lr) for n_iter
+     steps (`lax.scan`) on the token-mean CE of "prompt target" (prompt masked); the B edits train
+     together, batched (Adam is elementwise and the edits' losses are independent, so the batch is
+     B separate optimizations).
+  4. Write the trained rows back and score each edit right away (teacher-forced token accuracy).
+
+Why the block equals one-at-a-time editing (B = 1, the reference semantics). An edit's decision and
+its (j, match) depend only on keys, labels, radii and the count, which training never changes, and
+on its query, which the unchanged layers below L fix; so step 2 run over the block in order makes
+exactly the sequential decisions. Edit i's training forward reads only row j_i (value or A, B) and
+the flag match_i, because only position p is changed and its retrieval result is the fixed (j_i,
+match_i) (the query is fixed; the reference, too, retrieves once per forward from the unchanged
+input). So edit i trains exactly as sequentially iff row j_i holds, when its training starts, what it
+held after the last earlier edit that trained j_i. Exact condition for training edits together: no
+two of them train the same row. Edits of a block that share a row are trained in waves: wave w trains
+the edits that have w earlier edits of the block with the same row (the ones without a shared row
+are all in wave 0), so each starts from its predecessor's trained row. With no shared row a block
+costs one batched training; every shared row adds a wave (a masked batched training) for that block.
+Float results equal the sequential ones up to the batch-size dependence of the matmul kernels.
+
+Speed: when the wrapped module writes straight into the residual stream (down_proj / o_proj of the
+llama family, GPT-2 c_proj, GPT-J fc_out / out_proj), the edited residual after layer L is the
+unedited one plus (new y[p] - y[p]) at p (and at t > p with `edit_span=onward`), so training runs
+only layers L+1.. and the head; otherwise layer L is rerun with the adapter hook. The head runs at
+the label positions only (the loss and the accuracy read nothing else).
 The codebook buffers are donated, so an edit updates them in place instead of copying capacity rows.
 """
 
@@ -17,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +56,27 @@ from horse_jax.editors.codebook.adapter import new_output, put_edit
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, split_dynamic
-from horse_jax.editors.codebook.state import Codebook, ensure_room, label_key
-from horse_jax.models import Hooks, Model, forward_from, hidden_before, layer_index
-from horse_jax.models.names import get_module
+from horse_jax.editors.codebook.state import (Codebook, ensure_room, grow, label_key, place,
+                                              planned_capacity, shardings)
+from horse_jax.models import Hooks, Model, hidden_before, layer_index
+from horse_jax.models.hooks import Tap
+from horse_jax.models.transformer import arch, default_positions, run_layers
+
+DEFAULT_BLOCK = 16  # edits per program in `apply_edits` (1 = the one-at-a-time reference path)
+
+# Modules whose output is added straight to the residual stream, per model family.
+_RESIDUAL_WRITERS = {
+    "llama": ("mlp.down_proj", "self_attn.o_proj"),
+    "mistral": ("mlp.down_proj", "self_attn.o_proj"),
+    "qwen2": ("mlp.down_proj", "self_attn.o_proj"),
+    "qwen3": ("mlp.down_proj", "self_attn.o_proj"),
+    "gpt2": ("mlp.c_proj", "attn.c_proj"),
+    "gptj": ("mlp.fc_out", "attn.out_proj"),
+}
 
 
 class EditInfo(NamedTuple):
-  """What one edit did (device scalars).
+  """What edits did (device arrays: scalars for one edit, [B] for a block).
 
   Attributes:
     added: a new key was appended (else an existing one was reused).
@@ -59,10 +98,8 @@ class EditInfo(NamedTuple):
 
 def token_ce(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
   """Token-mean cross-entropy over positions with label != -100 (float32)."""
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  valid = labels_BxT != IGNORE
-  picked = jnp.take_along_axis(logp, jnp.where(valid, labels_BxT, 0)[..., None], axis=-1)[..., 0]
-  return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+  return jnp.sum(row_ce(logits_BxTxV, labels_BxT) * row_tokens(labels_BxT)) / jnp.maximum(
+      jnp.sum(row_tokens(labels_BxT)), 1)
 
 
 def token_acc(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
@@ -72,13 +109,29 @@ def token_acc(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
   return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def _module_output(model: Model, name: str, x_d: jax.Array) -> jax.Array:
-  """The wrapped module's own output for one input row (float32)."""
-  module = get_module(model.params, name)
-  y = x_d.astype(jnp.float32) @ module["kernel"].astype(jnp.float32)
-  if "bias" in module:
-    y = y + module["bias"].astype(jnp.float32)
-  return y
+def row_tokens(labels_BxT: jax.Array) -> jax.Array:
+  """Label positions per row [B] (float32)."""
+  return jnp.sum(labels_BxT != IGNORE, axis=-1).astype(jnp.float32)
+
+
+def row_ce(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
+  """Per-row token-mean cross-entropy [B] over label positions (0 for a row without labels)."""
+  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  valid = labels_BxT != IGNORE
+  picked = jnp.take_along_axis(logp, jnp.where(valid, labels_BxT, 0)[..., None], axis=-1)[..., 0]
+  return -jnp.sum(jnp.where(valid, picked, 0.0), axis=-1) / jnp.maximum(row_tokens(labels_BxT), 1.0)
+
+
+def row_acc(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
+  """Per-row token accuracy [B] over label positions."""
+  valid = labels_BxT != IGNORE
+  hit = (jnp.argmax(logits_BxTxV, axis=-1) == labels_BxT) & valid
+  return jnp.sum(hit, axis=-1) / jnp.maximum(row_tokens(labels_BxT), 1.0)
+
+
+def writes_residual(model: Model, name: str) -> bool:
+  """Whether module `name`'s output is added unchanged to the residual stream (fast path)."""
+  return any(name.endswith("." + s) for s in _RESIDUAL_WRITERS.get(model.config.model_type, ()))
 
 
 def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> jax.Array:
@@ -86,57 +139,40 @@ def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> j
   return buf.at[row].set(jnp.where(when, value.astype(buf.dtype), buf[row]))
 
 
-def edit_step(model: Model, book: Codebook, input_ids_T: jax.Array, attention_mask_T: jax.Array,
-              labels_T: jax.Array, prompt_len: jax.Array, label: jax.Array, *,
-              settings: CodebookSettings) -> tuple[Codebook, EditInfo]:
-  """Applies one edit to the codebook (see module docstring).
+def _label_positions(labels_BxT: jax.Array, n_label: int) -> tuple[jax.Array, jax.Array]:
+  """(positions [B, K] of the first K label tokens of each row, their labels [B, K] (-100 pads))."""
+  t = labels_BxT.shape[1]
+  has = labels_BxT != IGNORE
+  idx = jnp.arange(t)[None, :]
+  order = jnp.argsort(jnp.where(has, idx, t + idx), axis=1)[:, :n_label].astype(jnp.int32)
+  picked = jnp.take_along_axis(labels_BxT, order, axis=1)
+  return order, jnp.where(jnp.take_along_axis(has, order, axis=1), picked, IGNORE)
 
-  Args:
-    model: the base model (never changed).
-    book: the codebook; must have room for one more row (`state.ensure_room`). Donated.
-    input_ids_T, attention_mask_T, labels_T: one right-padded tokenized edit [T].
-    prompt_len: prompt tokens (BOS included); p = prompt_len - 1.
-    label: the edit's label key, int32 [2] (`state.label_key`).
-    settings: static editor settings.
+
+def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y_p: jax.Array,
+                settings: CodebookSettings):
+  """One edit's add/reuse decision and codebook update (nothing changes when `ok` is False).
 
   Returns:
-    (new codebook, EditInfo).
+    (codebook, (added, j, first_score, match)).
   """
-  static, numbers = split_dynamic(settings)
-  return _edit_step_jit(model, book, input_ids_T, attention_mask_T, labels_T, prompt_len, label,
-                        numbers, settings=static)
-
-
-@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("book",))
-def _edit_step_jit(model, book, input_ids_T, attention_mask_T, labels_T, prompt_len, label, numbers,
-                   *, settings):
-  settings = join_dynamic(settings, numbers)
-  name = settings.layer
-  first_layer = layer_index(name)
-  ids, mask, labels = input_ids_T[None], attention_mask_T[None], labels_T[None]
-  p = jnp.asarray(prompt_len, jnp.int32) - 1
-  h0 = hidden_before(model, first_layer, ids, mask)
-  x_TxD = forward_from(model, first_layer, h0, mask, hooks=Hooks(capture=(name,))).captured[name][0]
-  q = make_query(x_TxD, p, 0, settings.strategy, settings.normalize)
-  y_p = _module_output(model, name, x_TxD[p])
-
-  # Decide: reuse an existing key or append a new one at row `slot`.
   slot = book.count
   radius = book.radius
   if settings.method == "grace":
     dec = grace.decide(q, label, book.keys, book.radius, book.labels, book.count, settings.grace_eps)
     reuse, first_score = dec.reuse, dec.distance
-    radius = radius.at[dec.index].set(dec.new_radius_nearest)
-    radius = _put(radius, slot, dec.new_key_radius, ~reuse)
+    radius = _put(radius, dec.index, dec.new_radius_nearest, ok)
+    radius = _put(radius, slot, dec.new_key_radius, ~reuse & ok)
   else:
     first = retrieve(q, book.keys, book.count, **settings_kwargs(settings))
     same_label = jnp.all(book.labels[first.index] == label) & (first.index != 0)
     reuse, first_score = first.match & same_label, first.score
-  add = ~reuse
+  add = ~reuse & ok
   rng_value, rng_lora = jax.random.split(
       jax.random.fold_in(jax.random.PRNGKey(settings.seed), book.n_edits))
   d_out = book.values.shape[1]
-  value0 = y_p if settings.val_init == "warm" else jax.random.uniform(rng_value, (d_out,))
+  value0 = y_p.astype(jnp.float32) if settings.val_init == "warm" else jax.random.uniform(
+      rng_value, (d_out,))
   if settings.adapter_mode == "lora":
     value0 = jnp.zeros((d_out,))  # LoRA mode learns A, B; the value row stays unused
   lora_a0 = 0.01 * jax.random.normal(rng_lora, book.lora_a.shape[1:])
@@ -148,60 +184,209 @@ def _edit_step_jit(model, book, input_ids_T, attention_mask_T, labels_T, prompt_
       lora_a=_put(book.lora_a, slot, lora_a0, add),
       lora_b=_put(book.lora_b, slot, jnp.zeros(book.lora_b.shape[1:]), add),
       count=book.count + add.astype(jnp.int32),
-      n_edits=book.n_edits + 1,
+      n_edits=book.n_edits + ok.astype(jnp.int32),
   )
-
-  # Retrieval with the updated codebook picks the row that the forward pass will use.
+  # Retrieval with the updated codebook picks the row that the edit's forward pass will use.
   if settings.method == "grace":
     found = grace.lookup(q, book.keys, book.radius, book.count)
   else:
     found = retrieve(q, book.keys, book.count, **settings_kwargs(settings))
-  j, match = found.index, found.match
-  if settings.adapter_mode == "lora":
-    params = {"a": book.lora_a[j], "b": book.lora_b[j]}
-  else:
-    params = {"value": book.values[j]}
+  return book, (add, found.index, first_score, found.match)
 
-  def loss_fn(params):
-    value = params.get("value", book.values[j])
-    a, b = params.get("a", book.lora_a[j]), params.get("b", book.lora_b[j])
 
-    def adapter(x_in, y_out):
-      del x_in  # the query is fixed: layers below the wrapped one do not change
-      row = new_output(settings, y_out[0, p], match, value, a, b)
-      return put_edit(settings, y_out, p[None], row[None])
+def _waves(j_B: jax.Array, valid_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(wave [B]: earlier valid edits of the block with the same row, number of waves [])."""
+  b = j_B.shape[0]
+  earlier = jnp.arange(b)[None, :] < jnp.arange(b)[:, None]
+  same = (j_B[:, None] == j_B[None, :]) & valid_B[None, :] & earlier
+  wave = jnp.sum(same, axis=1).astype(jnp.int32)
+  return wave, jnp.where(jnp.any(valid_B), jnp.max(jnp.where(valid_B, wave, 0)) + 1, 0)
 
-    logits = forward_from(model, first_layer, h0, mask, hooks=Hooks(adapters={name: adapter})).logits
-    return token_ce(logits, labels), logits
+
+def edit_block(model: Model, book: Codebook, input_ids_BxT, attention_mask_BxT, labels_BxT,
+               prompt_len_B, label_Bx2, valid_B, *, settings: CodebookSettings, n_label: int,
+               mesh=None) -> tuple[Codebook, EditInfo]:
+  """Applies B edits in order (see module docstring); invalid rows (block padding) do nothing.
+
+  Args:
+    model: the base model (never changed).
+    book: the codebook with room for B more rows (`state.ensure_room`). Donated.
+    input_ids_BxT, attention_mask_BxT, labels_BxT: right-padded tokenized edits.
+    prompt_len_B: prompt tokens (BOS included); p = prompt_len - 1.
+    label_Bx2: label keys (`state.label_key`), int32.
+    valid_B: which rows are edits (False rows pad the last block).
+    settings: editor settings.
+    n_label: label positions read per edit (>= the most label tokens of any row).
+    mesh: optional (`data`, `model`) mesh: the codebook keeps `state.shardings` and the block's
+      edits are split over `data` for training.
+
+  Returns:
+    (new codebook, EditInfo of [B] arrays).
+  """
+  static, numbers = split_dynamic(settings)
+  return _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, prompt_len_B,
+                         label_Bx2, valid_B, numbers, settings=static, n_label=int(n_label),
+                         mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("settings", "n_label", "mesh"),
+                   donate_argnames=("book",))
+def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, prompt_len_B,
+                    label_Bx2, valid_B, numbers, *, settings, n_label, mesh):
+  settings = join_dynamic(settings, numbers)
+  cfg, name = model.config, settings.layer
+  layer = layer_index(name)
+  b, t = input_ids_BxT.shape
+  mask = jnp.asarray(attention_mask_BxT)
+  positions = default_positions(mask)
+  p_B = jnp.asarray(prompt_len_B, jnp.int32) - 1
+  rows_B = jnp.arange(b)
+  valid_B = jnp.asarray(valid_B, bool)
+
+  def batch_split(x):
+    """Training of a block is data parallel: edits split over `data` when the mesh allows."""
+    if mesh is None or "data" not in mesh.shape or b % mesh.shape["data"]:
+      return x
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+
+  h0 = batch_split(hidden_before(model, layer, input_ids_BxT, mask))
+  seen = {}
+
+  def grab(x_in, y_out):
+    seen["x"], seen["y"] = x_in, y_out
+    return y_out
+
+  h_next = run_layers(model, h0, mask, positions, Tap(Hooks(adapters={name: grab})), layer,
+                      layer + 1)
+  x_BxTxD, y_BxTxD = seen["x"], seen["y"]
+  q_B = jax.vmap(lambda x, p: make_query(x, p, 0, settings.strategy, settings.normalize))(x_BxTxD,
+                                                                                          p_B)
+  y_p = y_BxTxD[rows_B, p_B]
+
+  book, (added, j_B, first_score, match_B) = jax.lax.scan(
+      lambda bk, inp: _decide_one(bk, *inp, settings=settings), book,
+      (q_B, jnp.asarray(label_Bx2, jnp.int32), valid_B, y_p))
+  wave_B, n_waves = _waves(j_B, valid_B)
+
+  sel_BxK, lab_BxK = _label_positions(jnp.asarray(labels_BxT), n_label)
+  mod = arch(cfg)
+  residual = writes_residual(model, name)
+  after_BxT = jnp.arange(t)[None, :] == p_B[:, None]
+  if settings.edit_span == "onward":
+    after_BxT = jnp.arange(t)[None, :] >= p_B[:, None]
+
+  def logits_of(params, row0):
+    """Logits [B, K, V] at the label positions with each edit's trained entry applied."""
+    value = params.get("value", row0["value"])
+    a, bb = params.get("a", row0["a"]), params.get("b", row0["b"])
+    new_p = jax.vmap(lambda y, m, v, aa, b_: new_output(settings, y, m, v, aa, b_))(
+        y_p, match_B, value, a, bb)
+    if residual:
+      delta = new_p.astype(jnp.float32) - y_p.astype(jnp.float32)
+      h = h_next + jnp.where(after_BxT[:, :, None], delta[:, None, :], 0.0).astype(h_next.dtype)
+      h = run_layers(model, h, mask, positions, Tap(None), layer + 1)
+    else:
+      def adapter(x_in, y_out):
+        del x_in  # the query is fixed: layers below the wrapped one do not change
+        rows = jax.vmap(lambda y, m, v, aa, b_: new_output(settings, y, m, v, aa, b_))(
+            y_out[rows_B, p_B], match_B, value, a, bb)
+        return put_edit(settings, y_out, p_B, rows)
+      h = run_layers(model, h0, mask, positions, Tap(Hooks(adapters={name: adapter})), layer)
+    h_k = jnp.take_along_axis(h, sel_BxK[:, :, None], axis=1)
+    return mod.head(model.params, cfg, h_k, Tap(None))
 
   opt = optax.adam(settings.edit_lr)
 
-  def train_step(carry, _):
-    params, opt_state = carry
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+  def train_wave(w, carry):
+    book, info = carry
+    active = valid_B & (wave_B == w)
+    row0 = {"value": book.values[j_B], "a": book.lora_a[j_B], "b": book.lora_b[j_B]}
+    params = {"a": row0["a"], "b": row0["b"]} if settings.adapter_mode == "lora" else {
+        "value": row0["value"]}
+    params = batch_split(params)
 
-  (params, _), losses = jax.lax.scan(train_step, (params, opt.init(params)), None,
-                                     length=settings.n_iter)
-  loss_last, logits = loss_fn(params)
-  if "value" in params:
-    book = dataclasses.replace(book, values=book.values.at[j].set(params["value"]))
-  else:
-    book = dataclasses.replace(book, lora_a=book.lora_a.at[j].set(params["a"]),
-                             lora_b=book.lora_b.at[j].set(params["b"]))
-  info = EditInfo(add, j, first_score, match, losses[0], loss_last, token_acc(logits, labels))
-  return book, info
+    def loss_fn(params):
+      ce_B = row_ce(logits_of(params, row0), lab_BxK)
+      return jnp.sum(ce_B), ce_B  # edits are independent: d(sum)/d(entry_i) = d(ce_i)/d(entry_i)
+
+    def step(carry, _):
+      params, opt_state = carry
+      (_, ce_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = opt.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), ce_B
+
+    (params, _), ce_NxB = jax.lax.scan(step, (params, opt.init(params)), None,
+                                       length=settings.n_iter)
+    logits = logits_of(params, row0)
+    target = jnp.where(active, j_B, book.values.shape[0])  # inactive rows: out of range, dropped
+    if "value" in params:
+      book = _replace(book, values=book.values.at[target].set(params["value"], mode="drop"))
+    else:
+      book = _replace(book, lora_a=book.lora_a.at[target].set(params["a"], mode="drop"),
+                      lora_b=book.lora_b.at[target].set(params["b"], mode="drop"))
+    new = (ce_NxB[0], row_ce(logits, lab_BxK), row_acc(logits, lab_BxK))
+    info = tuple(jnp.where(active, n, o) for n, o in zip(new, info))
+    return book, info
+
+  zeros = jnp.zeros((b,), jnp.float32)
+  book, (loss_first, loss_last, acc) = jax.lax.fori_loop(0, n_waves, train_wave,
+                                                         (book, (zeros, zeros, zeros)))
+  if mesh is not None:
+    book = jax.lax.with_sharding_constraint(book, shardings(book, mesh))
+  return book, EditInfo(added, j_B, first_score, match_B, loss_first, loss_last, acc)
+
+
+def _replace(book: Codebook, **fields) -> Codebook:
+  return dataclasses.replace(book, **fields)
+
+
+def edit_step(model: Model, book: Codebook, input_ids_T: jax.Array, attention_mask_T: jax.Array,
+              labels_T: jax.Array, prompt_len: jax.Array, label: jax.Array, *,
+              settings: CodebookSettings, mesh=None) -> tuple[Codebook, EditInfo]:
+  """Applies one edit to the codebook (a block of one: the reference semantics).
+
+  Args:
+    model: the base model (never changed).
+    book: the codebook; must have room for one more row (`state.ensure_room`). Donated.
+    input_ids_T, attention_mask_T, labels_T: one right-padded tokenized edit [T].
+    prompt_len: prompt tokens (BOS included); p = prompt_len - 1.
+    label: the edit's label key, int32 [2] (`state.label_key`).
+    settings: editor settings.
+    mesh: optional mesh (see `edit_block`).
+
+  Returns:
+    (new codebook, EditInfo of scalars).
+  """
+  labels_T = jnp.asarray(labels_T)
+  book, info = edit_block(model, book, jnp.asarray(input_ids_T)[None],
+                          jnp.asarray(attention_mask_T)[None], labels_T[None],
+                          jnp.asarray(prompt_len, jnp.int32)[None], jnp.asarray(label)[None],
+                          jnp.ones((1,), bool), settings=settings, n_label=labels_T.shape[0],
+                          mesh=mesh)
+  return book, EditInfo(*(x[0] for x in info))
 
 
 def compile_count() -> int:
-  """How many programs `edit_step` has compiled in this process (one per shape/settings bucket)."""
-  return _edit_step_jit._cache_size()
+  """How many edit programs this process has compiled (one per shape/settings bucket)."""
+  return _edit_block_jit._cache_size()
+
+
+def _n_label(labels_NxT: np.ndarray) -> int:
+  """Label width of a batch: its most label tokens, rounded up to a power of two (at most T), so
+  calls with similar targets share one program."""
+  most = int(max(1, (np.asarray(labels_NxT) != IGNORE).sum(axis=1).max(initial=1)))
+  width = 1
+  while width < most:
+    width *= 2
+  return min(width, np.asarray(labels_NxT).shape[1])
 
 
 def apply_edit(model: Model, book: Codebook, batch: EditBatch, row: int,
-               settings: CodebookSettings) -> tuple[Codebook, EditInfo]:
+               settings: CodebookSettings, *, mesh=None) -> tuple[Codebook, EditInfo]:
   """Applies row `row` of a tokenized batch as one edit (grows the codebook first if full).
+
+  One host sync (reading the count); `apply_edits` runs many edits without any.
 
   Args:
     model: the base model.
@@ -209,43 +394,97 @@ def apply_edit(model: Model, book: Codebook, batch: EditBatch, row: int,
     batch: right-padded tokenized edits (`tokenize_edits`).
     row: which edit of the batch.
     settings: editor settings.
+    mesh: optional (`data`, `model`) mesh for the codebook's shardings.
 
   Returns:
-    (new codebook, EditInfo).
+    (new codebook, EditInfo of scalars).
   """
+  cap = book.capacity
   book = ensure_room(book)
+  if mesh is not None and (book.capacity != cap or not _on_mesh(book, mesh)):
+    book = place(book, mesh)
   length = int(batch.attention_mask[row].sum())
   label = label_key(batch.labels[row], length, settings.label_match)
-  return edit_step(model, book, jnp.asarray(batch.input_ids[row]),
-                   jnp.asarray(batch.attention_mask[row]), jnp.asarray(batch.labels[row]),
-                   jnp.asarray(batch.prompt_len[row], jnp.int32), jnp.asarray(label),
-                   settings=settings)
+  labels = np.asarray(batch.labels[row:row + 1])
+  book, info = edit_block(model, book, jnp.asarray(batch.input_ids[row:row + 1]),
+                          jnp.asarray(batch.attention_mask[row:row + 1]), jnp.asarray(labels),
+                          jnp.asarray(batch.prompt_len[row:row + 1], jnp.int32),
+                          jnp.asarray(label[None]), jnp.ones((1,), bool), settings=settings,
+                          n_label=_n_label(labels), mesh=mesh)
+  return book, EditInfo(*(x[0] for x in info))
+
+
+def _on_mesh(book: Codebook, mesh) -> bool:
+  sharding = getattr(book.values, "sharding", None)
+  return getattr(sharding, "mesh", None) == mesh
 
 
 def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: CodebookSettings, *,
                 rows: Iterable[int] | None = None, progress: bool = True,
-                callback=None) -> tuple[Codebook, list[dict]]:
-  """Applies edits one after another.
+                callback: Callable | None = None, block: int = DEFAULT_BLOCK, mesh=None,
+                fetch_every: int = 64) -> tuple[Codebook, list[dict]]:
+  """Applies edits one after another, `block` edits per compiled call, with no host sync per edit.
+
+  The count is read once; the capacity is then grown once to hold every edit of the call (so a run
+  compiles one program per (capacity, block) instead of one per doubling). Per-edit info stays on
+  the device and is fetched every `fetch_every` blocks.
 
   Args:
-    model: the base model.
+    model: the base model (sharded by the caller, e.g. `models.shard_model`, when a mesh is used).
     book: the codebook to extend (consumed).
-    batch: tokenized edits; all rows share one padded length, so one program per capacity bucket.
+    batch: tokenized edits; all rows share one padded length.
     settings: editor settings.
     rows: which rows, in order (default all).
     progress: show a tqdm bar.
-    callback: optional fn(i, book, info) after each edit (e.g. periodic re-scoring).
+    callback: optional fn(done, book) after each block (`done` = edits applied so far in this call).
+    block: edits per program; 1 = the one-at-a-time reference path (any block size gives the same
+      codebook, see the module docstring).
+    mesh: optional (`data`, `model`) mesh: the codebook gets `state.shardings`.
+    fetch_every: blocks between two transfers of per-edit info to the host.
 
   Returns:
     (new codebook, per-edit info dicts with Python scalars).
   """
-  rows = list(range(batch.input_ids.shape[0]) if rows is None else rows)
-  infos = []
-  for i in tqdm(rows, desc=f"{settings.method} edits", disable=not progress):
-    book, info = apply_edit(model, book, batch, i, settings)
-    infos.append(info)
+  rows = np.asarray(list(range(batch.input_ids.shape[0]) if rows is None else rows), np.int64)
+  n = len(rows)
+  block = max(1, min(int(block), max(n, 1)))
+  book = grow(book, planned_capacity(int(book.count) + n, book.capacity))
+  book = place(book, mesh)
+  ids = np.asarray(batch.input_ids)[rows]
+  mask = np.asarray(batch.attention_mask)[rows]
+  labels = np.asarray(batch.labels)[rows]
+  plen = np.asarray(batch.prompt_len, np.int32)[rows]
+  keys = np.stack([label_key(labels[i], int(mask[i].sum()), settings.label_match)
+                   for i in range(n)]) if n else np.zeros((0, 2), np.int32)
+  n_label = _n_label(labels) if n else 1
+  pad = (-n) % block
+
+  def padded(x):
+    return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+
+  ids, mask, plen, keys = padded(ids), padded(mask), padded(plen), padded(keys)
+  labels = np.concatenate([labels, np.full((pad, labels.shape[1]), IGNORE, labels.dtype)]) \
+      if pad else labels
+  valid = np.arange(n + pad) < n
+  pending, host = [], []
+  bar = tqdm(total=n, desc=f"{settings.method} edits", disable=not progress, unit="edit")
+  for s in range(0, n + pad, block):
+    e = s + block
+    book, info = edit_block(model, book, ids[s:e], mask[s:e], labels[s:e], plen[s:e], keys[s:e],
+                            valid[s:e], settings=settings, n_label=n_label, mesh=mesh)
+    pending.append(info)
+    if len(pending) >= 2 * fetch_every:
+      # The oldest blocks are long done: fetching them does not stall the blocks still queued.
+      host.extend(jax.device_get(pending[:fetch_every]))
+      pending = pending[fetch_every:]
+    bar.update(min(e, n) - min(s, n))
     if callback is not None:
-      callback(i, book, info)
-  host = jax.device_get(infos)
-  return book, [{k: (v.item() if hasattr(v, "item") else v) for k, v in x._asdict().items()}
-                for x in host]
+      callback(min(e, n), book)
+  bar.close()
+  host.extend(jax.device_get(pending))
+  out = []
+  for info in host:
+    cols = {k: np.asarray(v) for k, v in info._asdict().items()}
+    for i in range(len(cols["added"])):
+      out.append({k: v[i].item() for k, v in cols.items()})
+  return book, out[:n]

@@ -99,13 +99,78 @@ def grow(book: Codebook, capacity: int) -> Codebook:
   return jax.tree_util.tree_map(pad, book)
 
 
-def ensure_room(book: Codebook, rows: int = 1) -> Codebook:
-  """Doubles the capacity until `rows` more rows fit (one host sync to read `count`)."""
-  need = int(book.count) + rows
-  cap = book.capacity
-  while cap < need:
+def ensure_room(book: Codebook, rows: int = 1, count: int | None = None) -> Codebook:
+  """Doubles the capacity until `rows` more rows fit.
+
+  Args:
+    book: the codebook.
+    rows: rows that must fit after the live ones.
+    count: the live rows if the caller tracks them on the host (or an upper bound); default reads
+      `book.count` (one host sync).
+
+  Returns:
+    The codebook, grown if needed.
+  """
+  need = (int(book.count) if count is None else int(count)) + rows
+  return grow(book, planned_capacity(need, book.capacity))
+
+
+def planned_capacity(rows: int, current: int) -> int:
+  """The smallest power-of-two multiple of `current` holding `rows` rows (at least `current`).
+
+  A run whose number of edits is known up front asks for count + n_edits rows once, so it compiles
+  one program for its capacity instead of one per doubling; doubling from the current capacity (not
+  rounding to any size) keeps runs of different lengths on the same few buckets.
+  """
+  cap = max(int(current), 1)
+  while cap < rows:
     cap *= 2
-  return grow(book, cap)
+  return cap
+
+
+def specs(book: Codebook, mesh) -> Codebook:
+  """PartitionSpecs of the codebook buffers on a (`data`, `model`) mesh.
+
+  Rows are split over `data` and the value width (d_out) over `model`, so values are never
+  replicated: each device holds capacity / data rows of d_out / model columns. Keys are split by
+  row only: retrieval needs whole key rows for its dot products. A dimension an axis does not divide
+  stays replicated along that axis. Scalars (count, n_edits) are replicated.
+  """
+  from jax.sharding import PartitionSpec as P
+  shape = dict(mesh.shape)
+
+  def axis(name: str, dim: int):
+    return name if name in shape and shape[name] > 1 and dim % shape[name] == 0 else None
+
+  cap, d_out = book.values.shape
+  rows, cols = axis("data", cap), axis("model", d_out)
+
+  def spec(x, *axes):
+    """Trailing replicated axes dropped and zero-size buffers replicated: the form XLA hands back,
+    so an edit's output shardings equal its input ones (no recompilation on the next edit)."""
+    axes = list(axes) if x.size else []
+    while axes and axes[-1] is None:
+      axes.pop()
+    return P(*axes)
+
+  return Codebook(keys=spec(book.keys, rows), values=spec(book.values, rows, cols),
+                  labels=spec(book.labels, rows), radius=spec(book.radius, rows),
+                  lora_a=spec(book.lora_a, rows, None, cols),
+                  lora_b=spec(book.lora_b, rows, cols), count=P(), n_edits=P())
+
+
+def shardings(book: Codebook, mesh) -> Codebook:
+  """NamedShardings of the codebook buffers (see `specs`)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs(book, mesh),
+                                is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def place(book: Codebook, mesh) -> Codebook:
+  """The codebook on the mesh with its declared shardings (no-op placement when mesh is None)."""
+  if mesh is None:
+    return book
+  return jax.device_put(book, shardings(book, mesh))
 
 
 def trimmed(book: Codebook) -> dict[str, np.ndarray]:
