@@ -25,6 +25,10 @@ TINY_HF = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    # head_dim 16 != hidden / heads (8): Qwen3 reads head_dim explicitly.
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(

@@ -33,7 +33,7 @@ def _assert_files_equal(folder_a, folder_b):
     np.testing.assert_array_equal(a[key], b[key])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "qwen2", "qwen3"])
 def test_load_save_load_is_bit_exact(arch, tiny_hf, tmp_path):
   _, folder = tiny_hf(arch)
   model = from_pretrained(folder)
@@ -83,19 +83,21 @@ def test_export_shards_above_the_limit(tiny_hf, tmp_path):
   _assert_trees_equal(model.params, from_pretrained(tmp_path / "out").params)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj", "qwen3"])
 def test_transformers_loads_our_export(arch, tiny_hf, tmp_path):
   import transformers
   torch_model, folder = tiny_hf(arch)
   model = from_pretrained(folder)
   # An "edit": perturb one kernel so the export is not just a copy of the input files.
   name = {"llama": ("model", "layers", "1", "mlp", "down_proj"),
+          "qwen3": ("model", "layers", "1", "self_attn", "q_norm"),
           "gpt2": ("transformer", "h", "1", "mlp", "c_proj"),
           "gptj": ("transformer", "h", "1", "mlp", "fc_out")}[arch]
   node = model.params
   for key in name:
     node = node[key]
-  node["kernel"] = node["kernel"] + 0.05
+  leaf = "scale" if "scale" in node else "kernel"
+  node[leaf] = node[leaf] + 0.05
   save_pretrained(model, tmp_path / "out")
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
   ids = np.random.RandomState(0).randint(3, 101, (2, 6))
@@ -105,9 +107,10 @@ def test_transformers_loads_our_export(arch, tiny_hf, tmp_path):
   np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4)
 
 
-def test_random_model_without_hf_config_exports_for_transformers(tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_random_model_without_hf_config_exports_for_transformers(model_type, tmp_path):
   import transformers
-  cfg = tiny_llama_config(num_layers=2, vocab_size=64)
+  cfg = tiny_llama_config(num_layers=2, vocab_size=64, model_type=model_type)
   model = random_model(cfg, seed=3)
   save_pretrained(model, tmp_path / "out")
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

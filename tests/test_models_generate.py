@@ -77,13 +77,13 @@ def test_prefill_hooks_change_generation_like_an_edited_prompt():
   assert (plain != new).any()  # the hook did something
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gptj"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gptj"])
 def test_matches_transformers_generate(arch, tiny_hf):
   torch = pytest.importorskip("torch")
   torch_model, folder = tiny_hf(arch)
   model = from_pretrained(folder)
   ids, mask = _prompts(101)
-  ours = np.asarray(generate(model, ids, mask, max_new_tokens=8))
+  ours = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=8))
   with torch.no_grad():
     ref = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
                                max_new_tokens=8, do_sample=False, eos_token_id=None,

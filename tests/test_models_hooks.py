@@ -11,6 +11,7 @@ from horse_jax.models import Hooks, forward, forward_from, from_pretrained, hidd
 
 MODULES = {
     "llama": ("model.layers.1.mlp.down_proj", lambda m: m.model.layers[1].mlp.down_proj),
+    "qwen3": ("model.layers.1.self_attn.o_proj", lambda m: m.model.layers[1].self_attn.o_proj),
     "gpt2": ("transformer.h.1.mlp.c_proj", lambda m: m.transformer.h[1].mlp.c_proj),
     "gptj": ("transformer.h.0.mlp.fc_out", lambda m: m.transformer.h[0].mlp.fc_out),
 }
@@ -50,7 +51,7 @@ def _torch_grad_and_input(torch_model, module, ids, targets, mask, d_out):
 
 
 def _loss(model, ids, targets, mask, hooks):
-  logits = forward(model, ids, mask, hooks=hooks).logits
+  logits = forward(model, ids, attention_mask=mask, hooks=hooks).logits
   logp = jax.nn.log_softmax(logits, axis=-1)
   picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return -(picked * mask).sum()
@@ -70,7 +71,8 @@ def test_offset_gradient_and_capture_match_torch_hooks(arch, tiny_hf):
                                     jnp.asarray(mask, jnp.float32), Hooks(offsets={name: off})))(zero)
   assert np.abs(ref_grad).max() > 1e-3
   np.testing.assert_allclose(np.asarray(grad), ref_grad, atol=1e-5 * np.abs(ref_grad).max() + 1e-6)
-  captured = forward(model, jnp.asarray(ids), jnp.asarray(mask), hooks=Hooks(capture=(name,))).captured
+  captured = forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                     hooks=Hooks(capture=(name,))).captured
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(captured[name])[real], ref_input[real], atol=1e-5)
 
@@ -88,9 +90,10 @@ def test_adapter_sees_input_and_output_and_replaces_output(tiny_hf):
     seen["x"], seen["y"] = x, y
     return y + shift
 
-  out = forward(model, jnp.asarray(ids), jnp.asarray(mask),
+  out = forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
                 hooks=Hooks(capture=(name,), adapters={name: adapter}))
-  same = forward(model, jnp.asarray(ids), jnp.asarray(mask), hooks=Hooks(offsets={name: shift}))
+  same = forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                 hooks=Hooks(offsets={name: shift}))
   np.testing.assert_allclose(np.asarray(out.logits), np.asarray(same.logits), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(seen["x"]), np.asarray(out.captured[name]))
   kernel = np.asarray(model.params["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"])
@@ -104,9 +107,11 @@ def test_forward_from_hidden_before_equals_forward(arch, tiny_hf):
   ids, _, mask = _batch()
   name = MODULES[arch][0]
   hooks = Hooks(capture=(name,))
-  full = forward(model, jnp.asarray(ids), jnp.asarray(mask), hooks=hooks)
-  h = hidden_before(model, 0 if arch == "gptj" else 1, jnp.asarray(ids), jnp.asarray(mask))
-  rest = forward_from(model, 0 if arch == "gptj" else 1, h, jnp.asarray(mask), hooks=hooks)
+  full = forward(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask), hooks=hooks)
+  h = hidden_before(model, 0 if arch == "gptj" else 1, jnp.asarray(ids),
+                    attention_mask=jnp.asarray(mask))
+  rest = forward_from(model, 0 if arch == "gptj" else 1, h, attention_mask=jnp.asarray(mask),
+                      hooks=hooks)
   np.testing.assert_allclose(np.asarray(rest.logits), np.asarray(full.logits), atol=1e-5)
   np.testing.assert_allclose(np.asarray(rest.captured[name]), np.asarray(full.captured[name]),
                              atol=1e-5)

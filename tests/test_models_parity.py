@@ -21,6 +21,8 @@ CASES = {
                                             rope_scaling=dict(rope_type="linear", factor=2.0))),
     "mistral-sliding": ("mistral", dict()),  # sliding_window 4 < sequence length 9
     "qwen2": ("qwen2", dict()),
+    "qwen3-gqa-untied": ("qwen3", dict()),  # head_dim 16 != hidden / heads
+    "qwen3-tied-bias": ("qwen3", dict(tie_word_embeddings=True, attention_bias=True)),
     "gpt2": ("gpt2", dict()),
     "gptj": ("gptj", dict()),
 }
@@ -54,13 +56,21 @@ def test_float32_logits_match_transformers(case, tiny_hf):
   # No padding.
   full = np.ones_like(mask)
   ref = _torch_logits(torch_model, ids, full)
-  ours = np.asarray(apply(model, jnp.asarray(ids), jnp.asarray(full)))
+  ours = np.asarray(apply(model, jnp.asarray(ids), attention_mask=jnp.asarray(full)))
   assert np.abs(ref).max() > 0.5  # logits are not trivially tiny
   np.testing.assert_array_less(np.abs(ours - ref).max(), 1e-4)
   # Left padding: compare real positions only.
   ref = _torch_logits(torch_model, ids, mask)
-  ours = np.asarray(apply(model, jnp.asarray(ids), jnp.asarray(mask)))
+  ours = np.asarray(apply(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
   real = mask.astype(bool)
+  np.testing.assert_array_less(np.abs(ours - ref)[real].max(), 1e-4)
+  # Explicit position_ids (transformers' keyword) shifted by 3: torch with the same positions.
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + 3
+  with torch.no_grad():
+    ref = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      position_ids=torch.tensor(positions)).logits.float().numpy()
+  ours = np.asarray(apply(model, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                          position_ids=jnp.asarray(positions)))
   np.testing.assert_array_less(np.abs(ours - ref)[real].max(), 1e-4)
 
 
@@ -74,7 +84,7 @@ def test_left_padding_does_not_change_real_logits(tiny_hf):
   np.testing.assert_allclose(padded[0, 4:], alone[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["llama3-gqa-untied", "gpt2", "gptj"])
+@pytest.mark.parametrize("case", ["llama3-gqa-untied", "qwen3-gqa-untied", "gpt2", "gptj"])
 def test_bfloat16_loads_and_runs(case, tiny_hf):
   arch, overrides = CASES[case]
   torch_model, folder = tiny_hf(arch, **overrides)

@@ -56,6 +56,18 @@ def test_indivisible_dims_fall_back_to_replicated(mesh):
   assert spec_for("transformer.ln_f.bias", (32,), mesh) == P()
 
 
+def test_each_architecture_uses_its_own_rules(mesh):
+  from horse_jax.models.sharding import rules_for
+  llama_rules = rules_for(tiny_llama_config())
+  gpt2_rules = rules_for(tiny_llama_config(model_type="gpt2"))
+  # A GPT-2 row projection is not a llama module: llama's table leaves it replicated.
+  assert spec_for("transformer.h.0.mlp.c_proj.kernel", (128, 32), mesh, rules=llama_rules) == P()
+  assert spec_for("transformer.h.0.mlp.c_proj.kernel", (128, 32), mesh,
+                  rules=gpt2_rules) == P("model")
+  assert spec_for("model.layers.0.mlp.down_proj.kernel", (128, 32), mesh,
+                  rules=llama_rules) == P("model")
+
+
 def test_sharded_jitted_forward_equals_unsharded(mesh):
   model = random_model(tiny_llama_config(num_layers=2, vocab_size=128), seed=0)
   rng = np.random.RandomState(0)
@@ -71,7 +83,7 @@ def test_sharded_jitted_forward_equals_unsharded(mesh):
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
 def test_from_pretrained_with_mesh_reads_sharded_arrays(arch, mesh, tiny_hf, monkeypatch):
   pytest.importorskip("torch")
   from horse_jax.models import hf_io
@@ -95,6 +107,11 @@ def test_from_pretrained_with_mesh_reads_sharded_arrays(arch, mesh, tiny_hf, mon
     assert leaf.sharding.spec == P(None, "model") and _shard_shape(leaf) == (32, 16)
     leaf = sharded.params["model"]["layers"]["0"]["self_attn"]["o_proj"]["kernel"]  # [32, 32]
     assert leaf.sharding.spec == P("model") and _shard_shape(leaf) == (8, 32)
+  elif arch == "qwen3":
+    attn = sharded.params["model"]["layers"]["0"]["self_attn"]
+    leaf = attn["o_proj"]["kernel"]  # [4 heads x 16, 32]
+    assert leaf.sharding.spec == P("model") and _shard_shape(leaf) == (16, 32)
+    assert attn["q_norm"]["scale"].sharding.spec == P()  # per-head norm: replicated
   else:
     leaf = sharded.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]  # [32, 96]
     assert leaf.sharding.spec == P(None, "model") and _shard_shape(leaf) == (32, 24)
