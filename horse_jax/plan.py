@@ -302,19 +302,21 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   editor = config_lib.resolve({"editor": editor}, None, list(overrides))["editor"]
   settings = settings_lib.from_editor_dict(method, editor, editor.get("layer") or layer)
   d_in, d_out = (int(n) for n in names.get_kernel(model.params, settings.layer).shape)
-  capacity = max(int(n_edits) + 1, 2)
+  capacity = state_lib.planned_capacity(int(n_edits) + 1, settings.initial_capacity)
   settings = dataclasses.replace(settings, initial_capacity=capacity)
   book = jax.eval_shape(lambda: state_lib.init(settings, d_in, d_out))
-  book = _replicated(book, mesh)
+  book = _with_sharding(book, state_lib.shardings(book, mesh))
   static, numbers = settings_lib.split_dynamic(settings)
-  tok = jax.ShapeDtypeStruct((seq_len,), jnp.int32, sharding=NamedSharding(mesh, P()))
-  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-  label = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
+  rep = NamedSharding(mesh, P())
+  tok = jax.ShapeDtypeStruct((1, seq_len), jnp.int32, sharding=rep)
+  one = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep)
+  label = jax.ShapeDtypeStruct((1, 2), jnp.int32, sharding=rep)
+  valid = jax.ShapeDtypeStruct((1,), jnp.bool_, sharding=rep)
   weights = _shard_bytes(model.params)
   st = Stage("edit", f"one {method} edit into a {capacity}-row codebook ({seq_len} tokens)",
              weights=weights)
-  compiled = _compile(edit_lib._edit_step_jit, model, book, tok, tok, tok, scalar, label, numbers,
-                      settings=static)
+  compiled = _compile(edit_lib._edit_block_jit, model, book, tok, tok, tok, one, label, valid, numbers,
+                      settings=static, n_label=8, mesh=mesh)
   info = {"layer": settings.layer, "codebook_rows": capacity, "codebook_bytes_per_device": _shard_bytes(book),
           "seq_len": seq_len}
   return [_measure(st, compiled)], info
