@@ -11,7 +11,11 @@ from horse_jax.models.init import tiny_llama_config
 from horse_jax.models.names import module_names
 
 EXPECTED = {"llama-2-7b", "llama-3-8b", "llama-3.1-8b", "mistral-7b", "gpt-j-6b", "qwen2.5-7b",
-            "deepseek-r1-distill-qwen-7b", "world"}
+            "deepseek-r1-distill-qwen-7b", "world",
+            # Every model the HoReN reference evaluates (its hparams/HOREN files).
+            "llama-3-8b-instruct", "llama-3.1-8b-instruct", "qwen2.5-7b-instruct",
+            "deepseek-r1-distill-qwen-1.5b", "deepseek-r1-distill-llama-8b",
+            "qwen-sea-lion-v4-32b-it"}
 
 
 def _config_like(card):
@@ -42,6 +46,32 @@ def test_reference_modules():
   assert cards["qwen2.5-7b"]["edit_modules"] == [f"model.layers.{i}.mlp.down_proj" for i in range(22, 28)]
   assert cards["llama-3-8b"]["horen"]["layer"] == "model.layers.29.mlp.down_proj"
   assert cards["qwen2.5-7b"]["horen"]["layer"] == "model.layers.24.mlp.down_proj"
+
+
+def test_horen_reference_settings():
+  """Layer / threshold / query / dtype that the HoReN reference's hparams files use."""
+  cards = load_cards()
+  for name in ("llama-3-8b-instruct", "llama-3.1-8b-instruct"):
+    assert cards[name]["model_type"] == "llama" and cards[name]["num_layers"] == 32
+    assert cards[name]["horen"]["layer"] == "model.layers.29.mlp.down_proj"
+    assert cards[name]["horen"]["threshold"] == 0.85
+  assert cards["qwen2.5-7b-instruct"]["horen"]["layer"] == "model.layers.24.mlp.down_proj"
+  assert cards["deepseek-r1-distill-llama-8b"]["model_type"] == "llama"
+  assert cards["deepseek-r1-distill-qwen-1.5b"]["model_type"] == "qwen2"
+  lion = cards["qwen-sea-lion-v4-32b-it"]
+  assert lion["model_type"] == "qwen3" and lion["dtype"] == "bfloat16"
+  assert lion["horen"] == {"layer": "model.layers.56.mlp.down_proj", "threshold": 0.55,
+                           "query_strategy": "last_60_perc_prompt_tokens_avg"}
+
+
+def test_instruct_models_find_their_own_card():
+  for folder, name in [("/ckpt/Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
+                       ("meta-llama/Meta-Llama-3-8B-Instruct", "llama-3-8b-instruct"),
+                       ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct"),
+                       ("Qwen/Qwen2.5-7B", "qwen2.5-7b"),
+                       ("aisingapore/Qwen-SEA-LION-v4-32B-IT", "qwen-sea-lion-v4-32b-it")]:
+    card = load_cards()[name]
+    assert card_for(folder, _config_like(card))["name"] == name, folder
 
 
 def test_lookup_by_folder_name_hf_id_and_card_name():
