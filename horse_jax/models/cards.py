@@ -23,7 +23,7 @@ import yaml
 from horse_jax import settings as settings_lib
 from horse_jax.errors import UserError
 from horse_jax.models.config import ModelConfig
-from horse_jax.models.names import default_edit_modules, module_names
+from horse_jax.models.names import default_codebook_module, default_edit_modules, module_names
 
 
 
@@ -77,10 +77,11 @@ def _card_keys(card: dict[str, Any]) -> set[str]:
 
 
 def default_card(config: ModelConfig) -> dict[str, Any]:
-  """Settings derived from the config alone: last 6 down-projections, HoReN at ~0.9 depth."""
+  """Settings derived from the config alone: last 6 edit modules (MLP down-projections), HoReN at
+  ~0.9 depth (the architecture's codebook module)."""
   mods = default_edit_modules(config)
   horen_layer = min(int(round(0.9 * config.num_layers)), config.num_layers - 1)
-  horen_module = default_edit_modules(config, config.num_layers)[horen_layer]
+  horen_module = default_codebook_module(config, horen_layer)  # the architecture's choice
   return {
       "name": "default",
       "model_type": config.model_type,
