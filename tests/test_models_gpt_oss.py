@@ -1,8 +1,10 @@
 """gpt-oss: parity with transformers (logits, greedy generation, routing), MXFP4 dequantization,
 load -> export -> load, and HoReN edits wrapping an attention output projection."""
 
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -84,16 +86,19 @@ def test_config_fields(ours):
   assert dict(cfg.rope_scaling)["rope_type"] == "yarn"
 
 
+_apply = jax.jit(lambda model, ids, mask: apply(model, ids, attention_mask=mask))
+
+
 def test_logits_match_transformers(tiny, ours):
   torch_model, _ = tiny
   ids, mask = _batch()
   full = np.ones_like(mask)
   ref = _torch_logits(torch_model, ids, full)
-  got = np.asarray(apply(ours, jnp.asarray(ids), attention_mask=jnp.asarray(full)))
+  got = np.asarray(_apply(ours, jnp.asarray(ids), jnp.asarray(full)))
   assert np.abs(ref).max() > 0.5
   np.testing.assert_array_less(np.abs(got - ref).max(), 1e-4)
   ref = _torch_logits(torch_model, ids, mask)
-  got = np.asarray(apply(ours, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  got = np.asarray(_apply(ours, jnp.asarray(ids), jnp.asarray(mask)))
   real = mask.astype(bool)
   np.testing.assert_array_less(np.abs(got - ref)[real].max(), 1e-4)
 
@@ -207,8 +212,8 @@ def test_mxfp4_checkpoint_loads_like_transformers(tiny, tmp_path):
 def test_load_export_load_bit_exact(ours, tmp_path):
   save_pretrained(ours, tmp_path / "a")
   again = from_pretrained(tmp_path / "a")
-  flat = lambda m: dict(  # noqa: E731
-      (str(k), np.asarray(v)) for k, v in __import__("jax").tree_util.tree_leaves_with_path(m.params))
+  flat = lambda m: {  # noqa: E731
+      jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(m.params)}
   a, b = flat(ours), flat(again)
   assert a.keys() == b.keys()
   for key in a:
@@ -221,73 +226,75 @@ def test_load_export_load_bit_exact(ours, tmp_path):
 # HoReN on an attention output projection.
 
 O_PROJ = "model.layers.0.self_attn.o_proj"  # a sliding-window layer; layer 1 runs above it
+PROMPTS = [[5, 9, 17, 33, 2], [8, 8, 60, 61, 62, 63, 64], [90, 91, 92, 93]]
+
+
+@jax.jit
+def _forward(model, ids, mask):
+  out = forward(model, ids, attention_mask=mask, hooks=Hooks(capture=(O_PROJ,)))
+  return out.logits, out.captured[O_PROJ]
 
 
 def _o_proj_io(model, batch):
-  """Input [B, T, H*Dh] and own output [B, T, D] of the wrapped o_proj (float64)."""
-  out = forward(model, jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
-                hooks=Hooks(capture=(O_PROJ,)))
-  x = np.asarray(out.captured[O_PROJ], np.float64)
+  """Input [B, T, H*Dh] and own output [B, T, D] of the wrapped o_proj (float64), and the logits."""
+  logits, x = _forward(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+  x = np.asarray(x, np.float64)
   module = get_module(model.params, O_PROJ)
-  return x, x @ np.asarray(module["kernel"], np.float64) + np.asarray(module["bias"], np.float64)
+  y = x @ np.asarray(module["kernel"], np.float64) + np.asarray(module["bias"], np.float64)
+  return x, y, np.asarray(logits)
 
 
-def test_horen_on_o_proj_adds_and_reuses(ours):
-  st = settings(layer=O_PROJ)
-  batch = make_batch([[5, 9, 17, 33, 2], [5, 9, 17, 33, 2], [70, 71, 3]],
-                     [[40, 41], [40, 41], [40, 41]])
-  cfg = ours.config
-  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+def _book(model, st):
+  cfg = model.config
+  return state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)  # o_proj: d_in = H * Dh
+
+
+def test_horen_on_o_proj_adds_reuses_and_changes_only_the_edit_position(ours):
+  st = settings(layer=O_PROJ, threshold=0.5)
+  batch = make_batch(PROMPTS, [[40, 41], [50, 51], [41, 42]])  # one target length: one compile
+  book = _book(ours, st)
   book, first = edit.apply_edit(ours, book, batch, 0, st)
-  assert bool(first.added) and int(book.count) == 2
-  x, _ = _o_proj_io(ours, batch)
+  assert bool(first.added) and int(first.index) == 1 and int(book.count) == 2
+  x, y, base = _o_proj_io(ours, batch)
+  # The stored key is the unrefined normalized query of the edit (NumPy from a plain forward).
   np.testing.assert_allclose(np.asarray(book.keys[1]), np_query_perc50(x[0], 4), rtol=1e-4,
                              atol=1e-5)
-  book, again = edit.apply_edit(ours, book, batch, 1, st)
+  book, again = edit.apply_edit(ours, book, batch, 0, st)  # same prompt and label: reuse
   assert not bool(again.added) and int(again.index) == 1 and int(book.count) == 2
-
-
-def test_horen_on_o_proj_changes_only_the_edit_position(ours):
-  st = settings(layer=O_PROJ, threshold=0.5)
-  batch = make_batch([[5, 9, 17, 33, 2], [8, 8, 60, 61, 62, 63, 64]], [[40, 41], [50]])
-  cfg = ours.config
-  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
-  book, _ = edit.apply_edit(ours, book, batch, 0, st)
-  book, _ = edit.apply_edit(ours, book, batch, 1, st)
-  x, y = _o_proj_io(ours, batch)
+  book, second = edit.apply_edit(ours, book, batch, 1, st)
+  assert bool(second.added) and int(book.count) == 3
   p = batch.prompt_len - 1
-  fn = adapter.make_adapter(book, st, jnp.asarray(p))
+  fn = jax.jit(adapter.make_adapter(book, st, jnp.asarray(p)))
   y_new = np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)), np.float64)
   diff = np.abs(y_new - y).sum(-1)
   for b in range(2):
     assert np.all(np.delete(diff[b], p[b]) < 1e-4)
     np.testing.assert_allclose(y_new[b, p[b]] - y[b, p[b]], np.asarray(book.values[b + 1]),
                                rtol=1e-3, atol=1e-3)
+  # Through the whole model: logits before p are untouched, at p they change.
   ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
-  base = np.asarray(forward(ours, ids, attention_mask=mask).logits)
-  edited = np.asarray(forward(ours, ids, attention_mask=mask, hooks=Hooks(adapters={O_PROJ: fn})).logits)
+  edited = np.asarray(jax.jit(lambda m, i, a: forward(
+      m, i, attention_mask=a, hooks=Hooks(adapters={O_PROJ: fn})).logits)(ours, ids, mask))
   for b in range(2):
-    np.testing.assert_array_equal(edited[b, :p[b]], base[b, :p[b]])
+    # Two compiled programs: equal up to float reassociation, far below the change at p.
+    np.testing.assert_allclose(edited[b, :p[b]], base[b, :p[b]], rtol=0, atol=1e-6)
     assert np.abs(edited[b, p[b]] - base[b, p[b]]).max() > 1e-3
 
 
 def test_horen_on_o_proj_unmatched_query_changes_nothing(ours):
   st = settings(layer=O_PROJ, threshold=0.999999)
-  batch = make_batch([[5, 9, 17, 33, 2], [90, 91, 92, 93]], [[40], [41]])
-  cfg = ours.config
-  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
-  book, _ = edit.apply_edit(ours, book, batch, 0, st)
-  x, y = _o_proj_io(ours, batch)
-  fn = adapter.make_adapter(book, st, jnp.asarray(batch.prompt_len - 1))
+  batch = make_batch(PROMPTS, [[40, 41], [41, 42], [42, 43]])
+  book, _ = edit.apply_edit(ours, _book(ours, st), batch, 0, st)
+  x, y, _ = _o_proj_io(ours, batch)
+  fn = jax.jit(adapter.make_adapter(book, st, jnp.asarray(batch.prompt_len - 1)))
   y_new = np.asarray(fn(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
-  np.testing.assert_allclose(y_new[1], y[1], atol=1e-5)
+  np.testing.assert_allclose(y_new[1:], y[1:], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_horen_on_o_proj_learns_its_target(ours):
   st = settings(layer=O_PROJ, n_iter=50)
   batch = make_batch([[5, 9, 17, 33, 2]], [[40]])
-  cfg = ours.config
-  book = state.init(st, cfg.num_heads * cfg.head_dim, cfg.hidden_size)
-  book, info = edit.apply_edit(ours, book, batch, 0, st)
+  book, info = edit.apply_edit(ours, _book(ours, st), batch, 0, st)
   assert float(info.loss_last) < float(info.loss_first) - 0.5
   assert float(info.edit_acc) == 1.0
