@@ -298,3 +298,13 @@ def test_horen_on_o_proj_learns_its_target(ours):
   book, info = edit.apply_edit(ours, _book(ours, st), batch, 0, st)
   assert float(info.loss_last) < float(info.loss_first) - 0.5
   assert float(info.edit_acc) == 1.0
+
+
+def test_card_for_gpt_oss_20b():
+  """The HoReN reference setting: layer 20 o_proj, threshold 0.85, float32."""
+  from horse_jax.models.cards import card_for
+  card = card_for("openai/gpt-oss-20b")
+  assert card["name"] == "gpt-oss-20b" and card["model_type"] == "gpt_oss"
+  assert card["horen"]["layer"] == "model.layers.20.self_attn.o_proj"
+  assert card["horen"]["threshold"] == 0.85 and card["dtype"] == "float32"
+  assert card["edit_modules"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(18, 24)]
