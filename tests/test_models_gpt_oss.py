@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 
 from horse_jax.editors.codebook import adapter, edit, state  # noqa: E402
 from horse_jax.models import Hooks, apply, forward, from_pretrained, generate, save_pretrained  # noqa: E402
-from horse_jax.models import mxfp4  # noqa: E402
+from horse_jax.models import make_mesh, mxfp4, shard_model  # noqa: E402
 from horse_jax.models.names import get_module  # noqa: E402
 from test_codebook_edit import make_batch, np_query_perc50, settings  # noqa: E402
 
@@ -204,9 +205,22 @@ def test_mxfp4_checkpoint_loads_like_transformers(tiny, tmp_path):
   assert len(expected) == 2 * TINY["num_hidden_layers"]
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   model = from_pretrained(out)
+  # On a mesh every device reads and dequantizes only its own experts (split over `model`).
+  sharded = from_pretrained(out, mesh=make_mesh(2, 4))
   for name, ref in expected.items():
-    got = np.asarray(get_module(model.params, name.rsplit(".", 1)[0])[name.rsplit(".", 1)[1]])
-    np.testing.assert_array_equal(got, ref)
+    parent, leaf = name.rsplit(".", 1)
+    np.testing.assert_array_equal(np.asarray(get_module(model.params, parent)[leaf]), ref)
+    array = get_module(sharded.params, parent)[leaf]
+    assert array.sharding.spec == P("model")
+    np.testing.assert_array_equal(np.asarray(array), ref)
+  bf16 = from_pretrained(out, dtype="bfloat16")  # dequantized straight to the requested dtype
+  name = next(iter(expected))
+  parent, leaf = name.rsplit(".", 1)
+  got = np.asarray(get_module(bf16.params, parent)[leaf])
+  assert got.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(got.astype(np.float32), convert_moe_packed_tensors(
+      torch.tensor(tensors[name + "_blocks"]), torch.tensor(tensors[name + "_scales"]),
+      dtype=torch.bfloat16).float().numpy())
 
 
 def test_load_export_load_bit_exact(ours, tmp_path):
@@ -308,3 +322,17 @@ def test_card_for_gpt_oss_20b():
   assert card["horen"]["layer"] == "model.layers.20.self_attn.o_proj"
   assert card["horen"]["threshold"] == 0.85 and card["dtype"] == "float32"
   assert card["edit_modules"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(18, 24)]
+
+
+@pytest.mark.slow
+def test_sharded_forward_matches(ours):
+  """Experts split over `model` (and attention Megatron-style): same logits as on one device."""
+  ids, mask = _batch()
+  mesh = make_mesh(2, 4)
+  sharded = shard_model(ours, mesh)
+  experts = sharded.params["model"]["layers"]["0"]["mlp"]["experts"]["gate_up_proj"]
+  assert experts.sharding.spec == P("model")
+  got = np.asarray(_apply(sharded, jnp.asarray(ids), jnp.asarray(mask)))
+  ref = np.asarray(_apply(ours, jnp.asarray(ids), jnp.asarray(mask)))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], ref[real], atol=1e-5)
