@@ -41,9 +41,9 @@ class ForwardOutput(NamedTuple):
   captured: dict[str, jax.Array]  # module name -> input [B, T, d_in]
 
 
-def default_positions(attention_mask_BxT: jax.Array) -> jax.Array:
-  """Position ids that start at 0 on the first real token (left padding gets position 0)."""
-  return jnp.maximum(jnp.cumsum(attention_mask_BxT, axis=-1) - 1, 0).astype(jnp.int32)
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+  """Position ids [B, T] that start at 0 on the first real token (left padding gets position 0)."""
+  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
 def _mask_and_positions(shape_BxT, attention_mask_BxT, position_ids_BxT):
@@ -54,22 +54,35 @@ def _mask_and_positions(shape_BxT, attention_mask_BxT, position_ids_BxT):
   return attention_mask_BxT, position_ids_BxT
 
 
-def embed(model: Model, input_ids_BxT, position_ids_BxT) -> jax.Array:
-  return arch(model.config).embed(model.params, model.config, input_ids_BxT, position_ids_BxT,
-                                  model.dtype)
+def embed(model: Model, input_ids, position_ids) -> jax.Array:
+  """Input embeddings [B, T, D] of token ids [B, T] at positions [B, T]."""
+  return arch(model.config).embed(model.params, model.config, input_ids, position_ids, model.dtype)
 
 
-def run_layers(model: Model, h_BxTxD, attention_mask_BxT, position_ids_BxT, tap: Tap,
+def run_layers(model: Model, hidden_states, attention_mask, position_ids, tap: Tap,
                start: int = 0, stop: int | None = None) -> jax.Array:
-  """Runs decoder layers [start, stop) over hidden states (no cache)."""
+  """Runs decoder layers [start, stop) over hidden states [B, T, D] (no cache).
+
+  Args:
+    model: the model.
+    hidden_states: the residual stream entering layer `start` [B, T, D].
+    attention_mask: [B, T], 1 on real tokens.
+    position_ids: [B, T].
+    tap: applies the hooks of this pass.
+    start, stop: layer range; stop defaults to the number of layers.
+
+  Returns:
+    The residual stream leaving layer `stop - 1` [B, T, D].
+  """
   cfg = model.config
   mod = arch(cfg)
+  h_BxTxD = hidden_states
   t = h_BxTxD.shape[1]
-  slots = jnp.broadcast_to(jnp.arange(t), attention_mask_BxT.shape)
-  bias = layers.attention_bias(slots, jnp.arange(t), attention_mask_BxT, cfg.sliding_window)
+  slots_BxT = jnp.broadcast_to(jnp.arange(t), attention_mask.shape)
+  bias = layers.attention_bias(slots_BxT, jnp.arange(t), attention_mask, cfg.sliding_window)
   stop = cfg.num_layers if stop is None else stop
   for i in range(start, stop):
-    h_BxTxD, _ = mod.block(mod.layer_params(model.params, i), cfg, h_BxTxD, position_ids_BxT, bias,
+    h_BxTxD, _ = mod.block(mod.layer_params(model.params, i), cfg, h_BxTxD, position_ids, bias,
                            tap, i)
   return h_BxTxD
 
