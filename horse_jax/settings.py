@@ -273,6 +273,8 @@ def coerce(key: str, value: Any, where: str) -> Any:
     return [module_name(v) for v in value]
   if not isinstance(value, str):
     raise bad
+  if key == "editor.layer":
+    value = module_name(value)  # also accept the reference's `model.layers[29].mlp.down_proj.weight`
   if s.choices and value not in s.choices:
     raise UserError(f"{where}: {key}={value!r}: expected one of {', '.join(s.choices)}")
   return value
@@ -423,7 +425,8 @@ def read_config(path: str | os.PathLike, method: str) -> FileSettings:
   where = os.fspath(path)
   data = load_yaml(path)
   folder = Path(path).resolve().parent
-  if folder.name in _HYDRA_GROUPS and not any(isinstance(v, Mapping) for v in data.values()):
+  easyedit = "alg_name" in data or "inner_params" in data
+  if folder.name in _HYDRA_GROUPS and not easyedit and not any(isinstance(v, Mapping) for v in data.values()):
     return _flat_file(method, data, where, folder.name)
   if "defaults" in data:  # hydra root: read the named groups from the sibling folders
     out = FileSettings()
@@ -444,7 +447,7 @@ def read_config(path: str | os.PathLike, method: str) -> FileSettings:
     out.values.update(part.values)
     out.ignored.update(part.ignored)
     return out
-  flat = "alg_name" in data or "inner_params" in data or not any(
+  flat = easyedit or not any(
       isinstance(v, Mapping) for v in data.values())
   return _flat_file(method, data, where) if flat else _nested(method, data, where)
 

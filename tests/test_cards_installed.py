@@ -1,7 +1,8 @@
 """Model cards are package data: a regular (non-editable) install finds them without the source tree.
 
-`pip install` of a wheel built from a copy of the project goes into a fresh venv (dependencies come
-from the test interpreter's site-packages through a .pth line, so nothing is downloaded); then
+`pip install .` of a copy of the project (built as a wheel, then installed) goes into a fresh venv
+(dependencies come from the test interpreter's site-packages through a .pth line, so nothing is
+downloaded); then
 `horse-jax info` on a checkpoint folder named like a card, run outside the repository, must report
 that card, read from the installed `horse_jax/cards/`.
 """
@@ -32,10 +33,11 @@ def test_wheel_install_finds_the_cards(tmp_path):
   shutil.copytree(ROOT / "horse_jax", src / "horse_jax", ignore=ignore)
   shutil.copytree(ROOT / "models", src / "models", ignore=ignore)
   env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+  # What `pip install .` does, in two steps: build the wheel (with this interpreter's setuptools, no
+  # download), then install it, not editable, into the fresh venv.
   subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                   str(src), "-w", str(tmp_path / "dist")], check=True, env=env, cwd=tmp_path)
   wheel = next((tmp_path / "dist").glob("horse_jax-*.whl"))
-
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
   py = venv / "bin" / "python"

@@ -109,6 +109,11 @@ def cell_settings(ctx: CellContext, method: str, options: Mapping[str, Any], see
   resolved = protocol.resolve_settings(method, ctx.model_path, ctx.model,
                                        config_tree=options.get("settings") or {},
                                        config_where=f"methods.{label}.settings")
+  if resolved.given("model.dtype"):  # every method of a sweep shares the model the sweep loaded
+    loaded = str(jax.tree_util.tree_leaves(ctx.model.params)[0].dtype)
+    if loaded != resolved["model.dtype"]:
+      raise UserError(f"methods.{label}.settings: model.dtype {resolved['model.dtype']}, but the sweep "
+                      f"loads the model as {loaded} (set the sweep's `dtype`)")
   return protocol.with_seed(resolved, seed)
 
 
