@@ -336,3 +336,41 @@ def test_sharded_forward_matches(ours):
   ref = np.asarray(_apply(ours, jnp.asarray(ids), jnp.asarray(mask)))
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], ref[real], atol=1e-5)
+
+
+GPT_OSS_20B = {  # the public config.json of openai/gpt-oss-20b (transformers-4 form)
+    "architectures": ["GptOssForCausalLM"], "attention_bias": True, "eos_token_id": 200002,
+    "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+    "initial_context_length": 4096, "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "max_position_embeddings": 131072,
+    "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4,
+    "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+    "pad_token_id": 199999, "quantization_config": {"quant_method": "mxfp4"},
+    "rms_norm_eps": 1e-05, "rope_scaling": {
+        "beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+        "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "sliding_window": 128, "swiglu_limit": 7.0,
+    "tie_word_embeddings": False, "vocab_size": 201088}
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_yarn_matches_transformers_at_gpt_oss_20b_size(truncate):
+  """Inverse frequencies and the cos/sin factor of the real model's rope (head_dim 64)."""
+  import transformers
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  from horse_jax.models import layers
+  from horse_jax.models.config import config_from_hf
+  hf = json.loads(json.dumps(GPT_OSS_20B))
+  hf["rope_scaling"]["truncate"] = truncate
+  cfg = config_from_hf(hf)
+  assert (cfg.num_experts, cfg.experts_per_token, cfg.window) == (32, 4, 128)
+  fields = {k: v for k, v in hf.items() if k not in ("architectures", "quantization_config",
+                                                     "experts_per_token", "initial_context_length",
+                                                     "rope_scaling", "rope_theta", "model_type")}
+  ref_cfg = transformers.GptOssConfig(**fields, rope_parameters=dict(hf["rope_scaling"],
+                                                                     rope_theta=150000.0))
+  inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](ref_cfg, "cpu")
+  np.testing.assert_allclose(layers.rope_inv_freq(cfg, 64), inv_freq.numpy(), rtol=1e-6)
+  assert layers.rope_attention_factor(cfg) == pytest.approx(factor, rel=1e-12)
+  assert factor > 1.3  # the scaling is really applied
