@@ -24,20 +24,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from horse_jax.data import unke
+from horse_jax.data.tokenize import bucket_length
 from horse_jax.editors.codebook import edit as edit_lib
 from horse_jax.editors.codebook import infer, persist
-from horse_jax.editors.codebook import settings as settings_lib
-from horse_jax.editors.codebook import state as state_lib
 from horse_jax.errors import UserError
 from horse_jax.eval import unke as unke_eval
-from horse_jax.models import names
 
 
 def run(args) -> int:
-  from horse_jax.cli.edit_codebook import default_layer, resolve_settings  # noqa: PLC0415
+  from horse_jax.cli.edit_codebook import resolve  # noqa: PLC0415
   from horse_jax.cli.edit_hypernet import load_model, logits_fn  # noqa: PLC0415
+  from horse_jax.editors import protocol  # noqa: PLC0415
   from horse_jax.eval.scoring import write_metrics  # noqa: PLC0415
   from horse_jax.models import generate as base_generate  # noqa: PLC0415
+  from horse_jax.models import read_config  # noqa: PLC0415
 
   if args.method not in ("horen", "grace"):
     raise UserError(f"--data {args.data}: UnKE (unstructured) records are edited with --method horen "
@@ -47,30 +47,28 @@ def run(args) -> int:
   max_new_tokens = getattr(args, "max_new_tokens", None) or unke_eval.DEFAULT_MAX_NEW_TOKENS
   if max_new_tokens < 1:
     raise UserError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+  if not os.path.isdir(args.model):
+    raise UserError(f"--model {args.model!r}: folder not found")
 
-  model, tokenizer = load_model(args.model, args.dtype)
   book, saved = None, None
   if args.codebook:
     book, old = persist.load(args.codebook)
     if old.method != args.method:
       raise UserError(f"--codebook {args.codebook}: a {old.method} codebook, not {args.method}")
     saved = old.to_editor_dict()
-  settings_tree = resolve_settings(args, model, saved)
-  editor = dict(settings_tree["editor"])
-  if not args.codebook and not any(o.startswith("editor.seed=") for o in args.overrides):
-    editor["seed"] = args.seed
-  settings = settings_lib.from_editor_dict(args.method, editor,
-                                           editor["layer"] or default_layer(args.model, model)["layer"])
-  d_in, d_out = (int(n) for n in names.get_kernel(model.params, settings.layer).shape)
-  if book is None:
-    book = state_lib.init(settings, d_in, d_out)
-  elif book.keys.shape[1] != d_in or book.values.shape[1] != d_out:
-    raise UserError(f"--codebook {args.codebook}: keys/values {book.keys.shape[1]}/"
-                    f"{book.values.shape[1]} wide, but {settings.layer} is {d_in} -> {d_out}")
+  resolved = resolve(args, read_config(args.model), saved)
+  model, tokenizer = load_model(args.model, resolved["model.dtype"])
+  where = f"--codebook {args.codebook}" if args.codebook else None
+  try:  # the protocol's codebook edit tokenizes UnKE records with `unke.tokenize_record`
+    editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book)
+  except UserError as err:
+    raise UserError(f"{where}: {err}" if where else str(err)) from None
+  settings = editor.config
+  book = editor.init(jax.random.PRNGKey(args.seed))
 
   records = unke.load_unke(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
-  max_length = settings_tree["data"].get("max_length") or model.config.max_position_embeddings
-  batch_size = int(settings_tree["eval"]["batch_size"])
+  max_length = resolved["data.max_length"] or model.config.max_position_embeddings
+  batch_size = int(resolved["eval.batch_size"])
   os.makedirs(args.out, exist_ok=True)
 
   immediate: list[dict[str, Any]] = []
@@ -78,18 +76,17 @@ def run(args) -> int:
   compiles0 = edit_lib.compile_count()
   edit_s = 0.0
   for i, record in enumerate(tqdm(records, desc=f"{args.method} UnKE edits", unit="edit")):
-    full = len(unke.target_ids(tokenizer, record.target))
-    batch = unke.tokenize_pairs(tokenizer, [record.prompt], [record.target], max_length=max_length)
-    cut += int((batch.labels[0] != -100).sum()) < full
+    full = unke.target_ids(tokenizer, record.target)
+    prompt, target = unke.fit_pair(unke.prompt_ids(tokenizer, record.prompt), full, max_length)
+    cut += len(target) < len(full)
     t0 = time.time()
-    book, info = edit_lib.apply_edit(model, book, batch, 0, settings)
-    info = {k: v.item() for k, v in jax.device_get(info)._asdict().items()}
+    book, (info,) = editor.edit(book, [record])  # one host sync per edit: the loss is checked
     edit_s += time.time() - t0
     if not np.isfinite(info["loss_last"]):
       raise UserError(f"{args.data}: record {i}: the edit loss became {info['loss_last']} "
                       "(lower editor.edit_lr)")
-    immediate.append({"index": i, "target_tokens": int(batch.attention_mask[0].sum() - batch.prompt_len[0] + 1),
-                      "padded_length": int(batch.input_ids.shape[1]), **info})
+    immediate.append({"index": i, "target_tokens": len(target),
+                      "padded_length": bucket_length(len(prompt) + len(target) - 1), **info})
   if cut:
     print(f"{args.data}: {cut} answer(s) longer than the context ({max_length} tokens) were cut at "
           "the end for editing", file=sys.stderr)
@@ -106,6 +103,7 @@ def run(args) -> int:
       max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, progress=False)
   imm = {"question_token_acc": float(np.mean([x["edit_acc"] for x in immediate])),
          "added": int(sum(x["added"] for x in immediate)), "records": immediate}
+  tree = resolved.tree()
   extra = {
       "data_format": "unke",
       "scoring": {
@@ -115,12 +113,15 @@ def run(args) -> int:
                   "whitespace tokens; rouge*_recall from rouge-score (stemmed); sub_question_* are "
                   "averaged within each record against each sub-question's own answer",
           "token_acc": "teacher-forced token accuracy of answer + end-of-turn token",
+          "immediate": "each edit's own token accuracy, teacher-forced, right after that edit",
           "prompt": "chat template" if unke.has_chat_template(tokenizer) else "plain text",
       },
       "max_new_tokens": max_new_tokens,
       "immediate": imm,
-      "settings": {"editor": settings.to_editor_dict(), "data": settings_tree["data"],
-                   "eval": settings_tree["eval"]},
+      "settings": {"editor": settings.to_editor_dict(), "data": tree["data"], "eval": tree["eval"],
+                   "model": tree["model"]},
+      "effective_settings": resolved.effective(),
+      "ignored_settings": resolved.ignored,
       "edit_seconds": edit_s, "edits_per_second": len(records) / max(edit_s, 1e-9),
       "compile_count": compiles, "answers_cut": cut,
       "codebook": {"rows": int(book.count), "capacity": book.capacity, "bytes": book.nbytes()},
@@ -134,11 +135,13 @@ def run(args) -> int:
     return "-" if value is None else f"{value:.3f}"
 
   line = (f"{args.method}: {len(records)} UnKE edits ({imm['added']} new keys, {edit_s:.1f} s, "
-          f"{compiles} compile(s))  token acc {fmt('pre_question_token_acc')} -> {fmt('question_token_acc')}")
+          f"{compiles} edit compile(s))  answer token acc {fmt('pre_question_token_acc')} -> "
+          f"{fmt('question_token_acc')}")
   if generate:
     line += (f"  question ROUGE-L recall {fmt('pre_question_rougeL_recall')} -> "
              f"{fmt('question_rougeL_recall')}, BLEU-1 {fmt('pre_question_bleu1')} -> "
-             f"{fmt('question_bleu1')}; paraphrase ROUGE-L {fmt('para_question_rougeL_recall')}; "
-             f"sub-questions ROUGE-L {fmt('sub_question_rougeL_recall')}")
+             f"{fmt('question_bleu1')}; paraphrase ROUGE-L {fmt('pre_para_question_rougeL_recall')} -> "
+             f"{fmt('para_question_rougeL_recall')}; sub-questions ROUGE-L "
+             f"{fmt('pre_sub_question_rougeL_recall')} -> {fmt('sub_question_rougeL_recall')}")
   print(f"{line}  -> {args.out}")
   return 0
