@@ -237,6 +237,14 @@ def test_load_export_load_bit_exact(ours, tmp_path):
   assert hf["model_type"] == "gpt_oss" and "quantization_config" not in hf
 
 
+def test_export_reloads_in_transformers(tiny, ours, tmp_path):
+  import transformers
+  save_pretrained(ours, tmp_path / "b")
+  reloaded = transformers.GptOssForCausalLM.from_pretrained(str(tmp_path / "b")).eval()
+  ids, mask = _batch()
+  np.testing.assert_array_equal(_torch_logits(reloaded, ids, mask), _torch_logits(tiny[0], ids, mask))
+
+
 # HoReN on an attention output projection.
 
 O_PROJ = "model.layers.0.self_attn.o_proj"  # a sliding-window layer; layer 1 runs above it
