@@ -260,3 +260,28 @@ def test_long_targets_of_many_lengths_compile_once():
 def test_long_targets_compile_once_per_length_bucket():
   padded, compiles = _edit_long_targets((90, 110, 140, 230, 300), seed=4243)
   assert padded == [128, 128, 256, 256, 512] and compiles == 3
+
+
+def test_pre_cache_reuses_unedited_results(tmp_path):
+  tok = make_tokenizer(chat=True)
+  records = unke.load_unke(write(tmp_path, [REC]))
+  rows = []
+
+  def pre_generate(ids_BxL, mask_BxL, n):
+    rows.append(ids_BxL.shape[0])
+    return np.tile(np.asarray(ids("bob", "is", "a", "cat", "<|end|>", "w0"), np.int32)[:n], (ids_BxL.shape[0], 1))
+
+  def post_generate(ids_BxL, mask_BxL, n):
+    return np.full((ids_BxL.shape[0], n), ids("</s>")[0], np.int32)  # says nothing
+
+  cache = {}
+  first = unke_eval.score_unke(records, tok, post_generate, pre_generate, max_new_tokens=6,
+                               batch_size=4, progress=False, pre_cache=cache)
+  calls = len(rows)
+  again = unke_eval.score_unke(records, tok, post_generate, pre_generate, max_new_tokens=6,
+                               batch_size=4, progress=False, pre_cache=cache)
+  assert calls == 1 and len(rows) == 1  # the second call generated nothing with the unedited model
+  assert again == first
+  s = first["summary"]
+  assert s["pre_question_rouge1_recall"] == pytest.approx(1.0) and s["question_rouge1_recall"] == 0.0
+  assert first["records"][0]["generations"]["question"] == ""
