@@ -213,6 +213,9 @@ def test_cli_and_sweep_resolve_identical_settings(ws, method):
                             model_path=folder)
   sweep = methods.cell_settings(ctx, method, {"name": method, "settings": given}, 3)
   assert cli.effective() == sweep.effective()
+  # What a sweep writes to results.json["effective_settings"] for this entry.
+  assert methods.effective_settings(ctx, {"name": method, "settings": given}, 3) == cli.effective()
+  assert methods.effective_settings(ctx, {"name": "unedited"}, 3) is None
   assert "card" in set(cli.sources.values()) and "config" in set(cli.sources.values())
   # The shared table is what both read: GRACE's defaults no longer depend on the command.
   if method == "grace":

@@ -117,6 +117,15 @@ def cell_settings(ctx: CellContext, method: str, options: Mapping[str, Any], see
   return protocol.with_seed(resolved, seed)
 
 
+def effective_settings(ctx: CellContext, entry: Mapping[str, Any], seed: int) -> dict | None:
+  """{key: {"value", "source"}} of a method entry, for results.json; None for methods without
+  declared settings (`unedited`, other registered adapters)."""
+  from horse_jax import settings as settings_lib  # noqa: PLC0415
+  if entry["name"] not in settings_lib.METHODS:
+    return None
+  return cell_settings(ctx, entry["name"], entry, seed).effective()
+
+
 def make_cell_editor(ctx: CellContext, method: str, options: Mapping[str, Any], seed: int):
   """The protocol Editor of one method entry (`options["hypernet"]`: a trained hypernetwork)."""
   from horse_jax.editors import protocol  # noqa: PLC0415

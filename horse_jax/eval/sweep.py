@@ -178,7 +178,8 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
                       f"(or scored unedited), not by {', '.join(hypernet)}")
   os.makedirs(out, exist_ok=True)
   results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
-                             "cells": [], "skipped": [], "aggregate": []}
+                             "cells": [], "skipped": [], "aggregate": [],
+                             "effective_settings": []}
   make_logits = _logits_fn_factory()
   make_generate = _generate_fn_factory() if ev["mode"] == "generate" else None
 
@@ -208,6 +209,10 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
 
     ctx = methods_lib.CellContext(model=model, tokenizer=tokenizer, score=score, logits_fn=make_logits,
                                   generate_fn=make_generate, model_path=model_path, progress=progress)
+    for entry in entries:  # resolved as `horse-jax edit` resolves them; editor.seed is the first seed's
+      eff = methods_lib.effective_settings(ctx, entry, seeds[0])
+      if eff is not None:
+        results["effective_settings"].append({"model": model_path, "method": entry["label"], "settings": eff})
     for data_path, records in datasets.items():
       group = {"model": model_path, "data": data_path}
       for entry in entries:
