@@ -218,7 +218,12 @@ def describe(method: str | None = None) -> str:
   for s in SETTINGS:
     if method and method not in s.methods:
       continue
-    d = s.default if not isinstance(s.default, Mapping) else ", ".join(f"{m}: {v}" for m, v in s.default.items() if m in s.methods)
+    if method:
+      d = s.default_for(method)
+    elif isinstance(s.default, Mapping):
+      d = ", ".join(f"{m}: {v}" for m, v in s.default.items() if m in s.methods)
+    else:
+      d = s.default
     rows.append(f"| `{s.key}` | {s.type} | {d} | {', '.join(s.methods)} | {s.meaning} |")
   return "\n".join(rows)
 

@@ -259,3 +259,12 @@ def test_readme_settings_snippet_runs(monkeypatch, tmp_path):
   os.symlink(os.path.join(root, "checkpoints"), tmp_path / "checkpoints")
   for code in blocks:
     exec(compile(code, "README:settings", "exec"), {})  # noqa: S102
+
+
+def test_settings_command_lists_the_table(capsys):
+  assert main(["settings", "--method", "grace"]) == 0
+  out = capsys.readouterr().out
+  assert "| `editor.normalize_codebook_keys` | bool | False |" in out
+  assert "| `editor.query_selection_strategy` | str | last_prompt_token |" in out
+  assert "`editor.rank`" not in out  # a hypernetwork setting
+  assert "| `inner_params` |" in out and "| `dist_fn` | ignored" in out

@@ -21,6 +21,7 @@ COMMANDS = (
     "horse_jax.cli.world",
     "horse_jax.cli.convert",
     "horse_jax.cli.bench",
+    "horse_jax.cli.show_settings",
     "horse_jax.cli.plan",
 )
 
