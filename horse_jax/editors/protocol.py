@@ -10,8 +10,10 @@
 HORSE/MALMEN/MEND edit all the records of one `edit` call at once (their shifts are added to the
 kernels; a second call edits the already edited model and adds its shifts); HoReN/GRACE edit them
 one after another into the codebook. The state is explicit and the functions close over nothing
-that changes: the same state gives the same edited model. Sweeps (`horse_jax.eval.methods`), the CLI
-and other projects drive every method through this protocol.
+that changes: the same state gives the same edited model. One exception to reuse: a codebook state
+passed to `edit` is consumed (its device buffers are donated to the jitted edit step, so a codebook
+of 10^5 rows is never copied); keep the returned state, as with `codebook.apply_edit`. Sweeps
+(`horse_jax.eval.methods`), the CLI and other projects drive every method through this protocol.
 """
 
 from __future__ import annotations
