@@ -81,6 +81,7 @@ def logits_fn(model):
 def hf_deltas(original, edited, modules) -> dict[str, np.ndarray]:
   """float32 edited - original per edited weight, keyed by HF tensor name, in HF layout."""
   from horse_jax.models import hf_map
+  from horse_jax.distributed import to_host
   from horse_jax.models.names import get_kernel
   by_path = {e.path: e for e in hf_map.entries(original.config)}
   out = {}
@@ -88,8 +89,8 @@ def hf_deltas(original, edited, modules) -> dict[str, np.ndarray]:
     entry = by_path.get(f"{name}.kernel")
     if entry is None:
       raise UserError(f"module {name!r} has no Hugging Face weight in the name table")
-    delta = (np.asarray(get_kernel(edited.params, name), np.float32)
-             - np.asarray(get_kernel(original.params, name), np.float32))
+    delta = (to_host(get_kernel(edited.params, name)).astype(np.float32)
+             - to_host(get_kernel(original.params, name)).astype(np.float32))
     out[entry.hf_name] = np.ascontiguousarray(delta.T if entry.kind == hf_map.LINEAR else delta)
   return out
 
@@ -109,8 +110,10 @@ def run(args) -> int:
   records = load_records(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
   if not records:
     raise UserError(f"{args.data}: no records")
+  from horse_jax import distributed
+  main = distributed.is_main()  # multi-host: every process computes, process 0 writes and prints
   editor = protocol.make_editor(args.method, model, tokenizer, resolved, hypernet=args.hypernet,
-                                progress=True)
+                                progress=main, mesh=distributed.cli_mesh())
   cfg = editor.config
   state = editor.init(jax.random.PRNGKey(args.seed))
   t0 = time.time()
@@ -119,17 +122,23 @@ def run(args) -> int:
   jax.block_until_ready(edited.params)
   edit_s = time.time() - t0
 
-  os.makedirs(args.out, exist_ok=True)
   deltas = hf_deltas(model, edited, cfg.modules)
-  atomic_write_bytes(os.path.join(args.out, "deltas.safetensors"), safetensors.numpy.save(deltas))
-  save_pretrained(edited, os.path.join(args.out, "model"), tokenizer_src=args.model)
+  saved = edited
+  if jax.process_count() > 1:  # gather on every process (a collective), then process 0 writes
+    saved = edited.__class__(distributed.tree_to_host(edited.params), edited.config)
+  if main:
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_bytes(os.path.join(args.out, "deltas.safetensors"), safetensors.numpy.save(deltas))
+    save_pretrained(saved, os.path.join(args.out, "model"), tokenizer_src=args.model)
 
   gen = pre_gen = None
   if args.eval_mode == "generate":
     gen, pre_gen = protocol.model_generate(edited), protocol.model_generate(model)
   scores = score_records(records, tokenizer, logits_fn(edited), logits_fn(model),
                          generate_fn=gen, pre_generate_fn=pre_gen,
-                         max_length=model.config.max_position_embeddings)
+                         max_length=model.config.max_position_embeddings, progress=main)
+  if not main:
+    return 0
   write_metrics(os.path.join(args.out, "metrics.json"), args.method, len(records), scores,
                 extra={"settings": resolved.tree(), "effective_settings": resolved.effective(),
                        "ignored_settings": resolved.ignored, "hypernet": args.hypernet,
