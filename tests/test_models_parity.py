@@ -23,6 +23,8 @@ CASES = {
     "qwen2": ("qwen2", dict()),
     "qwen3-gqa-untied": ("qwen3", dict()),  # head_dim 16 != hidden / heads
     "qwen3-tied-bias": ("qwen3", dict(tie_word_embeddings=True, attention_bias=True)),
+    # Every layer windowed (max_window_layers 0); window 4 < sequence length 9.
+    "qwen3-sliding": ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
     "gpt2": ("gpt2", dict()),
     "gptj": ("gptj", dict()),
 }

@@ -90,10 +90,10 @@ def replace_kernels(params: dict, kernels: dict[str, jax.Array]) -> dict:
   return rebuild(params, "")
 
 
-def add_to_kernels(params: dict, shifts_KxV: dict[str, jax.Array]) -> dict:
+def add_to_kernels(params: dict, shifts: dict[str, jax.Array]) -> dict:
   """params with kernel += shift for each named module (shift [d_in, d_out], cast to kernel dtype)."""
   new = {}
-  for name, shift in shifts_KxV.items():
+  for name, shift in shifts.items():
     kernel = get_kernel(params, name)
     new[name] = (kernel.astype(jax.numpy.float32) + shift).astype(kernel.dtype)
   return replace_kernels(params, new)
