@@ -5,6 +5,7 @@ arrays as a horse-jax `Model`; each test compares what horse_jax.interop.nnx pro
 with what horse-jax's hooks, hypernet editors and codebook functions produce on the horse-jax model.
 """
 
+import functools
 import os
 import sys
 
@@ -28,25 +29,25 @@ from horse_jax.models import Hooks, Model, apply, forward  # noqa: E402
 from horse_jax.models.init import random_model, tiny_llama_config  # noqa: E402
 
 DOWN = "model.layers.1.mlp.down_proj"
+O_PROJ = "model.layers.0.self_attn.o_proj"
 # Jitted forwards on both sides (eager JAX compiles every op separately: slow for a test).
 nnx_logits = nnx.jit(lambda m, input_ids, attention_mask: m(input_ids, attention_mask))
 horse_logits = jax.jit(lambda m, input_ids, attention_mask: apply(m, input_ids, attention_mask))
-O_PROJ = "model.layers.0.self_attn.o_proj"
 
 
 @pytest.fixture(scope="module")
 def models():
-  """(horse-jax Model, NNX model) with the same weights; kernels scaled so logits are O(1)."""
-  base = random_model(tiny_llama_config(num_layers=2), seed=3)
-  noise = iter(jax.random.split(jax.random.PRNGKey(7), 64))
+  """(horse-jax Model, NNX model) with the same weights, drawn with NumPy (no per-op compiles):
+  kernels N(0, 0.1) so logits are O(1), norm weights 1 + N(0, 0.1) so a missing one shows."""
+  cfg = tiny_llama_config(num_layers=2)
+  rng = np.random.RandomState(3)
 
-  def scale(path, x):
-    if path[-1].key == "scale":  # norm weights: 1 + noise, so a missing norm weight shows
-      return x + 0.1 * jax.random.normal(next(noise), x.shape)
-    return 5.0 * x
+  def draw(path, leaf):
+    base = 1.0 if path[-1].key == "scale" else 0.0
+    return jnp.asarray(base + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
 
-  params = jax.tree_util.tree_map_with_path(scale, base.params)
-  model = Model(params, base.config)
+  abstract = jax.eval_shape(lambda: random_model(cfg).params)
+  model = Model(jax.tree_util.tree_map_with_path(draw, abstract), cfg)
   return model, nnx_llama.from_horse(model)
 
 
@@ -62,8 +63,8 @@ def _right_padded():
 
 def test_nnx_llama_matches_horse_logits(models):
   model, nn = models
-  ids = jnp.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
-  mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+  ids = jnp.array([[0, 0, 1, 5, 6, 7], [1, 2, 3, 4, 5, 0], [1, 20, 21, 22, 23, 24]])
+  mask = jnp.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
   ref = horse_logits(model, ids, mask)
   assert float(jnp.std(ref)) > 0.3  # O(1) logits: the comparisons below are not vacuous
   chex.assert_trees_all_close(nnx_logits(nn, ids, mask), ref, atol=2e-5)
@@ -136,12 +137,13 @@ def test_horse_shifts_written_with_nnx_update_match_horse_edited_model(models):
     np.testing.assert_array_equal(np.asarray(hnnx.linear_modules(nn)[n].kernel[...]), before[n])
 
 
+@functools.partial(jax.jit, static_argnames=("settings",))
 def _codebook(model, settings, edit_ids, edit_prompt_len):
   """A codebook whose keys are the queries of `edit_ids` (prompts right-padded) with random values."""
   x = forward(model, edit_ids, (edit_ids > 0).astype(jnp.int32),
               hooks=Hooks(capture=(settings.layer,))).captured[settings.layer]
-  queries = jnp.stack([make_query(x[i], edit_prompt_len[i] - 1, 0, settings.strategy,
-                                  settings.normalize) for i in range(x.shape[0])])
+  queries = jax.vmap(lambda x_t, p: make_query(x_t, p, 0, settings.strategy, settings.normalize))(
+      x, edit_prompt_len - 1)
   d_in, d_out = x.shape[-1], model.config.hidden_size
   book = codebook.init(settings, d_in, d_out)
   n = queries.shape[0]
@@ -152,16 +154,19 @@ def _codebook(model, settings, edit_ids, edit_prompt_len):
       lora_b=book.lora_b, count=jnp.asarray(n + 1, jnp.int32), n_edits=jnp.asarray(n, jnp.int32))
 
 
-@pytest.mark.parametrize("method", ["horen", "grace"])
+def _settings(method):
+  strategy = "last_prompt_token" if method == "grace" else "last_50_perc_prompt_tokens_avg"
+  return codebook.CodebookSettings(method=method, layer=DOWN, initial_capacity=4, strategy=strategy)
+
+
+@pytest.mark.parametrize("method", ["horen", pytest.param("grace", marks=pytest.mark.slow)])
 def test_codebook_module_matches_horse_codebook(models, method):
   model, nn = models
-  settings = codebook.CodebookSettings(method=method, layer=DOWN, initial_capacity=4,
-                                       strategy="last_prompt_token" if method == "grace"
-                                       else "last_50_perc_prompt_tokens_avg")
+  settings = _settings(method)
   batch = _right_padded()
   ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
   # Edits are the first two prompts; the third one must not match.
-  book = _codebook(model, settings, ids[:2], batch.prompt_len[:2])
+  book = _codebook(model, settings, ids[:2], jnp.asarray(batch.prompt_len[:2]))
 
   wrapped = hnnx.wrap_codebook(nn, book, settings)
   try:
@@ -174,28 +179,44 @@ def test_codebook_module_matches_horse_codebook(models, method):
     plain = horse_logits(model, ids, mask)
     changed = np.abs(np.asarray(ref - plain)).max(axis=(1, 2))
     assert changed[0] > 1e-2 and changed[1] > 1e-2 and changed[2] < 1e-4  # matches and a miss
+    # A call shorter than the prompt (a KV-cache decode step) passes through: the edit acted when
+    # the prompt was prefilled.
+    x = jnp.ones((3, 1, model.config.intermediate_size))
+    np.testing.assert_array_equal(wrapped(x), wrapped.linear(x))
+  finally:
+    hnnx.unwrap_codebook(nn, DOWN)
+  assert type(nn.model.layers[1].mlp.down_proj) is nnx.Linear
+  chex.assert_trees_all_close(nnx_logits(nn, ids, mask), horse_logits(model, ids, mask), atol=2e-5)
 
-    # Generation on left-padded prompts: a plain no-cache greedy loop over the NNX model (one
-    # fixed [B, 8] buffer, unfilled slots masked) equals horse-jax's KV-cache generate with the
-    # codebook hook at prefill.
-    left_ids = jnp.array([[0, 1, 5, 6], [1, 8, 9, 10]])
-    left_mask = (left_ids > 0).astype(jnp.int32)
-    ref_tokens = codebook.edited_generate(model, book, left_ids, left_mask, settings=settings,
-                                          max_new_tokens=4)
+
+@pytest.mark.slow
+def test_codebook_module_generation_matches_horse_generate(models):
+  """A plain no-cache greedy loop over the wrapped NNX model (one fixed [B, 8] buffer, unfilled
+  slots masked) equals horse-jax's KV-cache generate with the codebook hook at prefill."""
+  model, nn = models
+  settings = _settings("horen")
+  batch = _right_padded()
+  book = _codebook(model, settings, jnp.asarray(batch.input_ids[:2]),
+                   jnp.asarray(batch.prompt_len[:2]))
+  left_ids = jnp.array([[0, 1, 5, 6], [1, 8, 9, 10]])
+  left_mask = (left_ids > 0).astype(jnp.int32)
+  ref_tokens = codebook.edited_generate(model, book, left_ids, left_mask, settings=settings,
+                                        max_new_tokens=4)
+  hnnx.wrap_codebook(nn, book, settings)
+  try:
     hnnx.set_prompt_positions(nn, left_mask)
     seq = jnp.concatenate([left_ids, jnp.zeros((2, 4), jnp.int32)], axis=1)
     seq_mask = jnp.concatenate([left_mask, jnp.zeros((2, 4), jnp.int32)], axis=1)
     for t in range(4, 8):
       nxt = jnp.argmax(nnx_logits(nn, seq, seq_mask)[:, t - 1], axis=-1)
       seq, seq_mask = seq.at[:, t].set(nxt), seq_mask.at[:, t].set(1)
-    np.testing.assert_array_equal(np.asarray(seq[:, 4:]), np.asarray(ref_tokens))
-    # A decode step shorter than the prompt passes through (the edit acted at prefill).
-    x = jnp.ones((2, 1, model.config.intermediate_size))
-    np.testing.assert_array_equal(wrapped(x), wrapped.linear(x))
   finally:
     hnnx.unwrap_codebook(nn, DOWN)
-  assert type(nn.model.layers[1].mlp.down_proj) is nnx.Linear
-  chex.assert_trees_all_close(nnx_logits(nn, ids, mask), horse_logits(model, ids, mask), atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(seq[:, 4:]), np.asarray(ref_tokens))
+  plain = codebook.edited_generate(model, codebook.init(settings, book.keys.shape[1],
+                                                        book.values.shape[1]),
+                                   left_ids, left_mask, settings=settings, max_new_tokens=4)
+  assert not np.array_equal(np.asarray(plain), np.asarray(ref_tokens))  # the edit shows
 
 
 def test_apply_shifts_keeps_sharding_and_errors(models):
