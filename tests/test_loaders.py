@@ -165,8 +165,8 @@ def test_not_json(tmp_path):
 
 def test_unknown_format(tmp_path):
   with pytest.raises(UserError) as err:
-    load_records(write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}]))
-  assert_one_line(err, "odd.jsonl", "record 0", "unknown format", "answer, question")
+    load_records(write_jsonl(tmp_path / "odd.jsonl", [{"query": "q", "reply": "a"}]))
+  assert_one_line(err, "odd.jsonl", "record 0", "unknown format", "query, reply")
 
 
 def test_not_an_object_and_missing_file(tmp_path):
