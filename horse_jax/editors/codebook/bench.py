@@ -17,6 +17,7 @@ target position (locality agreement).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -30,6 +31,7 @@ from horse_jax.editors.codebook import edit, infer, state
 from horse_jax import settings as settings_lib
 from horse_jax.editors.codebook.settings import CodebookSettings, from_resolved
 from horse_jax.models import apply
+from horse_jax.models import names
 from horse_jax.models.init import random_model, tiny_llama_config
 
 
@@ -87,6 +89,220 @@ def run_bench(model, batch: EditBatch, settings: CodebookSettings, progress: boo
   return book, rows, time.time() - t0
 
 
+def llama8_model(seed: int = 0):
+  """The speed benchmark's model: random Llama, 8 layers, hidden 64, MLP 176, GQA 4/2 heads,
+  vocab 2,048, float32."""
+  cfg = tiny_llama_config(vocab_size=2048, hidden_size=64, intermediate_size=176, num_layers=8,
+                          num_heads=4, num_kv_heads=2, head_dim=16)
+  return random_model(cfg, seed=seed)
+
+
+def zsre_like_edits(n: int, vocab: int, seed: int, t: int = 24) -> EditBatch:
+  """n ZsRE-shaped random edits: BOS + 9-19 prompt tokens, a 1-3 token target, padded to t."""
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((n, t), np.int32)
+  mask = np.zeros((n, t), np.int32)
+  labels = np.full((n, t), IGNORE, np.int32)
+  plen = np.zeros((n,), np.int32)
+  for i in range(n):
+    p = int(rng.integers(10, 21))
+    y = rng.integers(4, vocab, rng.integers(1, 4))
+    seq = np.concatenate([[1], rng.integers(4, vocab, p - 1), y[:-1]])
+    ids[i, :len(seq)] = seq
+    mask[i, :len(seq)] = 1
+    labels[i, p - 1:p - 1 + len(y)] = y
+    plen[i] = p
+  return EditBatch(ids, mask, labels, plen)
+
+
+def cpu_peak_flops() -> float:
+  """Nominal fp32 peak of this machine: cores x clock x 32 FLOP/cycle (two 256-bit FMA pipes, as
+  AVX2, or AVX-512 on AMD Zen 4's 256-bit units); HORSE_JAX_PEAK_GFLOPS overrides it."""
+  if os.environ.get("HORSE_JAX_PEAK_GFLOPS"):
+    return float(os.environ["HORSE_JAX_PEAK_GFLOPS"]) * 1e9
+  mhz = 0.0
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("cpu MHz"):
+          mhz = max(mhz, float(line.split(":")[1]))
+  except OSError:
+    pass
+  return (os.cpu_count() or 1) * (mhz or 2500.0) * 1e6 * 32
+
+
+def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block: int) -> float:
+  """FLOPs of one block program (XLA cost analysis). The analysis counts a loop body once, so the
+  program is compiled with n_iter 1 and with n_iter 2 unrolled: total = f1 + (n_iter - 1)(f2 - f1)
+  (one wave, the case without shared rows)."""
+  from horse_jax.editors.codebook.settings import split_dynamic
+  sl = slice(0, block)
+  labels = np.asarray(batch.labels[sl])
+
+  def flops(n_iter):
+    static, numbers = split_dynamic(dataclasses.replace(settings, n_iter=n_iter))
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), book)
+    compiled = edit._edit_block_jit.lower(
+        model, shapes, batch.input_ids[sl], batch.attention_mask[sl], labels,
+        batch.prompt_len[sl], np.zeros((block, 2), np.int32), np.ones((block,), bool), numbers,
+        settings=static, n_label=edit._n_label(labels), mesh=None, unroll=n_iter).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+  f1, f2 = flops(1), flops(2)
+  return f1 + (settings.n_iter - 1) * (f2 - f1)
+
+
+def bench_llama8(n_steady: int = 400, n_long: int = 10000, block: int = edit.DEFAULT_BLOCK,
+                 progress: bool = False) -> list[dict]:
+  """HoReN speed on `llama8_model` (wrapped model.layers.6.mlp.down_proj, 50 Adam steps, cold
+  values, threshold 0.85, default query strategy), ZsRE-shaped edits.
+
+  Rows: steady state (edits n/2+1..n of an n-edit run, compilation excluded; block `block` and the
+  one-at-a-time reference path, block 1), and an n_long-edit run timed whole (compilation
+  included). Compile time = first block's time minus a steady block's. FLOPs from XLA's cost
+  analysis (`block_flops`), share of `cpu_peak_flops`. The load average is reported because the
+  CPU may be shared.
+  """
+  model = llama8_model()
+  settings = CodebookSettings(layer="model.layers.6.mlp.down_proj", n_iter=50, threshold=0.85)
+  d_in, d_out = model.config.intermediate_size, model.config.hidden_size
+  peak = cpu_peak_flops()
+  rows = []
+  batch = zsre_like_edits(max(n_steady, n_long), model.config.vocab_size, seed=1)
+  for blk in (block, 1):
+    book = state.init(settings, d_in, d_out)
+    book = state.ensure_room(book, n_steady, count=1)  # the run's size is known: one capacity
+    half = n_steady // 2
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    book, _ = edit.apply_edits(model, book, batch, settings, rows=range(blk), block=blk,
+                               progress=False)
+    jax.block_until_ready(book)
+    first = time.perf_counter() - t0
+    book, _ = edit.apply_edits(model, book, batch, settings, rows=range(blk, half), block=blk,
+                               progress=False)
+    jax.block_until_ready(book)
+    t1 = time.perf_counter()
+    book, infos = edit.apply_edits(model, book, batch, settings, rows=range(half, n_steady),
+                                   block=blk, progress=False)
+    jax.block_until_ready(book)
+    per_edit = (time.perf_counter() - t1) / (n_steady - half)
+    flops = block_flops(model, book, batch, settings, blk) / blk
+    rows.append({
+        "benchmark": "horen_llama8", "shape": f"edits {half + 1}-{n_steady} of {n_steady}, "
+                                              f"block {blk}{' (reference path)' if blk == 1 else ''}",
+        "first_s": first, "compile_s": max(first - blk * per_edit, 0.0), "steady_s": per_edit,
+        "flops": flops, "gflops_per_s": flops / per_edit / 1e9,
+        "peak_share": flops / per_edit / peak, "load": load,
+        "edit_acc": float(np.mean([x["edit_acc"] for x in infos])),
+        "throughput": f"{per_edit * 1e3:.1f} ms/edit, {flops / 1e6:,.0f} MFLOP/edit = "
+                      f"{flops / per_edit / 1e9:.1f} GFLOP/s, {100 * flops / per_edit / peak:.1f}% "
+                      f"of {peak / 1e9:,.0f} GFLOP/s peak; load {load:.1f}"})
+  if n_long:
+    book = state.init(settings, d_in, d_out)
+    compiles0 = edit.compile_count()
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    book, infos = edit.apply_edits(model, book, batch, settings, rows=range(n_long), block=block,
+                                   progress=progress)
+    jax.block_until_ready(book)
+    total = time.perf_counter() - t0
+    compiles = edit.compile_count() - compiles0
+    rows.append({
+        "benchmark": "horen_llama8", "shape": f"{n_long} edits, block {block}, compilation included",
+        "first_s": total, "steady_s": total / n_long, "compiles": compiles, "load": load,
+        "capacity": book.capacity, "edit_acc": float(np.mean([x["edit_acc"] for x in infos])),
+        "throughput": f"{total / n_long * 1e3:.1f} ms/edit incl. {compiles} compile(s) "
+                      f"(capacity {book.capacity}); load {load:.1f}"})
+  return rows
+
+
+def world_settings(model_path: str, model) -> CodebookSettings:
+  """HoReN settings from the model's card (`horen`: layer, threshold, query strategy, editor.*)."""
+  from horse_jax.editors.codebook.settings import from_editor_dict
+  from horse_jax.models.cards import card_for
+  card = dict(card_for(model_path, model.config).get("horen") or {})
+  editor = dict(card.get("editor") or {})
+  if card.get("threshold") is not None:
+    editor["hopfield_key_match_threshold"] = float(card["threshold"])
+  if card.get("query_strategy"):
+    editor["query_selection_strategy"] = card["query_strategy"]
+  return from_editor_dict("horen", editor, card["layer"])
+
+
+def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,
+                         block: int = edit.DEFAULT_BLOCK, progress: bool = True,
+                         batch_size: int = 256) -> list[dict]:
+  """HoReN over `n` distinct world edit requests in sequence (`generator.distinct_edits`), with the
+  world card's settings, then ES / GS / locality of all of them on the final model.
+
+  Returns one row: edit seconds (compilation included), edits/s, compiled programs, codebook rows
+  and bytes, peak RSS, and the summary scores (teacher-forced, `eval.scoring`).
+  """
+  import json
+  from horse_jax.data.loaders import convert_rows
+  from horse_jax.data.tokenize import tokenize_edits
+  from horse_jax.eval.scoring import score_records
+  from horse_jax.models import apply, from_pretrained, load_tokenizer
+  from horse_jax.world import generator
+  from horse_jax.world.build import default_world_dir
+  root = world_dir or default_world_dir()
+  path = os.path.join(root, "model")
+  with open(os.path.join(root, "world.json"), encoding="utf-8") as f:
+    meta = json.load(f)
+  world = generator.build_world(int(meta.get("seed", 0)),
+                                generator.WorldSpec(**meta.get("world", {})))
+  rows = [generator.to_zsre(e) for e in generator.distinct_edits(world, n)]
+  records, _ = convert_rows(rows, fmt="zsre")
+  model, tok = from_pretrained(path), load_tokenizer(path)
+  settings = world_settings(path, model)
+  batch = tokenize_edits(tok, [r.prompt for r in records], [r.target for r in records],
+                         max_length=model.config.max_position_embeddings)
+  d_in, d_out = (int(x) for x in names.get_kernel(model.params, settings.layer).shape)
+  book = state.init(settings, d_in, d_out)
+  compiles0 = edit.compile_count()
+  load = os.getloadavg()[0]
+  t0 = time.perf_counter()
+  book, infos = edit.apply_edits(model, book, batch, settings, block=block, progress=progress)
+  jax.block_until_ready(book)
+  edit_s = time.perf_counter() - t0
+  compiles = edit.compile_count() - compiles0
+  pre = jax.jit(apply)
+  t1 = time.perf_counter()
+  scores = score_records(records, tok, infer.logits_fn(model, book, settings),
+                         lambda b: pre(model, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask)),
+                         batch_size=batch_size, progress=progress,
+                         max_length=model.config.max_position_embeddings)
+  s = scores["summary"]
+  keys = int(book.count)
+  return [{
+      "benchmark": "horen_world_distinct", "shape": f"{n} distinct world edits, block {block}",
+      "first_s": edit_s, "steady_s": edit_s / n, "edit_s": edit_s, "edits_per_s": n / edit_s,
+      "compiles": compiles, "codebook_rows": keys, "capacity": book.capacity,
+      "codebook_mb": book.nbytes() / 2**20, "peak_rss_mb": peak_rss_mb(), "load": load,
+      "score_s": time.perf_counter() - t1, "settings": settings.to_editor_dict(),
+      "immediate_edit_acc": float(np.mean([x["edit_acc"] for x in infos])),
+      "summary": s,
+      "throughput": f"{n / edit_s:,.1f} edits/s ({compiles} compile(s), {keys} keys, "
+                    f"{book.nbytes() / 2**20:,.0f} MiB codebook, peak RSS {peak_rss_mb():,.0f} MiB); "
+                    f"ES {s.get('edit_acc')} GS {s.get('rephrase_acc')} loc_acc {s.get('loc_acc')} "
+                    f"loc_agree {s.get('loc_agree')}; load {load:.1f}"}]
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set size of this process (MiB), from /proc (0 where unavailable)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return 0.0
+
+
 def demo_scores(model, book, settings, batch: EditBatch, unrelated: EditBatch, chunk: int = 64):
   """(edit accuracy on the final model, locality agreement of unrelated prompts, matched share)."""
   def logits(b, edited):
@@ -122,11 +338,25 @@ def main(argv=None) -> int:
   parser.add_argument("--seq", type=int, default=16, help="padded edit length")
   parser.add_argument("--method", choices=("horen", "grace"), default="horen")
   parser.add_argument("--demo", action="store_true", help="also score edits and locality")
+  parser.add_argument("--world-distinct", type=int, default=0, metavar="N",
+                      help="instead: HoReN over N distinct world edits (world card settings), "
+                           "then ES/GS/locality of all of them")
+  parser.add_argument("--llama8", action="store_true",
+                      help="instead: the 8-layer speed case (steady state at 400 edits, and "
+                           "--edits edits with compilation included)")
+  parser.add_argument("--block", type=int, default=edit.DEFAULT_BLOCK, help="edits per program")
   parser.add_argument("--unrelated", type=int, default=200)
   parser.add_argument("--max-target", type=int, default=1,
                       help="target tokens per edit (1..N); only y[p] changes, and in a random "
                            "tiny model later target tokens barely feel it through attention")
   args = parser.parse_args(argv)
+  if args.world_distinct or args.llama8:
+    import json
+    rows = (bench_world_distinct(n=args.world_distinct, block=args.block) if args.world_distinct
+            else bench_llama8(n_long=args.edits, block=args.block))
+    for r in rows:
+      print(json.dumps(r))
+    return 0
 
   cfg = tiny_llama_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4)
   model = random_model(cfg, seed=0)
