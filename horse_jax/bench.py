@@ -131,6 +131,25 @@ def bench_horen_edit(world, reference=False):
            "first_s": first, "steady_s": steady, "throughput": f"{n / steady:,.1f} edits/s"}]
 
 
+def bench_horen_llama8(world, reference=False):
+  """HoReN per edit on an 8-layer random Llama (hidden 64, vocab 2,048): steady state (edits
+  201-400 of 400, block of 16 and the one-at-a-time path) and 10,000 edits with compilation."""
+  from horse_jax.editors.codebook import bench as codebook_bench
+  return codebook_bench.bench_llama8()
+
+
+def bench_horen_world_50k(world, reference=False):
+  """HoReN over 50,000 distinct world edits in sequence, then ES/GS/locality of all of them
+  (long: run it with --only; `python -m horse_jax.editors.codebook.bench --world-distinct N`
+  runs other sizes)."""
+  import os
+  from horse_jax.editors.codebook import bench as codebook_bench
+  return codebook_bench.bench_world_distinct(os.path.dirname(world["model_path"]), n=50_000)
+
+
+# Benchmarks left out of a plain `horse-jax bench` (they take long): run them with --only.
+ON_REQUEST = ("horen_world_50k",)
+
 BENCHMARKS = {
     "forward": bench_forward,
     "generate": bench_generate,
@@ -138,6 +157,8 @@ BENCHMARKS = {
     "hopfield": bench_hopfield,
     "horse_edit": bench_horse_edit,
     "horen_edit": bench_horen_edit,
+    "horen_llama8": bench_horen_llama8,
+    "horen_world_50k": bench_horen_world_50k,
 }
 
 
