@@ -129,15 +129,13 @@ def _measure(stage: Stage, compiled) -> Stage:
 
 
 def _settings(method: str, model, model_path: str, overrides) -> dict[str, Any]:
-  from horse_jax import config as config_lib
-  from horse_jax.editors import hypernet
-  defaults = hypernet.default_settings(method)
-  card = _card(model_path, model.config)
-  defaults["model"]["edit_modules"] = list(card.get("edit_modules") or [])
-  if not defaults["model"]["edit_modules"]:
+  # The resolution `horse-jax edit` uses (declared defaults <- model card <- --set).
+  from horse_jax.editors.protocol import resolve_settings
+  tree = resolve_settings(method, model_path, model, overrides=list(overrides)).tree()
+  if not tree["model"].get("edit_modules"):
     from horse_jax.models.names import default_edit_modules
-    defaults["model"]["edit_modules"] = default_edit_modules(model.config)
-  return config_lib.resolve(defaults, None, list(overrides))
+    tree["model"]["edit_modules"] = default_edit_modules(model.config)
+  return tree
 
 
 def _card(model_path: str, config) -> dict[str, Any]:
@@ -286,21 +284,15 @@ def _has_programs() -> bool:
 def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
                     seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
   """One HoReN / GRACE edit into a codebook of `n_edits` rows."""
-  from horse_jax import config as config_lib
   from horse_jax.editors.codebook import edit as edit_lib
   from horse_jax.editors.codebook import settings as settings_lib
   from horse_jax.editors.codebook import state as state_lib
+  from horse_jax.editors.protocol import resolve_settings
   from horse_jax.models import names
 
-  card = _card(model_path, model.config)
-  horen = dict(card.get("horen") or {})
-  editor = dict(settings_lib.DEFAULTS)
-  if method == "grace":
-    editor.update(normalize_codebook_keys=False, query_selection_strategy="last_prompt_token")
-  layer = horen.get("layer") or names.default_edit_modules(model.config, 1)[0]
-  editor["layer"] = layer
-  editor = config_lib.resolve({"editor": editor}, None, list(overrides))["editor"]
-  settings = settings_lib.from_editor_dict(method, editor, editor.get("layer") or layer)
+  # The resolution `horse-jax edit` uses (declared defaults <- model card <- --set).
+  settings = settings_lib.from_resolved(
+      resolve_settings(method, model_path, model, overrides=list(overrides)), model.config)
   d_in, d_out = (int(n) for n in names.get_kernel(model.params, settings.layer).shape)
   capacity = state_lib.planned_capacity(int(n_edits) + 1, settings.initial_capacity)
   settings = dataclasses.replace(settings, initial_capacity=capacity)
