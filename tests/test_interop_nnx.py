@@ -225,7 +225,7 @@ def test_apply_shifts_keeps_sharding_and_errors(models):
   linear = hnnx.linear_modules(nn)[DOWN]
   original = linear.kernel[...]
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model", None))
-  linear.kernel.value = jax.device_put(original, spec)
+  linear.kernel.set_value(jax.device_put(original, spec))
   try:
     shift = jnp.ones(original.shape)
     old = hnnx.apply_shifts(nn, {DOWN: shift})
@@ -238,4 +238,4 @@ def test_apply_shifts_keeps_sharding_and_errors(models):
     with pytest.raises(UserError, match="shape"):
       hnnx.apply_shifts(nn, {DOWN: shift.T})
   finally:
-    linear.kernel.value = original
+    linear.kernel.set_value(original)

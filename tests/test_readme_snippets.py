@@ -1,4 +1,4 @@
-"""The README's HoReN, evaluation and world snippets run as written (models/hypernet have their own)."""
+"""The README's HoReN, evaluation, world and NNX snippets run as written (models/hypernet: own tests)."""
 
 import os
 import re
@@ -17,7 +17,7 @@ def _blocks(section: str) -> list[str]:
   return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
 
 
-@pytest.mark.parametrize("section", ["horen", "eval", "world"])
+@pytest.mark.parametrize("section", ["horen", "eval", "world", "nnx"])
 def test_section_snippets_run(section, tmp_path, monkeypatch):
   blocks = _blocks(section)
   assert blocks, section

@@ -304,8 +304,8 @@ def apply_shifts(model: nnx.Module, shifts: Mapping[str, jax.Array]) -> nnx.Stat
       value = jax.device_put(value, kernel.sharding)
     new[path + ("kernel",)] = value
     old[path + ("kernel",)] = kernel
-  nnx.update(model, nnx.State.from_flat_path(new))
-  return nnx.State.from_flat_path(old)
+  nnx.update(model, nnx.from_flat_state(new))
+  return nnx.from_flat_state(old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ class CodebookLinear(nnx.Module):
   def set_codebook(self, book: Codebook) -> None:
     """Swaps in a newer codebook (e.g. after more sequential edits; capacity may differ)."""
     for field in Codebook.__dataclass_fields__:
-      getattr(self, f"book_{field}").value = getattr(book, field)
+      getattr(self, f"book_{field}").set_value(getattr(book, field))
 
   def __call__(self, x):
     y = self.linear(x)
@@ -419,8 +419,8 @@ def set_edit_positions(model: nnx.Module, edit_pos: jax.Array, prompt_start: jax
   edit_pos = jnp.asarray(edit_pos, jnp.int32)
   start = jnp.zeros_like(edit_pos) if prompt_start is None else jnp.asarray(prompt_start, jnp.int32)
   for module in codebook_modules(model).values():
-    module.edit_pos.value = edit_pos
-    module.prompt_start.value = start
+    module.edit_pos.set_value(edit_pos)
+    module.prompt_start.set_value(start)
     module.prompt_length = int(prompt_length)
 
 
@@ -433,6 +433,6 @@ def set_prompt_positions(model: nnx.Module, attention_mask: jax.Array) -> None:
 def clear_edit_positions(model: nnx.Module) -> None:
   """Back to the default: every call edited at its last position, prompt starting at 0."""
   for module in codebook_modules(model).values():
-    module.edit_pos.value = jnp.zeros((0,), jnp.int32)
-    module.prompt_start.value = jnp.zeros((0,), jnp.int32)
+    module.edit_pos.set_value(jnp.zeros((0,), jnp.int32))
+    module.prompt_start.set_value(jnp.zeros((0,), jnp.int32))
     module.prompt_length = 0
