@@ -22,7 +22,7 @@ def register(sub) -> None:
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                  help="LM dtype (default the model card's)")
   p.add_argument("--fsdp", action="store_true", help="also split weights over the data axis")
-  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+  p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                  help="override a setting, e.g. --set editor.rank=1920 (repeatable)")
   p.add_argument("--answer-tokens", type=int, default=3, help="cached rows per edit [3, ZsRE's mean]")
   p.add_argument("--seq-len", type=int, default=32, help="tokens of one padded edit [32]")
