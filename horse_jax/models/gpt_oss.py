@@ -98,7 +98,7 @@ def _rope(hf: dict[str, Any], source: str) -> tuple[float, tuple | None]:
                     "(supported for gpt_oss: default, yarn, linear, llama3)")
   if scaling["rope_type"] == "yarn" and "original_max_position_embeddings" not in scaling:
     raise UserError(f"{source}: yarn rope scaling needs original_max_position_embeddings")
-  return theta, config_lib._freeze(scaling)
+  return theta, tuple(sorted(scaling.items()))  # hashable; the values are scalars
 
 
 def parse_config(hf: dict[str, Any], source: str) -> GptOssConfig:
