@@ -172,7 +172,25 @@ RUN_KEYS: dict[str, str] = {
     "replacement": "ignored: GRACE/WISE leftover (GRACE here always replaces the last prompt token)",
     "num_pert": "ignored: GRACE/WISE leftover",
     "eps_expand": "ignored: GRACE/WISE leftover",
+    "val_train": "ignored: GRACE leftover",
+    "val_reg": "ignored: GRACE leftover",
+    "reg": "ignored: GRACE leftover",
+    "dropout": "ignored: GRACE leftover",
     "mask_ratio": "ignored: WISE leftover",
+    "norm_constraint": "ignored: WISE leftover",
+    "act_margin": "ignored: WISE leftover",
+    "act_ratio": "ignored: WISE leftover",
+    "save_freq": "ignored: WISE leftover",
+    "merge_freq": "ignored: WISE leftover",
+    "merge_alg": "ignored: WISE leftover",
+    "alpha": "ignored: WISE leftover (HoReN's retrieval damping is hopfield_retrieval_alpha)",
+    "beta": "ignored: WISE leftover (HoReN's inverse temperature is hopfield_retrieval_beta)",
+    "gamma": "ignored: WISE leftover",
+    "weights": "ignored: WISE leftover",
+    "densities": "ignored: WISE leftover",
+    "retrieve": "ignored: WISE leftover",
+    "replay": "ignored: WISE leftover",
+    "use_chat_template": "ignored: ZsRE-style prompts are plain text; UnKE records use the chat template",
     "results_dir": "ignored: outputs go to --out",
     "stats_dir": "ignored: no statistics files are read",
     # HORSE reference (hydra groups and root).
@@ -299,7 +317,10 @@ def _unknown(key: str, method: str, where: str, shown: str | None = None) -> Use
   """The error for a key `method` does not read (`shown`: the key as the user wrote it)."""
   valid = keys_for(method)
   short = {k.split(".", 1)[1]: k for k in valid}
-  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+  last = key.split(".")[-1]
+  # A short form of a longer name (`alpha` for `hopfield_retrieval_alpha`) beats spelling distance.
+  close = [k for k in valid if len(last) >= 3 and k.split(".")[-1].endswith("_" + last)][:1]
+  close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
   if not close:
     close = [short[c] for c in difflib.get_close_matches(key.split(".")[-1], list(short), n=1, cutoff=0.5)]
   if close and shown and "." not in shown:
@@ -401,6 +422,12 @@ def _run_key(method: str, key: str, value: Any, out: FileSettings, where: str, g
     out.ignored[key] = RUN_KEYS[key]
 
 
+# The run keys a group (hydra group file, or a group of the nested layout) may hold: the HORSE
+# reference's bookkeeping. Inside groups every other unknown key is an error (`editor: {alpha: ..}`
+# must not be taken for a WISE leftover).
+_GROUP_RUN_KEYS = ("name", "name_or_path", "class_name", "half", "path", "train_path", "valid_path",
+                   "cache_dir", "load_checkpoint", "batch_size", "max_length")
+
 # Keys a flat EasyEdit file holds as run keys although a hydra editor group has a setting of that
 # name (EasyEdit's batch_size is edits per request, MALMEN's editor batch_size is a token chunk).
 _EASYEDIT_RUN_FIRST = ("batch_size", "max_length", "seed")
@@ -417,7 +444,7 @@ def _flat_file(method: str, data: Mapping[str, Any], where: str, group: str = ""
       _run_key(method, key, value, out, where, group)
     elif full in BY_KEY and method in BY_KEY[full].methods:
       out.values[full] = value
-    elif key in RUN_KEYS:
+    elif key in RUN_KEYS and (group == "" or key in _GROUP_RUN_KEYS):
       _run_key(method, key, value, out, where, group)
     else:
       raise _unknown(full, method, where, shown=key if group == "" else None)

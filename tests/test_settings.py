@@ -268,3 +268,11 @@ def test_settings_command_lists_the_table(capsys):
   assert "| `editor.query_selection_strategy` | str | last_prompt_token |" in out
   assert "`editor.rank`" not in out  # a hypernetwork setting
   assert "| `inner_params` |" in out and "| `dist_fn` | ignored" in out
+
+
+def test_groups_are_strict_and_short_names_find_their_setting():
+  """Inside a group only the reference's bookkeeping keys pass; EasyEdit leftovers do not."""
+  with pytest.raises(UserError, match=r"'editor.alpha' for horen; did you mean 'editor.hopfield_retrieval_alpha'"):
+    settings.resolve("horen", config_tree={"editor": {"alpha": 0.5}})
+  with pytest.raises(UserError, match=r"did you mean 'editor.query_selection_strategy'"):
+    settings.resolve("horen", overrides=["editor.strategy=last_prompt_token"])
