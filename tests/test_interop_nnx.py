@@ -104,12 +104,14 @@ def test_keys_and_value_grads_match_horse_hooks(models):
   assert type(nn.model.layers[1].mlp.down_proj) is nnx.Linear
 
 
-def test_horse_shifts_written_with_nnx_update_match_horse_edited_model(models):
+@pytest.mark.parametrize("method", ["horse", pytest.param("malmen", marks=pytest.mark.slow),
+                                    pytest.param("mend", marks=pytest.mark.slow)])
+def test_shifts_written_with_nnx_update_match_horse_edited_model(models, method):
   model, nn = models
   mods = ("model.layers.0.mlp.down_proj", DOWN)
   shapes = hnnx.module_shapes(nn, mods)
   assert shapes == hypernet.module_shapes(model.params, mods)
-  cfg = hypernet.HypernetConfig(method="horse", modules=mods, rank=16, lr=1e-2, shapes=shapes)
+  cfg = hypernet.HypernetConfig(method=method, modules=mods, rank=16, lr=1e-2, shapes=shapes)
   state = hypernet.init(cfg, jax.random.PRNGKey(0))
   batch = _right_padded()
 
