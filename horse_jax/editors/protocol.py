@@ -166,6 +166,7 @@ def _hypernet_editor(method, model, tokenizer, settings, folder, progress, where
 
 
 def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) -> Editor:
+  import numpy as np  # noqa: PLC0415
   from horse_jax.data.unke import tokenize_record  # noqa: PLC0415
   from horse_jax.editors.codebook import edit as edit_lib, infer  # noqa: PLC0415
   from horse_jax.editors.codebook import settings as cb_settings, state as state_lib  # noqa: PLC0415
@@ -183,12 +184,20 @@ def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) 
     return book0 if book0 is not None else state_lib.init(cfg, d_in, d_out)
 
   def edit(book, records):
-    infos = []
-    for record in records:  # one request at a time, as the reference edits
-      batch = tokenize_record(tokenizer, record, max_length)  # UnKE records: chat prompts, long targets
-      book, info = edit_lib.apply_edit(model, book, batch, 0, cfg, **({"mesh": mesh} if mesh else {}))
-      infos.append(info)
-    return book, [{k: v.item() for k, v in x._asdict().items()} for x in jax.device_get(infos)]
+    # UnKE records: chat prompts, long targets.
+    batches = [tokenize_record(tokenizer, record, max_length) for record in records]
+    infos, start = [], 0
+    while start < len(batches):
+      # Requests stay in order (sequential semantics); a run of consecutive ones with one padded
+      # length is one `apply_edits` call: blocks of edits, no host sync per edit.
+      stop, length = start, batches[start].input_ids.shape[1]
+      while stop < len(batches) and batches[stop].input_ids.shape[1] == length:
+        stop += 1
+      run = type(batches[start])(*(np.concatenate(parts) for parts in zip(*batches[start:stop])))
+      book, got = edit_lib.apply_edits(model, book, run, cfg, progress=False, mesh=mesh)
+      infos.extend(got)
+      start = stop
+    return book, infos
 
   def apply(book):
     return Edited(model, infer.logits_fn(model, book, cfg), infer.generate_fn(model, book, cfg))

@@ -440,7 +440,8 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
     progress: show a tqdm bar.
     callback: optional fn(done, book) after each block (`done` = edits applied so far in this call).
     block: edits per program; 1 = the one-at-a-time reference path (any block size gives the same
-      codebook, see the module docstring).
+      codebook, see the module docstring). A call with fewer edits uses the smallest power of two
+      holding them.
     mesh: optional (`data`, `model`) mesh: the codebook gets `state.shardings`.
     fetch_every: blocks between two transfers of per-edit info to the host.
 
@@ -449,7 +450,8 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
   """
   rows = np.asarray(list(range(batch.input_ids.shape[0]) if rows is None else rows), np.int64)
   n = len(rows)
-  block = max(1, min(int(block), max(n, 1)))
+  # Short calls use a smaller power-of-two block (at most log2(block) + 1 programs), not a padded one.
+  block = max(1, min(int(block), planned_capacity(max(n, 1), 1)))
   book = grow(book, planned_capacity(int(book.count) + n, book.capacity))
   book = place(book, mesh)
   ids = np.asarray(batch.input_ids)[rows]
