@@ -95,3 +95,10 @@ def test_eval_sweep_accepts_unke(tmp_path):
   assert set(cells) == {("horen", "final"), ("horen", "immediate"), ("unedited", "at_once")}
   assert cells["unedited", "at_once"]["question_rougeL_recall"] is not None
   assert "question ROUGE-L R" in (out / "results.md").read_text()
+
+
+def test_world_build_writes_the_unke_file(world, tmp_path):
+  from horse_jax.world import build
+  paths = build.write_data(world, str(tmp_path))
+  with open(paths["unke_test"]) as f:
+    assert json.load(f) == generator.unke_records(world)
