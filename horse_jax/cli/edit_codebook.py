@@ -79,6 +79,8 @@ def run(args) -> int:
   from horse_jax.eval.scoring import summarize, write_metrics
   from horse_jax.models import read_config
 
+  from horse_jax import distributed
+  main = distributed.is_main()  # multi-host: every process edits, process 0 writes and prints
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
   book, saved = None, None
@@ -91,7 +93,8 @@ def run(args) -> int:
   model, tokenizer = load_model(args.model, resolved["model.dtype"])
   where = f"--codebook {args.codebook}" if args.codebook else None
   try:
-    editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book)
+    editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book,
+                                  mesh=distributed.cli_mesh())
   except UserError as err:
     raise UserError(f"{where}: {err}" if where else str(err)) from None
   settings = editor.config
@@ -102,12 +105,13 @@ def run(args) -> int:
     raise UserError(f"{args.data}: no records")
   batch_size = int(resolved["eval.batch_size"])
   pre_fn = logits_fn(model)
-  os.makedirs(args.out, exist_ok=True)
+  if main:
+    os.makedirs(args.out, exist_ok=True)
   progress_lines: list[str] = []
   immediate: list[dict[str, Any]] = []
   compiles0 = edit_lib.compile_count()
   edit_s = 0.0
-  for i, record in enumerate(tqdm(records, desc=f"{args.method} edits", unit="edit")):
+  for i, record in enumerate(tqdm(records, desc=f"{args.method} edits", unit="edit", disable=not main)):
     t0 = time.time()
     book, (info,) = editor.edit(book, [record])  # one host sync per edit: the loss is checked
     edit_s += time.time() - t0
@@ -119,12 +123,18 @@ def run(args) -> int:
       scores = _score(records[:i + 1], tokenizer, model, book, settings, pre_fn,
                       args.eval_mode == "generate", batch_size)
       progress_lines.append(json.dumps({"n_edits": i + 1, "summary": scores["summary"]}))
-      atomic_write_text(os.path.join(args.out, "progress.jsonl"), "\n".join(progress_lines) + "\n")
+      if main:
+        atomic_write_text(os.path.join(args.out, "progress.jsonl"), "\n".join(progress_lines) + "\n")
 
-  persist.save(os.path.join(args.out, "codebook"), book, settings,
-               extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
+  # Multi-host: gather the codebook on every process (a collective), then process 0 writes it.
+  saved_book = distributed.tree_to_host(book) if jax.process_count() > 1 else book
+  if main:
+    persist.save(os.path.join(args.out, "codebook"), saved_book, settings,
+                 extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
   scores = _score(records, tokenizer, model, book, settings, pre_fn, args.eval_mode == "generate",
                   batch_size)
+  if not main:
+    return 0
   if args.eval_every:
     progress_lines.append(json.dumps({"n_edits": len(records), "summary": scores["summary"]}))
     atomic_write_text(os.path.join(args.out, "progress.jsonl"), "\n".join(progress_lines) + "\n")

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from horse_jax.editors.codebook import state as state_lib
@@ -44,7 +45,12 @@ def save(path: str | os.PathLike, book: state_lib.Codebook, settings: CodebookSe
   with atomic_directory(path) as tmp:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
               os.path.join(tmp, SAFETENSORS))
-    with ocp.StandardCheckpointer() as ckptr:
+    options = {}
+    if jax.process_count() > 1:  # multi-host: the calling process (process 0) writes alone
+      me = jax.process_index()
+      options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(**options) as ckptr:
       ckptr.save(os.path.join(os.path.abspath(tmp), ORBAX), arrays)
       ckptr.wait_until_finished()
     atomic_write_json(os.path.join(tmp, SETTINGS), {
