@@ -173,6 +173,7 @@ def test_codebook_module_matches_horse_codebook(models, method):
   wrapped = hnnx.wrap_codebook(nn, book, settings)
   try:
     assert hnnx.codebook_modules(nn) == {DOWN: wrapped}
+    chex.assert_trees_all_equal(wrapped.codebook, book)
     hnnx.set_edit_positions(nn, batch.prompt_len - 1, None, ids.shape[1])
     ref = codebook.edited_logits(model, book, ids, mask, jnp.asarray(batch.prompt_len),
                                  settings=settings)
@@ -185,6 +186,9 @@ def test_codebook_module_matches_horse_codebook(models, method):
     # the prompt was prefilled.
     x = jnp.ones((3, 1, model.config.intermediate_size))
     np.testing.assert_array_equal(wrapped(x), wrapped.linear(x))
+    grown = codebook.grow(book, 8)  # after more edits the capacity may double
+    wrapped.set_codebook(grown)
+    chex.assert_trees_all_equal(wrapped.codebook, grown)
   finally:
     hnnx.unwrap_codebook(nn, DOWN)
   assert type(nn.model.layers[1].mlp.down_proj) is nnx.Linear
@@ -221,7 +225,7 @@ def test_codebook_module_generation_matches_horse_generate(models):
   assert not np.array_equal(np.asarray(plain), np.asarray(ref_tokens))  # the edit shows
 
 
-def test_apply_shifts_keeps_sharding_and_errors(models):
+def test_apply_shifts_keeps_sharding_and_user_errors(models):
   _, nn = models
   mesh = jax.make_mesh((1, len(jax.devices())), ("data", "model"))
   linear = hnnx.linear_modules(nn)[DOWN]
@@ -239,5 +243,10 @@ def test_apply_shifts_keeps_sharding_and_errors(models):
       hnnx.apply_shifts(nn, {"model.layers.9.mlp.down_proj": shift})
     with pytest.raises(UserError, match="shape"):
       hnnx.apply_shifts(nn, {DOWN: shift.T})
+    with pytest.raises(UserError, match="no nnx.Linear named 'model.layers.0.mlp.down'"):
+      hnnx.keys_and_value_grads(nn, ("model.layers.0.mlp.down",), _loss)
+    with pytest.raises(UserError, match="does not fit"):
+      settings = _settings("horen")
+      hnnx.wrap_codebook(nn, codebook.init(settings, 3, 4), settings)
   finally:
     linear.kernel.set_value(original)

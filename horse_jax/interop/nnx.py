@@ -16,6 +16,11 @@ function, so the copy that is traced is private; in that copy each target `nnx.L
 Differentiating the loss with respect to a zero offset gives the value gradient
 d loss / d (module output), exactly what `horse_jax.models.Hooks(capture=..., offsets=...)` gives
 for a horse-jax `Model`. The user's model object is never modified by these functions.
+
+Limits: target modules must be `nnx.Linear` instances reached by attribute or list index (layers
+stacked under `nnx.scan` have one [L, d_in, d_out] kernel and no per-layer module to address), and
+inputs are [B, T, d_in]. HoReN/GRACE edits themselves (the Adam fit of each codebook value) run on a
+horse-jax `Model` of the same checkpoint; the NNX side serves the resulting codebook.
 """
 
 from __future__ import annotations
