@@ -14,5 +14,8 @@ from horse_jax.editors.hypernet.config import (HypernetConfig, default_settings,
                                                module_shapes)
 from horse_jax.editors.hypernet.data import edit_batches, loc_batches, rephrase_batches
 from horse_jax.editors.hypernet.editor import (HypernetState, apply, edit, init, meta_gradients,
-                                               meta_loss_grads, optimizer, predict, revert, train_step)
+                                               meta_loss_grads, optimizer, predict, revert, train_step,
+                                               train_step_async, train_step_reference, check_metrics)
+from horse_jax.editors.hypernet.packing import Packer
+from horse_jax.editors.hypernet.program import edit_program, train_program
 from horse_jax.editors.hypernet.shifts import predict_shifts, shifts_from_cache

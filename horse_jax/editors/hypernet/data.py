@@ -76,3 +76,25 @@ def loc_batches(tokenizer, records: Sequence[EditRecord], batch_size: int,
       raise UserError(f"record {i}: no locality prompt/answer (needed for meta-training)")
   return pair_batches(tokenizer, [r.loc_prompt for r in records], [r.loc_answer for r in records],
                       batch_size, max_length=max_length)
+
+
+class MemoTokenizer:
+  """A tokenizer whose plain single-string calls are memoized (meta-training re-tokenizes the same
+  records every few steps); every other call and attribute goes to the wrapped tokenizer."""
+
+  def __init__(self, tokenizer):
+    self._tok = tokenizer
+    self._memo: dict = {}
+
+  def __call__(self, text, *args, add_special_tokens: bool = True, **kwargs):
+    if args or kwargs or not isinstance(text, str):
+      return self._tok(text, *args, add_special_tokens=add_special_tokens, **kwargs)
+    key = (text, add_special_tokens)
+    hit = self._memo.get(key)
+    if hit is None:
+      ids = list(self._tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+      hit = self._memo[key] = {"input_ids": ids}
+    return {"input_ids": list(hit["input_ids"])}
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)

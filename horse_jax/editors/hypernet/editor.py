@@ -16,10 +16,12 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from horse_jax.data.tokenize import EditBatch
-from horse_jax.editors.hypernet import normalizer
+
+from horse_jax.editors.hypernet import normalizer, packing, program
 from horse_jax.editors.hypernet.cache import Cache, build_cache
 from horse_jax.editors.hypernet.config import HypernetConfig
 from horse_jax.editors.hypernet.meta import decoupled_grads_jit, shift_loss_grad
@@ -69,10 +71,32 @@ def predict(state: HypernetState, model: Model, cfg: HypernetConfig, batches: Se
 
 
 def edit(state: HypernetState, model: Model, cfg: HypernetConfig, batches: Sequence[EditBatch],
-         progress: bool = False) -> tuple[dict, HypernetState]:
-  """Shifts for all edits in `batches` at once (apply them with `apply`)."""
-  shifts, _, _, _, state = predict(state, model, cfg, batches, progress)
-  return shifts, state
+         progress: bool = False, mesh=None) -> tuple[dict, HypernetState]:
+  """Shifts for all edits in `batches` at once (apply them with `apply`).
+
+  One compiled program (`program.edit_program`) over the packed edits; `predict` is the same
+  computation step by step.
+
+  Args:
+    state: hypernetworks and normalizers.
+    model: the LM (sharded over `mesh` or not).
+    cfg: editor config.
+    batches: right-padded LM mini-batches of the edits (`edit_batches`).
+    progress: unused (one program; kept for callers).
+    mesh: (`data`, `model`) Mesh or None: rows split over `data`, shifts by column over `model`.
+
+  Returns:
+    (shifts {name: [d_k, d_v]}, state with updated normalizers).
+  """
+  del progress
+  packed = packing.Packer(cfg.chunk, _row_multiple(mesh))("edits", batches, cfg.token, True)
+  shifts, norms = program.edit_program(state.nets, state.norms, model, program.put(packed, mesh),
+                                       cfg, mesh)
+  return shifts, state._replace(norms=norms)
+
+
+def _row_multiple(mesh) -> int:
+  return 8 if mesh is None else max(8, mesh.shape["data"])
 
 
 def apply(model: Model, shifts: dict) -> Model:
@@ -116,12 +140,58 @@ def meta_gradients(state: HypernetState, cache: Cache, cfg: HypernetConfig, chun
   return grads
 
 
+def train_step_async(state: HypernetState, model: Model, cfg: HypernetConfig,
+                     edits: Sequence[EditBatch], rephrase: Sequence[EditBatch],
+                     loc: Sequence[EditBatch], mesh=None, packer: packing.Packer | None = None):
+  """Dispatches one meta-training step (`program.train_program`) without waiting for it.
+
+  Args:
+    state: current state (donated: do not use it afterwards).
+    model: the LM.
+    cfg: editor config.
+    edits, rephrase, loc: right-padded LM mini-batches of this step's records.
+    mesh: (`data`, `model`) Mesh or None.
+    packer: a `packing.Packer` kept across steps, so shapes only grow and the program compiles
+      once per run; default a fresh one.
+
+  Returns:
+    (new state, metrics {"gen_loss", "loc_loss", "grad_norm"} as device scalars).
+  """
+  packer = packer or packing.Packer(cfg.chunk, _row_multiple(mesh))
+  if mesh is not None:  # the program's declared state sharding (a no-op after the first step)
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  sets = (packer("edits", edits, cfg.token, True), packer("rephrase", rephrase, cfg.token, False),
+          packer("loc", loc, cfg.token, False))
+  return program.train_program(state, model, *(program.put(p, mesh) for p in sets), cfg, mesh)
+
+
+def check_metrics(metrics: dict) -> dict:
+  """Device metrics -> floats; FloatingPointError when one is not finite."""
+  out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not all(np.isfinite(v) for v in out.values()):
+    raise FloatingPointError(f"non-finite meta-training values {out}")
+  return out
+
+
 def train_step(state: HypernetState, model: Model, cfg: HypernetConfig, edits: Sequence[EditBatch],
-               rephrase: Sequence[EditBatch], loc: Sequence[EditBatch]):
-  """One meta-training step on one set of N edits.
+               rephrase: Sequence[EditBatch], loc: Sequence[EditBatch], mesh=None,
+               packer: packing.Packer | None = None):
+  """One meta-training step on one set of N edits (one compiled program; waits for it).
 
   Returns:
     (new state, metrics {"gen_loss", "loc_loss", "grad_norm"} as floats).
+  """
+  state, metrics = train_step_async(state, model, cfg, edits, rephrase, loc, mesh, packer)
+  return state, check_metrics(metrics)
+
+
+def train_step_reference(state: HypernetState, model: Model, cfg: HypernetConfig,
+                         edits: Sequence[EditBatch], rephrase: Sequence[EditBatch],
+                         loc: Sequence[EditBatch]):
+  """`train_step` computed stage by stage (cache per mini-batch, separate jits); for tests.
+
+  Returns:
+    (new state, metrics as floats).
   """
   shifts, diffs, cache, chunk, state = predict(state, model, cfg, edits)
   gen, locl, dshifts = meta_loss_grads(model, cfg, shifts, rephrase, loc)

@@ -22,7 +22,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy import linalg as jsl
 
 from horse_jax.data.tokenize import IGNORE
 from horse_jax.editors.hypernet import shifts as shifts_lib
@@ -82,7 +81,7 @@ def _chunk_vjp(fn, net, xs, cot, acc):
 
 
 def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, dshifts: dict,
-                    cfg: HypernetConfig, chunk: int) -> dict:
+                    cfg: HypernetConfig, chunk: int, mesh=None, factors: dict | None = None) -> dict:
   """dLoss/d(hypernetwork params) from dLoss/dS (see module docstring).
 
   Args:
@@ -94,6 +93,8 @@ def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, d
     dshifts: {name: dLoss/dS [d_k, d_v]}.
     cfg: editor config.
     chunk: rows per chunk.
+    mesh: (`data`, `model`) Mesh or None: X is solved column-split over `model` like the shifts.
+    factors: {name: Cholesky factor} from `shifts.shifts_and_factors` (recomputed when None).
 
   Returns:
     Gradients with the structure of `nets`.
@@ -111,8 +112,10 @@ def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, d
       grads[skey] = _chunk_vjp(fn, net, (chunks(k), chunks(g), chunks(cache.valid)), cot, grads[skey])
       continue
     lam = net["lamda"][m]
-    factor = jsl.cho_factor(shifts_lib.ridge_matrix(k, lam), lower=True)
-    x = jsl.cho_solve(factor, mm)
+    # The factor is a constant of the backward (lamda's own gradient is the closed form below).
+    factor = (shifts_lib.ridge_factor(k, lam, mesh) if factors is None
+              else (lax.stop_gradient(factors[name][0]), factors[name][1]))
+    x = shifts_lib.solve_cols(factor, mm, mesh)
     d_cot = jnp.matmul(k, x, precision=HI)
     if cfg.method == "malmen":
       lam_grad = -jnp.exp(lam) * jnp.sum(x * shifts[name])
@@ -127,4 +130,4 @@ def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, d
   return grads
 
 
-decoupled_grads_jit = jax.jit(decoupled_grads, static_argnames=("cfg", "chunk"))
+decoupled_grads_jit = jax.jit(decoupled_grads, static_argnames=("cfg", "chunk", "mesh"))

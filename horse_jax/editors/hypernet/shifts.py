@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.scipy import linalg as jsl
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet.config import HypernetConfig
@@ -54,14 +55,26 @@ def chunk_rank_one(net: dict, norm: normalizer.NormState, m: int, keys_CxK, grad
 
 
 def _chunks(x_RxD: jax.Array, chunk: int) -> jax.Array:
-  return x_RxD.reshape(x_RxD.shape[0] // chunk, chunk, *x_RxD.shape[1:])
+  """[R, ...] -> [R / chunk, chunk, ...], chunk i holding rows i, i + n, i + 2n, ... (n = R / chunk).
+
+  Strided rather than contiguous so that rows split over the `data` mesh axis stay split inside
+  every chunk (each device works on its own rows of each chunk); row-wise maps and sums over
+  chunks do not depend on which rows share a chunk.
+  """
+  n = x_RxD.shape[0] // chunk
+  return jnp.swapaxes(x_RxD.reshape(chunk, n, *x_RxD.shape[1:]), 0, 1)
+
+
+def _unchunk(x_NxCxD: jax.Array) -> jax.Array:
+  """Inverse of `_chunks`."""
+  return jnp.swapaxes(x_NxCxD, 0, 1).reshape(-1, *x_NxCxD.shape[2:])
 
 
 def value_diffs(net, norm, m, keys_RxK, grads_RxV, chunk: int) -> jax.Array:
   """D [R, d_v] computed chunk by chunk with `lax.map` (R must be a multiple of `chunk`)."""
   d_cxv = lax.map(lambda kg: chunk_diffs(net, norm, m, *kg), (_chunks(keys_RxK, chunk),
                                                               _chunks(grads_RxV, chunk)))
-  return d_cxv.reshape(keys_RxK.shape[0], -1)
+  return _unchunk(d_cxv)
 
 
 def rank_one_shift(net, norm, m, keys_RxK, grads_RxV, valid_R, chunk: int) -> jax.Array:
@@ -88,19 +101,64 @@ def ridge_matrix(keys_RxK: jax.Array, lamda: jax.Array) -> jax.Array:
   return gram + jnp.exp(lamda) * jnp.eye(gram.shape[0], dtype=jnp.float32)
 
 
-def ridge_solve(keys_RxK: jax.Array, diffs_RxV: jax.Array, lamda: jax.Array) -> jax.Array:
-  """S = (K^T K + e^lamda I)^{-1} K^T D via Cholesky [d_k, d_v]."""
-  factor = jsl.cho_factor(ridge_matrix(keys_RxK, lamda), lower=True)
-  return jsl.cho_solve(factor, jnp.matmul(keys_RxK.T, diffs_RxV, precision=HI))
+def ridge_factor(keys_RxK: jax.Array, lamda: jax.Array, mesh=None):
+  """Lower Cholesky factor of K^T K + e^lamda I, replicated (with rows of K split over `data` the
+  gram is a sum of per-shard grams: XLA all-reduces it)."""
+  gram = _constrain(ridge_matrix(keys_RxK, lamda), mesh, P())
+  return jsl.cho_factor(gram, lower=True)
 
 
-def shifts_from_cache(nets: dict, norms: dict, cache, cfg: HypernetConfig, chunk: int):
+def cols_spec(mesh, n_cols: int):
+  """P(None, model) for a [d, n_cols] matrix split by column, when `model` divides n_cols."""
+  if mesh is None or n_cols % mesh.shape["model"]:
+    return None
+  return P(None, "model")
+
+
+def solve_cols(factor, rhs_KxV: jax.Array, mesh=None) -> jax.Array:
+  """(L L^T)^{-1} B with B's columns split over `model`: each device solves its own columns."""
+  spec = cols_spec(mesh, rhs_KxV.shape[1])
+  if spec is None:
+    return jsl.cho_solve(factor, rhs_KxV)
+  rhs = _constrain(rhs_KxV, mesh, spec)
+  chol = _constrain(factor[0], mesh, P())
+  fn = jax.shard_map(lambda c, b: jsl.cho_solve((c, True), b), mesh=mesh, in_specs=(P(), spec),
+                     out_specs=spec)
+  return fn(chol, rhs)
+
+
+def ridge_solve(keys_RxK: jax.Array, diffs_RxV: jax.Array, lamda: jax.Array, mesh=None) -> jax.Array:
+  """S = (K^T K + e^lamda I)^{-1} K^T D via Cholesky [d_k, d_v] (columns over `model` with a mesh)."""
+  factor = ridge_factor(keys_RxK, lamda, mesh)
+  return solve_cols(factor, jnp.matmul(keys_RxK.T, diffs_RxV, precision=HI), mesh)
+
+
+def _constrain(x, mesh, spec):
+  if mesh is None:
+    return x
+  return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def shifts_from_cache(nets: dict, norms: dict, cache, cfg: HypernetConfig, chunk: int, mesh=None):
   """All modules' shifts (differentiable end to end; `predict_shifts` is its jitted form).
+
+  Modules are solved one after another; with a `mesh` the solve's right-hand side and the shift
+  are split by column over `model` (see `solve_cols`).
 
   Returns:
     (shifts {name: [d_k, d_v]}, raw value differences {name: [R, d_v]} (empty for MEND)).
   """
-  shifts, diffs = {}, {}
+  shifts, diffs, _ = shifts_and_factors(nets, norms, cache, cfg, chunk, mesh)
+  return shifts, diffs
+
+
+def shifts_and_factors(nets: dict, norms: dict, cache, cfg: HypernetConfig, chunk: int, mesh=None):
+  """`shifts_from_cache` plus each module's Cholesky factor (reused by the meta backward).
+
+  Returns:
+    (shifts, raw value differences, {name: (L, True)} (empty for MEND)).
+  """
+  shifts, diffs, factors = {}, {}, {}
   prev = None
   for l, (name, skey, m) in enumerate(zip(cfg.modules, cfg.shape_keys, cfg.module_index)):
     net, norm = nets[skey], norms[skey]
@@ -113,9 +171,10 @@ def shifts_from_cache(nets: dict, norms: dict, cache, cfg: HypernetConfig, chunk
     d_used = d
     if cfg.method == "horse" and l > 0:
       d_used = spread_one(d, diffs[prev], cache.grads[prev], cfg.spread)
-    shifts[name] = ridge_solve(k, d_used, net["lamda"][m])
+    factors[name] = ridge_factor(k, net["lamda"][m], mesh)
+    shifts[name] = solve_cols(factors[name], jnp.matmul(k.T, d_used, precision=HI), mesh)
     prev = name
-  return shifts, diffs
+  return shifts, diffs, factors
 
 
-predict_shifts = jax.jit(shifts_from_cache, static_argnames=("cfg", "chunk"))
+predict_shifts = jax.jit(shifts_from_cache, static_argnames=("cfg", "chunk", "mesh"))

@@ -1,0 +1,256 @@
+"""HORSE / MALMEN / MEND edit and meta-training step, each one compiled program over packed sets.
+
+`edit_program(nets, norms, model, edits, cfg, mesh)` and
+`train_program(state, model, edits, rephrase, loc, cfg, mesh)` are `jax.jit` functions (static: `cfg`,
+`mesh`); their array arguments are `packing.Packed` sets, so `horse-jax plan` can lower them from
+`jax.ShapeDtypeStruct`s of the same structure. Inside one program:
+
+  1. the residual stream below the lowest edited layer, once per set (edit-invariant);
+  2. cache: keys (captured inputs) and value gradients (d of the weighted label CE w.r.t. zero
+     offsets on the module outputs), gathered at the cached rows;
+  3. the normalizer folded in mini-batch by mini-batch, module by module (reference order);
+  4. shifts (`shifts.shifts_from_cache`: hypernetwork, spread, ridge solve);
+  5. train only: CE of the rephrases + CE / KL of the locality prompts with the shifts applied, the
+     gradient dLoss/dS, the decoupled backward (`meta.decoupled_grads`), global-norm clip and Adam.
+
+Nothing syncs with the host; metrics come back as device scalars. The state argument of
+`train_program` is donated.
+
+Sharding (`mesh`, a (`data`, `model`) Mesh, or None): packed rows and cached rows are split over
+`data` (data-parallel caching; K^T K is then a sum of per-shard grams, which XLA all-reduces); the
+right-hand side K^T D, the solve and the shifts are split by output column over `model` (one Cholesky
+factor, replicated; columns solve independently, `shard_map`); hypernetwork state is replicated.
+Modules are solved one after another inside the program (XLA frees each module's temporaries).
+"""
+
+from __future__ import annotations
+
+import functools
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from horse_jax.data.tokenize import IGNORE
+from horse_jax.editors.hypernet import normalizer
+from horse_jax.editors.hypernet import shifts as shifts_lib
+from horse_jax.editors.hypernet.cache import Cache
+from horse_jax.editors.hypernet.config import HypernetConfig
+from horse_jax.editors.hypernet.meta import decoupled_grads
+from horse_jax.editors.hypernet.packing import Packed
+from horse_jax.models import Hooks, Model
+from horse_jax.models import layers as layers_lib
+from horse_jax.models.hooks import Tap
+from horse_jax.models.names import add_to_kernels
+from horse_jax.models.transformer import arch, embed
+
+DATA, MODEL = "data", "model"
+
+
+def _constrain(x, mesh, spec):
+  """with_sharding_constraint when a mesh is given (no-op on one device)."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _rows_spec(mesh, n: int):
+  """P(data) on a leading dim of n when `data` divides it, else replicated."""
+  return P(DATA) if mesh is not None and n % mesh.shape[DATA] == 0 else P()
+
+
+def _packed_bias(packed: Packed, sliding_window: int | None) -> jax.Array:
+  """[W, 1, P, P] additive bias: causal inside a segment, nothing across segments or on padding."""
+  seg = packed.segment_ids
+  width = seg.shape[1]
+  q = jnp.arange(width)[:, None]
+  k = jnp.arange(width)[None, :]
+  allowed = (k <= q)[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+  if sliding_window is not None:
+    allowed = allowed & (k > q - sliding_window)[None]
+  return jnp.where(allowed, 0.0, layers_lib.NEG_INF).astype(jnp.float32)[:, None]
+
+
+def _layers(model: Model, h, packed: Packed, bias, tap: Tap, start: int, stop: int):
+  mod = arch(model.config)
+  for i in range(start, stop):
+    h, _ = mod.block(mod.layer_params(model.params, i), model.config, h, packed.position_ids, bias,
+                     tap, i)
+  return h
+
+
+def stream_below(model: Model, packed: Packed, low: int, mesh=None):
+  """Residual stream entering layer `low` [W, P, D] and the packed attention bias."""
+  bias = _packed_bias(packed, model.config.sliding_window)
+  h = embed(model, packed.input_ids, packed.position_ids)
+  h = _constrain(h, mesh, _rows_spec(mesh, h.shape[0]))
+  return _layers(model, h, packed, bias, Tap(None), 0, low), bias
+
+
+def label_logits(model: Model, h, packed: Packed, bias, low: int, hooks: Hooks | None = None):
+  """Logits [L, V] at the label positions only, from the stream entering `low`; and the captures."""
+  tap = Tap(hooks)
+  h = _layers(model, h, packed, bias, tap, low, model.config.num_layers)
+  h_lxd = h.reshape(-1, h.shape[-1])[packed.label_index]
+  logits = arch(model.config).head(model.params, model.config, h_lxd[None], Tap(None))[0]
+  return logits.astype(jnp.float32), tap.captured
+
+
+def _nll(logits_LxV, packed: Packed):
+  logp = jax.nn.log_softmax(logits_LxV, axis=-1)
+  return -jnp.take_along_axis(logp, packed.label_ids[:, None], axis=-1)[:, 0]
+
+
+def weighted_ce(logits_LxV, packed: Packed) -> jax.Array:
+  """Sum over mini-batches of the token-mean CE (label weights = 1 / tokens of the mini-batch)."""
+  return jnp.sum(packed.label_weight * _nll(logits_LxV, packed))
+
+
+def weighted_kl(pre_LxV, post_LxV, packed: Packed) -> jax.Array:
+  """Sum over mini-batches of the token-mean KL(pre || post) on label positions."""
+  pre = jax.nn.log_softmax(pre_LxV, axis=-1)
+  post = jax.nn.log_softmax(post_LxV, axis=-1)
+  return jnp.sum(packed.label_weight * jnp.sum(jnp.exp(pre) * (pre - post), axis=-1))
+
+
+def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, mesh=None):
+  """Keys / value grads at the cached rows and the normalizers updated in reference order.
+
+  Returns:
+    (Cache with rows sharded over `data`, updated norms).
+  """
+  low = cfg.lowest_layer
+  h, bias = stream_below(model, packed, low, mesh)
+  w, width = packed.input_ids.shape
+  zeros = {n: jnp.zeros((w, width, dv), h.dtype) for n, (_, dv) in zip(cfg.modules, cfg.shapes)}
+
+  def loss_fn(offsets):
+    logits, captured = label_logits(model, h, packed, bias, low,
+                                    Hooks(capture=cfg.modules, offsets=offsets))
+    return weighted_ce(logits, packed), captured
+
+  grads, captured = jax.grad(loss_fn, has_aux=True)(zeros)
+  n_rows = packed.rows.shape[0]
+  spec = _rows_spec(mesh, n_rows)
+  valid = _constrain(packed.row_valid, mesh, spec)
+  keys, vgrads = {}, {}
+  for name, (dk, dv) in zip(cfg.modules, cfg.shapes):
+    k = captured[name].reshape(-1, dk).astype(jnp.float32)[packed.rows] * valid[:, None]
+    g = grads[name].reshape(-1, dv).astype(jnp.float32)[packed.rows] * valid[:, None]
+    keys[name] = _constrain(k, mesh, spec)
+    vgrads[name] = _constrain(g, mesh, spec)
+
+  def fold(norms_, j):
+    w_r = valid * (packed.row_batch == j).astype(jnp.float32)
+    norms_ = dict(norms_)
+    for name, skey in zip(cfg.modules, cfg.shape_keys):
+      x = jnp.concatenate([keys[name], vgrads[name]], -1)
+      norms_[skey] = normalizer.update(norms_[skey], x, w_r)
+    return norms_, None
+
+  # One update per mini-batch, in order: the reference's running statistics depend on the grouping.
+  n_batches = packed.batch_rows.shape[0]
+  norms, _ = lax.scan(fold, dict(norms), jnp.arange(n_batches))
+  return Cache(keys, vgrads, valid), norms
+
+
+def _chunk(cfg: HypernetConfig, n_rows: int) -> int:
+  return n_rows if n_rows <= cfg.chunk else cfg.chunk
+def _shift_spec(mesh, d_v: int):
+  return P(None, MODEL) if mesh is not None and d_v % mesh.shape[MODEL] == 0 else P()
+
+
+def _replicate(tree, mesh):
+  return jax.tree_util.tree_map(lambda x: _constrain(x, mesh, P()), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def edit_program(nets: dict, norms: dict, model: Model, edits: Packed, cfg: HypernetConfig,
+                 mesh=None):
+  """Shifts for all packed edits at once: cache, normalizer, hypernetwork, spread, solves.
+
+  Args:
+    nets: shape key -> hypernetwork params.
+    norms: shape key -> NormState.
+    model: the unedited LM (sharded or not).
+    edits: the packed edit set (`packing.pack(..., with_rows=True)`).
+    cfg: editor config (static).
+    mesh: (`data`, `model`) Mesh or None (static).
+
+  Returns:
+    (shifts {name: [d_k, d_v]} split by column over `model`, updated norms).
+  """
+  cache, norms = cache_rows(model, norms, edits, cfg, mesh)
+  chunk = _chunk(cfg, edits.rows.shape[0])
+  shifts, _ = shifts_lib.shifts_from_cache(nets, norms, cache, cfg, chunk, mesh)
+  shifts = {n: _constrain(s, mesh, _shift_spec(mesh, s.shape[1])) for n, s in shifts.items()}
+  return shifts, _replicate(norms, mesh)
+
+
+def meta_losses(model: Model, shifts: dict, rephrase: Packed, loc: Packed, cfg: HypernetConfig,
+                mesh=None):
+  """(gen_loss, loc_loss, dLoss/dS): the reference's losses summed over mini-batches.
+
+  HORSE: sum CE(rephrase) + sum CE(loc answers); MALMEN/MEND: sum CE(rephrase) + loc_coef *
+  sum KL(pre || post) on the loc label positions.
+  """
+  low = cfg.lowest_layer
+  h_r, b_r = stream_below(model, rephrase, low, mesh)
+  h_l, b_l = stream_below(model, loc, low, mesh)
+  horse = cfg.method == "horse"
+  pre = None if horse else lax.stop_gradient(label_logits(model, h_l, loc, b_l, low)[0])
+  coef = 1.0 if horse else cfg.loc_coef
+
+  def loss_fn(s):
+    edited = Model(add_to_kernels(model.params, s), model.config)
+    gen = weighted_ce(label_logits(edited, h_r, rephrase, b_r, low)[0], rephrase)
+    post = label_logits(edited, h_l, loc, b_l, low)[0]
+    locl = weighted_ce(post, loc) if horse else weighted_kl(pre, post, loc)
+    return gen + coef * locl, (gen, locl)
+
+  (_, (gen, locl)), dshifts = jax.value_and_grad(loss_fn, has_aux=True)(shifts)
+  return gen, locl, dshifts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("state",))
+def train_program(state, model: Model, edits: Packed, rephrase: Packed, loc: Packed,
+                  cfg: HypernetConfig, mesh=None):
+  """One meta-training step (see the module docstring); `state` (a HypernetState) is donated.
+
+  Args:
+    state: HypernetState (nets, norms, Adam state, step).
+    model: the unedited LM.
+    edits, rephrase, loc: packed sets of this step's N records.
+    cfg: editor config (static).
+    mesh: (`data`, `model`) Mesh or None (static).
+
+  Returns:
+    (new state, {"gen_loss", "loc_loss", "grad_norm"} device scalars).
+  """
+  from horse_jax.editors.hypernet.editor import optimizer
+  cache, norms = cache_rows(model, state.norms, edits, cfg, mesh)
+  chunk = _chunk(cfg, edits.rows.shape[0])
+  shifts, diffs, factors = shifts_lib.shifts_and_factors(state.nets, norms, cache, cfg, chunk, mesh)
+  gen, locl, dshifts = meta_losses(model, shifts, rephrase, loc, cfg, mesh)
+  grads = decoupled_grads(state.nets, norms, cache, shifts, diffs, dshifts, cfg, chunk, mesh, factors)
+  if cfg.method != "malmen":  # only MALMEN trains lamda
+    grads = {k: {**g, "lamda": jnp.zeros_like(g["lamda"])} for k, g in grads.items()}
+  gnorm = optax.tree.norm(grads)
+  updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.nets)
+  nets = optax.apply_updates(state.nets, updates)
+  new = state._replace(nets=nets, norms=norms, opt_state=opt_state, step=state.step + 1)
+  return _replicate(new, mesh), {"gen_loss": gen, "loc_loss": locl, "grad_norm": gnorm}
+
+
+def put(packed: Packed, mesh=None) -> Packed:
+  """Device arrays of a packed set, rows split over `data` when a mesh is given."""
+  if mesh is None:
+    return jax.tree_util.tree_map(jnp.asarray, packed)
+  def one(x):
+    spec = _rows_spec(mesh, x.shape[0]) if x.ndim and x.shape[0] > 1 else P()
+    if jax.process_count() > 1:  # every process holds the whole set; each device takes its slice
+      from horse_jax.distributed import global_array
+      return global_array(x, NamedSharding(mesh, spec))
+    return jax.device_put(x, NamedSharding(mesh, spec))
+  return Packed(*[one(x) for x in packed])

@@ -1,0 +1,107 @@
+"""The compiled edit / meta-training programs (packed sequences) equal the stage-by-stage path.
+
+The stage-by-stage path (`hypernet.predict`, `train_step_reference`) is itself checked against NumPy
+float64 and `jax.grad` in test_hypernet_shifts.py / test_hypernet_meta.py; the edit program is also
+compared with the NumPy implementation directly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from horse_jax.editors import hypernet
+from horse_jax.editors.hypernet import packing, program
+from horse_jax.editors.hypernet.cache import token_mask
+from horse_jax.models.init import random_model, tiny_llama_config
+from horse_jax.models.names import default_edit_modules
+
+from test_hypernet_shifts import batches_of, np_shifts, random_pairs, randomize
+
+
+def rel(a, b):
+  a, b = np.float64(a), np.float64(b)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.fixture(scope="module")
+def world():
+  model = random_model(tiny_llama_config(num_layers=3), seed=4)
+  rng = np.random.default_rng(1)
+  edits = batches_of(random_pairs(rng, 24), 8)
+  rephrase = batches_of(random_pairs(rng, 24), 8)
+  loc = batches_of(random_pairs(rng, 24), 8)
+  return model, edits, rephrase, loc
+
+
+def make_cfg(model, method, n_mods=3, **kw):
+  mods = tuple(default_edit_modules(model.config, n_mods))
+  return hypernet.HypernetConfig(method=method, modules=mods,
+                                 shapes=hypernet.module_shapes(model.params, mods), rank=12,
+                                 chunk=16, token="all" if method == "mend" else "ans",
+                                 lm_batch=8, loc_coef=0.7, lr=1e-2, meta_lr=1e-3, **kw)
+
+
+def test_packing_keeps_sequences_and_order(world):
+  _, edits, _, _ = world
+  seqs = packing.sequences_from_batches(edits, "ans")
+  p = packing.pack(seqs, 32, len(edits), chunk=16)
+  flat_ids = p.input_ids.reshape(-1)
+  # Every sequence appears whole, with positions 0..n-1 and one segment id.
+  real = [(np.asarray(b.input_ids[i])[np.asarray(b.attention_mask[i]) == 1], j)
+          for j, b in enumerate(edits) for i in range(b.input_ids.shape[0])]
+  assert len(seqs) == len(real) and int((p.segment_ids > 0).sum()) == sum(len(r) for r, _ in real)
+  # Cached rows: reference order (mini-batch by mini-batch, row-major) and token ids at those rows.
+  want = np.concatenate([np.asarray(b.input_ids).reshape(-1)[token_mask(b, "ans").reshape(-1)]
+                         for b in edits])
+  n = int(p.row_valid.sum())
+  np.testing.assert_array_equal(flat_ids[p.rows[:n]], want)
+  np.testing.assert_array_equal(p.batch_rows, [token_mask(b, "ans").sum() for b in edits])
+  # Label weights: 1 / label tokens of the mini-batch, so they sum to the number of mini-batches.
+  np.testing.assert_allclose(p.label_weight.sum(), len(edits), rtol=1e-6)
+  assert p.input_ids.shape[0] % 8 == 0
+
+
+@pytest.mark.parametrize("method,spread", [
+    ("horse", "reference"), pytest.param("malmen", "reference", marks=pytest.mark.slow),
+    pytest.param("mend", "reference", marks=pytest.mark.slow)])
+def test_edit_program_matches_numpy(world, method, spread):
+  model, edits, _, _ = world
+  cfg = make_cfg(model, method, spread=spread)
+  state = randomize(hypernet.init(cfg, jax.random.PRNGKey(1)), seed=7)
+  got, new_state = hypernet.edit(state, model, cfg, edits)
+  ref, _, cache, _, ref_state = hypernet.predict(state, model, cfg, edits)
+  rows = [int(token_mask(b, cfg.token).sum()) for b in edits]
+  real = sum(rows)
+  keys = {n: np.float64(cache.keys[n][:real]) for n in cfg.modules}
+  grads = {n: np.float64(cache.grads[n][:real]) for n in cfg.modules}
+  want = np_shifts(state, cfg, rows, keys, grads)
+  for n in cfg.modules:
+    assert rel(got[n], want[n]) <= 1e-4, (n, rel(got[n], want[n]))
+    assert rel(got[n], ref[n]) <= 1e-4
+  for a, b in zip(jax.tree_util.tree_leaves(new_state.norms), jax.tree_util.tree_leaves(ref_state.norms)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["horse", pytest.param("malmen", marks=pytest.mark.slow),
+                                    pytest.param("mend", marks=pytest.mark.slow)])
+def test_train_program_matches_stage_by_stage(world, method):
+  model, edits, rephrase, loc = world
+  cfg = make_cfg(model, method)
+  state = randomize(hypernet.init(cfg, jax.random.PRNGKey(2)), seed=3)
+  ref_state, ref_m = state, None
+  packer = hypernet.Packer(cfg.chunk)
+  got_state = jax.tree_util.tree_map(jnp.copy, state)  # the program donates its state
+  for step in range(2):
+    ref_state, ref_m = hypernet.train_step_reference(ref_state, model, cfg, edits, rephrase, loc)
+    got_state, got_m = hypernet.train_step(got_state, model, cfg, edits, rephrase, loc, packer=packer)
+    if step == 0:
+      compiled = program.train_program._cache_size()
+    for k in ref_m:
+      np.testing.assert_allclose(got_m[k], ref_m[k], rtol=2e-4, err_msg=k)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_state.nets),
+                          jax.tree_util.tree_leaves(ref_state.nets)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
+                               atol=1e-3 * np.abs(np.asarray(b)).max() + 1e-9, err_msg=str(path))
+  assert int(got_state.step) == 2
+  assert program.train_program._cache_size() == compiled  # step 2 reuses step 1's program
