@@ -86,3 +86,14 @@ def test_make_editor_refuses_mismatched_settings(setup):
     make_editor("grace", model, tok, settings_lib.resolve("horen"))
   with pytest.raises(UserError, match="model.layers.7.mlp.down_proj"):
     make_editor("grace", model, tok, settings_lib.resolve("grace", overrides=["editor.layer=model.layers.7.mlp.down_proj"]))
+
+
+def test_no_library_module_imports_the_cli():
+  """The CLI is a user of the library, never the other way round."""
+  import pathlib
+  import re
+  root = pathlib.Path(__file__).resolve().parents[1] / "horse_jax"
+  offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+               if "cli" not in p.relative_to(root).parts
+               and re.search(r"^\s*(from|import)\s+horse_jax\.cli\b", p.read_text(), flags=re.M)]
+  assert offenders == []
