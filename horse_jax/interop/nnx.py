@@ -139,20 +139,16 @@ def _tapped_run(graphdef, state, names, loss_fn, offsets, args):
   return loss, record.captured
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _keys_and_grads_jit(graphdef, state, names, loss_fn, args):
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _keys_and_grads_jit(graphdef, state, names, d_outs, loss_fn, args):
+  # Offsets have the shape of each module's output: its input's leading axes (found by tracing
+  # the tapped call once, nothing is computed) and the module's d_out.
   shapes = jax.eval_shape(lambda s, a: _tapped_run(graphdef, s, names, loss_fn, {}, a)[1], state,
                           args)
-  outs = dict(zip(names, _out_features(graphdef, state, names)))
-  zeros = {n: jnp.zeros(shapes[n].shape[:-1] + (outs[n],), jnp.float32) for n in names}
+  zeros = {n: jnp.zeros(shapes[n].shape[:-1] + (d,), jnp.float32) for n, d in zip(names, d_outs)}
   (loss, keys), grads = jax.value_and_grad(
       lambda off: _tapped_run(graphdef, state, names, loss_fn, off, args), has_aux=True)(zeros)
   return keys, grads, loss
-
-
-def _out_features(graphdef, state, names) -> list[int]:
-  linears = _find_linears(nnx.merge(graphdef, state), names)
-  return [int(linears[n].out_features) for n in names]
 
 
 def keys_and_value_grads(model: nnx.Module, names: Sequence[str], loss_fn: Callable[..., jax.Array],
@@ -170,9 +166,9 @@ def keys_and_value_grads(model: nnx.Module, names: Sequence[str], loss_fn: Calla
     (keys {name: input [..., d_in]}, grads {name: [..., d_out] float32}, loss).
   """
   names = tuple(names)
-  _find_linears(model, names)
+  d_outs = tuple(d_out for _, d_out in module_shapes(model, names))
   graphdef, state = nnx.split(model)
-  return _keys_and_grads_jit(graphdef, state, names, loss_fn, args)
+  return _keys_and_grads_jit(graphdef, state, names, d_outs, loss_fn, args)
 
 
 # ----------------------------------------------------------------------------------------------
