@@ -19,6 +19,7 @@ import numpy as np
 from horse_jax.cli.edit_hypernet import load_model, logits_fn, resolve
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
+from horse_jax.editors.hypernet.data import step_batches, step_indices  # noqa: F401  (re-exported)
 from horse_jax.cli.settings_args import add_settings_args
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_json, atomic_write_text
@@ -42,18 +43,6 @@ def register(sub) -> None:
   from horse_jax.cli.common import add_device_args
   add_device_args(p)
   p.set_defaults(func=run)
-
-
-def step_indices(seed: int, step: int, n_records: int, n_edits: int) -> np.ndarray:
-  """The training records of one step: a pure function of (seed, step)."""
-  rng = np.random.default_rng([seed, step])
-  return rng.choice(n_records, size=n_edits, replace=False)
-
-
-def step_batches(tokenizer, records, cfg, max_length):
-  return (hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length),
-          hypernet.rephrase_batches(tokenizer, records, cfg.lm_batch, max_length),
-          hypernet.loc_batches(tokenizer, records, cfg.lm_batch, max_length))
 
 
 def validate(state, model, tokenizer, cfg, records, max_length):

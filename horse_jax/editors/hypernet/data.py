@@ -98,3 +98,17 @@ class MemoTokenizer:
 
   def __getattr__(self, name):
     return getattr(self._tok, name)
+
+
+def step_indices(seed: int, step: int, n_records: int, n_edits: int) -> np.ndarray:
+  """The training records of one meta-training step: a pure function of (seed, step), so a resumed
+  run sees exactly the records an uninterrupted run would."""
+  rng = np.random.default_rng([seed, step])
+  return rng.choice(n_records, size=n_edits, replace=False)
+
+
+def step_batches(tokenizer, records: Sequence[EditRecord], cfg, max_length: int | None = None):
+  """(edit, rephrase, locality) LM mini-batches of one meta-training step (`cfg.lm_batch` rows)."""
+  return (edit_batches(tokenizer, records, cfg.lm_batch, max_length),
+          rephrase_batches(tokenizer, records, cfg.lm_batch, max_length),
+          loc_batches(tokenizer, records, cfg.lm_batch, max_length))
