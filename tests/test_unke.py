@@ -285,3 +285,26 @@ def test_pre_cache_reuses_unedited_results(tmp_path):
   s = first["summary"]
   assert s["pre_question_rouge1_recall"] == pytest.approx(1.0) and s["question_rouge1_recall"] == 0.0
   assert first["records"][0]["generations"]["question"] == ""
+
+
+@pytest.mark.slow
+def test_cli_edit_with_a_chat_template_tokenizer(tmp_path):
+  from horse_jax.cli.main import main
+  from horse_jax.models import load_tokenizer, save_pretrained
+  from horse_jax.models.init import random_model, tiny_llama_config
+  make_tokenizer(chat=True).save_pretrained(str(tmp_path / "tok"))
+  assert unke.has_chat_template(load_tokenizer(str(tmp_path / "tok")))  # the template survives saving
+  model = random_model(tiny_llama_config(num_layers=2, vocab_size=len(SPECIAL) + len(WORDS)), seed=5)
+  save_pretrained(model, str(tmp_path / "llama"), tokenizer_src=str(tmp_path / "tok"))
+  data = write(tmp_path, [REC, dict(REC, question="where does bob live", answer=" ".join(["w7"] * 40))])
+  out = tmp_path / "out"
+  assert main(["edit", "--method", "horen", "--model", str(tmp_path / "llama"), "--data", data,
+               "--eval", "generate", "--max-new-tokens", "6", "--set", "editor.n_iter=5",
+               "--set", "editor.edit_lr=1.0", "--set", "eval.batch_size=4", "--out", str(out)]) == 0
+  metrics = json.loads(out.joinpath("metrics.json").read_text())
+  assert metrics["scoring"]["prompt"] == "chat template" and metrics["n_edits"] == 2
+  assert [r["target_tokens"] for r in metrics["immediate"]["records"]] == [5, 41]  # answer + <|end|>
+  assert [r["padded_length"] for r in metrics["immediate"]["records"]] == [16, 64]
+  assert metrics["compile_count"] == 2
+  assert set(metrics["records"][0]["generations"]) == {"question", "para_question", "sub_question"}
+  assert 0.0 <= metrics["summary"]["question_rougeL_recall"] <= 1.0
