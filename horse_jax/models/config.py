@@ -3,6 +3,11 @@
 Both config forms are accepted: transformers 4 (`rope_theta`, `rope_scaling` at top level) and
 transformers 5 (`rope_parameters`). The original JSON is kept verbatim (`hf_config_json`) so that
 export writes back exactly what was read.
+
+Which fields a config.json has depends on the architecture: `config_from_hf` dispatches on
+`model_type` to the architecture module's `parse_config` (see `registry`), which builds the
+ModelConfig with the shared helpers below (`common_fields`, `require`, `rope_from_hf`,
+`sliding_window_from_hf`, `check_activation`).
 """
 
 from __future__ import annotations
