@@ -4,6 +4,8 @@
   scoring.score_records(records, tokenizer, post_logits_fn, pre_logits_fn=None, ...)
   scoring.write_metrics(path, method, n_edits, scores, extra=None)
   sweep.run_sweep(settings, out)   (methods x edit counts x seeds -> results.json/.md + plots)
+  unke.score_unke(records, tokenizer, generate_fn, pre_generate_fn=None, ...)   UnKE (unstructured)
+    edits by greedy generation: text_metrics.bleu1 / rouge_recall against the answers
 """
 
 from horse_jax.eval.metrics import agreement, generation_accuracy, overall, token_accuracy
