@@ -1,8 +1,8 @@
 """A small Flax NNX Llama for the interop tests, with Hugging Face module names.
 
 `LlamaForCausalLM.model.layers[i].mlp.down_proj` is an `nnx.Linear` (kernel [in, out]), so its
-path in the NNX graph reads `model.layers.i.mlp.down_proj`, like the horse-jax name. Written from the
-Llama equations (RMSNorm, rotate-half rope with positions counted from the first real token, GQA
+path in the NNX graph reads `model.layers.i.mlp.down_proj`, like the horse-jax name. Written from
+the Llama equations (RMSNorm, rotate-half rope with positions counted from the first real token, GQA
 softmax attention with causal + padding mask, SwiGLU MLP, untied head), independently of
 `horse_jax.models`. `from_horse` builds one from a horse-jax `Model`'s arrays.
 """

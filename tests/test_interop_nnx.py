@@ -88,8 +88,11 @@ def test_keys_and_value_grads_match_horse_hooks(models):
   def reference(model, ids, mask, targets):
     keys = forward(model, ids, mask, hooks=Hooks(capture=names)).captured
     zeros = {n: jnp.zeros(ids.shape + (model.config.hidden_size,)) for n in names}
-    loss, grads = jax.value_and_grad(lambda off: _loss(
-        lambda i, a: forward(model, i, a, hooks=Hooks(offsets=off)).logits, ids, mask, targets))(zeros)
+    def hooked_loss(off):
+      return _loss(lambda i, a: forward(model, i, a, hooks=Hooks(offsets=off)).logits, ids, mask,
+                   targets)
+
+    loss, grads = jax.value_and_grad(hooked_loss)(zeros)
     return keys, grads, loss
 
   ref_keys, ref_grads, ref_loss = reference(model, ids, mask, targets)
@@ -141,7 +144,7 @@ def test_shifts_written_with_nnx_update_match_horse_edited_model(models, method)
 
 @functools.partial(jax.jit, static_argnames=("settings",))
 def _codebook(model, settings, edit_ids, edit_prompt_len):
-  """A codebook whose keys are the queries of `edit_ids` (prompts right-padded) with random values."""
+  """A codebook keyed by the queries of `edit_ids` (right-padded prompts), with random values."""
   x = forward(model, edit_ids, (edit_ids > 0).astype(jnp.int32),
               hooks=Hooks(capture=(settings.layer,))).captured[settings.layer]
   queries = jax.vmap(lambda x_t, p: make_query(x_t, p, 0, settings.strategy, settings.normalize))(
@@ -236,7 +239,8 @@ def test_apply_shifts_keeps_sharding_and_user_errors(models):
     shift = jnp.ones(original.shape)
     old = hnnx.apply_shifts(nn, {DOWN: shift})
     assert linear.kernel[...].sharding == spec
-    np.testing.assert_allclose(np.asarray(linear.kernel[...]), np.asarray(original) + 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(linear.kernel[...]), np.asarray(original) + 1.0,
+                               atol=1e-6)
     nnx.update(nn, old)
     np.testing.assert_array_equal(np.asarray(linear.kernel[...]), np.asarray(original))
     with pytest.raises(UserError, match="no nnx.Linear named"):

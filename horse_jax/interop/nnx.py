@@ -253,7 +253,8 @@ def build_cache(model: nnx.Module, norms: dict, cfg: HypernetConfig, batches: Se
   def cat(parts):
     return jnp.concatenate(parts, axis=0)[take_j] * ok_j[:, None]
 
-  cache = Cache({n: cat(keys[n]) for n in cfg.modules}, {n: cat(grads[n]) for n in cfg.modules}, ok_j)
+  cache = Cache({n: cat(keys[n]) for n in cfg.modules}, {n: cat(grads[n]) for n in cfg.modules},
+                ok_j)
   return cache, norms, chunk
 
 
