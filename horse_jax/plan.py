@@ -377,10 +377,19 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   params = _with_sharding(params, sharding.param_shardings(params, mesh, fsdp))
   model = Model(params, cfg)
   stages = [load_stage(model)]
-  if method in HYPERNET and _has_programs():
-    more, info = program_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens, seq_len)
-  elif method in HYPERNET:
-    more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens, seq_len)
+  if method in HYPERNET:
+    more = None
+    if _has_programs():
+      try:
+        more, info = program_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
+                                    seq_len)
+      except (TypeError, ValueError, AttributeError) as err:  # programs of another signature
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    if more is None:
+      more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
+                                   seq_len)
+      if _has_programs():
+        info["programs"] = f"step functions (hypernet.program not usable here: {why})"
   else:
     more, info = codebook_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   stages += more
@@ -402,7 +411,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
 
 
 def _gib(n: float) -> str:
-  return f"{n / GIB:.2f}"
+  x = n / GIB
+  return f"{x:.2f}" if x >= 0.995 or x == 0 else f"{x:.3g}"
 
 
 def _flops(f: float) -> str:
