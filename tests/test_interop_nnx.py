@@ -5,6 +5,7 @@ arrays as a horse-jax `Model`; each test compares what horse_jax.interop.nnx pro
 with what horse-jax's hooks, hypernet editors and codebook functions produce on the horse-jax model.
 """
 
+import dataclasses
 import functools
 import os
 import sys
@@ -68,6 +69,8 @@ def test_nnx_llama_matches_horse_logits(models):
   ref = horse_logits(model, ids, mask)
   assert float(jnp.std(ref)) > 0.3  # O(1) logits: the comparisons below are not vacuous
   chex.assert_trees_all_close(nnx_logits(nn, ids, mask), ref, atol=2e-5)
+  # The NNX Params read back as a horse-jax param tree are the very same arrays.
+  chex.assert_trees_all_equal(hnnx.horse_params(nn), model.params)
 
 
 def _loss(m, ids, mask, targets):
@@ -226,6 +229,29 @@ def test_codebook_module_generation_matches_horse_generate(models):
                                                         book.values.shape[1]),
                                    left_ids, left_mask, settings=settings, max_new_tokens=4)
   assert not np.array_equal(np.asarray(plain), np.asarray(ref_tokens))  # the edit shows
+
+
+@pytest.mark.slow
+def test_horen_edits_on_the_nnx_weights_served_by_the_wrapped_module(models):
+  """The whole HoReN flow for an NNX user: edit with horse-jax on `horse_params(nn)` (no copy),
+  serve the codebook from the NNX model; the NNX logits equal horse-jax's edited logits."""
+  model, nn = models
+  shared = Model(hnnx.horse_params(nn), model.config)
+  settings = dataclasses.replace(_settings("horen"), n_iter=10)
+  batch = _right_padded()
+  book, infos = codebook.apply_edits(shared, codebook.init(settings, 128, 64), batch, settings,
+                                     progress=False)
+  assert [info["match"] for info in infos] == [True, True, True]
+  ids, mask = jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)
+  ref = codebook.edited_logits(shared, book, ids, mask, jnp.asarray(batch.prompt_len),
+                               settings=settings)
+  hnnx.wrap_codebook(nn, book, settings)
+  try:
+    hnnx.set_edit_positions(nn, batch.prompt_len - 1, None, ids.shape[1])
+    chex.assert_trees_all_close(nnx_logits(nn, ids, mask), ref, atol=1e-4)
+  finally:
+    hnnx.unwrap_codebook(nn, DOWN)
+  assert float(jnp.abs(ref - horse_logits(model, ids, mask)).max()) > 1e-2
 
 
 def test_apply_shifts_keeps_sharding_and_user_errors(models):

@@ -9,6 +9,7 @@ indices are path parts), which is the Hugging Face name when the model follows t
   old = apply_shifts(model, shifts)                         # kernel [in, out] += shift (nnx.update)
   nnx.update(model, old)                                    # exact revert
   wrap_codebook(model, book, settings)                      # HoReN / GRACE codebook as a module
+  Model(horse_params(model), config)                        # same arrays as a horse-jax Model
 
 How the hooks work: the model is split into (graphdef, state) and merged again inside the traced
 function, so the copy that is traced is private; in that copy each target `nnx.Linear` is replaced
@@ -20,7 +21,8 @@ for a horse-jax `Model`. The user's model object is never modified by these func
 Limits: target modules must be `nnx.Linear` instances reached by attribute or list index (layers
 stacked under `nnx.scan` have one [L, d_in, d_out] kernel and no per-layer module to address), and
 inputs are [B, T, d_in]. HoReN/GRACE edits themselves (the Adam fit of each codebook value) run on a
-horse-jax `Model` of the same checkpoint; the NNX side serves the resulting codebook.
+horse-jax `Model` (for a model in the HF layout: `horse_params`, the same arrays); the NNX side
+serves the resulting codebook.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from horse_jax.errors import UserError
 
 __all__ = [
     "CodebookLinear", "apply_shifts", "build_cache", "call_model", "clear_edit_positions",
-    "codebook_modules", "edit", "keys_and_value_grads", "linear_modules", "module_shapes",
+    "codebook_modules", "edit", "horse_params", "keys_and_value_grads", "linear_modules",
+    "module_shapes",
     "set_edit_positions", "set_prompt_positions", "unwrap_codebook", "wrap_codebook",
 ]
 
@@ -82,6 +85,28 @@ def module_shapes(model: nnx.Module, names: Sequence[str]) -> tuple[tuple[int, i
   """(d_in, d_out) of each named Linear, for `HypernetConfig(shapes=...)`."""
   linears = _find_linears(model, names)
   return tuple((int(linears[n].in_features), int(linears[n].out_features)) for n in names)
+
+
+def horse_params(model: nnx.Module) -> dict:
+  """The model's `nnx.Param` arrays as a horse-jax param tree (nested dicts, string keys).
+
+  The arrays are shared, not copied. When the NNX model follows the Hugging Face layout with
+  horse-jax leaf names (`kernel` [in, out], `embedding`, norm `scale`, `bias`), as Flax's own
+  `nnx.Linear` / `nnx.Embed` do, `horse_jax.models.Model(horse_params(model), config)` is the same
+  network, so every horse-jax editor (HoReN/GRACE codebook edits included) runs on its weights.
+
+  Args:
+    model: the NNX model.
+
+  Returns:
+    {"model": {"layers": {"0": {...}}, ...}, "lm_head": {...}} of jax arrays.
+  """
+  def strings(tree):
+    if isinstance(tree, dict):
+      return {str(key): strings(child) for key, child in tree.items()}
+    return tree
+
+  return strings(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def _replace_child(model: nnx.Module, name: str, new: nnx.Module) -> Any:
