@@ -301,6 +301,29 @@ def test_horen_on_o_proj_adds_reuses_and_changes_only_the_edit_position(ours):
     # Two compiled programs: equal up to float reassociation, far below the change at p.
     np.testing.assert_allclose(edited[b, :p[b]], base[b, :p[b]], rtol=0, atol=1e-6)
     assert np.abs(edited[b, p[b]] - base[b, p[b]]).max() > 1e-3
+  # The editor trained against the model inference runs: its final loss is the CE of this forward.
+  ce = float(edit.token_ce(jnp.asarray(edited[1:2]), jnp.asarray(batch.labels[1:2])))
+  assert float(second.loss_last) == pytest.approx(ce, rel=1e-4)
+
+
+def test_horen_on_llama_o_proj_trains_the_model_inference_runs():
+  """An attention output projection is followed by its layer's MLP: the editor must not train as if
+  the change were added after the layer (its final loss = the CE of a forward with the adapter)."""
+  from horse_jax.models.init import random_model, tiny_llama_config
+  model = random_model(tiny_llama_config(num_layers=3), seed=0)
+  model = type(model)(jax.tree_util.tree_map_with_path(  # sharper: the MLP's response is visible
+      lambda path, x: x * 8.0 if "kernel" in jax.tree_util.keystr(path) else x, model.params),
+      model.config)
+  name = "model.layers.1.self_attn.o_proj"
+  st = settings(layer=name, n_iter=3)
+  batch = make_batch([[5, 9, 17, 33, 2]], [[40, 41]])
+  book, info = edit.apply_edit(model, state.init(st, 64, 64), batch, 0, st)
+  fn = adapter.make_adapter(book, st, jnp.asarray(batch.prompt_len - 1))
+  logits = jax.jit(lambda m, i, a: forward(m, i, attention_mask=a, hooks=Hooks(adapters={name: fn})).logits)(
+      model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+  ce = float(edit.token_ce(logits, jnp.asarray(batch.labels)))
+  assert float(info.loss_last) == pytest.approx(ce, rel=1e-4)
+  assert float(info.loss_last) != pytest.approx(float(info.loss_first), rel=1e-3)  # it trained
 
 
 def test_horen_on_o_proj_unmatched_query_changes_nothing(ours):

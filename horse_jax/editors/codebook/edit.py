@@ -30,10 +30,13 @@ are all in wave 0), so each starts from its predecessor's trained row. With no s
 costs one batched training; every shared row adds a wave (a masked batched training) for that block.
 Float results equal the sequential ones up to the batch-size dependence of the matmul kernels.
 
-Speed: when the wrapped module writes straight into the residual stream (down_proj / o_proj of the
-llama family, GPT-2 c_proj, GPT-J fc_out / out_proj), the edited residual after layer L is the
-unedited one plus (new y[p] - y[p]) at p (and at t > p with `edit_span=onward`), so training runs
-only layers L+1.. and the head; otherwise layer L is rerun with the adapter hook. The head runs at
+Speed: when the wrapped module's output is the last thing layer L adds to the residual stream
+(down_proj of the llama family, GPT-2 mlp.c_proj, GPT-J fc_out / out_proj), the edited residual after
+layer L is the unedited one plus (new y[p] - y[p]) at p (and at t > p with `edit_span=onward`), so
+training runs only layers L+1.. and the head; otherwise layer L is rerun with the adapter hook. An
+attention output projection followed by the same layer's MLP (llama o_proj, GPT-2 attn.c_proj,
+gpt-oss o_proj) takes the second path: that MLP sees the change, so adding it after the layer
+would train against a different model than the one inference runs. The head runs at
 the label positions only (the loss and the accuracy read nothing else).
 The codebook buffers are donated, so an edit updates them in place instead of copying capacity rows.
 """
@@ -64,13 +67,14 @@ from horse_jax.models.transformer import arch, default_positions, run_layers
 
 DEFAULT_BLOCK = 16  # edits per program in `apply_edits` (1 = the one-at-a-time reference path)
 
-# Modules whose output is added straight to the residual stream, per model family.
+# Modules whose output is the last addition of their layer to the residual stream, per model family
+# (GPT-J's attention and MLP read the same input, so both qualify; sequential attention does not).
 _RESIDUAL_WRITERS = {
-    "llama": ("mlp.down_proj", "self_attn.o_proj"),
-    "mistral": ("mlp.down_proj", "self_attn.o_proj"),
-    "qwen2": ("mlp.down_proj", "self_attn.o_proj"),
-    "qwen3": ("mlp.down_proj", "self_attn.o_proj"),
-    "gpt2": ("mlp.c_proj", "attn.c_proj"),
+    "llama": ("mlp.down_proj",),
+    "mistral": ("mlp.down_proj",),
+    "qwen2": ("mlp.down_proj",),
+    "qwen3": ("mlp.down_proj",),
+    "gpt2": ("mlp.c_proj",),
     "gptj": ("mlp.fc_out", "attn.out_proj"),
 }
 
