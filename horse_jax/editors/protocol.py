@@ -117,7 +117,8 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
     codebook: a Codebook to continue (codebook methods; an empty one when None).
     progress: show progress bars while editing.
     where: what to name in errors about `hypernet` (default the folder).
-    mesh: optional (`data`, `model`) mesh for the codebook's shardings.
+    mesh: optional (`data`, `model`) mesh: the codebook's shardings, or the hypernetwork program's
+      (cached rows over `data`, shifts by column over `model`).
 
   Returns:
     The Editor.
@@ -125,13 +126,13 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
   if settings.method != method:
     raise UserError(f"settings resolved for {settings.method}, not {method}")
   if method in settings_lib.HYPERNET:
-    return _hypernet_editor(method, model, tokenizer, settings, hypernet, progress, where)
+    return _hypernet_editor(method, model, tokenizer, settings, hypernet, progress, where, mesh)
   if method in settings_lib.CODEBOOK:
     return _codebook_editor(method, model, tokenizer, settings, codebook, progress, mesh)
   raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
 
 
-def _hypernet_editor(method, model, tokenizer, settings, folder, progress, where) -> Editor:
+def _hypernet_editor(method, model, tokenizer, settings, folder, progress, where, mesh=None) -> Editor:
   from horse_jax.editors import hypernet  # noqa: PLC0415
   from horse_jax.editors.hypernet.checkpoint import load_for_editing  # noqa: PLC0415
   trained = None
@@ -152,7 +153,7 @@ def _hypernet_editor(method, model, tokenizer, settings, folder, progress, where
     nets, shifts = state
     base = model if shifts is None else hypernet.apply(model, shifts)
     batches = hypernet.edit_batches(tokenizer, list(records), cfg.lm_batch, max_length)
-    new, nets = hypernet.edit(nets, base, cfg, batches, progress=progress)
+    new, nets = hypernet.edit(nets, base, cfg, batches, progress=progress, mesh=mesh)
     if shifts is not None:
       new = {k: new[k] + shifts[k] for k in new}
     return (nets, new), {}
