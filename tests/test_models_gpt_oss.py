@@ -14,7 +14,8 @@ from jax.sharding import PartitionSpec as P
 torch = pytest.importorskip("torch")
 
 from horse_jax.editors.codebook import adapter, edit, state  # noqa: E402
-from horse_jax.models import Hooks, apply, forward, from_pretrained, generate, save_pretrained  # noqa: E402
+from horse_jax.models import (Hooks, apply, forward, from_pretrained, generate,  # noqa: E402
+                              save_pretrained)
 from horse_jax.models import make_mesh, mxfp4, shard_model  # noqa: E402
 from horse_jax.models.names import get_module  # noqa: E402
 from test_codebook_edit import make_batch, np_query_perc50, settings  # noqa: E402
@@ -151,7 +152,8 @@ def pack_mxfp4(values, exponents):
   """Test-side packer: values [..., G * 32] that are e2m1 numbers times 2 ** exponents [..., G]."""
   table = {v: i for i, v in enumerate([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])}
   scaled = values / np.repeat(np.exp2(exponents.astype(np.float64)), 32, axis=-1)
-  codes = np.vectorize(lambda v: table[abs(v)] | (8 if np.signbit(v) else 0))(scaled).astype(np.uint8)
+  code = np.vectorize(lambda v: table[abs(v)] | (8 if np.signbit(v) else 0))
+  codes = code(scaled).astype(np.uint8)
   codes = codes.reshape(values.shape[:-1] + (-1, 32))
   blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
   return blocks, (exponents + 127).astype(np.uint8)
@@ -227,7 +229,8 @@ def test_load_export_load_bit_exact(ours, tmp_path):
   save_pretrained(ours, tmp_path / "a")
   again = from_pretrained(tmp_path / "a")
   flat = lambda m: {  # noqa: E731
-      jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(m.params)}
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_leaves_with_path(m.params)}
   a, b = flat(ours), flat(again)
   assert a.keys() == b.keys()
   for key in a:
@@ -242,7 +245,8 @@ def test_export_reloads_in_transformers(tiny, ours, tmp_path):
   save_pretrained(ours, tmp_path / "b")
   reloaded = transformers.GptOssForCausalLM.from_pretrained(str(tmp_path / "b")).eval()
   ids, mask = _batch()
-  np.testing.assert_array_equal(_torch_logits(reloaded, ids, mask), _torch_logits(tiny[0], ids, mask))
+  np.testing.assert_array_equal(_torch_logits(reloaded, ids, mask),
+                                _torch_logits(tiny[0], ids, mask))
 
 
 # HoReN on an attention output projection.
@@ -319,8 +323,9 @@ def test_horen_on_llama_o_proj_trains_the_model_inference_runs():
   batch = make_batch([[5, 9, 17, 33, 2]], [[40, 41]])
   book, info = edit.apply_edit(model, state.init(st, 64, 64), batch, 0, st)
   fn = adapter.make_adapter(book, st, jnp.asarray(batch.prompt_len - 1))
-  logits = jax.jit(lambda m, i, a: forward(m, i, attention_mask=a, hooks=Hooks(adapters={name: fn})).logits)(
-      model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
+  hooked = jax.jit(lambda m, i, a: forward(
+      m, i, attention_mask=a, hooks=Hooks(adapters={name: fn})).logits)
+  logits = hooked(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
   ce = float(edit.token_ce(logits, jnp.asarray(batch.labels)))
   assert float(info.loss_last) == pytest.approx(ce, rel=1e-4)
   assert float(info.loss_last) != pytest.approx(float(info.loss_first), rel=1e-3)  # it trained

@@ -215,9 +215,10 @@ def sink_attention(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bias_Bx1xTxS, sinks_H) -> ja
 def attention(p, cfg: GptOssConfig, x_BxTxD, positions_BxT, bias, tap: Tap, name: str, cache):
   """Self-attention with sinks; `cache` is None or (k [B,S,G,Dh], v, write_index)."""
   b, t, _ = x_BxTxD.shape
-  q = tap.linear(f"{name}.q_proj", p["q_proj"], x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
-  k = tap.linear(f"{name}.k_proj", p["k_proj"], x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-  v = tap.linear(f"{name}.v_proj", p["v_proj"], x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  heads, groups, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  q = tap.linear(f"{name}.q_proj", p["q_proj"], x_BxTxD).reshape(b, t, heads, dh)
+  k = tap.linear(f"{name}.k_proj", p["k_proj"], x_BxTxD).reshape(b, t, groups, dh)
+  v = tap.linear(f"{name}.v_proj", p["v_proj"], x_BxTxD).reshape(b, t, groups, dh)
   cos, sin = layers.rope_angles(cfg, positions_BxT, cfg.head_dim)
   q, k = layers.apply_rope_half(q, cos, sin), layers.apply_rope_half(k, cos, sin)
   k, v, new_cache = layers.update_cache(cache, k, v)
@@ -263,7 +264,8 @@ def moe(p, cfg: GptOssConfig, x_BxTxD, tap: Tap, name: str) -> jax.Array:
   gate_up = (_per_expert(x_ExNxD, ex["gate_up_proj"].astype(dt)) +
              ex["gate_up_proj_bias"].astype(dt)[:, None, :])
   hidden = expert_activation(gate_up, cfg.swiglu_alpha, cfg.swiglu_limit)
-  out = _per_expert(hidden, ex["down_proj"].astype(dt)) + ex["down_proj_bias"].astype(dt)[:, None, :]
+  out = (_per_expert(hidden, ex["down_proj"].astype(dt)) +
+         ex["down_proj_bias"].astype(dt)[:, None, :])
   return jnp.einsum("end,ne->nd", out, combine_NxE.astype(dt)).reshape(b, t, d)
 
 
@@ -330,7 +332,8 @@ LAYER_RULES: tuple[hf_map.Rule, ...] = (
      lambda c: hf_map.q(c) + hf_map.d(c), hf_map.always),
     ("self_attn.o_proj.bias", "self_attn.o_proj.bias", COPY, hf_map.d, _bias),
     ("self_attn.sinks", "self_attn.sinks", COPY, _h, hf_map.always),
-    ("mlp.router.weight", "mlp.router.kernel", LINEAR, lambda c: hf_map.d(c) + _e(c), hf_map.always),
+    ("mlp.router.weight", "mlp.router.kernel", LINEAR, lambda c: hf_map.d(c) + _e(c),
+     hf_map.always),
     ("mlp.router.bias", "mlp.router.bias", COPY, _e, hf_map.always),
     ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj", COPY,
      lambda c: (c.num_experts, c.hidden_size, 2 * c.intermediate_size), hf_map.always),

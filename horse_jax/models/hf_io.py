@@ -166,8 +166,8 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, mesh=None
       slice_, file = tensors.slice(stored) if stored else _mxfp4_slice(tensors, entry, np_dtype)
       shape = tuple(slice_.get_shape())
       if shape != entry.hf_shape:
-        raise UserError(f"{file}: tensor {stored or entry.hf_name!r} has shape {list(shape)}, expected "
-                        f"{list(entry.hf_shape)} from config.json")
+        raise UserError(f"{file}: tensor {stored or entry.hf_name!r} has shape {list(shape)}, "
+                        f"expected {list(entry.hf_shape)} from config.json")
       if mesh is None:
         value = jnp.asarray(_read(slice_, entry, None, np_dtype))
       else:

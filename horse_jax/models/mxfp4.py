@@ -41,7 +41,8 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype=np.float32) -> np.n
   blocks = np.asarray(blocks)
   scales = np.asarray(scales)
   if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
-    raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and "
+                     f"{scales.dtype}")
   if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
     raise ValueError(f"MXFP4 blocks {list(blocks.shape)} do not fit scales {list(scales.shape)} "
                      f"(expected blocks = scales + [{BLOCK // 2}])")
