@@ -29,8 +29,8 @@ def register(sub) -> None:
                  help="teacher-forced scores only, or also greedy generation")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
-  from horse_jax.cli.common import add_device_args
-  add_device_args(p)
+  from horse_jax.cli.common import add_mesh_args
+  add_mesh_args(p)  # one host (sweeps write from every process; multi-host is for edit)
   p.set_defaults(func=run)
 
 
