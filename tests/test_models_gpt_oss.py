@@ -310,6 +310,15 @@ def test_horen_on_o_proj_adds_reuses_and_changes_only_the_edit_position(ours):
   assert float(second.loss_last) == pytest.approx(ce, rel=1e-4)
 
 
+def test_attention_output_projections_are_not_after_layer_writers():
+  """Only a module whose output is its layer's last residual addition may take the fast path."""
+  from horse_jax.models.init import random_model, tiny_llama_config
+  model = random_model(tiny_llama_config(num_layers=2), seed=0)
+  assert edit.writes_residual(model, "model.layers.1.mlp.down_proj")
+  assert not edit.writes_residual(model, "model.layers.1.self_attn.o_proj")
+
+
+@pytest.mark.slow
 def test_horen_on_llama_o_proj_trains_the_model_inference_runs():
   """An attention output projection is followed by its layer's MLP: the editor must not train as if
   the change were added after the layer (its final loss = the CE of a forward with the adapter)."""
