@@ -131,6 +131,26 @@ def bench_horen_edit(world, reference=False):
            "first_s": first, "steady_s": steady, "throughput": f"{n / steady:,.1f} edits/s"}]
 
 
+def bench_horse_meta_step(world, reference=False):
+  """HORSE meta-training step on train/world_horse.yaml (one compiled program; compile apart)."""
+  from horse_jax.editors.hypernet import bench as hb
+  return hb.bench_meta_step(_hypernet_setup(world))
+
+
+def bench_horse_edit_1000(world, reference=False):
+  """1,000 HORSE world edits at once (one compiled program; compile apart; FLOPs, share of peak)."""
+  from horse_jax.editors.hypernet import bench as hb
+  return hb.bench_edit(_hypernet_setup(world))
+
+
+def _hypernet_setup(world):
+  if "hypernet_setup" not in world:
+    from horse_jax.editors.hypernet import bench as hb
+    import os
+    world["hypernet_setup"] = hb.world_setup(os.path.dirname(world["model_path"]))
+  return world["hypernet_setup"]
+
+
 def bench_horen_llama8(world, reference=False):
   """HoReN per edit on an 8-layer random Llama (hidden 64, vocab 2,048): steady state (edits
   201-400 of 400, block of 16 and the one-at-a-time path) and 10,000 edits with compilation."""
@@ -156,6 +176,8 @@ BENCHMARKS = {
     "ridge_solve": bench_ridge_solve,
     "hopfield": bench_hopfield,
     "horse_edit": bench_horse_edit,
+    "horse_meta_step": bench_horse_meta_step,
+    "horse_edit_1000": bench_horse_edit_1000,
     "horen_edit": bench_horen_edit,
     "horen_llama8": bench_horen_llama8,
     "horen_world_50k": bench_horen_world_50k,

@@ -48,7 +48,9 @@ def register(sub) -> None:
 def validate(state, model, tokenizer, cfg, records, max_length):
   """Edits all validation records at once and scores them; returns (state, summary)."""
   from horse_jax.eval.scoring import score_records
-  shifts, state = hypernet.edit(state, model, cfg, hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length))
+  from horse_jax import distributed
+  shifts, state = hypernet.edit(state, model, cfg, hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length),
+                                mesh=distributed.cli_mesh())
   scores = score_records(records, tokenizer, logits_fn(hypernet.apply(model, shifts)), progress=False)
   s = scores["summary"]
   return state, {k: s.get(k) for k in ("edit_acc", "rephrase_acc", "loc_acc")}
@@ -114,25 +116,49 @@ def run(args) -> int:
   if start:
     print(f"resuming from step {start}")
 
+  # Steps are dispatched asynchronously: while step t runs, the host tokenizes and packs step t + 1
+  # (tokenizations are memoized across steps) and only then fetches step t's metrics. A step's
+  # "seconds" is the time between two consecutive metric fetches (steady-state time per step).
+  from horse_jax import distributed
+  mesh = distributed.cli_mesh()
+  step_tok = hypernet.data.MemoTokenizer(tokenizer)
+  packer = hypernet.Packer(cfg.chunk, 8 if mesh is None else max(8, mesh.shape["data"]))
+  last = [time.time()]
+
+  def finish(step, metrics, log, bar, extra=None):
+    try:
+      m = hypernet.check_metrics(metrics)
+    except FloatingPointError:
+      raise UserError(f"non-finite meta-training loss at step {step + 1}; last good checkpoint: "
+                      f"step {mgr.latest_step()} in {args.out}/checkpoints") from None
+    now = time.time()
+    row = {"step": step + 1, **m, "seconds": round(now - last[0], 3), **(extra or {})}
+    last[0] = now
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    bar.set_postfix(gen=f"{m['gen_loss']:.3f}", loc=f"{m['loc_loss']:.3f}")
+
   with open(metrics_path, "a", encoding="utf-8") as log:
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {args.method}")
+    pending = None
     for step in bar:
       records = [train[i] for i in step_indices(args.seed, step, len(train), n_edits)]
-      t0 = time.time()
-      try:
-        state, m = hypernet.train_step(state, model, cfg, *step_batches(tokenizer, records, cfg, max_length))
-      except FloatingPointError:
-        raise UserError(f"non-finite meta-training loss at step {step + 1}; last good checkpoint: "
-                        f"step {mgr.latest_step()} in {args.out}/checkpoints") from None
-      row = {"step": step + 1, **m, "seconds": round(time.time() - t0, 3)}
-      if valid and (step + 1) % valid_every == 0:
-        state, v = validate(state, model, tokenizer, cfg, valid, max_length)
-        row.update({f"valid_{k}": x for k, x in v.items()})
-      log.write(json.dumps(row) + "\n")
-      log.flush()
-      bar.set_postfix(gen=f"{m['gen_loss']:.3f}", loc=f"{m['loc_loss']:.3f}")
-      if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-        ckpt.save_step(mgr, state)
+      batches = step_batches(step_tok, records, cfg, max_length)
+      state, m = hypernet.train_step_async(state, model, cfg, *batches, mesh=mesh, packer=packer)
+      if pending is not None:
+        finish(*pending, log, bar)
+      pending = (step, m)
+      do_valid = bool(valid) and (step + 1) % valid_every == 0
+      if do_valid or (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        extra = None
+        if do_valid:
+          jax.block_until_ready(m)
+          state, v = validate(state, model, tokenizer, cfg, valid, max_length)
+          extra = {f"valid_{k}": x for k, x in v.items()}
+        finish(*pending, log, bar, extra)
+        pending = None
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+          ckpt.save_step(mgr, state)
   ckpt.save_hypernet(os.path.join(args.out, "hypernet"), cfg, state, settings)
   print(f"hypernetwork -> {os.path.join(args.out, 'hypernet')}")
   return 0

@@ -1,0 +1,161 @@
+"""Benchmarks of the compiled HORSE programs on the embedded world (`horse-jax bench` cases).
+
+  horse_meta_step   one meta-training step of train/world_horse.yaml (1,000 edits, mini-batches of
+                    100, rank 32, the four down_proj of the world model)
+  horse_edit_1000   1,000 world edits at once with that hypernetwork configuration
+
+Each reports compile time (AOT `lower().compile()`) apart from steady-state time (median of a few
+runs of the compiled program), the host time to tokenize and pack one step (overlapped with the
+previous step in `horse-jax train`), the program's FLOPs from XLA's cost analysis and the achieved
+share of the CPU's nominal fp32 peak (`cpu_peak_flops`).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+# The world recipe (train/world_horse.yaml): all four down_proj, 1,000 edits per step in mini-batches
+# of 100, rank 32, meta_lr 3e-4, hypernetwork chunks of 1,024 rows.
+N_EDITS, LM_BATCH, RANK, META_LR, CHUNK = 1000, 100, 32, 3e-4, 1024
+
+
+def cpu_peak_flops() -> float:
+  """Nominal fp32 peak of this machine's CPUs: cores x clock x 32 FLOP/cycle.
+
+  32 FLOP/cycle is two 256-bit FMA pipes (AVX2, or AVX-512 executed on 256-bit units as on AMD
+  Zen 4). Override with HORSE_JAX_PEAK_GFLOPS for other machines.
+  """
+  env = os.environ.get("HORSE_JAX_PEAK_GFLOPS")
+  if env:
+    return float(env) * 1e9
+  mhz = 0.0
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("cpu MHz"):
+          mhz = max(mhz, float(line.split(":")[1]))
+  except OSError:
+    pass
+  return (os.cpu_count() or 1) * (mhz or 2500.0) * 1e6 * 32
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def world_setup(world_dir: str | None = None) -> dict[str, Any]:
+  """World model, tokenizer, training records and the recipe's HypernetConfig."""
+  from horse_jax.data.loaders import load_records
+  from horse_jax.editors import hypernet
+  from horse_jax.models import from_pretrained, load_tokenizer
+  from horse_jax.models.names import default_edit_modules
+  from horse_jax.world.build import default_world_dir
+  root = world_dir or default_world_dir()
+  path = os.path.join(root, "model")
+  model = from_pretrained(path)
+  mods = tuple(default_edit_modules(model.config, model.config.num_layers))
+  cfg = hypernet.HypernetConfig(method="horse", modules=mods,
+                                shapes=hypernet.module_shapes(model.params, mods), rank=RANK,
+                                meta_lr=META_LR, chunk=CHUNK, lm_batch=LM_BATCH)
+  return {"model": model, "tokenizer": load_tokenizer(path), "cfg": cfg,
+          "train": load_records(os.path.join(root, "data", "zsre_train.json"))}
+
+
+def _row(name, shape, compile_s, steady, flops, host_s, extra=""):
+  peak = cpu_peak_flops()
+  med = statistics.median(steady)
+  return {"benchmark": name, "shape": shape, "first_s": compile_s + med, "compile_s": compile_s,
+          "steady_s": med, "host_s": host_s, "flops": flops, "gflops_per_s": flops / med / 1e9,
+          "peak_share": flops / med / peak,
+          "throughput": f"{flops / 1e9:,.1f} GFLOP, {flops / med / 1e9:,.1f} GFLOP/s = "
+                        f"{100 * flops / med / peak:.0f}% of {peak / 1e9:,.0f} GFLOP/s peak{extra}"}
+
+
+def bench_meta_step(setup: dict[str, Any], steps: int = 3) -> list[dict[str, Any]]:
+  """One compiled HORSE meta-training step on the world recipe."""
+  from horse_jax.editors.hypernet.data import step_batches, step_indices
+  from horse_jax.editors import hypernet
+  from horse_jax.editors.hypernet import program
+  model, cfg, train = setup["model"], setup["cfg"], setup["train"]
+  tok = hypernet.data.MemoTokenizer(setup["tokenizer"])
+  packer = hypernet.Packer(cfg.chunk)
+
+  def prep(step):
+    recs = [train[i] for i in step_indices(0, step, len(train), N_EDITS)]
+    e, r, l = step_batches(tok, recs, cfg, None)
+    sets = (packer("edits", e, cfg.token, True), packer("rephrase", r, cfg.token, False),
+            packer("loc", l, cfg.token, False))
+    return [program.put(p) for p in sets]
+
+  for step in range(steps + 1):  # settle the packer's shapes (they only grow)
+    prep(step)
+  host = []
+  for step in range(steps + 1):
+    start = time.perf_counter()
+    data = prep(step)
+    host.append(time.perf_counter() - start)
+  state = hypernet.init(cfg, jax.random.PRNGKey(0))
+  start = time.perf_counter()
+  compiled = program.train_program.lower(state, model, *data, cfg).compile()
+  compile_s = time.perf_counter() - start
+  steady = []
+  for step in range(steps + 1):
+    data = prep(step)
+    start = time.perf_counter()
+    state, m = compiled(state, model, *data)
+    jax.block_until_ready((state, m))
+    if step:  # the first run pays one-time allocation
+      steady.append(time.perf_counter() - start)
+  shape = (f"N={N_EDITS} edits/step, mini-batches of {LM_BATCH}, rank {RANK}, {len(cfg.modules)} "
+           f"down_proj; packed rows {data[0].input_ids.shape[0]}x{data[0].input_ids.shape[1]}")
+  return [_row("horse_meta_step", shape, compile_s, steady, _flops(compiled),
+               statistics.median(host[1:]), f"; host prep {statistics.median(host[1:]):.2f} s")]
+
+
+def bench_edit(setup: dict[str, Any], repeats: int = 3) -> list[dict[str, Any]]:
+  """1,000 world edits at once: one compiled program (cache, normalizer, shifts)."""
+  from horse_jax.editors import hypernet
+  from horse_jax.editors.hypernet import program
+  model, cfg, train = setup["model"], setup["cfg"], setup["train"]
+  tok = setup["tokenizer"]
+  start = time.perf_counter()
+  batches = hypernet.edit_batches(tok, train[:N_EDITS], cfg.lm_batch)
+  packed = program.put(hypernet.Packer(cfg.chunk)("edits", batches, cfg.token, True))
+  host_s = time.perf_counter() - start
+  state = hypernet.init(cfg, jax.random.PRNGKey(0))
+  start = time.perf_counter()
+  compiled = program.edit_program.lower(state.nets, state.norms, model, packed, cfg).compile()
+  compile_s = time.perf_counter() - start
+  steady = []
+  for i in range(repeats + 1):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(state.nets, state.norms, model, packed))
+    if i:
+      steady.append(time.perf_counter() - start)
+  return [_row("horse_edit_1000", f"N={N_EDITS} world edits at once, {len(cfg.modules)} down_proj",
+               compile_s, steady, _flops(compiled), host_s, f"; host tokenize+pack {host_s:.2f} s")]
+
+
+def main() -> None:
+  """python -m horse_jax.editors.hypernet.bench: both cases as a markdown table."""
+  setup = world_setup()
+  rows = bench_meta_step(setup) + bench_edit(setup)
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"load average at the end: {load:.2f} ({os.cpu_count()} CPUs)")
+  print("| case | compile (s) | steady (s) | host prep (s) | GFLOP | share of peak |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['benchmark']} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | {r['host_s']:.2f} | "
+          f"{r['flops'] / 1e9:.1f} | {100 * r['peak_share']:.0f}% |")
+
+
+if __name__ == "__main__":
+  main()
