@@ -123,8 +123,10 @@ def test_mesh_equals_one_device(model, shape):
     before = edit.compile_count()
     book, infos = run(sharded, st, batch, block=4, mesh=mesh, d=d)
     assert_same(single, (book, infos), tol=1e-4)
-    want = P("data" if shape[0] > 1 else None, "model")
-    assert book.values.sharding.spec == want and book.keys.sharding.spec[0] == want[0]
+    rows = "data" if shape[0] > 1 else None
+    assert book.values.sharding.spec == P(rows, "model")
+    assert (tuple(book.keys.sharding.spec) + (None,))[0] == rows  # keys: rows over data only
+    want = P(rows, "model")
     assert book.values.sharding.mesh == mesh
     assert len(book.values.addressable_shards) == 8
     assert book.values.addressable_shards[0].data.shape[1] == d[1] // shape[1]  # not replicated

@@ -145,7 +145,8 @@ def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block
     compiled = edit._edit_block_jit.lower(
         model, shapes, batch.input_ids[sl], batch.attention_mask[sl], labels,
         batch.prompt_len[sl], np.zeros((block, 2), np.int32), np.ones((block,), bool), numbers,
-        settings=static, n_label=edit._n_label(labels), mesh=None, unroll=n_iter).compile()
+        settings=static, n_label=edit._n_label(labels, batch.prompt_len[sl]), mesh=None,
+        unroll=n_iter).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", 0.0))

@@ -62,7 +62,9 @@ from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, 
 from horse_jax.editors.codebook.state import (Codebook, ensure_room, grow, label_key, place,
                                               planned_capacity, shardings)
 from horse_jax.models import Hooks, Model, hidden_before, layer_index
+from horse_jax.models.generate import init_cache
 from horse_jax.models.hooks import Tap
+from horse_jax.models.layers import attention_bias
 from horse_jax.models.transformer import arch, default_positions, run_layers
 
 DEFAULT_BLOCK = 16  # edits per program in `apply_edits` (1 = the one-at-a-time reference path)
@@ -141,16 +143,6 @@ def writes_residual(model: Model, name: str) -> bool:
 def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> jax.Array:
   """buf with buf[row] = value where `when`, else unchanged (one dynamic row update)."""
   return buf.at[row].set(jnp.where(when, value.astype(buf.dtype), buf[row]))
-
-
-def _label_positions(labels_BxT: jax.Array, n_label: int) -> tuple[jax.Array, jax.Array]:
-  """(positions [B, K] of the first K label tokens of each row, their labels [B, K] (-100 pads))."""
-  t = labels_BxT.shape[1]
-  has = labels_BxT != IGNORE
-  idx = jnp.arange(t)[None, :]
-  order = jnp.argsort(jnp.where(has, idx, t + idx), axis=1)[:, :n_label].astype(jnp.int32)
-  picked = jnp.take_along_axis(labels_BxT, order, axis=1)
-  return order, jnp.where(jnp.take_along_axis(has, order, axis=1), picked, IGNORE)
 
 
 def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y_p: jax.Array,
@@ -275,32 +267,66 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
       (q_B, jnp.asarray(label_Bx2, jnp.int32), valid_B, y_p))
   wave_B, n_waves = _waves(j_B, valid_B)
 
-  sel_BxK, lab_BxK = _label_positions(jnp.asarray(labels_BxT), n_label)
+  # Training runs only the window of W = n_label positions [p, p + W) (every label lies in it) through
+  # the layers from `first` up: positions before p are unchanged by the edit, so their keys/values
+  # come from one unedited pass (a KV cache, as in decoding), and positions after the window never
+  # reach a label position (causal attention).
   mod = arch(cfg)
   residual = writes_residual(model, name)
-  after_BxT = jnp.arange(t)[None, :] == p_B[:, None]
-  if settings.edit_span == "onward":
-    after_BxT = jnp.arange(t)[None, :] >= p_B[:, None]
+  first = layer + 1 if residual else layer
+  above = range(first, cfg.num_layers)
+  w = int(n_label)
+  slots = t + w  # room for a window that runs past the padded length
+  h_start = h_next if residual else h0
+  kv_valid = jnp.concatenate([mask != 0, jnp.zeros((b, w), bool)], axis=1)
+  caches = init_cache(model, b, slots)
+  bias_all = attention_bias(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(slots), kv_valid,
+                            cfg.sliding_window)
+  prefix = []
+  h = h_start
+  for i in above:
+    h, kv = mod.block(mod.layer_params(model.params, i), cfg, h, positions, bias_all, Tap(None), i,
+                      cache=(*caches[i], 0))
+    prefix.append(kv)
+  win_BxW = p_B[:, None] + jnp.arange(w)[None, :]
+  pad = lambda x, fill: jnp.concatenate([x, jnp.full((b, w) + x.shape[2:], fill, x.dtype)], axis=1)
+  take = lambda x: jnp.take_along_axis(x, win_BxW.reshape(win_BxW.shape + (1,) * (x.ndim - 2)),
+                                       axis=1)
+  h_win = take(pad(h_start, 0))
+  last_pos = positions[:, -1:] + 1 + jnp.arange(w)[None, :]
+  pos_win = take(jnp.concatenate([positions, last_pos.astype(positions.dtype)], axis=1))
+  lab_BxW = take(pad(jnp.asarray(labels_BxT, jnp.int32), IGNORE))
+  bias_win = attention_bias(win_BxW, jnp.arange(slots), kv_valid, cfg.sliding_window)
+  changed_W = jnp.arange(w) == 0 if settings.edit_span != "onward" else jnp.ones((w,), bool)
+
+  def run_window(h_WxD, pos_W, bias_1xWxS, start, kv, m, v, aa, b_):
+    """One edit's window through the layers from `first` (vmapped over the block's edits)."""
+    h = h_WxD[None]
+    for n, i in enumerate(above):
+      tap = Tap(None)
+      if i == layer:  # the wrapped module is not a residual writer: apply the entry at p (slot 0)
+        def adapter(x_in, y_out):
+          del x_in  # the query is fixed: layers below the wrapped one do not change
+          row = new_output(settings, y_out[0, 0], m, v, aa, b_)
+          return put_edit(settings, y_out, jnp.zeros((1,), jnp.int32), row[None])
+        tap = Tap(Hooks(adapters={name: adapter}))
+      k, vv = kv[n]
+      h, _ = mod.block(mod.layer_params(model.params, i), cfg, h, pos_W[None], bias_1xWxS[None],
+                       tap, i, cache=(k[None], vv[None], start))
+    return h[0]
 
   def logits_of(params, row0):
-    """Logits [B, K, V] at the label positions with each edit's trained entry applied."""
+    """Logits [B, W, V] of the window with each edit's trained entry applied."""
     value = params.get("value", row0["value"])
     a, bb = params.get("a", row0["a"]), params.get("b", row0["b"])
-    new_p = jax.vmap(lambda y, m, v, aa, b_: new_output(settings, y, m, v, aa, b_))(
-        y_p, match_B, value, a, bb)
+    h = h_win
     if residual:
+      new_p = jax.vmap(lambda y, m, v, aa, b_: new_output(settings, y, m, v, aa, b_))(
+          y_p, match_B, value, a, bb)
       delta = new_p.astype(jnp.float32) - y_p.astype(jnp.float32)
-      h = h_next + jnp.where(after_BxT[:, :, None], delta[:, None, :], 0.0).astype(h_next.dtype)
-      h = run_layers(model, h, mask, positions, Tap(None), layer + 1)
-    else:
-      def adapter(x_in, y_out):
-        del x_in  # the query is fixed: layers below the wrapped one do not change
-        rows = jax.vmap(lambda y, m, v, aa, b_: new_output(settings, y, m, v, aa, b_))(
-            y_out[rows_B, p_B], match_B, value, a, bb)
-        return put_edit(settings, y_out, p_B, rows)
-      h = run_layers(model, h0, mask, positions, Tap(Hooks(adapters={name: adapter})), layer)
-    h_k = jnp.take_along_axis(h, sel_BxK[:, :, None], axis=1)
-    return mod.head(model.params, cfg, h_k, Tap(None))
+      h = h + jnp.where(changed_W[None, :, None], delta[:, None, :], 0.0).astype(h.dtype)
+    h = jax.vmap(run_window)(h, pos_win, bias_win, p_B, prefix, match_B, value, a, bb)
+    return mod.head(model.params, cfg, h, Tap(None))
 
   opt = optax.adam(settings.edit_lr)
 
@@ -313,7 +339,7 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
     params = batch_split(params)
 
     def loss_fn(params):
-      ce_B = row_ce(logits_of(params, row0), lab_BxK)
+      ce_B = row_ce(logits_of(params, row0), lab_BxW)
       return jnp.sum(ce_B), ce_B  # edits are independent: d(sum)/d(entry_i) = d(ce_i)/d(entry_i)
 
     def step(carry, _):
@@ -331,7 +357,7 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
     else:
       book = _replace(book, lora_a=book.lora_a.at[target].set(params["a"], mode="drop"),
                       lora_b=book.lora_b.at[target].set(params["b"], mode="drop"))
-    new = (ce_NxB[0], row_ce(logits, lab_BxK), row_acc(logits, lab_BxK))
+    new = (ce_NxB[0], row_ce(logits, lab_BxW), row_acc(logits, lab_BxW))
     info = tuple(jnp.where(active, n, o) for n, o in zip(new, info))
     return book, info
 
@@ -378,14 +404,18 @@ def compile_count() -> int:
   return _edit_block_jit._cache_size()
 
 
-def _n_label(labels_NxT: np.ndarray) -> int:
-  """Label width of a batch: its most label tokens, rounded up to a power of two (at most T), so
-  calls with similar targets share one program."""
-  most = int(max(1, (np.asarray(labels_NxT) != IGNORE).sum(axis=1).max(initial=1)))
+def _n_label(labels_NxT: np.ndarray, prompt_len_N: np.ndarray) -> int:
+  """Window width of a batch: the most positions from p = prompt_len - 1 to a row's last label,
+  rounded up to a power of two, so calls with similar targets share one program. (Labels start at
+  p, as `tokenize_edits` writes them; a label before p would not be trained.)"""
+  labels = np.asarray(labels_NxT)
+  t = labels.shape[1]
+  last = np.where(labels != IGNORE, np.arange(t)[None, :], -1).max(axis=1, initial=-1)
+  most = int(max(1, (last - (np.asarray(prompt_len_N) - 1) + 1).max(initial=1)))
   width = 1
   while width < most:
     width *= 2
-  return min(width, np.asarray(labels_NxT).shape[1])
+  return width
 
 
 def apply_edit(model: Model, book: Codebook, batch: EditBatch, row: int,
@@ -416,7 +446,7 @@ def apply_edit(model: Model, book: Codebook, batch: EditBatch, row: int,
                           jnp.asarray(batch.attention_mask[row:row + 1]), jnp.asarray(labels),
                           jnp.asarray(batch.prompt_len[row:row + 1], jnp.int32),
                           jnp.asarray(label[None]), jnp.ones((1,), bool), settings=settings,
-                          n_label=_n_label(labels), mesh=mesh)
+                          n_label=_n_label(labels, batch.prompt_len[row:row + 1]), mesh=mesh)
   return book, EditInfo(*(x[0] for x in info))
 
 
@@ -464,7 +494,7 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
   plen = np.asarray(batch.prompt_len, np.int32)[rows]
   keys = np.stack([label_key(labels[i], int(mask[i].sum()), settings.label_match)
                    for i in range(n)]) if n else np.zeros((0, 2), np.int32)
-  n_label = _n_label(labels) if n else 1
+  n_label = _n_label(labels, plen) if n else 1
   pad = (-n) % block
 
   def padded(x):
