@@ -36,8 +36,10 @@ layer L is the unedited one plus (new y[p] - y[p]) at p (and at t > p with `edit
 training runs only layers L+1.. and the head; otherwise layer L is rerun with the adapter hook. An
 attention output projection followed by the same layer's MLP (llama o_proj, GPT-2 attn.c_proj,
 gpt-oss o_proj) takes the second path: that MLP sees the change, so adding it after the layer
-would train against a different model than the one inference runs. The head runs at
-the label positions only (the loss and the accuracy read nothing else).
+would train against a different model than the one inference runs. Either way an Adam step runs
+only the window of positions [p, p + W) that holds the labels: positions before p are not changed
+by the edit (causal attention), so their keys/values come from one unedited pass (a KV cache, as
+in decoding), and positions after the window reach no label.
 The codebook buffers are donated, so an edit updates them in place instead of copying capacity rows.
 """
 
@@ -212,7 +214,7 @@ def edit_block(model: Model, book: Codebook, input_ids_BxT, attention_mask_BxT, 
     label_Bx2: label keys (`state.label_key`), int32.
     valid_B: which rows are edits (False rows pad the last block).
     settings: editor settings.
-    n_label: label positions read per edit (>= the most label tokens of any row).
+    n_label: window width W: every row's labels lie in [p, p + W) (`_n_label`).
     mesh: optional (`data`, `model`) mesh: the codebook keeps `state.shardings` and the block's
       edits are split over `data` for training.
     unroll: Adam steps unrolled per loop iteration (XLA's cost analysis counts a loop body once:
