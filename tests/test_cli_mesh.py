@@ -120,3 +120,18 @@ def test_fsdp_spec_adds_data_to_the_largest_free_dim():
   assert want_fsdp("true", params, mesh, None) and not want_fsdp(False, params, mesh, None)
   with pytest.raises(UserError):
     want_fsdp("sometimes", params, mesh, None)
+
+
+def test_global_array_and_to_host_round_trip():
+  import jax
+  from jax.sharding import NamedSharding
+  mesh = make_mesh(2, 4)
+  x = np.arange(8 * 12, dtype=np.float32).reshape(8, 12)
+  g = distributed.global_array(x, NamedSharding(mesh, P("data", "model")))
+  assert g.sharding.spec == P("data", "model") and g.addressable_shards[0].data.shape == (4, 3)
+  np.testing.assert_array_equal(distributed.to_host(g), x)
+  tree = distributed.tree_to_host({"a": g, "b": jax.numpy.ones(3)})
+  assert isinstance(tree["a"], np.ndarray) and tree["b"].tolist() == [1.0, 1.0, 1.0]
+  assert distributed.is_main() and not distributed.initialize()  # nothing to join in one process
+  with pytest.raises(UserError):
+    distributed.initialize(coordinator="127.0.0.1:1", num_processes=None, process_id=0)
