@@ -441,3 +441,19 @@ def test_config_built_in_code_exports_for_transformers(tmp_path):
   assert np.abs(ref).max() > 1.0
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], ref[real], atol=2e-4)
+
+
+@pytest.mark.slow
+def test_bfloat16_follows_transformers_bfloat16(tiny):
+  """In bfloat16 both implementations flip the same routing decisions (a top-k choice is not
+  continuous), so they agree with each other far better than either does with float32."""
+  import transformers
+  _, folder = tiny
+  ref_model = transformers.GptOssForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16)
+  ref_model.config._attn_implementation = "eager"
+  ids, mask = _batch()
+  ref = _torch_logits(ref_model.eval(), ids, mask)
+  got = np.asarray(_apply(from_pretrained(folder, dtype="bfloat16"), jnp.asarray(ids),
+                          jnp.asarray(mask))).astype(np.float32)
+  real = mask.astype(bool)
+  np.testing.assert_array_less(np.abs(got - ref)[real].max(), 0.1)
