@@ -72,7 +72,8 @@ def assert_same(a, b, tol=1e-5):
   np.testing.assert_allclose(np.asarray(book_a.radius), np.asarray(book_b.radius), atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [horen, grace_settings], ids=["horen", "grace"])
+@pytest.mark.parametrize("make", [horen, pytest.param(grace_settings, marks=pytest.mark.slow)],
+                         ids=["horen", "grace"])
 def test_block_equals_one_at_a_time(model, make):
   st = make()
   d = (128, 64) if st.method == "horen" else (64, 128)
@@ -112,6 +113,7 @@ def test_training_forward_equals_full_edited_forward(model):
       assert float(info.edit_acc) == acc
 
 
+@pytest.mark.slow  # about a minute: HoReN and GRACE, each compiled on one device and on the mesh
 @pytest.mark.parametrize("shape", [(2, 4), (1, 8)], ids=["2x4", "1x8"])
 def test_mesh_equals_one_device(model, shape):
   mesh = make_mesh(*shape)
