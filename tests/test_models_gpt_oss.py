@@ -429,7 +429,8 @@ def test_config_built_in_code_exports_for_transformers(tiny, ours, tmp_path):
   import transformers
   cfg = dataclasses.replace(ours.config, hf_config_json="{}")
   save_pretrained(type(ours)(ours.params, cfg), tmp_path / "c")
-  assert json.loads((tmp_path / "c" / "config.json").read_text())["rope_scaling"]["rope_type"] == "yarn"
+  written = json.loads((tmp_path / "c" / "config.json").read_text())
+  assert written["rope_scaling"]["rope_type"] == "yarn" and written["num_experts_per_tok"] == 2
   reloaded = transformers.GptOssForCausalLM.from_pretrained(str(tmp_path / "c")).eval()
   ids, mask = _batch()
   real = mask.astype(bool)
