@@ -140,3 +140,22 @@ def test_mesh_equals_one_device(model, shape):
                                rows=range(8))
     assert edit.compile_count() == before
     assert book.values.sharding.spec == want
+
+
+def test_retrieve_live_equals_retrieve():
+  """The chunked retrieval over live rows only (the editor's) picks what the full one picks."""
+  from horse_jax.editors.codebook.retrieval import retrieve, retrieve_live
+  rng = np.random.default_rng(0)
+  keys = rng.normal(size=(50, 16)).astype(np.float32)
+  keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  queries = keys[:30] + 0.3 * rng.normal(size=(30, 16)).astype(np.float32)
+  kw = dict(alpha=0.1, beta=20.0, eps=1e-5, threshold=0.7, normalize=True)
+  fn = jax.jit(jax.vmap(lambda q, c, it: (retrieve(q, keys, c, max_iter=it, **kw)[:3],
+                                          retrieve_live(q, keys, c, max_iter=it, chunk=8, **kw)[:3]),
+                        in_axes=(0, 0, None)), static_argnums=2)
+  counts = jnp.asarray(rng.integers(1, 51, 30), jnp.int32)
+  for it in (0, 1, 2):
+    (i_full, s_full, m_full), (i_live, s_live, m_live) = fn(jnp.asarray(queries), counts, it)
+    np.testing.assert_array_equal(i_full, i_live)
+    np.testing.assert_array_equal(m_full, m_live)
+    np.testing.assert_allclose(s_full, s_live, rtol=1e-5, atol=1e-6)

@@ -59,7 +59,7 @@ from horse_jax.data.tokenize import IGNORE, EditBatch
 from horse_jax.editors.codebook import grace
 from horse_jax.editors.codebook.adapter import new_output, put_edit
 from horse_jax.editors.codebook.query import make_query
-from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
+from horse_jax.editors.codebook.retrieval import retrieve_live, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, split_dynamic
 from horse_jax.editors.codebook.state import (Codebook, ensure_room, grow, label_key, place,
                                               planned_capacity, shardings)
@@ -162,7 +162,7 @@ def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y
     radius = _put(radius, dec.index, dec.new_radius_nearest, ok)
     radius = _put(radius, slot, dec.new_key_radius, ~reuse & ok)
   else:
-    first = retrieve(q, book.keys, book.count, **settings_kwargs(settings))
+    first = retrieve_live(q, book.keys, book.count, **settings_kwargs(settings))
     same_label = jnp.all(book.labels[first.index] == label) & (first.index != 0)
     reuse, first_score = first.match & same_label, first.score
   add = ~reuse & ok
@@ -188,7 +188,7 @@ def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y
   if settings.method == "grace":
     found = grace.lookup(q, book.keys, book.radius, book.count)
   else:
-    found = retrieve(q, book.keys, book.count, **settings_kwargs(settings))
+    found = retrieve_live(q, book.keys, book.count, **settings_kwargs(settings))
   return book, (add, found.index, first_score, found.match)
 
 

@@ -64,3 +64,62 @@ def settings_kwargs(settings) -> dict:
   return dict(alpha=settings.alpha, beta=settings.beta, eps=settings.eps,
               max_iter=settings.max_iter, threshold=settings.threshold,
               normalize=settings.normalize)
+
+
+def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
+                  eps: float, max_iter: int, threshold: float, normalize: bool,
+                  chunk: int = 1024) -> Retrieval:
+  """`retrieve` that reads only the live rows: cost grows with `count`, not with the capacity.
+
+  The rows are visited in chunks of `chunk` up to `count` (a dynamic loop), with the softmax
+  accumulated online (running max, rescaled sums) and the argmax kept across chunks (first
+  maximum, as `jnp.argmax`). Mathematically `retrieve`; floats differ by the summation order
+  (~1e-7). The editor decides with it so that a codebook preallocated for a long run does not make
+  every early edit pay for the empty rows. `scores` is not computed (zeros).
+  """
+  cap, d = keys_CxD.shape
+  chunk = min(int(chunk), cap)
+  n_chunks = (count + chunk - 1) // chunk
+  norm = l2_normalize if normalize else (lambda x: x)
+
+  def rows_of(i):
+    start = jnp.minimum(i * chunk, cap - chunk)  # the last chunk may overlap: mask rows seen before
+    rows = start + jnp.arange(chunk)
+    block = jax.lax.dynamic_slice(keys_CxD, (start, 0), (chunk, d)).astype(jnp.float32)
+    return block, (rows >= i * chunk) & (rows < count), rows
+
+  def softmax_keys(xi):
+    """softmax(beta * xi K^T) K over the live rows."""
+    def body(i, carry):
+      m, z, acc = carry
+      block, ok, _ = rows_of(i)
+      logits = jnp.where(ok, beta * (block @ xi), -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(logits))
+      e = jnp.where(ok, jnp.exp(logits - m_new), 0.0)
+      scale = jnp.exp(m - m_new)
+      return m_new, z * scale + jnp.sum(e), acc * scale + e @ block
+    init = (jnp.asarray(-jnp.inf, jnp.float32), jnp.asarray(0.0, jnp.float32),
+            jnp.zeros((d,), jnp.float32))
+    _, z, acc = jax.lax.fori_loop(0, n_chunks, body, init)
+    return acc / z
+
+  def step(_, carry):
+    xi, done = carry
+    r = norm(softmax_keys(xi))
+    done = done | (jnp.linalg.norm(r - xi) < eps)
+    xi = jnp.where(done, xi, norm((1.0 - alpha) * xi + alpha * r))
+    return xi, done
+
+  xi, _ = jax.lax.fori_loop(0, max_iter, step, (q.astype(jnp.float32), jnp.asarray(False)))
+
+  def best(i, carry):
+    top, index = carry
+    block, ok, rows = rows_of(i)
+    s = jnp.where(ok, block @ xi, -jnp.inf)
+    j = jnp.argmax(s)
+    better = s[j] > top  # strict: an earlier row keeps a tie, as jnp.argmax does
+    return jnp.where(better, s[j], top), jnp.where(better, rows[j], index).astype(jnp.int32)
+
+  score, index = jax.lax.fori_loop(0, n_chunks, best, (jnp.asarray(-jnp.inf, jnp.float32),
+                                                      jnp.asarray(0, jnp.int32)))
+  return Retrieval(index, score, score > threshold, jnp.zeros((cap,), jnp.float32), xi)
