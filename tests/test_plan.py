@@ -51,6 +51,7 @@ def test_load_stage_counts_the_shards_a_device_holds(folder, shape, fsdp, split)
       == _bytes_by_hand(split, 2)
 
 
+@pytest.mark.slow  # ~20 s: compiles the whole edit and meta-training programs
 def test_plan_horse_json(folder, capsys):
   rc = main(["plan", "--model", str(folder), "--method", "horse", "--n-edits", "40", "--mesh", "2x4",
              "--set", "editor.rank=16", "--set", "data.batch_size=8", "--json"])
