@@ -51,6 +51,11 @@ def update(state: NormState, rows_RxW: jax.Array, valid_R: jax.Array | None = No
   batch_mean = jnp.sum(w_R[:, None] * x, axis=0) / jnp.maximum(m, 1.0)
   # torch.var (unbiased); a single row has no spread (torch would give NaN).
   batch_var = jnp.sum(w_R[:, None] * jnp.square(x - batch_mean[None, :]), axis=0) / jnp.maximum(m - 1.0, 1.0)
+  return merge(state, m, batch_mean, batch_var)
+
+
+def merge(state: NormState, m: jax.Array, batch_mean: jax.Array, batch_var: jax.Array) -> NormState:
+  """Folds one batch given its row count, mean and unbiased variance (the reference formula)."""
   total = state.n + m
   safe_total = jnp.maximum(total, 1.0)
   delta = batch_mean - state.mean
@@ -59,6 +64,33 @@ def update(state: NormState, rows_RxW: jax.Array, valid_R: jax.Array | None = No
   keep = m > 0
   return NormState(jnp.where(keep, total, state.n), jnp.where(keep, mean, state.mean),
                    jnp.where(keep, var, state.var))
+
+
+def group_stats(rows_RxW: jax.Array, valid_R: jax.Array, group_R: jax.Array, n_groups: int):
+  """Per-group (row count [G], mean [G, W], unbiased variance [G, W]) from two passes of segment sums.
+
+  Args:
+    rows_RxW: rows of all groups.
+    valid_R: 1 for rows that count.
+    group_R: group of each row (ids >= n_groups are ignored).
+    n_groups: number of groups (static).
+  """
+  x = rows_RxW.astype(jnp.float32)
+  w = valid_R.astype(jnp.float32)
+  seg = jnp.where((w > 0) & (group_R < n_groups), group_R, n_groups)
+  m_G = jax.ops.segment_sum(w, seg, num_segments=n_groups + 1)[:n_groups]
+  sum_GxW = jax.ops.segment_sum(w[:, None] * x, seg, num_segments=n_groups + 1)[:n_groups]
+  mean_GxW = sum_GxW / jnp.maximum(m_G, 1.0)[:, None]
+  mean_RxW = jnp.concatenate([mean_GxW, jnp.zeros_like(mean_GxW[:1])], axis=0)[seg]
+  sq_GxW = jax.ops.segment_sum(w[:, None] * jnp.square(x - mean_RxW), seg,
+                               num_segments=n_groups + 1)[:n_groups]
+  return m_G, mean_GxW, sq_GxW / jnp.maximum(m_G - 1.0, 1.0)[:, None]
+
+
+def merge_groups(state: NormState, m_G: jax.Array, mean_GxW: jax.Array, var_GxW: jax.Array) -> NormState:
+  """`merge` of groups 0, 1, ... in order (what `update` per group in turn gives)."""
+  out, _ = jax.lax.scan(lambda st, g: (merge(st, *g), None), state, (m_G, mean_GxW, var_GxW))
+  return out
 
 
 def std(state: NormState) -> jax.Array:

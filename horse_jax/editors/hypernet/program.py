@@ -141,17 +141,19 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
     keys[name] = _constrain(k, mesh, spec)
     vgrads[name] = _constrain(g, mesh, spec)
 
-  def fold(norms_, j):
-    w_r = valid * (packed.row_batch == j).astype(jnp.float32)
-    norms_ = dict(norms_)
-    for name, skey in zip(cfg.modules, cfg.shape_keys):
-      x = jnp.concatenate([keys[name], vgrads[name]], -1)
-      norms_[skey] = normalizer.update(norms_[skey], x, w_r)
-    return norms_, None
-
-  # One update per mini-batch, in order: the reference's running statistics depend on the grouping.
+  # One update per mini-batch and module, in the reference order (batch by batch, modules in config
+  # order inside a batch; the running statistics depend on the grouping). Each module's per-batch
+  # statistics come from segment sums over its rows; only the [batches, width] results are merged.
   n_batches = packed.batch_rows.shape[0]
-  norms, _ = lax.scan(fold, dict(norms), jnp.arange(n_batches))
+  stats: dict = {}
+  for name, skey in zip(cfg.modules, cfg.shape_keys):
+    x = jnp.concatenate([keys[name], vgrads[name]], -1)
+    stats.setdefault(skey, []).append(normalizer.group_stats(x, valid, packed.row_batch, n_batches))
+  norms = dict(norms)
+  for skey, per_module in stats.items():
+    # [batches, modules, ...] -> batch-major sequence: batch j of module a, of module b, ...
+    seq = [jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:]) for parts in zip(*per_module)]
+    norms[skey] = normalizer.merge_groups(norms[skey], *seq)
   return Cache(keys, vgrads, valid), norms
 
 
