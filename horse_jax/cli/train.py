@@ -79,6 +79,9 @@ def run(args) -> int:
     raise UserError("--steps and --save-every must be >= 1")
   from horse_jax.cli.common import setup_devices
   setup_devices(args, args.model)
+  if jax.process_count() > 1:  # checkpoints and logs are not yet written by process 0 alone
+    raise UserError("horse-jax train: multi-host training is not supported yet; train on one host "
+                    "(--mesh spans all of its devices)")
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
   from horse_jax.models import read_config
