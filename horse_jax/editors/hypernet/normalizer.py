@@ -67,7 +67,7 @@ def merge(state: NormState, m: jax.Array, batch_mean: jax.Array, batch_var: jax.
 
 
 def group_stats(rows_RxW: jax.Array, valid_R: jax.Array, group_R: jax.Array, n_groups: int):
-  """Per-group (row count [G], mean [G, W], unbiased variance [G, W]) from two passes of segment sums.
+  """Per-group (row count [G], mean [G, W], unbiased variance [G, W]) from two passes over the rows.
 
   Args:
     rows_RxW: rows of all groups.
@@ -77,13 +77,14 @@ def group_stats(rows_RxW: jax.Array, valid_R: jax.Array, group_R: jax.Array, n_g
   """
   x = rows_RxW.astype(jnp.float32)
   w = valid_R.astype(jnp.float32)
-  seg = jnp.where((w > 0) & (group_R < n_groups), group_R, n_groups)
-  m_G = jax.ops.segment_sum(w, seg, num_segments=n_groups + 1)[:n_groups]
-  sum_GxW = jax.ops.segment_sum(w[:, None] * x, seg, num_segments=n_groups + 1)[:n_groups]
-  mean_GxW = sum_GxW / jnp.maximum(m_G, 1.0)[:, None]
-  mean_RxW = jnp.concatenate([mean_GxW, jnp.zeros_like(mean_GxW[:1])], axis=0)[seg]
-  sq_GxW = jax.ops.segment_sum(w[:, None] * jnp.square(x - mean_RxW), seg,
-                               num_segments=n_groups + 1)[:n_groups]
+  # Group sums as a [G, R] x [R, W] matmul with a weighted one-hot matrix (a scatter-add would run
+  # serially on CPU).
+  onehot_GxR = (group_R[None, :] == jnp.arange(n_groups)[:, None]).astype(jnp.float32) * w[None, :]
+  hi = jax.lax.Precision.HIGHEST
+  m_G = jnp.sum(onehot_GxR, axis=1)
+  mean_GxW = jnp.matmul(onehot_GxR, x, precision=hi) / jnp.maximum(m_G, 1.0)[:, None]
+  mean_RxW = jnp.matmul(onehot_GxR.T, mean_GxW, precision=hi)  # each row's own group mean
+  sq_GxW = jnp.matmul(onehot_GxR, jnp.square(x - mean_RxW), precision=hi)
   return m_G, mean_GxW, sq_GxW / jnp.maximum(m_G - 1.0, 1.0)[:, None]
 
 

@@ -18,6 +18,13 @@ Memory: the hypernetwork runs under `lax.map` over chunks of `chunk` rows, so at
 from __future__ import annotations
 
 import functools
+import os
+
+# XLA's CPU Cholesky / triangular solves call LAPACK from the OpenBLAS that scipy bundles, whose own
+# worker threads spin against XLA's thread pool: on a 2-core machine a 768 x 768 factorization then
+# stalls for ~0.5 s instead of 4 ms. One OpenBLAS thread removes the stalls; the variable is read
+# when OpenBLAS loads (at the first LAPACK call, after this import), and a value set by the user wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
