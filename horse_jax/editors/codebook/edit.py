@@ -366,9 +366,13 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
   zeros = jnp.zeros((b,), jnp.float32)
   book, (loss_first, loss_last, acc) = jax.lax.fori_loop(0, n_waves, train_wave,
                                                          (book, (zeros, zeros, zeros)))
+  info = EditInfo(added, j_B, first_score, match_B, loss_first, loss_last, acc)
   if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec as P
     book = jax.lax.with_sharding_constraint(book, shardings(book, mesh))
-  return book, EditInfo(added, j_B, first_score, match_B, loss_first, loss_last, acc)
+    # Per-edit info replicated: every process can fetch it (multi-host), and it is B numbers.
+    info = jax.lax.with_sharding_constraint(info, NamedSharding(mesh, P()))
+  return book, info
 
 
 def _replace(book: Codebook, **fields) -> Codebook:
