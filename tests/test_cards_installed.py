@@ -56,6 +56,7 @@ def test_wheel_install_finds_the_cards(tmp_path):
                          check=True, capture_output=True, text=True, cwd=tmp_path, env=clean).stdout.strip()
   assert Path(where).resolve().is_relative_to(Path(site).resolve()), where
   assert Path(where, "llama-3-8b.yaml").is_file()
+  assert Path(where, "llama-3-8b", "config.json").is_file()  # horse-jax plan reads shipped configs
   out = subprocess.run([str(venv / "bin" / "horse-jax"), "info", str(tmp_path / "llama-3-8b"), "--json"],
                        check=True, capture_output=True, text=True, cwd=tmp_path, env=clean).stdout
   info = json.loads(out[out.index("{"):])
