@@ -118,13 +118,13 @@ def bench_horen_edit(world, reference=False):
   state = method.start(ctx, {"name": "horen"}, 0)
   n_warm, n = 20, 100
   start = time.perf_counter()
-  for record in records[:n_warm]:
-    state = method.edit(ctx, state, record)
+  for record in records[:n_warm]:  # one call per edit: the per-request cost, as the reference pays it
+    state = method.edit(ctx, state, [record])
   jax.block_until_ready(state[1])
   first = time.perf_counter() - start
   start = time.perf_counter()
   for record in records[n_warm:n_warm + n]:
-    state = method.edit(ctx, state, record)
+    state = method.edit(ctx, state, [record])
   jax.block_until_ready(state[1])
   steady = time.perf_counter() - start
   return [{"benchmark": "horen_edit", "shape": f"{n} sequential edits (after {n_warm} warm-up)",

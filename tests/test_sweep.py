@@ -58,8 +58,8 @@ def _seq_start(ctx, options, seed):
   return {"count": 0, "seed": seed}
 
 
-def _seq_edit(ctx, state, record):
-  return {"count": state["count"] + 1, "seed": state["seed"]}
+def _seq_edit(ctx, state, records):
+  return {"count": state["count"] + len(records), "seed": state["seed"]}
 
 
 def _seq_fns(ctx, state):
@@ -215,3 +215,21 @@ def test_real_editor_adapters(world, tmp_path, method):
   if method in ("horen", "grace"):  # a codebook edit is scored right after it is made: ES = 1
     first = [c for c in cells if c["n_edits"] == 1 and c["timing"] == "immediate"][0]
     assert first["summary"]["edit_acc"] == 1.0
+
+
+def test_sequential_without_immediate_scoring_edits_in_chunks(world, tmp_path):
+  """Without immediate scoring the edits up to each count go to the editor in one call; the final
+  scores must be those of the one-call-per-edit run (the fake editor's model depends on the count)."""
+  finals = {}
+  for immediate in (True, False):
+    config = {"name": "tiny", "model": str(world / "model"), "data": str(world / "edits.jsonl"),
+              "n_edits": [1, 4, 12], "seeds": [0], "methods": [{"name": "test_seq", "label": "seq"}],
+              "eval": {"batch_size": 8, "immediate": immediate}}
+    path = tmp_path / f"sweep_{immediate}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / f"out_{immediate}"
+    assert main(["eval", "--config", str(path), "--out", str(out), "--quiet"]) == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    finals[immediate] = {c["n_edits"]: c["summary"] for c in cells if c["timing"] == "final"}
+  assert sorted(finals[False]) == [1, 4, 12]
+  assert finals[False] == finals[True]

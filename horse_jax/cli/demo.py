@@ -171,8 +171,10 @@ def run(args) -> int:
     method = methods_lib.SEQUENTIAL["horen"]
     start = time.perf_counter()
     state = method.start(ctx, {"name": "horen"}, args.seed)
+    # One request per call: on the world's mixed prompt lengths this measured faster (51 s vs 75 s for
+    # 1,000 edits) than calls of 500, which split into runs of one padded length, each compiled apart.
     for record in tqdm(records, desc="horen edits"):
-      state = method.edit(ctx, state, record)
+      state = method.edit(ctx, state, [record])
     jax.block_until_ready(state[1])
     seconds = time.perf_counter() - start
     post_logits, _ = method.fns(ctx, state)

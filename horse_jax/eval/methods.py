@@ -52,11 +52,12 @@ class CellContext:
 
 @dataclasses.dataclass(frozen=True)
 class SequentialMethod:
-  """start(ctx, options, seed) -> state; edit(ctx, state, record) -> state;
+  """start(ctx, options, seed) -> state; edit(ctx, state, records) -> state (the records applied one
+  after another, in order: several per call let the editor batch them without a host sync per edit);
   fns(ctx, state) -> (post_logits_fn, post_generate_fn or None)."""
 
   start: Callable[[CellContext, Mapping[str, Any], int], Any]
-  edit: Callable[[CellContext, Any, EditRecord], Any]
+  edit: Callable[[CellContext, Any, Sequence[EditRecord]], Any]
   fns: Callable[[CellContext, Any], tuple[Callable, Callable | None]]
 
 
@@ -160,10 +161,10 @@ def _codebook_start(method: str, ctx: CellContext, options, seed):
   return editor, editor.init(jax.random.PRNGKey(seed))
 
 
-def _codebook_edit(ctx: CellContext, state, record: EditRecord):
+def _codebook_edit(ctx: CellContext, state, records: Sequence[EditRecord]):
   del ctx
   editor, book = state
-  book, _ = editor.edit(book, [record])
+  book, _ = editor.edit(book, list(records))
   return editor, book
 
 

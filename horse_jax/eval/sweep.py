@@ -271,9 +271,15 @@ def _run_sequential(ctx, entry, records, order, counts, seed, ev, progress) -> l
   immediate_rows: list[dict[str, Any]] = []
   cells = []
   start = time.perf_counter()
-  for i in tqdm(range(len(chosen)), desc=f"{entry['label']} edits (seed {seed})", disable=not progress,
-                leave=False):
-    state = method.edit(ctx, state, chosen[i])
+  bar = tqdm(total=len(chosen), desc=f"{entry['label']} edits (seed {seed})", disable=not progress,
+             leave=False)
+  i = 0
+  while i < len(chosen):
+    # Without immediate scoring, every edit up to the next scored count goes to the editor at once.
+    stop = i + 1 if immediate else min(c for c in counts if c > i)
+    state = method.edit(ctx, state, chosen[i:stop])
+    bar.update(stop - i)
+    i = stop - 1
     if immediate:
       logits_fn, gen_fn = method.fns(ctx, state)
       row = ctx.score([chosen[i]], logits_fn, gen_fn, batch_size=ev["immediate_batch_size"])["records"][0]
@@ -288,6 +294,8 @@ def _run_sequential(ctx, entry, records, order, counts, seed, ev, progress) -> l
         rows = immediate_rows[:n]
         summary = (unke_eval.summarize if unke.is_unke(chosen[0]) else summarize)(rows)
         cells.append(_cell(entry, n, seed, "immediate", {"summary": summary, "records": rows}, elapsed))
+    i += 1
+  bar.close()
   return cells
 
 
