@@ -115,7 +115,8 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
     settings: resolved settings of `method` (`resolve_settings`).
     hypernet: a trained hypernetwork folder (hypernetwork methods; fresh networks when None).
     codebook: a Codebook to continue (codebook methods; an empty one when None).
-    progress: show progress bars while editing.
+    progress: codebook methods: a progress bar over the edits of each `edit` call (a hypernetwork
+      edit is one compiled program, with no steps to show).
     where: what to name in errors about `hypernet` (default the folder).
     mesh: optional (`data`, `model`) mesh: the codebook's shardings, or the hypernetwork program's
       (cached rows over `data`, shifts by column over `model`).
@@ -126,13 +127,13 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
   if settings.method != method:
     raise UserError(f"settings resolved for {settings.method}, not {method}")
   if method in settings_lib.HYPERNET:
-    return _hypernet_editor(method, model, tokenizer, settings, hypernet, progress, where, mesh)
+    return _hypernet_editor(method, model, tokenizer, settings, hypernet, where, mesh)
   if method in settings_lib.CODEBOOK:
     return _codebook_editor(method, model, tokenizer, settings, codebook, progress, mesh)
   raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
 
 
-def _hypernet_editor(method, model, tokenizer, settings, folder, progress, where, mesh=None) -> Editor:
+def _hypernet_editor(method, model, tokenizer, settings, folder, where, mesh=None) -> Editor:
   from horse_jax.editors import hypernet  # noqa: PLC0415
   from horse_jax.editors.hypernet.checkpoint import load_for_editing  # noqa: PLC0415
   trained = None
@@ -153,7 +154,7 @@ def _hypernet_editor(method, model, tokenizer, settings, folder, progress, where
     nets, shifts = state
     base = model if shifts is None else hypernet.apply(model, shifts)
     batches = hypernet.edit_batches(tokenizer, list(records), cfg.lm_batch, max_length)
-    new, nets = hypernet.edit(nets, base, cfg, batches, progress=progress, mesh=mesh)
+    new, nets = hypernet.edit(nets, base, cfg, batches, mesh=mesh)
     if shifts is not None:
       new = {k: new[k] + shifts[k] for k in new}
     return (nets, new), {}
@@ -195,7 +196,7 @@ def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) 
       while stop < len(batches) and batches[stop].input_ids.shape[1] == length:
         stop += 1
       run = type(batches[start])(*(np.concatenate(parts) for parts in zip(*batches[start:stop])))
-      book, got = edit_lib.apply_edits(model, book, run, cfg, progress=False, mesh=mesh)
+      book, got = edit_lib.apply_edits(model, book, run, cfg, progress=progress, mesh=mesh)
       infos.extend(got)
       start = stop
     return book, infos

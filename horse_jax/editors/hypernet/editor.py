@@ -71,7 +71,7 @@ def predict(state: HypernetState, model: Model, cfg: HypernetConfig, batches: Se
 
 
 def edit(state: HypernetState, model: Model, cfg: HypernetConfig, batches: Sequence[EditBatch],
-         progress: bool = False, mesh=None) -> tuple[dict, HypernetState]:
+         mesh=None) -> tuple[dict, HypernetState]:
   """Shifts for all edits in `batches` at once (apply them with `apply`).
 
   One compiled program (`program.edit_program`) over the packed edits; `predict` is the same
@@ -82,13 +82,11 @@ def edit(state: HypernetState, model: Model, cfg: HypernetConfig, batches: Seque
     model: the LM (sharded over `mesh` or not).
     cfg: editor config.
     batches: right-padded LM mini-batches of the edits (`edit_batches`).
-    progress: unused (one program; kept for callers).
     mesh: (`data`, `model`) Mesh or None: rows split over `data`, shifts by column over `model`.
 
   Returns:
     (shifts {name: [d_k, d_v]}, state with updated normalizers).
   """
-  del progress
   packed = packing.Packer(cfg.chunk, _row_multiple(mesh))("edits", batches, cfg.token, True)
   shifts, norms = program.edit_program(state.nets, state.norms, model, program.put(packed, mesh),
                                        cfg, mesh)
