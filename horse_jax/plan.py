@@ -229,8 +229,9 @@ def packed_abstract(n_seqs: int, seq_len: int, answer_tokens: int, lm_batch: int
   multiple = max(8, mesh.shape["data"])
   width = max(32, 2 * bucket_length(seq_len, minimum=8))
   per_row = max(width // seq_len, 1)
-  w = packing.rows_bucket(-(-n_seqs // per_row), multiple)
-  n_labels = packing.rows_bucket(n_seqs * answer_tokens, multiple)
+  w = packing.chunked_rows(packing.rows_bucket(-(-n_seqs // per_row), multiple), width, multiple)
+  n_chunks = packing.lm_chunks(w, width)  # labels laid out chunk by chunk, evenly spread
+  n_labels = n_chunks * packing.rows_bucket(-(-n_seqs * answer_tokens // n_chunks), multiple)
   total = padded_rows(n_seqs * answer_tokens, chunk)[0] if with_rows else multiple
   n_batches = -(-n_seqs // lm_batch)
   i32, f32 = jnp.int32, jnp.float32

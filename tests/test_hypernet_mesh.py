@@ -69,15 +69,17 @@ def test_mesh_edit_equals_single_device(setup, method, mesh_shape):
     assert rel(got[n], want[n]) <= 1e-4, (n, rel(got[n], want[n]))
     assert split(got[n], mesh_shape) == (1, mesh_shape[1]), got[n].sharding  # columns over model
 
-  # Packed and cached rows split over `data` (the program's cache stage on its own).
+  # Packed rows split over `data`; cached rows over `data` x `model` (the program's cache stage on
+  # its own; 8 divides the padded cached rows).
   packed = hypernet.Packer(cfg.chunk, row_multiple=8)("edits", edits, cfg.token, True)
   dev = program.put(packed, mesh)
   assert split(dev.input_ids, mesh_shape)[0] == mesh_shape[0] == split(dev.rows, mesh_shape)[0]
   cache, _ = jax.jit(program.cache_rows, static_argnames=("cfg", "mesh"))(
       sharded, state.norms, dev, cfg=cfg, mesh=mesh)
+  assert packed.rows.shape[0] % 8 == 0
   for n in cfg.modules:
-    assert split(cache.keys[n], mesh_shape) == (mesh_shape[0], 1), cache.keys[n].sharding  # rows
-    assert split(cache.grads[n], mesh_shape) == (mesh_shape[0], 1), cache.grads[n].sharding
+    assert split(cache.keys[n], mesh_shape) == (8, 1), cache.keys[n].sharding  # rows
+    assert split(cache.grads[n], mesh_shape) == (8, 1), cache.grads[n].sharding
 
 
 @pytest.mark.slow

@@ -105,3 +105,26 @@ def test_train_program_matches_stage_by_stage(world, method):
                                atol=1e-3 * np.abs(np.asarray(b)).max() + 1e-9, err_msg=str(path))
   assert int(got_state.step) == 2
   assert program.train_program._cache_size() == compiled  # step 2 reuses step 1's program
+
+
+@pytest.mark.parametrize("method", ["horse", pytest.param("malmen", marks=pytest.mark.slow)])
+def test_programs_in_several_lm_chunks(world, method, monkeypatch):
+  """The LM running over the packed rows chunk by chunk (`lax.scan`, 2 rows of 32 tokens per chunk)
+  gives the same edit and meta-training steps as the references."""
+  model, edits, _, _ = world
+  monkeypatch.setattr(packing, "LM_CHUNK_TOKENS", 64)
+  jax.clear_caches()  # programs traced with one chunk must not be reused for these shapes
+  try:
+    p = packing.pack(packing.sequences_from_batches(edits, "ans"), 32, len(edits), chunk=16)
+    n = packing.lm_chunks(*p.input_ids.shape)
+    assert n > 2 and p.label_index.shape[0] % n == 0
+    # Every real label lies in its chunk's block of label entries.
+    per = p.label_index.shape[0] // n
+    chunk_of = (p.label_index // 32) % n
+    real = p.label_weight > 0
+    np.testing.assert_array_equal(chunk_of[real], (np.arange(len(real)) // per)[real])
+    test_edit_program_matches_numpy(world, method, "reference")
+    test_train_program_matches_stage_by_stage(world, method)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()

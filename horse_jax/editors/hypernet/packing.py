@@ -14,6 +14,12 @@ mini-batches of the reference can be regrouped freely as long as every quantity 
 * Cached rows (answer or attended positions) keep the reference order: mini-batch by mini-batch,
   row-major over [B, T] inside each, and remember their mini-batch for the normalizer updates.
 * Only label positions reach the LM head (`label_index`), which is all the loss needs.
+* The programs run the LM over the rows in chunks of `lm_chunk_rows(width)` rows (about
+  `LM_CHUNK_TOKENS` tokens), so only one chunk's activations are alive. Chunk c holds the rows
+  c, c + n, c + 2n, ... of n chunks (strided, so a `data`-split of the rows splits every chunk); W is
+  rounded to a multiple of the chunk when there is more than one, and label entries are then laid out
+  chunk by chunk ([n, L / n], reference order inside a chunk, padding pointing into its own chunk).
+  Losses are sums over label positions, so their order does not matter; cached rows keep theirs.
 
 Shapes are bucketed (`rows_bucket`) so that consecutive steps of a training run reuse one compiled
 program; `Packer` keeps the largest bucket seen so far for the same purpose.
@@ -21,6 +27,7 @@ program; `Packer` keeps the largest bucket seen so far for the same purpose.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -35,7 +42,8 @@ class Packed(NamedTuple):
     input_ids: [W, P] int32 token ids (0 on padding).
     position_ids: [W, P] int32 positions, restarting at 0 for every segment.
     segment_ids: [W, P] int32, k >= 1 for the k-th sequence of a row, 0 on padding.
-    label_index: [L] int32 flat indices into W * P of the positions with a label (padded with 0).
+    label_index: [L] int32 flat indices into W * P of the positions with a label (padded with 0);
+      chunk by chunk when the rows make several LM chunks (`lm_chunks`).
     label_ids: [L] int32 the labels there (0 on padding).
     label_weight: [L] float32 1 / (label tokens of the position's mini-batch); 0 on padding.
     rows: [R] int32 flat indices of the cached rows, in reference order (padded with 0).
@@ -69,6 +77,50 @@ def rows_bucket(n: int, multiple: int = 8) -> int:
     return multiple
   step = max(multiple, bucket_length(n, minimum=1) // 32)
   return -(-n // step) * step
+
+
+# Tokens per LM chunk of the compiled programs: bounds the LM activations alive at once (and their
+# backward) independently of the number of edits; the world recipe's 1,000 edits are a few chunks.
+LM_CHUNK_TOKENS = 4096
+
+
+def lm_chunk_rows(width: int) -> int:
+  """Packed rows per LM chunk for rows of `width` tokens."""
+  return max(1, LM_CHUNK_TOKENS // width)
+
+
+def lm_chunks(n_rows: int, width: int) -> int:
+  """Number of LM chunks the programs use for [n_rows, width] packed rows (1 unless they divide)."""
+  c = lm_chunk_rows(width)
+  return n_rows // c if n_rows > c and n_rows % c == 0 else 1
+
+
+def chunked_rows(n_rows: int, width: int, row_multiple: int) -> int:
+  """n_rows rounded up so that LM chunks (and `row_multiple`) divide it when it exceeds one chunk."""
+  c = lm_chunk_rows(width)
+  if n_rows <= c:
+    return n_rows
+  step = math.lcm(c, row_multiple)
+  return -(-n_rows // step) * step
+
+
+def chunk_labels(lab_idx, lab_ids, lab_w, width: int, n_chunks: int, min_labels: int,
+                 row_multiple: int):
+  """Label entries laid out [n_chunks, per chunk] (flattened), each chunk padded to one size.
+
+  Padding entries point at offset 0 of the chunk's first row with weight 0.
+  """
+  chunk = (lab_idx // width) % n_chunks
+  counts = np.bincount(chunk, minlength=n_chunks)
+  per = rows_bucket(max(int(counts.max()), -(-min_labels // n_chunks)), row_multiple)
+  idx = np.repeat(np.arange(n_chunks, dtype=np.int64) * width, per).reshape(n_chunks, per)
+  ids = np.zeros((n_chunks, per), np.int32)
+  wts = np.zeros((n_chunks, per), np.float32)
+  for c in range(n_chunks):
+    sel = chunk == c  # reference order inside the chunk
+    k = int(counts[c])
+    idx[c, :k], ids[c, :k], wts[c, :k] = lab_idx[sel], lab_ids[sel], lab_w[sel]
+  return idx.reshape(-1).astype(np.int32), ids.reshape(-1), wts.reshape(-1)
 
 
 def sequences_from_batches(batches: Sequence[EditBatch], token: str) -> list[Sequence_]:
@@ -144,7 +196,7 @@ def pack(seqs: Sequence[Sequence_], width: int, n_batches: int, chunk: int,
     room_of[r] = room - n
     by_room[room - n].append(r)
   n_rows = len(room_of)
-  w = rows_bucket(max(n_rows, min_rows), row_multiple)
+  w = chunked_rows(rows_bucket(max(n_rows, min_rows), row_multiple), width, row_multiple)
   ids = np.zeros((w, width), np.int32)
   pos = np.zeros((w, width), np.int32)
   seg = np.zeros((w, width), np.int32)
@@ -169,7 +221,11 @@ def pack(seqs: Sequence[Sequence_], width: int, n_batches: int, chunk: int,
       rows.append(flat[s.use])
       row_batch.append(np.full((int(s.use.sum()),), s.batch))
   lab_idx, lab_ids, lab_w = (np.concatenate(x) for x in (lab_idx, lab_ids, lab_w))
-  n_lab = rows_bucket(max(len(lab_idx), min_labels), row_multiple)
+  n_chunks = lm_chunks(w, width)
+  if n_chunks > 1:
+    lab_idx, lab_ids, lab_w = chunk_labels(lab_idx, lab_ids, lab_w, width, n_chunks, min_labels,
+                                           row_multiple)
+  n_lab = len(lab_idx) if n_chunks > 1 else rows_bucket(max(len(lab_idx), min_labels), row_multiple)
 
   def padded(x, size, dtype, value=0):
     out = np.full((size,), value, dtype)

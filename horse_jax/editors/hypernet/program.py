@@ -16,8 +16,15 @@
 Nothing syncs with the host; metrics come back as device scalars. The state argument of
 `train_program` is donated.
 
-Sharding (`mesh`, a (`data`, `model`) Mesh, or None): packed rows and cached rows are split over
-`data` (data-parallel caching; K^T K is then a sum of per-shard grams, which XLA all-reduces); the
+The LM runs over the packed rows in chunks (`packing.lm_chunks`, a `lax.scan` when there are several):
+the cache keeps only the keys / value grads at the cached rows of each chunk, and the meta losses sum
+the loss and dLoss/dS chunk by chunk, so only one chunk's LM activations (and their backward) are
+alive at once, whatever the number of edits.
+
+Sharding (`mesh`, a (`data`, `model`) Mesh, or None): packed rows are split over `data`; cached rows
+are split over `data` x `model` when their count divides (else over `data`), so the cache of many
+edits does not sit whole on each device of a `model`-only mesh (K^T K is then a sum of per-shard
+grams, which XLA all-reduces); the
 right-hand side K^T D, the solve and the shifts are split by output column over `model` (one Cholesky
 factor, replicated; columns solve independently, `shard_map`); hypernetwork state is replicated.
 Modules are solved one after another inside the program (XLA frees each module's temporaries).
@@ -34,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from horse_jax.data.tokenize import IGNORE
 from horse_jax.editors.hypernet import normalizer
+from horse_jax.editors.hypernet import packing
 from horse_jax.editors.hypernet import shifts as shifts_lib
 from horse_jax.editors.hypernet.cache import Cache
 from horse_jax.editors.hypernet.config import HypernetConfig
@@ -58,6 +66,42 @@ def _constrain(x, mesh, spec):
 def _rows_spec(mesh, n: int):
   """P(data) on a leading dim of n when `data` divides it, else replicated."""
   return P(DATA) if mesh is not None and n % mesh.shape[DATA] == 0 else P()
+
+
+def _cache_spec(mesh, n: int):
+  """Cached rows: P((data, model)) when data * model divides n, else as `_rows_spec`."""
+  if mesh is not None and n % (mesh.shape[DATA] * mesh.shape[MODEL]) == 0:
+    return P((DATA, MODEL))
+  return _rows_spec(mesh, n)
+
+
+def _chunks(packed: Packed):
+  """(n, [n, ...] per-chunk row/label arrays) of a packed set (see `packing.lm_chunks`).
+
+  Chunk c holds the rows c, c + n, ...; its label indices are made local to the chunk.
+  """
+  w, width = packed.input_ids.shape
+  n = packing.lm_chunks(w, width)
+  rows = lambda x: jnp.swapaxes(x.reshape(w // n, n, width), 0, 1)
+  idx = packed.label_index
+  local = (idx // width // n) * width + idx % width
+  labels = lambda x: x.reshape(n, -1)
+  return n, (rows(packed.input_ids), rows(packed.position_ids), rows(packed.segment_ids),
+             labels(local), labels(packed.label_ids), labels(packed.label_weight))
+
+
+def _part(xs) -> Packed:
+  """One chunk as a Packed set (rows and labels only)."""
+  return Packed(*xs, None, None, None, None)
+
+
+def _scan(body, init, n: int, xs):
+  """lax.scan over n chunks; one chunk runs without a loop (the same program as before chunking)."""
+  if n == 1:
+    carry, _ = body(init, jax.tree_util.tree_map(lambda x: x[0], xs))
+    return carry
+  carry, _ = lax.scan(body, init, xs)
+  return carry
 
 
 def _packed_bias(packed: Packed, sliding_window: int | None) -> jax.Array:
@@ -118,28 +162,44 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
   """Keys / value grads at the cached rows and the normalizers updated in reference order.
 
   Returns:
-    (Cache with rows sharded over `data`, updated norms).
+    (Cache with rows split as `_cache_spec` says, updated norms).
   """
   low = cfg.lowest_layer
-  h, bias = stream_below(model, packed, low, mesh)
-  w, width = packed.input_ids.shape
-  zeros = {n: jnp.zeros((w, width, dv), h.dtype) for n, (_, dv) in zip(cfg.modules, cfg.shapes)}
-
-  def loss_fn(offsets):
-    logits, captured = label_logits(model, h, packed, bias, low,
-                                    Hooks(capture=cfg.modules, offsets=offsets))
-    return weighted_ce(logits, packed), captured
-
-  grads, captured = jax.grad(loss_fn, has_aux=True)(zeros)
+  n, parts = _chunks(packed)
+  width = packed.input_ids.shape[1]
   n_rows = packed.rows.shape[0]
-  spec = _rows_spec(mesh, n_rows)
+  spec = _cache_spec(mesh, n_rows)
   valid = _constrain(packed.row_valid, mesh, spec)
-  keys, vgrads = {}, {}
-  for name, (dk, dv) in zip(cfg.modules, cfg.shapes):
-    k = captured[name].reshape(-1, dk).astype(jnp.float32)[packed.rows] * valid[:, None]
-    g = grads[name].reshape(-1, dv).astype(jnp.float32)[packed.rows] * valid[:, None]
-    keys[name] = _constrain(k, mesh, spec)
-    vgrads[name] = _constrain(g, mesh, spec)
+  rows = _constrain(packed.rows, mesh, spec)
+  row_chunk = (rows // width) % n
+  row_local = (rows // width // n) * width + rows % width
+
+  def body(carry, xs):
+    c, part = xs[0], _part(xs[1:])
+    h, bias = stream_below(model, part, low, mesh)
+    wc = part.input_ids.shape[0]
+    zeros = {m: jnp.zeros((wc, width, dv), h.dtype) for m, (_, dv) in zip(cfg.modules, cfg.shapes)}
+
+    def loss_fn(offsets):
+      logits, captured = label_logits(model, h, part, bias, low,
+                                      Hooks(capture=cfg.modules, offsets=offsets))
+      return weighted_ce(logits, part), captured
+
+    grads, captured = jax.grad(loss_fn, has_aux=True)(zeros)
+    take = (row_chunk == c)[:, None]
+    keys, vgrads = {}, {}
+    for name, (dk, dv) in zip(cfg.modules, cfg.shapes):
+      k = captured[name].reshape(-1, dk)[row_local].astype(jnp.float32)
+      g = grads[name].reshape(-1, dv)[row_local].astype(jnp.float32)
+      keys[name] = _constrain(jnp.where(take, k, carry[0][name]), mesh, spec)
+      vgrads[name] = _constrain(jnp.where(take, g, carry[1][name]), mesh, spec)
+    return (keys, vgrads), None
+
+  init = tuple({m: _constrain(jnp.zeros((n_rows, d[i]), jnp.float32), mesh, spec)
+                for m, d in zip(cfg.modules, cfg.shapes)} for i in (0, 1))
+  keys, vgrads = _scan(body, init, n, (jnp.arange(n),) + parts)
+  keys = {m: _constrain(k * valid[:, None], mesh, spec) for m, k in keys.items()}
+  vgrads = {m: _constrain(g * valid[:, None], mesh, spec) for m, g in vgrads.items()}
 
   # One update per mini-batch and module, in the reference order (batch by batch, modules in config
   # order inside a batch; the running statistics depend on the grouping). Each module's per-batch
@@ -159,6 +219,8 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
 
 def _chunk(cfg: HypernetConfig, n_rows: int) -> int:
   return n_rows if n_rows <= cfg.chunk else cfg.chunk
+
+
 def _shift_spec(mesh, d_v: int):
   return P(None, MODEL) if mesh is not None and d_v % mesh.shape[MODEL] == 0 else P()
 
@@ -198,20 +260,34 @@ def meta_losses(model: Model, shifts: dict, rephrase: Packed, loc: Packed, cfg: 
   sum KL(pre || post) on the loc label positions.
   """
   low = cfg.lowest_layer
-  h_r, b_r = stream_below(model, rephrase, low, mesh)
-  h_l, b_l = stream_below(model, loc, low, mesh)
   horse = cfg.method == "horse"
-  pre = None if horse else lax.stop_gradient(label_logits(model, h_l, loc, b_l, low)[0])
   coef = 1.0 if horse else cfg.loc_coef
 
-  def loss_fn(s):
-    edited = Model(add_to_kernels(model.params, s), model.config)
-    gen = weighted_ce(label_logits(edited, h_r, rephrase, b_r, low)[0], rephrase)
-    post = label_logits(edited, h_l, loc, b_l, low)[0]
-    locl = weighted_ce(post, loc) if horse else weighted_kl(pre, post, loc)
-    return gen + coef * locl, (gen, locl)
+  def set_loss(packed: Packed, kl: bool):
+    """(sum of the set's loss, its gradient w.r.t. the shifts), one LM chunk at a time."""
+    n, parts = _chunks(packed)
 
-  (_, (gen, locl)), dshifts = jax.value_and_grad(loss_fn, has_aux=True)(shifts)
+    def body(carry, xs):
+      part = _part(xs)
+      h, b = stream_below(model, part, low, mesh)
+      pre = lax.stop_gradient(label_logits(model, h, part, b, low)[0]) if kl else None
+
+      def loss_fn(s):
+        post = label_logits(Model(add_to_kernels(model.params, s), model.config), h, part, b, low)[0]
+        return weighted_kl(pre, post, part) if kl else weighted_ce(post, part)
+
+      loss, g = jax.value_and_grad(loss_fn)(shifts)
+      g = {m: _constrain(carry[1][m] + g[m], mesh, _shift_spec(mesh, g[m].shape[1])) for m in g}
+      return (carry[0] + loss, g), None
+
+    init = (jnp.zeros((), jnp.float32),
+            {m: _constrain(jnp.zeros_like(x), mesh, _shift_spec(mesh, x.shape[1]))
+             for m, x in shifts.items()})
+    return _scan(body, init, n, parts)
+
+  gen, dgen = set_loss(rephrase, False)
+  locl, dloc = set_loss(loc, not horse)
+  dshifts = {m: dgen[m] + coef * dloc[m] for m in dgen}
   return gen, locl, dshifts
 
 
