@@ -112,11 +112,17 @@ def test_llama3_8b_horen_50k_fits_16gib_per_device_on_1x8(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the one-program HORSE edit/meta-step holds the LM activations of all N "
-                          "edits at once: ~104 / ~265 GiB per device at 8,000 edits on 1x8 (README)",
-                   strict=False)
 def test_llama3_8b_horse_8000_fits_16gib_per_device_on_1x8(capsys):
-  """Issue 11: HORSE with 8,000 edits (rank 1920, the card's 6 modules), edit and meta-step."""
+  """Issue 11: HORSE with 8,000 edits (rank 1920, the card's 6 modules), edit and meta-step.
+
+  The edit fits since the programs run the LM chunk by chunk and split the cached rows over
+  `model`; the meta-step is still above 16 GiB (~19 GiB: the hypernetwork backward and the ridge
+  factors, README), so that part is an expected failure until it fits.
+  """
   out = _llama3_8b_plan("horse", 8000, capsys)
   assert out["info"]["rank"] == 1920 and len(out["info"]["modules"]) == 6
+  peak = {s["name"]: s["peak"] / 2 ** 30 for s in out["stages"]}
+  assert peak["edit"] <= 16, peak
+  if peak["meta-step"] > 16:
+    pytest.xfail(f"meta-step {peak['meta-step']:.1f} GiB per device on 1x8")
   assert out["fits"]["TPU v5e"], out["peak_bytes_per_device"] / 2 ** 30
