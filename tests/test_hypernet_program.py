@@ -109,7 +109,7 @@ def test_train_program_matches_stage_by_stage(world, method):
 
 @pytest.mark.parametrize("method", ["horse", pytest.param("malmen", marks=pytest.mark.slow)])
 def test_programs_in_several_lm_chunks(world, method, monkeypatch):
-  """The LM running over the packed rows chunk by chunk (`lax.scan`, 2 rows of 32 tokens per chunk)
+  """The LM running over the packed rows chunk by chunk (`lax.scan`, chunks of 2 rows of 32 tokens)
   gives the same edit and meta-training steps as the references."""
   model, edits, _, _ = world
   monkeypatch.setattr(packing, "LM_CHUNK_TOKENS", 64)
@@ -117,7 +117,7 @@ def test_programs_in_several_lm_chunks(world, method, monkeypatch):
   try:
     p = packing.pack(packing.sequences_from_batches(edits, "ans"), 32, len(edits), chunk=16)
     n = packing.lm_chunks(*p.input_ids.shape)
-    assert n > 2 and p.label_index.shape[0] % n == 0
+    assert n >= 2 and p.label_index.shape[0] % n == 0
     # Every real label lies in its chunk's block of label entries.
     per = p.label_index.shape[0] // n
     chunk_of = (p.label_index // 32) % n

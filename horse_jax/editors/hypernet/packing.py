@@ -14,10 +14,10 @@ mini-batches of the reference can be regrouped freely as long as every quantity 
 * Cached rows (answer or attended positions) keep the reference order: mini-batch by mini-batch,
   row-major over [B, T] inside each, and remember their mini-batch for the normalizer updates.
 * Only label positions reach the LM head (`label_index`), which is all the loss needs.
-* The programs run the LM over the rows in chunks of `lm_chunk_rows(width)` rows (about
-  `LM_CHUNK_TOKENS` tokens), so only one chunk's activations are alive. Chunk c holds the rows
-  c, c + n, c + 2n, ... of n chunks (strided, so a `data`-split of the rows splits every chunk); W is
-  rounded to a multiple of the chunk when there is more than one, and label entries are then laid out
+* The programs run the LM over the rows in n chunks of at most `LM_CHUNK_TOKENS` tokens
+  (`lm_chunks`), so only one chunk's activations are alive. Chunk c holds the rows c, c + n,
+  c + 2n, ... (strided, so a `data`-split of the rows splits every chunk); W is rounded up so that n
+  divides it (`chunked_rows`, usually no change), and label entries are then laid out
   chunk by chunk ([n, L / n], reference order inside a chunk, padding pointing into its own chunk).
   Losses are sums over label positions, so their order does not matter; cached rows keep theirs.
 
@@ -84,24 +84,30 @@ def rows_bucket(n: int, multiple: int = 8) -> int:
 LM_CHUNK_TOKENS = 4096
 
 
-def lm_chunk_rows(width: int) -> int:
-  """Packed rows per LM chunk for rows of `width` tokens."""
-  return max(1, LM_CHUNK_TOKENS // width)
-
-
 def lm_chunks(n_rows: int, width: int) -> int:
-  """Number of LM chunks the programs use for [n_rows, width] packed rows (1 unless they divide)."""
-  c = lm_chunk_rows(width)
-  return n_rows // c if n_rows > c and n_rows % c == 0 else 1
+  """Number of LM chunks the programs use for [n_rows, width] packed rows: the fewest chunks of at
+  most `LM_CHUNK_TOKENS` tokens, when that number divides n_rows (else 1)."""
+  n = -(-n_rows * width // LM_CHUNK_TOKENS)
+  return n if n > 1 and n_rows % n == 0 else 1
 
 
 def chunked_rows(n_rows: int, width: int, row_multiple: int) -> int:
-  """n_rows rounded up so that LM chunks (and `row_multiple`) divide it when it exceeds one chunk."""
-  c = lm_chunk_rows(width)
-  if n_rows <= c:
+  """n_rows (a multiple of `row_multiple`) rounded up so that its LM chunks divide it.
+
+  Preferred: chunks of a multiple of `row_multiple` rows (a `data` split of the rows then splits
+  every chunk evenly) within 1/8 more rows; else any size up to twice n_rows that the chunk count
+  divides; else n_rows (the LM then runs as one chunk).
+  """
+  if -(-n_rows * width // LM_CHUNK_TOKENS) <= 1:
     return n_rows
-  step = math.lcm(c, row_multiple)
-  return -(-n_rows // step) * step
+  for w in range(n_rows, n_rows + n_rows // 8 + 1, row_multiple):
+    n = lm_chunks(w, width)
+    if n > 1 and (w // n) % row_multiple == 0:
+      return w
+  for w in range(n_rows, 2 * n_rows + 1, row_multiple):
+    if lm_chunks(w, width) > 1:
+      return w
+  return n_rows
 
 
 def chunk_labels(lab_idx, lab_ids, lab_w, width: int, n_chunks: int, min_labels: int,
