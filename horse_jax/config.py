@@ -9,28 +9,12 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 from typing import Any, Iterable, Mapping
 
 import yaml
 
 from horse_jax.errors import UserError
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads a YAML settings file into a nested dict (UserError on a bad path or syntax)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f)
-  except FileNotFoundError:
-    raise UserError(f"{path}: config file not found") from None
-  except yaml.YAMLError as err:
-    raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-  if data is None:
-    return {}
-  if not isinstance(data, dict):
-    raise UserError(f"{path}: expected a mapping at the top level")
-  return data
+from horse_jax.settings import load_yaml
 
 
 def merge(defaults: Mapping[str, Any], updates: Mapping[str, Any], *, strict: bool = True,
