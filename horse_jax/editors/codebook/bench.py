@@ -26,25 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+
 from horse_jax.data.tokenize import IGNORE, EditBatch
 from horse_jax.editors.codebook import edit, infer, state
 from horse_jax import settings as settings_lib
 from horse_jax.editors.codebook.settings import CodebookSettings, from_resolved
+from horse_jax.machine import cpu_peak_flops, peak_rss_mb, rss_mb
 from horse_jax.models import apply
 from horse_jax.models import names
 from horse_jax.models.init import random_model, tiny_llama_config
-
-
-def rss_mb() -> float:
-  """Resident set size of this process (MiB), from /proc (0 where unavailable)."""
-  try:
-    with open("/proc/self/status", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return 0.0
 
 
 def random_edits(n: int, vocab: int, t: int, seed: int, max_target: int = 2) -> EditBatch:
@@ -113,22 +103,6 @@ def zsre_like_edits(n: int, vocab: int, seed: int, t: int = 24) -> EditBatch:
     labels[i, p - 1:p - 1 + len(y)] = y
     plen[i] = p
   return EditBatch(ids, mask, labels, plen)
-
-
-def cpu_peak_flops() -> float:
-  """Nominal fp32 peak of this machine: cores x clock x 32 FLOP/cycle (two 256-bit FMA pipes, as
-  AVX2, or AVX-512 on AMD Zen 4's 256-bit units); HORSE_JAX_PEAK_GFLOPS overrides it."""
-  if os.environ.get("HORSE_JAX_PEAK_GFLOPS"):
-    return float(os.environ["HORSE_JAX_PEAK_GFLOPS"]) * 1e9
-  mhz = 0.0
-  try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      for line in f:
-        if line.startswith("cpu MHz"):
-          mhz = max(mhz, float(line.split(":")[1]))
-  except OSError:
-    pass
-  return (os.cpu_count() or 1) * (mhz or 2500.0) * 1e6 * 32
 
 
 def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block: int) -> float:
@@ -290,18 +264,6 @@ def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,
                     f"{book.nbytes() / 2**20:,.0f} MiB codebook, peak RSS {peak_rss_mb():,.0f} MiB); "
                     f"ES {s.get('edit_acc')} GS {s.get('rephrase_acc')} loc_acc {s.get('loc_acc')} "
                     f"loc_agree {s.get('loc_agree')}; load {load:.1f}"}]
-
-
-def peak_rss_mb() -> float:
-  """Peak resident set size of this process (MiB), from /proc (0 where unavailable)."""
-  try:
-    with open("/proc/self/status", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024
-  except OSError:
-    pass
-  return 0.0
 
 
 def demo_scores(model, book, settings, batch: EditBatch, unrelated: EditBatch, chunk: int = 64):

@@ -20,29 +20,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from horse_jax.machine import cpu_peak_flops
+
 # The world recipe (train/world_horse.yaml): all four down_proj, 1,000 edits per step in mini-batches
 # of 100, rank 32, meta_lr 3e-4, hypernetwork chunks of 1,024 rows.
 N_EDITS, LM_BATCH, RANK, META_LR, CHUNK = 1000, 100, 32, 3e-4, 1024
-
-
-def cpu_peak_flops() -> float:
-  """Nominal fp32 peak of this machine's CPUs: cores x clock x 32 FLOP/cycle.
-
-  32 FLOP/cycle is two 256-bit FMA pipes (AVX2, or AVX-512 executed on 256-bit units as on AMD
-  Zen 4). Override with HORSE_JAX_PEAK_GFLOPS for other machines.
-  """
-  env = os.environ.get("HORSE_JAX_PEAK_GFLOPS")
-  if env:
-    return float(env) * 1e9
-  mhz = 0.0
-  try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      for line in f:
-        if line.startswith("cpu MHz"):
-          mhz = max(mhz, float(line.split(":")[1]))
-  except OSError:
-    pass
-  return (os.cpu_count() or 1) * (mhz or 2500.0) * 1e6 * 32
 
 
 def _flops(compiled) -> float:
