@@ -2,6 +2,8 @@
 one codebook row), the fast training forward equals the full edited forward, and editing on 2x4 and
 1x8 meshes equals one device with declared codebook shardings and no recompilation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +164,52 @@ def test_retrieve_live_equals_retrieve():
     np.testing.assert_array_equal(i_full, i_live)
     np.testing.assert_array_equal(m_full, m_live)
     np.testing.assert_allclose(s_full, s_live, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize,eps", [(True, 1e-5), (False, 1e-5), (True, 10.0)],
+                         ids=["normalized", "raw", "converged-at-once"])
+def test_block_retrieval_decides_as_one_at_a_time(normalize, eps):
+  """The matmul retrieval of a block against the pre-block rows (block_retrieval) makes the decisions
+  of edit-after-edit `retrieve_live`: reuse of pre-block rows, of rows appended earlier in the same
+  block (near-repeats with the same label), and appends when labels differ."""
+  rng = np.random.default_rng(7 if normalize else 8)
+  d, n_pre, b = 24, 37, 16
+  st = horen(normalize=normalize, eps=eps, threshold=0.9 if normalize else 20.0, beta=5.0,
+             initial_capacity=64)
+  book = state.init(st, d, 8)
+  keys = rng.normal(size=(n_pre, d)).astype(np.float32) * (1.0 if normalize else 2.0)
+  if normalize:
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  labels = rng.integers(0, 3, (n_pre, 2)).astype(np.int32)
+  book = dataclasses.replace(book, keys=book.keys.at[1:n_pre + 1].set(keys),
+                             labels=book.labels.at[1:n_pre + 1].set(labels),
+                             count=jnp.asarray(n_pre + 1, jnp.int32))
+  q = rng.normal(size=(b, d)).astype(np.float32)
+  lab = rng.integers(0, 3, (b, 2)).astype(np.int32)
+  q[:4] = keys[:4] + 0.02 * rng.normal(size=(4, d))  # near pre-block rows, their labels
+  lab[:4] = labels[:4]
+  for later, earlier in ((9, 5), (10, 5), (12, 6), (14, 7)):  # near-repeats inside the block
+    q[later] = q[earlier] + 0.02 * rng.normal(size=d)
+    lab[later] = lab[earlier] if later != 10 else lab[earlier] + 1  # 10: same key, other label
+  if normalize:
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+  valid = np.ones(b, bool)
+  valid[15] = False
+  y_p = rng.normal(size=(b, 8)).astype(np.float32)
+  args = (jnp.asarray(q), jnp.asarray(lab), jnp.asarray(valid), jnp.asarray(y_p))
+  one_book, one = jax.jit(lambda bk: jax.lax.scan(
+      lambda c, x: edit._decide_one(c, *x, settings=st), bk, args))(book)
+  blk_book, blk = jax.jit(lambda bk: edit._decide_block(bk, *args, st))(book)
+  added, index, score, match = (np.asarray(x) for x in one)
+  np.testing.assert_array_equal(np.asarray(blk[0]), added)
+  np.testing.assert_array_equal(np.asarray(blk[1]), index)
+  np.testing.assert_array_equal(np.asarray(blk[3]), match)
+  np.testing.assert_allclose(np.asarray(blk[2]), score, rtol=1e-5, atol=1e-5)
+  assert int(blk_book.count) == int(one_book.count)
+  np.testing.assert_array_equal(np.asarray(blk_book.keys), np.asarray(one_book.keys))
+  np.testing.assert_array_equal(np.asarray(blk_book.labels), np.asarray(one_book.labels))
+  # The case mix happened: pre-block reuse, in-block reuse of an appended row, and appends.
+  assert not added[:4].all() and np.all(index[:4][~added[:4]] <= n_pre)
+  in_block_reuse = (~added) & (index > n_pre) & valid
+  assert in_block_reuse.any(), (added, index)
+  assert added[10] and added[valid].sum() >= 6

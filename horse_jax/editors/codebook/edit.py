@@ -56,7 +56,7 @@ import optax
 from tqdm.auto import tqdm
 
 from horse_jax.data.tokenize import IGNORE, EditBatch
-from horse_jax.editors.codebook import grace
+from horse_jax.editors.codebook import block_retrieval, grace
 from horse_jax.editors.codebook.adapter import new_output, put_edit
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve_live, settings_kwargs
@@ -148,12 +148,18 @@ def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> j
 
 
 def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y_p: jax.Array,
-                settings: CodebookSettings):
+                settings: CodebookSettings, lookup: Callable | None = None):
   """One edit's add/reuse decision and codebook update (nothing changes when `ok` is False).
+
+  Args:
+    lookup: optional HoReN retrieval fn(book, q, own) -> Retrieval, `own` = whether the edit's own
+      key has been appended (`block_retrieval`); default: `retrieve_live` over the book's live rows.
 
   Returns:
     (codebook, (added, j, first_score, match)).
   """
+  if lookup is None:
+    lookup = lambda bk, q_, own: retrieve_live(q_, bk.keys, bk.count, **settings_kwargs(settings))
   slot = book.count
   radius = book.radius
   if settings.method == "grace":
@@ -162,7 +168,7 @@ def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y
     radius = _put(radius, dec.index, dec.new_radius_nearest, ok)
     radius = _put(radius, slot, dec.new_key_radius, ~reuse & ok)
   else:
-    first = retrieve_live(q, book.keys, book.count, **settings_kwargs(settings))
+    first = lookup(book, q, jnp.asarray(False))
     same_label = jnp.all(book.labels[first.index] == label) & (first.index != 0)
     reuse, first_score = first.match & same_label, first.score
   add = ~reuse & ok
@@ -188,8 +194,42 @@ def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y
   if settings.method == "grace":
     found = grace.lookup(q, book.keys, book.radius, book.count)
   else:
-    found = retrieve_live(q, book.keys, book.count, **settings_kwargs(settings))
+    found = lookup(book, q, add)
   return book, (add, found.index, first_score, found.match)
+
+
+def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: CodebookSettings):
+  """The block's decisions in order (`_decide_one` per edit). HoReN with one Hopfield step and
+  more than one edit retrieves against the pre-block rows through matmuls (`block_retrieval`):
+  the same decisions as the one-at-a-time path, which a block of one keeps.
+
+  Returns:
+    (codebook, (added [B], j [B], first_score [B], match [B])).
+  """
+  b = q_B.shape[0]
+  if settings.method == "grace" or settings.max_iter != 1 or b == 1:
+    return jax.lax.scan(lambda bk, inp: _decide_one(bk, *inp, settings=settings), book,
+                        (q_B, label_Bx2, valid_B, y_p_B))
+  kwargs = settings_kwargs(settings)
+  del kwargs["max_iter"]
+  pre = block_retrieval.prepare(book.keys, book.count, q_B, beta=settings.beta)
+  own_B = jnp.arange(b)
+
+  def body(carry, inp):
+    bk, visible_B, slot_B = carry
+    i, q, label, ok, y_p = inp
+    slot_B = slot_B.at[i].set(bk.count)  # where this edit's key goes if it is appended
+
+    def lookup(_, q_, own):
+      return block_retrieval.retrieve_in_block(pre, i, q_, visible_B | ((own_B == i) & own), slot_B,
+                                               **kwargs)
+
+    bk, out = _decide_one(bk, q, label, ok, y_p, settings, lookup)
+    return (bk, visible_B | ((own_B == i) & out[0]), slot_B), out
+
+  (book, _, _), out = jax.lax.scan(body, (book, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)),
+                                   (own_B, q_B, label_Bx2, valid_B, y_p_B))
+  return book, out
 
 
 def _waves(j_B: jax.Array, valid_B: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -264,9 +304,8 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
                                                                                           p_B)
   y_p = y_BxTxD[rows_B, p_B]
 
-  book, (added, j_B, first_score, match_B) = jax.lax.scan(
-      lambda bk, inp: _decide_one(bk, *inp, settings=settings), book,
-      (q_B, jnp.asarray(label_Bx2, jnp.int32), valid_B, y_p))
+  book, (added, j_B, first_score, match_B) = _decide_block(book, q_B, jnp.asarray(label_Bx2, jnp.int32),
+                                                           valid_B, y_p, settings)
   wave_B, n_waves = _waves(j_B, valid_B)
 
   # Training runs only the window of W = n_label positions [p, p + W) (every label lies in it) through
