@@ -147,6 +147,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("editor.lora_scale", "float", 1.0, "LoRA output scale", _C),
     Setting("editor.grace_eps", "float", 1.0, "GRACE: initial deferral radius of a new key", _C),
     Setting("editor.initial_capacity", "int", 64, "codebook rows preallocated (doubles when full)", _C),
+    Setting("editor.edit_block", "int", 16,
+            "sequential edits per compiled program (1 = one at a time, the reference loop; every "
+            "size gives the same codebook)", _C),
     Setting("editor.seed", "int", 0, "seed of value/LoRA initialisation (--seed sets it)", _C),
     Setting("eval.batch_size", "int", 64, "scoring batch size of `horse-jax edit`", _C),
 )

@@ -81,8 +81,7 @@ def tokenize_edits(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
   if longest > length:
     raise ValueError(f"pair of {longest} tokens does not fit pad_to={length}")
   if pad_id is None:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-        tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+    pad_id = padding_id(tokenizer)
   b = len(rows)
   input_ids = np.full((b, length), pad_id, np.int32)
   mask = np.zeros((b, length), np.int32)
@@ -94,3 +93,32 @@ def tokenize_edits(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
     labels[i, :len(lab)] = lab
     prompt_len[i] = plen
   return EditBatch(input_ids, mask, labels, prompt_len)
+
+
+def padding_id(tokenizer) -> int:
+  """The id written at padded positions: the tokenizer's pad token, else eos, else 0."""
+  if tokenizer.pad_token_id is not None:
+    return int(tokenizer.pad_token_id)
+  return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
+def concat_batches(batches: Sequence[EditBatch], pad_id: int) -> EditBatch:
+  """One batch of all rows, in order, right-padded to the longest batch's length.
+
+  Args:
+    batches: right-padded batches (possibly of different lengths).
+    pad_id: id written at the added padded positions (`padding_id`).
+
+  Returns:
+    EditBatch of sum(B) rows and max(T) columns.
+  """
+  length = max(b.input_ids.shape[1] for b in batches)
+
+  def widen(x, fill):
+    extra = length - x.shape[1]
+    return np.pad(x, ((0, 0), (0, extra)), constant_values=fill) if extra else x
+
+  return EditBatch(np.concatenate([widen(b.input_ids, pad_id) for b in batches]),
+                   np.concatenate([widen(b.attention_mask, 0) for b in batches]),
+                   np.concatenate([widen(b.labels, IGNORE) for b in batches]),
+                   np.concatenate([b.prompt_len for b in batches]))

@@ -168,7 +168,7 @@ def _hypernet_editor(method, model, tokenizer, settings, folder, where, mesh=Non
 
 
 def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) -> Editor:
-  import numpy as np  # noqa: PLC0415
+  from horse_jax.data.tokenize import concat_batches, padding_id  # noqa: PLC0415
   from horse_jax.data.unke import tokenize_record  # noqa: PLC0415
   from horse_jax.editors.codebook import edit as edit_lib, infer  # noqa: PLC0415
   from horse_jax.editors.codebook import settings as cb_settings, state as state_lib  # noqa: PLC0415
@@ -187,19 +187,14 @@ def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) 
 
   def edit(book, records):
     # UnKE records: chat prompts, long targets.
+    if not records:
+      return book, []
     batches = [tokenize_record(tokenizer, record, max_length) for record in records]
-    infos, start = [], 0
-    while start < len(batches):
-      # Requests stay in order (sequential semantics); a run of consecutive ones with one padded
-      # length is one `apply_edits` call: blocks of edits, no host sync per edit.
-      stop, length = start, batches[start].input_ids.shape[1]
-      while stop < len(batches) and batches[stop].input_ids.shape[1] == length:
-        stop += 1
-      run = type(batches[start])(*(np.concatenate(parts) for parts in zip(*batches[start:stop])))
-      book, got = edit_lib.apply_edits(model, book, run, cfg, progress=progress, mesh=mesh)
-      infos.extend(got)
-      start = stop
-    return book, infos
+    # One padded length for the whole call (the longest record's bucket): the requests stay in
+    # order and run as blocks of `editor.edit_block` edits without a host sync per edit; padding
+    # changes no result (masked), and one length means one compiled program per call shape.
+    return edit_lib.apply_edits(model, book, concat_batches(batches, padding_id(tokenizer)), cfg,
+                                progress=progress, mesh=mesh)
 
   def apply(book):
     return Edited(model, infer.logits_fn(model, book, cfg), infer.generate_fn(model, book, cfg))

@@ -69,7 +69,7 @@ from horse_jax.models.hooks import Tap
 from horse_jax.models.layers import attention_bias
 from horse_jax.models.transformer import arch, default_positions, run_layers
 
-DEFAULT_BLOCK = 16  # edits per program in `apply_edits` (1 = the one-at-a-time reference path)
+DEFAULT_BLOCK = CodebookSettings.edit_block  # edits per program (1 = the one-at-a-time reference loop)
 
 # Modules whose output is the last addition of their layer to the residual stream, per model family
 # (GPT-J's attention and MLP read the same input, so both qualify; sequential attention does not).
@@ -502,7 +502,7 @@ def _on_mesh(book: Codebook, mesh) -> bool:
 
 def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: CodebookSettings, *,
                 rows: Iterable[int] | None = None, progress: bool = True,
-                callback: Callable | None = None, block: int = DEFAULT_BLOCK, mesh=None,
+                callback: Callable | None = None, block: int | None = None, mesh=None,
                 fetch_every: int = 64) -> tuple[Codebook, list[dict]]:
   """Applies edits one after another, `block` edits per compiled call, with no host sync per edit.
 
@@ -518,9 +518,9 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
     rows: which rows, in order (default all).
     progress: show a tqdm bar.
     callback: optional fn(done, book) after each block (`done` = edits applied so far in this call).
-    block: edits per program; 1 = the one-at-a-time reference path (any block size gives the same
-      codebook, see the module docstring). A call with fewer edits uses the smallest power of two
-      holding them.
+    block: edits per program (default `settings.edit_block`); 1 = the one-at-a-time reference path
+      (any block size gives the same codebook, see the module docstring). A call with fewer edits
+      uses the smallest power of two holding them.
     mesh: optional (`data`, `model`) mesh: the codebook gets `state.shardings`.
     fetch_every: blocks between two transfers of per-edit info to the host.
 
@@ -530,7 +530,8 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
   rows = np.asarray(list(range(batch.input_ids.shape[0]) if rows is None else rows), np.int64)
   n = len(rows)
   # Short calls use a smaller power-of-two block (at most log2(block) + 1 programs), not a padded one.
-  block = max(1, min(int(block), planned_capacity(max(n, 1), 1)))
+  block = settings.edit_block if block is None else int(block)
+  block = max(1, min(block, planned_capacity(max(n, 1), 1)))
   book = grow(book, planned_capacity(int(book.count) + n, book.capacity))
   book = place(book, mesh)
   ids = np.asarray(batch.input_ids)[rows]

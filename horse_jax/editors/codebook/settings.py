@@ -49,6 +49,8 @@ class CodebookSettings:
     lora_rank, lora_scale: LoRA mode.
     grace_eps: GRACE initial deferral radius.
     initial_capacity: rows preallocated at init.
+    edit_block: edits per compiled program in `edit.apply_edits` (1 = the one-at-a-time loop;
+      the codebook is the same for every size). Not part of the programs' static key.
     seed: base seed for value/LoRA initialisation (folded with the edit counter).
   """
 
@@ -71,6 +73,7 @@ class CodebookSettings:
   lora_scale: float = _d("lora_scale")
   grace_eps: float = _d("grace_eps")
   initial_capacity: int = _d("initial_capacity")
+  edit_block: int = _d("edit_block")
   seed: int = _d("seed")
 
   def __post_init__(self):
@@ -85,9 +88,9 @@ class CodebookSettings:
     if self.label_match not in ("mean", "exact"):
       raise UserError(f"editor.label_match={self.label_match!r}: expected mean or exact")
     parse_strategy(self.strategy)
-    if self.n_iter < 1 or self.max_iter < 0 or self.initial_capacity < 2:
+    if self.n_iter < 1 or self.max_iter < 0 or self.initial_capacity < 2 or self.edit_block < 1:
       raise UserError("editor.n_iter must be >= 1, hopfield_retrieval_max_iter >= 0, "
-                      "initial_capacity >= 2")
+                      "initial_capacity >= 2, edit_block >= 1")
     if self.method == "grace" and self.adapter_mode != "value":
       raise UserError("GRACE supports editor.adapter_mode=value only")
 
@@ -107,7 +110,8 @@ class CodebookSettings:
         "hopfield_key_match_threshold": self.threshold, "label_match": self.label_match,
         "edit_span": self.edit_span,
         "lora_rank": self.lora_rank, "lora_scale": self.lora_scale, "grace_eps": self.grace_eps,
-        "initial_capacity": self.initial_capacity, "seed": self.seed,
+        "initial_capacity": self.initial_capacity, "edit_block": self.edit_block,
+        "seed": self.seed,
     }
 
 
@@ -117,9 +121,11 @@ DYNAMIC = ("edit_lr", "alpha", "beta", "eps", "threshold", "lora_scale", "grace_
 
 
 def split_dynamic(settings: CodebookSettings) -> tuple[CodebookSettings, dict[str, float]]:
-  """(settings with the DYNAMIC fields zeroed: the static jit key, {field: value})."""
+  """(settings with the DYNAMIC fields zeroed: the static jit key, {field: value}).
+
+  `edit_block` is reset too: programs see the block through their shapes, not the setting."""
   numbers = {k: float(getattr(settings, k)) for k in DYNAMIC}
-  return dataclasses.replace(settings, **{k: 0.0 for k in DYNAMIC}), numbers
+  return dataclasses.replace(settings, edit_block=1, **{k: 0.0 for k in DYNAMIC}), numbers
 
 
 def join_dynamic(static: CodebookSettings, numbers) -> CodebookSettings:
@@ -189,6 +195,6 @@ def from_editor_dict(method: str, editor: Mapping[str, Any], layer: str) -> Code
         edit_span=str(e["edit_span"]),
         lora_rank=int(e["lora_rank"]), lora_scale=float(e["lora_scale"]),
         grace_eps=float(e["grace_eps"]), initial_capacity=int(e["initial_capacity"]),
-        seed=int(e["seed"]))
+        edit_block=int(e["edit_block"]), seed=int(e["seed"]))
   except (TypeError, ValueError) as err:
     raise UserError(f"editor settings: {err}") from None
