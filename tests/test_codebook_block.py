@@ -213,3 +213,22 @@ def test_block_retrieval_decides_as_one_at_a_time(normalize, eps):
   in_block_reuse = (~added) & (index > n_pre) & valid
   assert in_block_reuse.any(), (added, index)
   assert added[10] and added[valid].sum() >= 6
+
+
+def test_edit_block_setting_sets_the_block(model, monkeypatch):
+  """`editor.edit_block` is what apply_edits uses when no block is passed (not silently ignored)."""
+  seen = []
+  real = edit.edit_block
+
+  def spy(model_, book, input_ids_BxT, *args, **kwargs):
+    seen.append(input_ids_BxT.shape[0])
+    return real(model_, book, input_ids_BxT, *args, **kwargs)
+
+  monkeypatch.setattr(edit, "edit_block", spy)
+  batch = edits_with_collisions(n=8)
+  run(model, horen(edit_block=4), batch, block=None)
+  assert seen == [4, 4, 4]  # 12 edits in blocks of 4
+  from horse_jax import settings as settings_lib
+  from horse_jax.editors.codebook.settings import from_resolved
+  resolved = settings_lib.resolve("horen", overrides=["editor.edit_block=2"])
+  assert from_resolved(resolved, model.config).edit_block == 2
