@@ -12,11 +12,15 @@ process per host with `--coordinator HOST:PORT --num-processes N --process-id I`
   is_main() / main_print(...)                                process 0 only
   global_array(host_array, sharding)                         every process passes the same values
   to_host(array)                                             the full value on every process
+  replicate(tree, mesh)                                      a copy on every device of the mesh
+  broadcast_text(text) / barrier(name)                       process 0's string / wait for all
+  atomic_directory_all_processes(path)                       a folder every process writes into
   set_cli_mesh(mesh, fsdp) / cli_mesh() / cli_fsdp()         the mesh the running command uses
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -151,6 +155,57 @@ def to_host(x: Any) -> np.ndarray:
 
 def tree_to_host(tree: Any) -> Any:
   return jax.tree_util.tree_map(to_host, tree)
+
+
+def replicate(tree: Any, mesh) -> Any:
+  """Every leaf of `tree` as a global array replicated over `mesh` (None: the tree unchanged).
+
+  Leaves may live on one local device (e.g. a freshly initialized state): each process passes its
+  own copy, which must hold the same value on every process (same seed, same inputs).
+  """
+  if mesh is None:
+    return tree
+  from jax.sharding import NamedSharding, PartitionSpec
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map(lambda x: global_array(to_host(x), replicated), tree)
+
+
+def broadcast_text(text: str, max_bytes: int = 4096) -> str:
+  """Process 0's `text` on every process (each process passes its own; only process 0's counts)."""
+  if jax.process_count() == 1:
+    return text
+  from jax.experimental import multihost_utils
+  data = text.encode("utf-8")
+  if len(data) > max_bytes:
+    raise ValueError(f"broadcast_text: {len(data)} bytes > {max_bytes}")
+  padded = np.zeros(max_bytes + 1, np.uint8)  # the last byte stays 0: the end of every string
+  padded[:len(data)] = np.frombuffer(data, np.uint8)
+  out = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+  return bytes(out[:int(np.argmin(out))]).decode("utf-8")
+
+
+@contextlib.contextmanager
+def atomic_directory_all_processes(path: str):
+  """`horse_jax.io.atomic_directory` when every process writes part of the folder (orbax saves).
+
+  Process 0 creates the temp folder and tells the others its name; when every process has left the
+  block it swaps the folder in whole. `path` must be the same folder on every process (a shared
+  filesystem on several hosts).
+
+  Yields:
+    The temp folder (the same path on every process).
+  """
+  from horse_jax.io import atomic_directory
+  if jax.process_count() == 1:
+    with atomic_directory(path) as tmp:
+      yield tmp
+    return
+  with contextlib.ExitStack() as stack:
+    tmp = stack.enter_context(atomic_directory(path)) if is_main() else ""
+    tmp = broadcast_text(tmp)
+    yield tmp
+    barrier(f"written:{path}")  # every process has finished writing before process 0 swaps
+  barrier(f"swapped:{path}")  # nobody reads `path` before it is in place
 
 
 def barrier(name: str) -> None:

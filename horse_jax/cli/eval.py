@@ -4,6 +4,8 @@
   horse-jax eval --model M --data D --method unedited --n-edits 1 10   (a sweep without a file)
 
 Writes DIR/results.json, DIR/results.md, DIR/plots/*.png and DIR/cells/**.json (all atomically).
+Multi-host (`--coordinator/--num-processes/--process-id` or `--distributed auto`): every process runs
+the same sweep on the global mesh; process 0 alone writes the outputs, prints and shows progress.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def register(sub) -> None:
                  help="teacher-forced scores only, or also greedy generation")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
-  from horse_jax.cli.common import add_mesh_args
-  add_mesh_args(p)  # one host (sweeps write from every process; multi-host is for edit)
+  from horse_jax.cli.common import add_device_args
+  add_device_args(p)
   p.set_defaults(func=run)
 
 
@@ -48,9 +50,12 @@ def run(args) -> int:
   if args.skip_invalid:
     settings["skip_invalid"] = True
   from horse_jax.cli.common import setup_devices
-  setup_devices(args, settings.get("model"))
+  from horse_jax import distributed
+  model = settings.get("model")
+  setup_devices(args, model[0] if isinstance(model, (list, tuple)) and model else model)
   out = args.out or os.path.join("eval", "results", sweep.slug(settings["name"]))
-  results = sweep.run_sweep(settings, out, progress=not args.quiet)
-  print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} cells, "
+  main = distributed.is_main()
+  results = sweep.run_sweep(settings, out, progress=main and not args.quiet, write=main)
+  distributed.main_print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} cells, "
         f"{len(results['plots'])} plot(s))")
   return 0

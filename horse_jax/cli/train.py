@@ -5,10 +5,16 @@ sees exactly the data an uninterrupted run would), predicts shifts, and takes on
 decoupled meta-gradient. Per-step metrics are appended to OUT/metrics.jsonl; orbax checkpoints go to
 OUT/checkpoints every --save-every steps; re-running the same command resumes from the latest one.
 The final hypernetwork is written to OUT/hypernet/ (what `horse-jax edit --hypernet` reads).
+
+Multi-host (`--coordinator/--num-processes/--process-id` or `--distributed auto`): every process
+reads the data and builds the same global batches, runs the same compiled meta-step on the global
+mesh and takes part in orbax's saves of OUT/checkpoints and OUT/hypernet (OUT must be the same
+folder on every host); process 0 alone writes run.json and metrics.jsonl, prints and shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -78,10 +84,9 @@ def run(args) -> int:
   if (args.steps is not None and args.steps < 1) or args.save_every < 1:
     raise UserError("--steps and --save-every must be >= 1")
   from horse_jax.cli.common import setup_devices
-  setup_devices(args, args.model)
-  if jax.process_count() > 1:  # checkpoints and logs are not yet written by process 0 alone
-    raise UserError("horse-jax train: multi-host training is not supported yet; train on one host "
-                    "(--mesh spans all of its devices)")
+  from horse_jax import distributed
+  mesh = setup_devices(args, args.model)
+  main = distributed.is_main()
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
   from horse_jax.models import read_config
@@ -101,13 +106,17 @@ def run(args) -> int:
                        skip_invalid=getattr(args, "skip_invalid", False)) if args.valid else []
   valid_every = args.valid_every or args.save_every
 
-  os.makedirs(args.out, exist_ok=True)
-  atomic_write_json(os.path.join(args.out, "run.json"),
-                    {"method": args.method, "model": args.model, "data": args.data, "valid": args.valid,
-                     "seed": args.seed, "steps": args.steps, "settings": settings, "config": cfg.to_dict(),
-                     "effective_settings": resolved.effective(), "ignored_settings": resolved.ignored})
+  if main:
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_json(os.path.join(args.out, "run.json"),
+                      {"method": args.method, "model": args.model, "data": args.data, "valid": args.valid,
+                       "seed": args.seed, "steps": args.steps, "settings": settings, "config": cfg.to_dict(),
+                       "effective_settings": resolved.effective(), "ignored_settings": resolved.ignored})
+  distributed.barrier("train:out")  # the folder exists before orbax looks at it from other processes
   mgr = ckpt.manager(os.path.join(args.out, "checkpoints"))
-  template = hypernet.init(cfg, jax.random.PRNGKey(args.seed))
+  # Multi-host: a global array replicated on the mesh (orbax saves those once, restores into them).
+  template = distributed.replicate(hypernet.init(cfg, jax.random.PRNGKey(args.seed)),
+                                   mesh if jax.process_count() > 1 else None)
   try:
     state = ckpt.restore_latest(mgr, template)
   except (ValueError, KeyError) as err:
@@ -115,34 +124,35 @@ def run(args) -> int:
   start = 0 if state is None else int(state.step)
   state = template if state is None else state
   metrics_path = os.path.join(args.out, "metrics.jsonl")
-  _truncate_metrics(metrics_path, start)
+  if main:
+    _truncate_metrics(metrics_path, start)
   if start:
-    print(f"resuming from step {start}")
+    distributed.main_print(f"resuming from step {start}")
 
   # Steps are dispatched asynchronously: while step t runs, the host tokenizes and packs step t + 1
   # (tokenizations are memoized across steps) and only then fetches step t's metrics. A step's
   # "seconds" is the time between two consecutive metric fetches (steady-state time per step).
-  from horse_jax import distributed
-  mesh = distributed.cli_mesh()
   step_tok = hypernet.data.MemoTokenizer(tokenizer)
   packer = hypernet.Packer(cfg.chunk, 8 if mesh is None else max(8, mesh.shape["data"]))
   last = [time.time()]
 
   def finish(step, metrics, log, bar, extra=None):
-    try:
-      m = hypernet.check_metrics(metrics)
+    try:  # every process checks (all stop together); multi-host: the values are gathered first
+      m = hypernet.check_metrics(distributed.tree_to_host(metrics))
     except FloatingPointError:
       raise UserError(f"non-finite meta-training loss at step {step + 1}; last good checkpoint: "
                       f"step {mgr.latest_step()} in {args.out}/checkpoints") from None
     now = time.time()
     row = {"step": step + 1, **m, "seconds": round(now - last[0], 3), **(extra or {})}
     last[0] = now
-    log.write(json.dumps(row) + "\n")
-    log.flush()
+    if log is not None:
+      log.write(json.dumps(row) + "\n")
+      log.flush()
     bar.set_postfix(gen=f"{m['gen_loss']:.3f}", loc=f"{m['loc_loss']:.3f}")
 
-  with open(metrics_path, "a", encoding="utf-8") as log:
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {args.method}")
+  with (open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext()) as log:
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {args.method}",
+               disable=not main)
     pending = None
     for step in bar:
       records = [train[i] for i in step_indices(args.seed, step, len(train), n_edits)]
@@ -163,5 +173,5 @@ def run(args) -> int:
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
           ckpt.save_step(mgr, state)
   ckpt.save_hypernet(os.path.join(args.out, "hypernet"), cfg, state, settings)
-  print(f"hypernetwork -> {os.path.join(args.out, 'hypernet')}")
+  distributed.main_print(f"hypernetwork -> {os.path.join(args.out, 'hypernet')}")
   return 0

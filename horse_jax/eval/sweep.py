@@ -147,7 +147,7 @@ def _load_model(path: str, settings):
 
 
 def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
-              loaded: Mapping[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+              loaded: Mapping[str, tuple[Any, Any]] | None = None, write: bool = True) -> dict[str, Any]:
   """Runs every cell of a sweep and writes results.json, results.md, plots/ and cells/ under `out`.
 
   Args:
@@ -155,6 +155,7 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     out: output folder.
     progress: show tqdm bars.
     loaded: optional {model path: (Model, tokenizer)} already in memory (tests, notebooks).
+    write: write the files and print notes (multi-host: process 0 only; the others compute alike).
 
   Returns:
     The results dict that was written to results.json.
@@ -176,7 +177,8 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     if unke.is_unke(records[0]) and hypernet:
       raise UserError(f"sweep: {path} holds UnKE (unstructured) records, edited by horen, grace "
                       f"(or scored unedited), not by {', '.join(hypernet)}")
-  os.makedirs(out, exist_ok=True)
+  if write:
+    os.makedirs(out, exist_ok=True)
   results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
                              "cells": [], "skipped": [], "aggregate": [],
                              "effective_settings": []}
@@ -221,7 +223,8 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
         for n in counts:
           if n > len(records):
             note = f"{entry['label']}: n_edits={n} > {len(records)} records in {data_path}"
-            print(f"sweep: skipped {note}", file=sys.stderr)
+            if write:
+              print(f"sweep: skipped {note}", file=sys.stderr)
             results["skipped"].append(note)
         if not usable:
           continue
@@ -233,13 +236,17 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
             cells = _run_sequential(ctx, entry, records, order, usable, seed, ev, progress)
           for cell in cells:
             cell.update(group)
-            if ev["save_cells"]:
+            if ev["save_cells"] and write:
               _save_cell(out, cell)
             cell.pop("scores", None)
             results["cells"].append(cell)
-          atomic_write_json(os.path.join(out, "results.json"), json_safe(results))  # partial progress
+          if write:
+            atomic_write_json(os.path.join(out, "results.json"), json_safe(results))  # partial progress
   results["aggregate"] = tables.aggregate(results["cells"])
   results["complete"] = True
+  if not write:
+    results["plots"] = []
+    return results
   results["plots"] = [os.path.relpath(p, out) for p in plots.plot_sweep(results["aggregate"], os.path.join(out, "plots"))]
   atomic_write_text(os.path.join(out, "results.md"), tables.markdown(results))
   atomic_write_json(os.path.join(out, "results.json"), json_safe(results))

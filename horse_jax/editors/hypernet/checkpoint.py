@@ -19,7 +19,8 @@ from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet.config import HypernetConfig
 from horse_jax.editors.hypernet.editor import HypernetState, init
 from horse_jax.errors import UserError
-from horse_jax.io import atomic_directory, atomic_write_json
+from horse_jax.distributed import atomic_directory_all_processes, is_main, to_host
+from horse_jax.io import atomic_write_json
 
 CONFIG_FILE = "hypernet.json"
 
@@ -46,13 +47,25 @@ def _abstract(tree):
 
 def save_hypernet(path: str | os.PathLike, cfg: HypernetConfig, state: HypernetState,
                   settings: dict[str, Any] | None = None) -> None:
-  """Writes a hypernet folder atomically (replaced whole on success)."""
-  with atomic_directory(path) as tmp:
+  """Writes a hypernet folder atomically (replaced whole on success).
+
+  Multi-host: every process calls this with the same `path` (orbax saves collectively and writes
+  each replicated array once); process 0 writes hypernet.json and swaps the folder in.
+
+  Args:
+    path: the hypernet folder (replaced if it exists).
+    cfg: the static config written to hypernet.json.
+    state: the trained state (multi-host: arrays replicated over the global mesh).
+    settings: the settings it was trained with (for the record).
+  """
+  step = int(to_host(state.step))
+  with atomic_directory_all_processes(os.path.abspath(os.fspath(path))) as tmp:
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(os.path.abspath(tmp), "state"), to_tree(state, with_opt=False))
+    ckptr.save(os.path.join(tmp, "state"), to_tree(state, with_opt=False))
     ckptr.wait_until_finished()
-    atomic_write_json(os.path.join(tmp, CONFIG_FILE),
-                      {"config": cfg.to_dict(), "settings": settings or {}, "step": int(state.step)})
+    if is_main():
+      atomic_write_json(os.path.join(tmp, CONFIG_FILE),
+                        {"config": cfg.to_dict(), "settings": settings or {}, "step": step})
 
 
 def load_hypernet(path: str | os.PathLike) -> tuple[HypernetConfig, HypernetState, dict]:
@@ -104,19 +117,25 @@ def load_for_editing(path: str | os.PathLike, method: str, model, chunk: int,
 
 
 def manager(folder: str | os.PathLike, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  """A CheckpointManager for training checkpoints under `folder`."""
+  """A CheckpointManager for training checkpoints under `folder` (multi-host: every process makes
+  one for the same folder)."""
   return ocp.CheckpointManager(os.path.abspath(os.fspath(folder)),
                                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
 
 
 def save_step(mgr: ocp.CheckpointManager, state: HypernetState) -> None:
-  """Saves the full training state at its step and waits until it is on disk."""
-  mgr.save(int(state.step), args=ocp.args.StandardSave(to_tree(state)))
+  """Saves the full training state at its step and waits until it is on disk.
+
+  Multi-host: every process calls this (orbax's save is collective; each replicated array is written
+  once and process 0 finalizes the step folder).
+  """
+  mgr.save(int(to_host(state.step)), args=ocp.args.StandardSave(to_tree(state)))
   mgr.wait_until_finished()
 
 
 def restore_latest(mgr: ocp.CheckpointManager, template: HypernetState) -> HypernetState | None:
-  """The latest checkpointed state (None when there is none)."""
+  """The latest checkpointed state (None when there is none), placed like `template`'s arrays
+  (multi-host: give a template replicated over the global mesh, `distributed.replicate`)."""
   step = mgr.latest_step()
   if step is None:
     return None
