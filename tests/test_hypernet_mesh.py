@@ -77,9 +77,9 @@ def test_mesh_edit_equals_single_device(setup, method, mesh_shape):
   cache, _ = jax.jit(program.cache_rows, static_argnames=("cfg", "mesh"))(
       sharded, state.norms, dev, cfg=cfg, mesh=mesh)
   assert packed.rows.shape[0] % 8 == 0
-  for n in cfg.modules:
-    assert split(cache.keys[n], mesh_shape) == (8, 1), cache.keys[n].sharding  # rows
-    assert split(cache.grads[n], mesh_shape) == (8, 1), cache.grads[n].sharding
+  assert len(cache.keys) == len(cache.grads) == 1  # both modules share one hypernetwork: one run
+  for x in cache.keys + cache.grads:  # [modules, rows, width]: rows split
+    assert x.shape[0] == len(cfg.modules) and split(x, mesh_shape) == (1, 8, 1), x.sharding
 
 
 @pytest.mark.slow

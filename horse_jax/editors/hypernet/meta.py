@@ -80,9 +80,76 @@ def _chunk_vjp(fn, net, xs, cot, acc):
   return out
 
 
+def decoupled_grads_stacked(nets: dict, norms: dict, stacked, solved, dshifts: list,
+                            cfg: HypernetConfig, chunk: int, mesh=None) -> dict:
+  """dLoss/d(hypernetwork params) from dLoss/dS, one `lax.scan` over the modules of each run.
+
+  Only one module's Cholesky factor (gathered from its row-split copy, or recomputed), solve and
+  chunked hypernetwork backward are alive at a time.
+
+  Args:
+    nets: shape key -> hypernetwork params.
+    norms: shape key -> NormState (constants).
+    stacked: the `shifts.Stacked` cache the shifts were predicted from.
+    solved: `shifts.Solved` of the forward; its factors may be None (then recomputed here).
+    dshifts: per run [M, d_k, d_v] dLoss/dS (`shifts.stack_modules`).
+    cfg: editor config.
+    chunk: rows per chunk.
+    mesh: (`data`, `model`) Mesh or None: X is solved column-split over `model` like the shifts.
+
+  Returns:
+    Gradients with the structure of `nets`.
+  """
+  grads = jax.tree_util.tree_map(jnp.zeros_like, nets)
+  chunks = functools.partial(shifts_lib._chunks, chunk=chunk)
+  horse = cfg.method == "horse"
+  prev = None
+  for r, run in enumerate(shifts_lib.module_runs(cfg)):
+    skey = cfg.shape_keys[run[0]]
+    net, norm = nets[skey], norms[skey]
+    k_run, g_run = stacked.keys[r], stacked.grads[r]
+    m_run, spread_run = shifts_lib.run_inputs(cfg, run)
+    mm_run = dshifts[r].astype(jnp.float32)
+    if cfg.method == "mend":
+      def mend_body(acc, xs, norm=norm):
+        k, g, mm, m = xs
+        cot = jnp.broadcast_to(mm, (k.shape[0] // chunk, *mm.shape))
+        fn = lambda p, kc, gc, vc: shifts_lib.chunk_rank_one(p, norm, m, kc, gc, vc)
+        return _chunk_vjp(fn, net, (chunks(k), chunks(g), chunks(stacked.valid)), cot, acc), None
+      grads[skey], _ = lax.scan(mend_body, grads[skey], (k_run, g_run, mm_run, m_run))
+      continue
+    if prev is None:
+      prev = (jnp.zeros_like(g_run[0]), jnp.zeros_like(g_run[0])) if horse else ()
+    f_run = None if solved.factors is None else solved.factors[r]
+
+    def body(carry, xs, net=net, norm=norm):
+      acc, prev_dg = carry
+      k, g, d, s, mm, m, has_prev, stored = xs
+      lam = net["lamda"][m]
+      # The factor is a constant of the backward (lamda's own gradient is the closed form below).
+      if stored is None:
+        factor = lax.stop_gradient(shifts_lib.ridge_factor(k, lam, mesh)[0])
+      else:
+        factor = lax.stop_gradient(stored)
+      x = shifts_lib.solve_cols((factor, True), mm, mesh)
+      d_cot = jnp.matmul(k, x, precision=HI)
+      if cfg.method == "malmen":
+        acc = {**acc, "lamda": acc["lamda"].at[m].add(-jnp.exp(lam) * jnp.sum(x * s))}
+      if horse:
+        _, vjp = jax.vjp(lambda dd: shifts_lib.spread_one(dd, *prev_dg, cfg.spread, has_prev), d)
+        (d_cot,) = vjp(d_cot)
+      fn = lambda p, kc, gc: shifts_lib.chunk_diffs(p, norm, m, kc, gc)
+      acc = _chunk_vjp(fn, net, (chunks(k), chunks(g)), chunks(d_cot), acc)
+      return (acc, (d, g) if horse else ()), None
+
+    xs = (k_run, g_run, solved.diffs[r], solved.shifts[r], mm_run, m_run, spread_run, f_run)
+    (grads[skey], prev), _ = lax.scan(body, (grads[skey], prev), xs)
+  return grads
+
+
 def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, dshifts: dict,
-                    cfg: HypernetConfig, chunk: int, mesh=None, factors: dict | None = None) -> dict:
-  """dLoss/d(hypernetwork params) from dLoss/dS (see module docstring).
+                    cfg: HypernetConfig, chunk: int, mesh=None) -> dict:
+  """`decoupled_grads_stacked` on per-module dicts (the Cholesky factors are recomputed).
 
   Args:
     nets: shape key -> hypernetwork params.
@@ -93,41 +160,15 @@ def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, d
     dshifts: {name: dLoss/dS [d_k, d_v]}.
     cfg: editor config.
     chunk: rows per chunk.
-    mesh: (`data`, `model`) Mesh or None: X is solved column-split over `model` like the shifts.
-    factors: {name: Cholesky factor} from `shifts.shifts_and_factors` (recomputed when None).
+    mesh: (`data`, `model`) Mesh or None.
 
   Returns:
     Gradients with the structure of `nets`.
   """
-  grads = jax.tree_util.tree_map(jnp.zeros_like, nets)
-  chunks = functools.partial(shifts_lib._chunks, chunk=chunk)
-  prev = None
-  for l, (name, skey, m) in enumerate(zip(cfg.modules, cfg.shape_keys, cfg.module_index)):
-    net, norm = nets[skey], norms[skey]
-    k, g, mm = cache.keys[name], cache.grads[name], dshifts[name].astype(jnp.float32)
-    if cfg.method == "mend":
-      n_chunks = k.shape[0] // chunk
-      cot = jnp.broadcast_to(mm, (n_chunks, *mm.shape))
-      fn = lambda p, kc, gc, vc, m=m, norm=norm: shifts_lib.chunk_rank_one(p, norm, m, kc, gc, vc)
-      grads[skey] = _chunk_vjp(fn, net, (chunks(k), chunks(g), chunks(cache.valid)), cot, grads[skey])
-      continue
-    lam = net["lamda"][m]
-    # The factor is a constant of the backward (lamda's own gradient is the closed form below).
-    factor = (shifts_lib.ridge_factor(k, lam, mesh) if factors is None
-              else (lax.stop_gradient(factors[name][0]), factors[name][1]))
-    x = shifts_lib.solve_cols(factor, mm, mesh)
-    d_cot = jnp.matmul(k, x, precision=HI)
-    if cfg.method == "malmen":
-      lam_grad = -jnp.exp(lam) * jnp.sum(x * shifts[name])
-      grads[skey]["lamda"] = grads[skey]["lamda"].at[m].add(lam_grad)
-    if cfg.method == "horse" and l > 0:
-      _, vjp = jax.vjp(lambda d: shifts_lib.spread_one(d, diffs[prev], cache.grads[prev], cfg.spread),
-                       diffs[name])
-      (d_cot,) = vjp(d_cot)
-    fn = lambda p, kc, gc, m=m, norm=norm: shifts_lib.chunk_diffs(p, norm, m, kc, gc)
-    grads[skey] = _chunk_vjp(fn, net, (chunks(k), chunks(g)), chunks(d_cot), grads[skey])
-    prev = name
-  return grads
+  stack = functools.partial(shifts_lib.stack_modules, cfg=cfg)
+  solved = shifts_lib.Solved(stack(shifts), None if cfg.method == "mend" else stack(diffs), None)
+  return decoupled_grads_stacked(nets, norms, shifts_lib.stack_cache(cache, cfg), solved,
+                                 stack(dshifts), cfg, chunk, mesh)
 
 
 decoupled_grads_jit = jax.jit(decoupled_grads, static_argnames=("cfg", "chunk", "mesh"))

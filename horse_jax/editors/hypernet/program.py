@@ -43,9 +43,8 @@ from horse_jax.data.tokenize import IGNORE
 from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet import packing
 from horse_jax.editors.hypernet import shifts as shifts_lib
-from horse_jax.editors.hypernet.cache import Cache
 from horse_jax.editors.hypernet.config import HypernetConfig
-from horse_jax.editors.hypernet.meta import decoupled_grads
+from horse_jax.editors.hypernet.meta import decoupled_grads_stacked
 from horse_jax.editors.hypernet.packing import Packed
 from horse_jax.models import Hooks, Model
 from horse_jax.models import layers as layers_lib
@@ -162,7 +161,7 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
   """Keys / value grads at the cached rows and the normalizers updated in reference order.
 
   Returns:
-    (Cache with rows split as `_cache_spec` says, updated norms).
+    (`shifts.Stacked` cache, rows split as `_cache_spec` says, updated norms).
   """
   low = cfg.lowest_layer
   n, parts = _chunks(packed)
@@ -198,23 +197,35 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
   init = tuple({m: _constrain(jnp.zeros((n_rows, d[i]), jnp.float32), mesh, spec)
                 for m, d in zip(cfg.modules, cfg.shapes)} for i in (0, 1))
   keys, vgrads = _scan(body, init, n, (jnp.arange(n),) + parts)
-  keys = {m: _constrain(k * valid[:, None], mesh, spec) for m, k in keys.items()}
-  vgrads = {m: _constrain(g * valid[:, None], mesh, spec) for m, g in vgrads.items()}
+  # Stacked by run of modules sharing a hypernetwork (the solves scan over them); the padding mask
+  # fuses into the stacking copy.
+  stacked_spec = P(None, *spec)
+  stack = lambda per_module: [_constrain(x * valid[None, :, None], mesh, stacked_spec)
+                              for x in shifts_lib.stack_modules(per_module, cfg)]
+  cache = shifts_lib.Stacked(stack(keys), stack(vgrads), valid)
 
   # One update per mini-batch and module, in the reference order (batch by batch, modules in config
   # order inside a batch; the running statistics depend on the grouping). Each module's per-batch
-  # statistics come from segment sums over its rows; only the [batches, width] results are merged.
+  # statistics come from segment sums over its rows (keys and value grads separately: the
+  # statistics are per column), one module at a time (`lax.map`); only the [batches, width]
+  # results are merged.
   n_batches = packed.batch_rows.shape[0]
+
+  def module_stats(kg):
+    (m_k, mean_k, var_k), (_, mean_g, var_g) = (
+        normalizer.group_stats(x, valid, packed.row_batch, n_batches) for x in kg)
+    return m_k, jnp.concatenate([mean_k, mean_g], -1), jnp.concatenate([var_k, var_g], -1)
+
   stats: dict = {}
-  for name, skey in zip(cfg.modules, cfg.shape_keys):
-    x = jnp.concatenate([keys[name], vgrads[name]], -1)
-    stats.setdefault(skey, []).append(normalizer.group_stats(x, valid, packed.row_batch, n_batches))
+  for run, k_run, g_run in zip(shifts_lib.module_runs(cfg), cache.keys, cache.grads):
+    stats.setdefault(cfg.shape_keys[run[0]], []).append(lax.map(module_stats, (k_run, g_run)))
   norms = dict(norms)
-  for skey, per_module in stats.items():
-    # [batches, modules, ...] -> batch-major sequence: batch j of module a, of module b, ...
-    seq = [jnp.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:]) for parts in zip(*per_module)]
+  for skey, per_run in stats.items():
+    # [modules, batches, ...] -> batch-major sequence: batch j of module a, of module b, ...
+    seq = [jnp.swapaxes(jnp.concatenate(parts), 0, 1).reshape(-1, *parts[0].shape[2:])
+           for parts in zip(*per_run)]
     norms[skey] = normalizer.merge_groups(norms[skey], *seq)
-  return Cache(keys, vgrads, valid), norms
+  return cache, norms
 
 
 def _chunk(cfg: HypernetConfig, n_rows: int) -> int:
@@ -247,7 +258,8 @@ def edit_program(nets: dict, norms: dict, model: Model, edits: Packed, cfg: Hype
   """
   cache, norms = cache_rows(model, norms, edits, cfg, mesh)
   chunk = _chunk(cfg, edits.rows.shape[0])
-  shifts, _ = shifts_lib.shifts_from_cache(nets, norms, cache, cfg, chunk, mesh)
+  solved = shifts_lib.solve_stacked(nets, norms, cache, cfg, chunk, mesh)
+  shifts = shifts_lib.unstack_modules(solved.shifts, cfg)
   shifts = {n: _constrain(s, mesh, _shift_spec(mesh, s.shape[1])) for n, s in shifts.items()}
   return shifts, _replicate(norms, mesh)
 
@@ -309,9 +321,11 @@ def train_program(state, model: Model, edits: Packed, rephrase: Packed, loc: Pac
   from horse_jax.editors.hypernet.editor import optimizer
   cache, norms = cache_rows(model, state.norms, edits, cfg, mesh)
   chunk = _chunk(cfg, edits.rows.shape[0])
-  shifts, diffs, factors = shifts_lib.shifts_and_factors(state.nets, norms, cache, cfg, chunk, mesh)
+  solved = shifts_lib.solve_stacked(state.nets, norms, cache, cfg, chunk, mesh)
+  shifts = shifts_lib.unstack_modules(solved.shifts, cfg)
   gen, locl, dshifts = meta_losses(model, shifts, rephrase, loc, cfg, mesh)
-  grads = decoupled_grads(state.nets, norms, cache, shifts, diffs, dshifts, cfg, chunk, mesh, factors)
+  grads = decoupled_grads_stacked(state.nets, norms, cache, solved,
+                                  shifts_lib.stack_modules(dshifts, cfg), cfg, chunk, mesh)
   if cfg.method != "malmen":  # only MALMEN trains lamda
     grads = {k: {**g, "lamda": jnp.zeros_like(g["lamda"])} for k, g in grads.items()}
   gnorm = optax.tree.norm(grads)
