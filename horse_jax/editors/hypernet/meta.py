@@ -12,7 +12,9 @@ holding the whole graph:
   MEND: vjp(chunk -> partial S)(M_l) per chunk.
 
 The result equals `jax.grad` of the loss through `shifts.shifts_from_cache` (tested), but memory is
-one chunk's activations plus the [R, d_v] cotangent, not the whole token stream's graph.
+one chunk's activations plus the [R, d_v] cotangent, not the whole token stream's graph; modules
+sharing a hypernetwork run in one `lax.scan` (as in `shifts.solve_stacked`), so one module's
+factor and solve are alive at a time.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@
   2. cache: keys (captured inputs) and value gradients (d of the weighted label CE w.r.t. zero
      offsets on the module outputs), gathered at the cached rows;
   3. the normalizer folded in mini-batch by mini-batch, module by module (reference order);
-  4. shifts (`shifts.shifts_from_cache`: hypernetwork, spread, ridge solve);
+  4. shifts (`shifts.solve_stacked`: hypernetwork, spread, ridge solve);
   5. train only: CE of the rephrases + CE / KL of the locality prompts with the shifts applied, the
-     gradient dLoss/dS, the decoupled backward (`meta.decoupled_grads`), global-norm clip and Adam.
+     gradient dLoss/dS, the decoupled backward (`meta.decoupled_grads_stacked`), global-norm clip
+     and Adam.
 
 Nothing syncs with the host; metrics come back as device scalars. The state argument of
 `train_program` is donated.
@@ -27,7 +28,10 @@ edits does not sit whole on each device of a `model`-only mesh (K^T K is then a 
 grams, which XLA all-reduces); the
 right-hand side K^T D, the solve and the shifts are split by output column over `model` (one Cholesky
 factor, replicated; columns solve independently, `shard_map`); hypernetwork state is replicated.
-Modules are solved one after another inside the program (XLA frees each module's temporaries).
+The cache is stacked by run of modules sharing a hypernetwork (`shifts.Stacked`), and the
+normalizer statistics, the solves and the meta backward each scan over the modules, so one
+module's temporaries (its [d_k, d_k] ridge factor above all) are alive at a time; the forward keeps
+each factor for the backward split by row over `model`.
 """
 
 from __future__ import annotations
