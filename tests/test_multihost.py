@@ -77,3 +77,113 @@ def test_two_processes_write_one_folder_equal_to_one_process(tmp_path, method):
   wa, wb = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("single", "multi"))
   for name in wa:
     np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+
+
+TRAIN = ["--method", "horse", "--save-every", "2", "--seed", "3", "--set", "data.n_edits=8",
+         "--set", "data.batch_size=4", "--set", "editor.rank=16", "--set", "editor.meta_lr=1e-3",
+         "--set", "editor.batch_size=16",
+         "--set", "model.edit_modules=[model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj]"]
+# Each process runs its commands in one interpreter (one JAX runtime, compiled programs reused).
+DRIVER = ("import json, sys, time\nfrom horse_jax.cli.main import main\n"
+          "for command in json.loads(sys.argv[1]):\n  start = time.time()\n  rc = main(command)\n"
+          "  print(f'driver: {command[0]} rc {rc} in {time.time() - start:.1f} s', flush=True)\n"
+          "  if rc:\n    sys.exit(rc)\n")
+
+
+def _launch_two(commands_of, timeout=600):
+  """Runs DRIVER in two processes x 4 CPU devices joined on a 2x4 mesh; returns their logs."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+  flags = ["--mesh", "2x4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen([sys.executable, "-c", DRIVER,
+                             json.dumps([[*c, *flags, "--process-id", str(i)] for c in commands_of(i)])],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-4000:] for log in logs)
+  return logs
+
+
+def _metrics_rows(path):
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  for row in rows:
+    row.pop("seconds")  # wall time
+  return rows
+
+
+def _hypernet_leaves(path):
+  import jax
+  from horse_jax.editors.hypernet.checkpoint import load_hypernet
+  _, state, _ = load_hypernet(path)
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves((state.nets, state.norms))]
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_eval_like_one_process(tmp_path):
+  tok, vocab = tiny_tokenizer()
+  tok.save_pretrained(str(tmp_path / "tok"))
+  save_pretrained(random_model(tiny_llama_config(vocab_size=vocab, num_layers=3), seed=0),
+                  str(tmp_path / "llama"), tokenizer_src=str(tmp_path / "tok"))
+  rng = np.random.default_rng(0)
+  for name, n in (("train.json", 40), ("valid.json", 12)):
+    (tmp_path / name).write_text(json.dumps(zsre_rows(rng, n)))
+  data = ["--model", str(tmp_path / "llama"), "--data", str(tmp_path / "train.json"),
+          "--valid", str(tmp_path / "valid.json")]
+
+  def train(out, steps):
+    return ["train", *data, *TRAIN, "--out", str(out), "--steps", str(steps)]
+
+  # The sweep edits with the single-process hypernetwork in both runs, so the scores can be equal.
+  (tmp_path / "sweep.yaml").write_text(json.dumps({
+      "name": "mh", "model": str(tmp_path / "llama"), "data": str(tmp_path / "valid.json"),
+      "n_edits": [8], "seeds": [0],
+      "methods": ["unedited", {"name": "horse", "hypernet": str(tmp_path / "single" / "hypernet")}]}))
+
+  def sweep(out):
+    return ["eval", "--config", str(tmp_path / "sweep.yaml"), "--out", str(out), "--quiet"]
+
+  assert main(train(tmp_path / "single", 3)) == 0
+  assert main(sweep(tmp_path / "single_eval")) == 0
+
+  # Both processes train into the same folder (orbax saves collectively): 2 steps, then resume to 3.
+  # The sweep's process 1 is given another --out to prove it writes nothing.
+  logs = _launch_two(lambda i: [train(tmp_path / "multi", 2), train(tmp_path / "multi", 3),
+                                sweep(tmp_path / ("multi_eval" if i == 0 else "multi_eval_process1"))])
+  print("\n".join(line for line in logs[0].splitlines() if line.startswith("driver:")))
+  for text in ("resuming from step 2", "hypernetwork ->", "wrote "):
+    assert text in logs[0] and text not in logs[1]  # process 0 alone prints
+  assert "train horse" not in logs[1]  # no progress bar on process 1
+
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  assert sorted(os.listdir(multi)) == sorted(os.listdir(single))
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]  # atomic folder swaps done
+  assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
+  assert json.loads((multi / "run.json").read_text()) == json.loads((single / "run.json").read_text())
+  rows_single, rows_multi = _metrics_rows(single / "metrics.jsonl"), _metrics_rows(multi / "metrics.jsonl")
+  assert [sorted(r) for r in rows_multi] == [sorted(r) for r in rows_single]
+  assert [r["step"] for r in rows_multi] == [1, 2, 3] and "valid_edit_acc" in rows_multi[1]
+  for a, b in zip(rows_single, rows_multi):
+    for key in a:  # float32 losses summed in another order over the 2x4 mesh
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
+  leaves_single, leaves_multi = _hypernet_leaves(single / "hypernet"), _hypernet_leaves(multi / "hypernet")
+  assert len(leaves_single) == len(leaves_multi)
+  for a, b in zip(leaves_single, leaves_multi):
+    # Adam divides by sqrt(v): a gradient entry near zero, summed in another order over the mesh,
+    # moves its weight by a few 1e-4 of the leaf's scale; the leaf as a whole agrees to 1e-4.
+    assert np.linalg.norm(b - a) <= 1e-4 * np.linalg.norm(a)
+    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * np.abs(a).max())
+  assert any(np.abs(a).max() > 0 for a in leaves_multi)
+
+  assert not (tmp_path / "multi_eval_process1").exists()
+  ea, eb = tmp_path / "single_eval", tmp_path / "multi_eval"
+  files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+  assert files(eb) == files(ea) and any(f.startswith("cells/") for f in files(ea))
+  ra, rb = (json.loads((d / "results.json").read_text()) for d in (ea, eb))
+  assert [c["method"] for c in rb["cells"]] == [c["method"] for c in ra["cells"]] == ["unedited", "horse"]
+  assert [c["summary"] for c in rb["cells"]] == [c["summary"] for c in ra["cells"]]
+  no_time = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+  assert no_time(rb["aggregate"]) == no_time(ra["aggregate"])
+  ca, cb = (json.loads(next(d.rglob("horse/n8_seed0_at_once.json")).read_text()) for d in (ea, eb))
+  assert ca["records"] == cb["records"] and ca["summary"]["edit_acc"] is not None

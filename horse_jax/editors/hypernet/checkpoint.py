@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet.config import HypernetConfig
@@ -41,8 +42,20 @@ def from_tree(tree: dict, template: HypernetState) -> HypernetState:
                        tree.get("step", template.step))
 
 
-def _abstract(tree):
-  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+def _abstract(tree, mesh=None):
+  """Shapes and dtypes of `tree` with their shardings (or, given a mesh, replicated over it)."""
+  if mesh is None:
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
+
+
+def _params_mesh(params):
+  """The mesh a model's weights are sharded over (None: not on a mesh)."""
+  for leaf in jax.tree_util.tree_leaves(params):
+    if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+      return leaf.sharding.mesh
+  return None
 
 
 def save_hypernet(path: str | os.PathLike, cfg: HypernetConfig, state: HypernetState,
@@ -68,8 +81,14 @@ def save_hypernet(path: str | os.PathLike, cfg: HypernetConfig, state: HypernetS
                         {"config": cfg.to_dict(), "settings": settings or {}, "step": step})
 
 
-def load_hypernet(path: str | os.PathLike) -> tuple[HypernetConfig, HypernetState, dict]:
-  """(config, state with a fresh optimizer, settings) from a hypernet folder."""
+def load_hypernet(path: str | os.PathLike, mesh=None) -> tuple[HypernetConfig, HypernetState, dict]:
+  """(config, state with a fresh optimizer, settings) from a hypernet folder.
+
+  Args:
+    path: hypernet folder.
+    mesh: restore the arrays replicated over this mesh (it may span processes), so that programs on
+      a sharded model take them; None: on one device.
+  """
   path = os.path.abspath(os.fspath(path))
   meta_file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(meta_file):
@@ -78,7 +97,7 @@ def load_hypernet(path: str | os.PathLike) -> tuple[HypernetConfig, HypernetStat
     meta = json.load(f)
   cfg = HypernetConfig.from_dict(meta["config"])
   template = init(cfg, jax.random.PRNGKey(0))
-  target = _abstract(to_tree(template, with_opt=False))
+  target = _abstract(to_tree(template, with_opt=False), mesh)
   tree = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
   state = from_tree(tree, template)
   return cfg, state._replace(step=jnp.asarray(meta.get("step", 0), jnp.int32)), meta.get("settings", {})
@@ -106,7 +125,7 @@ def load_for_editing(path: str | os.PathLike, method: str, model, chunk: int,
   import dataclasses
   from horse_jax.editors.hypernet.config import module_shapes
   where = where or str(path)
-  cfg, state, _ = load_hypernet(path)
+  cfg, state, _ = load_hypernet(path, _params_mesh(model.params))
   if cfg.method != method:
     raise UserError(f"{where}: trained for {cfg.method!r}, not {method!r}")
   shapes = module_shapes(model.params, cfg.modules)
