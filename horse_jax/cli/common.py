@@ -33,7 +33,8 @@ def add_distributed_args(p) -> None:
 
 
 def add_device_args(p, multihost: bool = True) -> None:
-  """--mesh and --fsdp, plus the multi-host flags when the command edits or trains."""
+  """--mesh and --fsdp, plus the multi-host flags (edit, train, eval: commands that run the same
+  program on every process and write from process 0)."""
   add_mesh_args(p)
   if multihost:
     add_distributed_args(p)

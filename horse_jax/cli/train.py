@@ -121,7 +121,7 @@ def run(args) -> int:
     state = ckpt.restore_latest(mgr, template)
   except (ValueError, KeyError) as err:
     raise UserError(f"{args.out}/checkpoints: does not match this model/settings ({err})") from None
-  start = 0 if state is None else int(state.step)
+  start = 0 if state is None else int(distributed.to_host(state.step))
   state = template if state is None else state
   metrics_path = os.path.join(args.out, "metrics.jsonl")
   if main:
