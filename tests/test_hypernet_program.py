@@ -128,3 +128,48 @@ def test_programs_in_several_lm_chunks(world, method, monkeypatch):
   finally:
     monkeypatch.undo()
     jax.clear_caches()
+
+
+def test_last_layer_at_labels_equals_full_layer(world):
+  """`label_logits(trim=True)` (last layer at label positions only) gives the full pass's logits,
+  captures and gradients w.r.t. module-output offsets, at every layer, label positions included."""
+  model, edits, _, _ = world
+  mods = tuple(default_edit_modules(model.config, 3))
+  last = program.last_layer_modules(model, mods)
+  assert last == (mods[-1],) and program.can_trim_last(model, mods)
+  assert not program.can_trim_last(model, ("model.layers.2.self_attn.k_proj",))
+  p = packing.pack(packing.sequences_from_batches(edits, "ans"), 32, len(edits), chunk=16)
+  part = program.Packed(*(jnp.asarray(x) for x in p))
+  h, bias = program.stream_below(model, part, 0)
+  w, width, _ = h.shape
+  n_labels = part.label_index.shape[0]
+  rng = np.random.default_rng(0)
+  dv = model.config.hidden_size
+  full_offsets = {m: jnp.asarray(0.1 * rng.normal(size=(w, width, dv)), jnp.float32) for m in mods}
+
+  def run(offsets, trim):
+    label_off = {m: o.reshape(-1, dv)[part.label_index] if trim and m in last else o
+                 for m, o in offsets.items()}
+    logits, captured = program.label_logits(model, h, part, bias, 0,
+                                            program.Hooks(capture=mods, offsets=label_off), trim)
+    return program.weighted_ce(logits, part), (logits, captured)
+
+  (loss_a, (logits_a, cap_a)), grads_a = jax.value_and_grad(run, has_aux=True)(full_offsets, False)
+  (loss_b, (logits_b, cap_b)), grads_b = jax.value_and_grad(run, has_aux=True)(full_offsets, True)
+  real = np.asarray(part.label_weight) > 0
+  assert rel(loss_b, loss_a) < 1e-6
+  np.testing.assert_allclose(np.asarray(logits_b)[real], np.asarray(logits_a)[real], rtol=1e-5,
+                             atol=1e-5)
+  for m in mods:
+    a = np.asarray(cap_a[m]).reshape(-1, cap_a[m].shape[-1])[np.asarray(part.label_index)]
+    b = np.asarray(cap_b[m]).reshape(-1, cap_b[m].shape[-1])
+    if m not in last:
+      b = b[np.asarray(part.label_index)]
+    np.testing.assert_allclose(b[real], a[real], rtol=1e-5, atol=1e-6, err_msg=m)
+    # Gradients w.r.t. the offsets: everywhere for lower layers; the trimmed layer's offsets only
+    # exist at label positions, where the full pass's gradient is, and it is zero elsewhere.
+    ga, gb = np.asarray(grads_a[m]).reshape(-1, dv), np.asarray(grads_b[m]).reshape(-1, dv)
+    assert np.abs(ga).max() > 0
+    np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-6 * np.abs(ga).max(), err_msg=m)
+  n_total = w * width
+  assert n_labels < n_total

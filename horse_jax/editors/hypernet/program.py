@@ -135,13 +135,83 @@ def stream_below(model: Model, packed: Packed, low: int, mesh=None):
   return _layers(model, h, packed, bias, Tap(None), 0, low), bias
 
 
-def label_logits(model: Model, h, packed: Packed, bias, low: int, hooks: Hooks | None = None):
-  """Logits [L, V] at the label positions only, from the stream entering `low`; and the captures."""
+def last_layer_modules(model: Model, names) -> tuple[str, ...]:
+  """The names among `names` that belong to the last decoder layer."""
+  prefix = f"{arch(model.config).layer_prefix}.{model.config.num_layers - 1}."
+  return tuple(n for n in names if n.startswith(prefix))
+
+
+def can_trim_last(model: Model, hooked) -> bool:
+  """Whether the last layer may run at the label positions only (`label_logits(trim=True)`) with
+  hooks at `hooked` modules: its hooked modules must lie after the attention keys / values (the
+  architecture's edit module: the MLP output, or o_proj), which the trimmed layer computes unhooked."""
+  suffix = "." + arch(model.config).edit_module
+  return all(n.endswith(suffix) for n in last_layer_modules(model, hooked))
+
+
+def _last_layer_at_labels(model: Model, h, packed: Packed, bias, hooks: Hooks | None):
+  """The last decoder layer at the label positions only: ([L, D] outputs, captures [L, d_in]).
+
+  The loss reads the last layer's output at label positions only, so its queries, attention output
+  and MLP at the other ~80% of positions are wasted work (forward and backward). The layer runs
+  twice through the architecture's own `block`: over every position with an empty KV cache, of
+  which only the cache (keys / values) is used (XLA drops the rest of that pass), then once per
+  label position (`vmap`) as a one-token step that writes its own key / value at its slot and
+  attends over its packed row's keys / values with that position's row of the packed bias. Each
+  label position so sees exactly the keys and values of the full layer.
+
+  Args:
+    model: the LM (possibly with shifted kernels).
+    h: residual stream entering the last layer [W, P, D].
+    packed: the set (label_index into W * P).
+    bias: the packed attention bias [W, 1, P, P].
+    hooks: hooks of last-layer modules; their offsets are [L, d_out] (label layout).
+  """
+  cfg, mod = model.config, arch(model.config)
+  last = cfg.num_layers - 1
+  params = mod.layer_params(model.params, last)
+  w, width, _ = h.shape
+  empty = jnp.zeros((w, width, cfg.num_kv_heads, cfg.head_dim), h.dtype)
+  _, (k_all, v_all) = mod.block(params, cfg, h, packed.position_ids, bias, Tap(None), last,
+                                cache=(empty, empty, 0))
+  row, slot = packed.label_index // width, packed.label_index % width
+  hooks = hooks or Hooks()
+
+  def one(h_d, k_sxgxd, v_sxgxd, position, bias_s, slot_i, offsets):
+    tap = Tap(Hooks(capture=hooks.capture, offsets={n: o[None, None] for n, o in offsets.items()}))
+    out, _ = mod.block(params, cfg, h_d[None, None], position[None, None], bias_s[None, None, None],
+                       tap, last, cache=(k_sxgxd[None], v_sxgxd[None], slot_i))
+    return out[0, 0], {n: x[0, 0] for n, x in tap.captured.items()}
+
+  return jax.vmap(one)(h[row, slot], k_all[row], v_all[row], packed.position_ids[row, slot],
+                       bias[row, 0, slot], slot, dict(hooks.offsets))
+
+
+def label_logits(model: Model, h, packed: Packed, bias, low: int, hooks: Hooks | None = None,
+                 trim: bool = True):
+  """Logits [L, V] at the label positions only, from the stream entering `low`; and the captures.
+
+  With `trim` the last layer runs at the label positions only (`_last_layer_at_labels`; needs
+  `can_trim_last`): captures and offsets of last-layer modules are then [L, d] in label order,
+  those of lower layers [W, P, d].
+  """
   tap = Tap(hooks)
-  h = _layers(model, h, packed, bias, tap, low, model.config.num_layers)
-  h_lxd = h.reshape(-1, h.shape[-1])[packed.label_index]
+  n_layers = model.config.num_layers
+  if not trim:
+    h = _layers(model, h, packed, bias, tap, low, n_layers)
+    h_lxd = h.reshape(-1, h.shape[-1])[packed.label_index]
+    captured = tap.captured
+  else:
+    h = _layers(model, h, packed, bias, tap, low, n_layers - 1)
+    last = None
+    if hooks is not None:
+      names = last_layer_modules(model, hooks.names())
+      last = Hooks(capture=tuple(n for n in hooks.capture if n in names),
+                   offsets={n: o for n, o in hooks.offsets.items() if n in names})
+    h_lxd, captured_last = _last_layer_at_labels(model, h, packed, bias, last)
+    captured = {**tap.captured, **captured_last}
   logits = arch(model.config).head(model.params, model.config, h_lxd[None], Tap(None))[0]
-  return logits.astype(jnp.float32), tap.captured
+  return logits.astype(jnp.float32), captured
 
 
 def _nll(logits_LxV, packed: Packed):
@@ -177,23 +247,35 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
   row_chunk = (rows // width) % n
   row_local = (rows // width // n) * width + rows % width
 
+  # Cached rows at label positions only ("ans"): the last layer can then run at those alone; its
+  # modules' keys / value grads come back in label order, found through the inverse of label_index.
+  trim = cfg.token == "ans" and can_trim_last(model, cfg.modules)
+  in_last = set(last_layer_modules(model, cfg.modules)) if trim else set()
+
   def body(carry, xs):
     c, part = xs[0], _part(xs[1:])
     h, bias = stream_below(model, part, low, mesh)
     wc = part.input_ids.shape[0]
-    zeros = {m: jnp.zeros((wc, width, dv), h.dtype) for m, (_, dv) in zip(cfg.modules, cfg.shapes)}
+    n_labels = part.label_index.shape[0]
+    zeros = {m: jnp.zeros((n_labels, dv) if m in in_last else (wc, width, dv), h.dtype)
+             for m, (_, dv) in zip(cfg.modules, cfg.shapes)}
 
     def loss_fn(offsets):
       logits, captured = label_logits(model, h, part, bias, low,
-                                      Hooks(capture=cfg.modules, offsets=offsets))
+                                      Hooks(capture=cfg.modules, offsets=offsets), trim)
       return weighted_ce(logits, part), captured
 
     grads, captured = jax.grad(loss_fn, has_aux=True)(zeros)
     take = (row_chunk == c)[:, None]
+    if in_last:  # label entry of each cached row (padding label entries, weight 0, are dropped)
+      real = jnp.where(part.label_weight > 0, part.label_index, wc * width)
+      entry = jnp.zeros((wc * width,), jnp.int32).at[real].set(
+          jnp.arange(n_labels, dtype=jnp.int32), mode="drop")[row_local]
     keys, vgrads = {}, {}
     for name, (dk, dv) in zip(cfg.modules, cfg.shapes):
-      k = captured[name].reshape(-1, dk)[row_local].astype(jnp.float32)
-      g = grads[name].reshape(-1, dv)[row_local].astype(jnp.float32)
+      at = entry if name in in_last else row_local
+      k = captured[name].reshape(-1, dk)[at].astype(jnp.float32)
+      g = grads[name].reshape(-1, dv)[at].astype(jnp.float32)
       keys[name] = _constrain(jnp.where(take, k, carry[0][name]), mesh, spec)
       vgrads[name] = _constrain(jnp.where(take, g, carry[1][name]), mesh, spec)
     return (keys, vgrads), None
