@@ -13,7 +13,7 @@ process per host with `--coordinator HOST:PORT --num-processes N --process-id I`
   global_array(host_array, sharding)                         every process passes the same values
   to_host(array)                                             the full value on every process
   replicate(tree, mesh)                                      a copy on every device of the mesh
-  broadcast_text(text) / barrier(name)                       process 0's string / wait for all
+  broadcast_text(text) / gather_text(text) / barrier(name)   process 0's string / all of them / wait
   atomic_directory_all_processes(path)                       a folder every process writes into
   set_cli_mesh(mesh, fsdp) / cli_mesh() / cli_fsdp()         the mesh the running command uses
 """
@@ -170,18 +170,34 @@ def replicate(tree: Any, mesh) -> Any:
   return jax.tree_util.tree_map(lambda x: global_array(to_host(x), replicated), tree)
 
 
+def _text_bytes(text: str, max_bytes: int) -> np.ndarray:
+  data = text.encode("utf-8")
+  if len(data) > max_bytes:
+    raise ValueError(f"multi-host text of {len(data)} bytes > {max_bytes}")
+  padded = np.zeros(max_bytes + 1, np.uint8)  # the last byte stays 0: the end of every string
+  padded[:len(data)] = np.frombuffer(data, np.uint8)
+  return padded
+
+
+def _bytes_text(padded: np.ndarray) -> str:
+  return bytes(padded[:int(np.argmin(padded))]).decode("utf-8")
+
+
 def broadcast_text(text: str, max_bytes: int = 4096) -> str:
   """Process 0's `text` on every process (each process passes its own; only process 0's counts)."""
   if jax.process_count() == 1:
     return text
   from jax.experimental import multihost_utils
-  data = text.encode("utf-8")
-  if len(data) > max_bytes:
-    raise ValueError(f"broadcast_text: {len(data)} bytes > {max_bytes}")
-  padded = np.zeros(max_bytes + 1, np.uint8)  # the last byte stays 0: the end of every string
-  padded[:len(data)] = np.frombuffer(data, np.uint8)
-  out = np.asarray(multihost_utils.broadcast_one_to_all(padded))
-  return bytes(out[:int(np.argmin(out))]).decode("utf-8")
+  return _bytes_text(np.asarray(multihost_utils.broadcast_one_to_all(_text_bytes(text, max_bytes))))
+
+
+def gather_text(text: str, max_bytes: int = 4096) -> list[str]:
+  """Every process's `text`, in process order, on every process (so all can decide alike)."""
+  if jax.process_count() == 1:
+    return [text]
+  from jax.experimental import multihost_utils
+  rows = np.asarray(multihost_utils.process_allgather(_text_bytes(text, max_bytes)))
+  return [_bytes_text(row) for row in rows.reshape(jax.process_count(), -1)]
 
 
 @contextlib.contextmanager

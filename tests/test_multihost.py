@@ -1,7 +1,8 @@
 """Multi-host on JAX's own runtime: two local processes x 4 CPU devices (gloo) on one 2x4 mesh.
 
 Every process runs the same `horse-jax edit` (HORSE, HoReN); only process 0 writes (process 1 is given another
---out to prove it writes nothing) and the result equals the single-process one.
+--out to prove it writes nothing) and the result equals the single-process one. `horse-jax train` (both
+processes save orbax checkpoints into one folder, resume included) and `horse-jax eval` likewise.
 """
 
 import json
@@ -90,12 +91,18 @@ DRIVER = ("import json, sys, time\nfrom horse_jax.cli.main import main\n"
           "  if rc:\n    sys.exit(rc)\n")
 
 
-def _launch_two(commands_of, timeout=600):
-  """Runs DRIVER in two processes x 4 CPU devices joined on a 2x4 mesh; returns their logs."""
-  port = _free_port()
+def _cpu_env():
+  """Environment of a process with 4 CPU devices that reaches the others over gloo."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+  return env
+
+
+def _launch_two(commands_of, timeout=600):
+  """Runs DRIVER in two processes x 4 CPU devices joined on a 2x4 mesh; returns their logs."""
+  port = _free_port()
+  env = _cpu_env()
   flags = ["--mesh", "2x4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
   procs = [subprocess.Popen([sys.executable, "-c", DRIVER,
                              json.dumps([[*c, *flags, "--process-id", str(i)] for c in commands_of(i)])],
@@ -187,3 +194,20 @@ def test_two_processes_train_resume_and_eval_like_one_process(tmp_path):
   assert no_time(rb["aggregate"]) == no_time(ra["aggregate"])
   ca, cb = (json.loads(next(d.rglob("horse/n8_seed0_at_once.json")).read_text()) for d in (ea, eb))
   assert ca["records"] == cb["records"] and ca["summary"]["edit_acc"] is not None
+
+
+@pytest.mark.slow
+def test_train_refuses_different_out_folders(tmp_path):
+  # Checked before the model loads: any folder names do, nothing is read or written.
+  port = _free_port()
+  env = _cpu_env()
+  procs = [subprocess.Popen([sys.executable, "-m", "horse_jax.cli.main", "train", "--model", str(tmp_path / "m"),
+                             "--data", str(tmp_path / "d.json"), "--method", "horse",
+                             "--out", str(tmp_path / f"out{i}"), "--mesh", "2x4",
+                             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], logs
+  assert all("--out must be the same folder on every process" in log for log in logs)
+  assert not list(tmp_path.iterdir())

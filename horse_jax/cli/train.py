@@ -87,6 +87,9 @@ def run(args) -> int:
   from horse_jax import distributed
   mesh = setup_devices(args, args.model)
   main = distributed.is_main()
+  outs = distributed.gather_text(os.path.abspath(args.out))
+  if len(set(outs)) > 1:  # orbax saves collectively: every process must write into the same folder
+    raise UserError(f"multi-host train: --out must be the same folder on every process, got {outs}")
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
   from horse_jax.models import read_config
