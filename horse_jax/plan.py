@@ -12,7 +12,7 @@ needed. Stages:
   meta-lm     dLoss/dShift of one LM mini-batch of the edited model (meta-training)
   meta-net    the decoupled backward to the hypernetwork over the N edits' cache (meta-training)
   meta-adam   the clipped Adam update of the hypernetwork (meta-training)
-  edit        one HoReN / GRACE edit into an N-entry codebook
+  edit        one block of `editor.edit_block` HoReN / GRACE edits into an N-entry codebook
 
 When the hypernetwork editors run as two compiled programs (`editors.hypernet.program`), their stages
 are those programs instead: `edit` (cache + normalizer + solves of all N edits) and `meta-step` (one
@@ -284,7 +284,8 @@ def _has_programs() -> bool:
 
 def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
                     seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
-  """One HoReN / GRACE edit into a codebook of `n_edits` rows."""
+  """One block of `editor.edit_block` HoReN / GRACE edits (the program sequential editing runs)
+  into a codebook of `n_edits` rows."""
   from horse_jax.editors.codebook import edit as edit_lib
   from horse_jax.editors.codebook import settings as settings_lib
   from horse_jax.editors.codebook import state as state_lib
@@ -301,17 +302,18 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   book = _with_sharding(book, state_lib.shardings(book, mesh))
   static, numbers = settings_lib.split_dynamic(settings)
   rep = NamedSharding(mesh, P())
-  tok = jax.ShapeDtypeStruct((1, seq_len), jnp.int32, sharding=rep)
-  one = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep)
-  label = jax.ShapeDtypeStruct((1, 2), jnp.int32, sharding=rep)
-  valid = jax.ShapeDtypeStruct((1,), jnp.bool_, sharding=rep)
+  b = settings.edit_block
+  tok = jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=rep)
+  one = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=rep)
+  label = jax.ShapeDtypeStruct((b, 2), jnp.int32, sharding=rep)
+  valid = jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=rep)
   weights = _shard_bytes(model.params)
-  st = Stage("edit", f"one {method} edit into a {capacity}-row codebook ({seq_len} tokens)",
-             weights=weights)
+  what = f"one {method} edit" if b == 1 else f"a block of {b} {method} edits (editor.edit_block)"
+  st = Stage("edit", f"{what} into a {capacity}-row codebook ({seq_len} tokens)", weights=weights)
   compiled = _compile(edit_lib._edit_block_jit, model, book, tok, tok, tok, one, label, valid, numbers,
                       settings=static, n_label=8, mesh=mesh)
   info = {"layer": settings.layer, "codebook_rows": capacity, "codebook_bytes_per_device": _shard_bytes(book),
-          "seq_len": seq_len}
+          "seq_len": seq_len, "edit_block": b}
   return [_measure(st, compiled)], info
 
 

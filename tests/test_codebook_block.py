@@ -193,6 +193,8 @@ def test_block_retrieval_decides_as_one_at_a_time(normalize, eps):
     lab[later] = lab[earlier] if later != 10 else lab[earlier] + 1  # 10: same key, other label
   if normalize:
     q /= np.linalg.norm(q, axis=1, keepdims=True)
+  q[13] = keys[8]  # a pre-block key again, another label: its appended copy ties with row 9
+  lab[13] = labels[8] + 1
   valid = np.ones(b, bool)
   valid[15] = False
   y_p = rng.normal(size=(b, 8)).astype(np.float32)
@@ -213,6 +215,8 @@ def test_block_retrieval_decides_as_one_at_a_time(normalize, eps):
   in_block_reuse = (~added) & (index > n_pre) & valid
   assert in_block_reuse.any(), (added, index)
   assert added[10] and added[valid].sum() >= 6
+  # The exact tie between row 9 and edit 13's own copy goes to the earlier row, as jnp.argmax does.
+  assert added[13] and index[13] == 9, (added[13], index[13])
 
 
 def test_edit_block_setting_sets_the_block(model, monkeypatch):

@@ -16,7 +16,8 @@ vectors that do not depend on the other edits' decisions:
 So the block reads the N keys three times in all (two matmul passes to build S, the stats and G),
 and each edit, in order, combines the columns of [S | G] with its coefficients ([N, 2B] x [2B]) and
 adds the at most B in-block keys directly. The result equals the one-at-a-time retrieval up to
-float summation order (~1e-7 of a score). More Hopfield steps do not stay linear (the second
+float summation order (~1e-7 of a score); an appended key must beat the best pre-block row by a
+relative 1e-5 (`TIE`), so that equal keys tie as they do edit after edit (the earlier row wins). More Hopfield steps do not stay linear (the second
 step's softmax needs K xi_1 for an xi_1 that depends on earlier decisions), so only `max_iter = 1`
 takes this path.
 """
@@ -32,6 +33,7 @@ from horse_jax.editors.codebook.query import l2_normalize
 from horse_jax.editors.codebook.retrieval import Retrieval
 
 CHUNK = 1024  # pre-block rows per matmul pass (cost follows the live rows, not the capacity)
+TIE = 1e-5  # relative score margin an appended key needs to beat a pre-block row (see the end)
 
 
 class PreBlock(NamedTuple):
@@ -162,10 +164,14 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
 
   score, index = jax.lax.fori_loop(0, n_chunks, best, (jnp.asarray(-jnp.inf, jnp.float32),
                                                       jnp.asarray(0, jnp.int32)))
-  # Appended keys sit after every pre-block row, in block order: they win only when strictly better.
+  # Appended keys sit after every pre-block row, in block order: they win only when better. Their
+  # scores are computed directly (keys . xi) while the pre-block ones come from the combination
+  # above, so the two differ by rounding (~1e-7) even for equal keys; a margin of TIE keeps an exact
+  # tie an exact tie (the earlier row wins, as jnp.argmax does in the edit-after-edit retrieval).
+  # That tie is common: the same prompt edited again with a new target appends a copy of its key.
   s_in = jnp.where(visible_B, pre.keys_BxD @ xi, -jnp.inf)
   j_in = jnp.argmax(s_in)
-  take_in = s_in[j_in] > score
+  take_in = s_in[j_in] > score + TIE * jnp.maximum(1.0, jnp.abs(score))
   score = jnp.where(take_in, s_in[j_in], score)
   index = jnp.where(take_in, slot_B[j_in], index).astype(jnp.int32)
   return Retrieval(index, score, score > threshold, jnp.zeros((cap,), jnp.float32), xi)
