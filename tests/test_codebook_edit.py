@@ -249,18 +249,25 @@ def test_one_compilation_per_capacity_bucket():
   batch = random_edits(50)
   before = edit.compile_count()
   book = state.init(st, 128, 64)
-  infos = []
+  infos, buckets = [], set()
   for i in range(50):  # one edit at a time: the codebook doubles when full
+    # A program per (capacity after growing, label window width): the window is the power of two
+    # holding the positions from the last prompt token to the last label.
+    width = edit._n_label(batch.labels[i:i + 1], batch.prompt_len[i:i + 1])
+    buckets.add((state.planned_capacity(int(book.count) + 1, book.capacity), width))
     book, info = edit.apply_edit(model, book, batch, i, st)
     infos.append(bool(info.added))
   assert int(book.count) == 51 and book.capacity == 64
-  # Capacities 2, 4, 8, 16, 32, 64: six programs for fifty edits.
-  assert edit.compile_count() - before == 6
+  # Capacities 2, 4, 8, 16, 32, 64 times the label widths met: not one program per edit.
+  assert {c for c, _ in buckets} == {2, 4, 8, 16, 32, 64}
+  assert edit.compile_count() - before == len(buckets) < 50
   assert all(infos)
   # Knowing the number of edits up front, apply_edits grows once: one program for all fifty.
   before = edit.compile_count()
   book, infos = edit.apply_edits(model, state.init(st, 128, 64), batch, st, progress=False,
                                  block=1)
   assert int(book.count) == 51 and book.capacity == 64
-  assert edit.compile_count() - before == 0  # capacity 64, block 1: compiled above
+  # Capacity 64, block 1, the widest label window of the fifty: at most one new program (the
+  # call passes host arrays where apply_edit passes device arrays, which jit may key apart).
+  assert edit.compile_count() - before <= 1
   assert all(x["added"] for x in infos)

@@ -16,8 +16,8 @@ vectors that do not depend on the other edits' decisions:
 So the block reads the N keys three times in all (two matmul passes to build S, the stats and G),
 and each edit, in order, combines the columns of [S | G] with its coefficients ([N, 2B] x [2B]) and
 adds the at most B in-block keys directly. The result equals the one-at-a-time retrieval up to
-float summation order (~1e-7 of a score); an appended key must beat the best pre-block row by a
-relative 1e-5 (`TIE`), so that equal keys tie as they do edit after edit (the earlier row wins). More Hopfield steps do not stay linear (the second
+float summation order (~1e-7 of a score), and ties (within `retrieval.TIE`) go to the earlier row
+exactly as there. More Hopfield steps do not stay linear (the second
 step's softmax needs K xi_1 for an xi_1 that depends on earlier decisions), so only `max_iter = 1`
 takes this path.
 """
@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.query import l2_normalize
-from horse_jax.editors.codebook.retrieval import Retrieval
+from horse_jax.editors.codebook.retrieval import Retrieval, tie_floor
 
 CHUNK = 1024  # pre-block rows per matmul pass (cost follows the live rows, not the capacity)
-TIE = 1e-5  # relative score margin an appended key needs to beat a pre-block row (see the end)
 
 
 class PreBlock(NamedTuple):
@@ -152,26 +151,34 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
   chunk = min(int(chunk), cap)
   n_chunks = (pre.count + chunk - 1) // chunk
 
-  def best(k, carry):
-    top_s, index = carry
+  def scores_of(k):
     start = jnp.minimum(k * chunk, cap - chunk)
     rows = start + jnp.arange(chunk)
     s = jax.lax.dynamic_slice(pre.sg_Cx2B, (start, 0), (chunk, 2 * b)) @ coef
-    s = jnp.where((rows >= k * chunk) & (rows < pre.count), s, -jnp.inf)
-    j = jnp.argmax(s)
-    better = s[j] > top_s  # strict: the earlier row keeps a tie, as jnp.argmax does
-    return jnp.where(better, s[j], top_s), jnp.where(better, rows[j], index).astype(jnp.int32)
+    return jnp.where((rows >= k * chunk) & (rows < pre.count), s, -jnp.inf), rows
 
-  score, index = jax.lax.fori_loop(0, n_chunks, best, (jnp.asarray(-jnp.inf, jnp.float32),
-                                                      jnp.asarray(0, jnp.int32)))
-  # Appended keys sit after every pre-block row, in block order: they win only when better. Their
-  # scores are computed directly (keys . xi) while the pre-block ones come from the combination
-  # above, so the two differ by rounding (~1e-7) even for equal keys; a margin of TIE keeps an exact
-  # tie an exact tie (the earlier row wins, as jnp.argmax does in the edit-after-edit retrieval).
-  # That tie is common: the same prompt edited again with a new target appends a copy of its key.
+  # Appended keys sit after every pre-block row, in block order; the earliest row tied with the
+  # best score wins (`retrieval.tie_floor`). Their scores are computed directly (keys . xi) and the
+  # pre-block ones from the combination above, so even equal keys differ by rounding (~1e-7): the
+  # margin keeps such a tie a tie, which is common (the same prompt edited again with a new target
+  # appends a copy of its key).
   s_in = jnp.where(visible_B, pre.keys_BxD @ xi, -jnp.inf)
-  j_in = jnp.argmax(s_in)
-  take_in = s_in[j_in] > score + TIE * jnp.maximum(1.0, jnp.abs(score))
+  top = jax.lax.fori_loop(0, n_chunks, lambda k, t: jnp.maximum(t, jnp.max(scores_of(k)[0])),
+                          jnp.max(s_in))
+  floor = tie_floor(top)
+
+  def first_tied(k, carry):
+    score, index = carry
+    s, rows = scores_of(k)
+    hit = s >= floor
+    j = jnp.argmax(hit)
+    take = hit[j] & (index < 0)
+    return jnp.where(take, s[j], score), jnp.where(take, rows[j], index).astype(jnp.int32)
+
+  score, index = jax.lax.fori_loop(0, n_chunks, first_tied, (jnp.asarray(-jnp.inf, jnp.float32),
+                                                             jnp.asarray(-1, jnp.int32)))
+  j_in = jnp.argmax(s_in >= floor)
+  take_in = index < 0
   score = jnp.where(take_in, s_in[j_in], score)
   index = jnp.where(take_in, slot_B[j_in], index).astype(jnp.int32)
   return Retrieval(index, score, score > threshold, jnp.zeros((cap,), jnp.float32), xi)

@@ -7,6 +7,13 @@
     xi = normalize((1 - alpha) xi + alpha r)
   s = xi K^T;  j* = argmax s;  match = s[j*] > threshold (strict)
 
+Ties: j* is the *first* row whose score is within a relative 1e-5 (`TIE`) of the best one, not
+only the first exact maximum. Editing the same prompt again with a new target appends a copy of
+its key, and the reference's argmax then returns the earlier row; computed on other devices (a mesh,
+another host, a block of edits) the two copies can differ by float rounding (~1e-7), which would
+let rounding pick the row. The margin makes the earlier row win wherever the scores were computed;
+any two scores it merges differ by float noise only.
+
 Rows >= count are masked with -inf. Without normalization the two `normalize` steps are skipped and
 s is the raw dot product. The reference stops when the largest ||r - xi|| of the query *batch* is
 below eps; here each query stops on its own (vmapped), so a result never depends on which other
@@ -22,6 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.query import l2_normalize
+
+TIE = 1e-5  # relative score margin within which the earlier row wins (module docstring)
+
+
+def tie_floor(best: jax.Array) -> jax.Array:
+  """The lowest score that ties with `best`: rows at or above it count as the best one."""
+  return best - TIE * jnp.maximum(1.0, jnp.abs(best))
 
 
 class Retrieval(NamedTuple):
@@ -49,7 +63,7 @@ def retrieve(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: floa
 
   xi, _ = jax.lax.fori_loop(0, max_iter, step, (q.astype(jnp.float32), jnp.asarray(False)))
   scores = jnp.where(live, keys @ xi, -jnp.inf)
-  index = jnp.argmax(scores).astype(jnp.int32)
+  index = jnp.argmax(scores >= tie_floor(jnp.max(scores))).astype(jnp.int32)
   score = scores[index]
   return Retrieval(index, score, score > threshold, scores, xi)
 
@@ -72,8 +86,8 @@ def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha:
   """`retrieve` that reads only the live rows: cost grows with `count`, not with the capacity.
 
   The rows are visited in chunks of `chunk` up to `count` (a dynamic loop), with the softmax
-  accumulated online (running max, rescaled sums) and the argmax kept across chunks (first
-  maximum, as `jnp.argmax`). Mathematically `retrieve`; floats differ by the summation order
+  accumulated online (running max, rescaled sums); the scores take two passes (the best
+  score, then the first row tied with it, as `retrieve`). Mathematically `retrieve`; floats differ by the summation order
   (~1e-7). The editor decides with it so that a codebook preallocated for a long run does not make
   every early edit pay for the empty rows. `scores` is not computed (zeros).
   """
@@ -112,14 +126,22 @@ def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha:
 
   xi, _ = jax.lax.fori_loop(0, max_iter, step, (q.astype(jnp.float32), jnp.asarray(False)))
 
-  def best(i, carry):
-    top, index = carry
+  def top_score(i, top):
+    block, ok, _ = rows_of(i)
+    return jnp.maximum(top, jnp.max(jnp.where(ok, block @ xi, -jnp.inf)))
+
+  floor = tie_floor(jax.lax.fori_loop(0, n_chunks, top_score, jnp.asarray(-jnp.inf, jnp.float32)))
+
+  def first_tied(i, carry):
+    score, index = carry
     block, ok, rows = rows_of(i)
     s = jnp.where(ok, block @ xi, -jnp.inf)
-    j = jnp.argmax(s)
-    better = s[j] > top  # strict: an earlier row keeps a tie, as jnp.argmax does
-    return jnp.where(better, s[j], top), jnp.where(better, rows[j], index).astype(jnp.int32)
+    hit = s >= floor
+    j = jnp.argmax(hit)
+    take = hit[j] & (index < 0)  # the first chunk with a tied row gives the row
+    return jnp.where(take, s[j], score), jnp.where(take, rows[j], index).astype(jnp.int32)
 
-  score, index = jax.lax.fori_loop(0, n_chunks, best, (jnp.asarray(-jnp.inf, jnp.float32),
-                                                      jnp.asarray(0, jnp.int32)))
+  score, index = jax.lax.fori_loop(0, n_chunks, first_tied, (jnp.asarray(-jnp.inf, jnp.float32),
+                                                             jnp.asarray(-1, jnp.int32)))
+  index = jnp.maximum(index, 0)
   return Retrieval(index, score, score > threshold, jnp.zeros((cap,), jnp.float32), xi)
