@@ -7,13 +7,18 @@
 Each reports compile time (AOT `lower().compile()`) apart from steady-state time (median of a few
 runs of the compiled program), the host time to tokenize and pack one step (overlapped with the
 previous step in `horse-jax train`), the program's FLOPs from XLA's cost analysis and the achieved
-share of the CPU's nominal fp32 peak (`cpu_peak_flops`).
+share of the CPU's nominal fp32 peak (`cpu_peak_flops`). XLA counts a while loop's body once, so
+those FLOPs cover one LM chunk and one module of the programs' `lax.scan`s;
+`python -m horse_jax.editors.hypernet.bench --unrolled-flops` also prints the whole programs'
+FLOPs, counted on a second lowering with every scan unrolled (`scans_unrolled`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -31,6 +36,40 @@ def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float((cost or {}).get("flops", 0.0))
+
+
+@contextlib.contextmanager
+def scans_unrolled():
+  """Inside this block every `lax.scan` / `lax.map` traced (by any module) is fully unrolled.
+
+  Only for counting FLOPs: XLA's cost analysis counts a while loop's body once, an unrolled
+  program's every iteration. The unrolled program is larger and slower to compile; nothing
+  compiled inside should be kept for running.
+  """
+  from jax import lax
+  scan, map_ = lax.scan, lax.map
+
+  def scan_unrolled(f, init, xs=None, length=None, **kw):
+    kw.pop("unroll", None)
+    return scan(f, init, xs, length=length, unroll=True, **kw)
+
+  def map_unrolled(f, xs, **kw):
+    kw.pop("batch_size", None)
+    return scan_unrolled(lambda carry, x: (carry, f(x)), (), xs)[1]
+
+  lax.scan, lax.map = scan_unrolled, map_unrolled
+  try:
+    jax.clear_caches()  # traces cached with rolled loops must not be reused
+    yield
+  finally:
+    lax.scan, lax.map = scan, map_
+    jax.clear_caches()
+
+
+def unrolled_flops(jitted, *args, **kwargs) -> float:
+  """FLOPs of the whole program `jitted(*args, **kwargs)`, every loop iteration counted."""
+  with scans_unrolled():
+    return _flops(jitted.lower(*args, **kwargs).compile())
 
 
 def world_setup(world_dir: str | None = None) -> dict[str, Any]:
@@ -132,10 +171,30 @@ def bench_edit(setup: dict[str, Any], repeats: int = 3) -> list[dict[str, Any]]:
                cpu)]
 
 
+def _world_flops(setup: dict[str, Any]) -> dict[str, float]:
+  """Whole-program FLOPs (`unrolled_flops`) of the meta-step and the 1,000-edit edit."""
+  from horse_jax.editors import hypernet
+  from horse_jax.editors.hypernet import program
+  from horse_jax.editors.hypernet.data import step_batches, step_indices
+  model, cfg, train = setup["model"], setup["cfg"], setup["train"]
+  packer = hypernet.Packer(cfg.chunk)
+  recs = [train[i] for i in step_indices(0, 0, len(train), N_EDITS)]
+  e, r, l = step_batches(hypernet.data.MemoTokenizer(setup["tokenizer"]), recs, cfg, None)
+  sets = [program.put(packer(n, b, cfg.token, n == "edits"))
+          for n, b in (("edits", e), ("rephrase", r), ("loc", l))]
+  state = hypernet.init(cfg, jax.random.PRNGKey(0))
+  return {"horse_meta_step": unrolled_flops(program.train_program, state, model, *sets, cfg=cfg),
+          "horse_edit_1000": unrolled_flops(program.edit_program, state.nets, state.norms, model,
+                                            sets[0], cfg=cfg)}
+
+
 def main() -> None:
-  """python -m horse_jax.editors.hypernet.bench: both cases as a markdown table."""
+  """python -m horse_jax.editors.hypernet.bench [--unrolled-flops]: both cases as a markdown table."""
   setup = world_setup()
   rows = bench_meta_step(setup) + bench_edit(setup)
+  if "--unrolled-flops" in sys.argv[1:]:
+    for name, flops in _world_flops(setup).items():
+      print(f"{name}: {flops / 1e9:.1f} GFLOP for the whole program (every scan iteration counted)")
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"load average at the end: {load:.2f} ({os.cpu_count()} CPUs)")
   print("| case | compile (s) | steady (s) | process CPU (s) | host prep (s) | GFLOP | share of peak |")
