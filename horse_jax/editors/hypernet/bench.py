@@ -94,17 +94,19 @@ def _row(name, shape, compile_s, steady, flops, host_s, extra="", cpu=()):
   peak = cpu_peak_flops()
   med = statistics.median(steady)
   cpu_s = statistics.median(cpu) if cpu else float("nan")
-  extra += f"; process CPU {cpu_s:.2f} s/run; load {os.getloadavg()[0]:.1f}"
+  extra += (f"; {len(steady)} runs, fastest {min(steady):.3f} s, slowest {max(steady):.3f} s; "
+            f"process CPU {cpu_s:.2f} s/run; load {os.getloadavg()[0]:.1f}")
   return {"benchmark": name, "shape": shape, "first_s": compile_s + med, "compile_s": compile_s,
-          "steady_s": med, "cpu_s": cpu_s, "host_s": host_s, "flops": flops,
+          "steady_s": med, "fastest_s": min(steady), "slowest_s": max(steady), "cpu_s": cpu_s, "host_s": host_s, "flops": flops,
           "gflops_per_s": flops / med / 1e9,
           "peak_share": flops / med / peak,
           "throughput": f"{flops / 1e9:,.1f} GFLOP, {flops / med / 1e9:,.1f} GFLOP/s = "
                         f"{100 * flops / med / peak:.0f}% of {peak / 1e9:,.0f} GFLOP/s peak{extra}"}
 
 
-def bench_meta_step(setup: dict[str, Any], steps: int = 3) -> list[dict[str, Any]]:
-  """One compiled HORSE meta-training step on the world recipe."""
+def bench_meta_step(setup: dict[str, Any], steps: int = 10) -> list[dict[str, Any]]:
+  """One compiled HORSE meta-training step on the world recipe (median of `steps` steps: on a
+  shared 2-core box single steps vary by +-20%)."""
   from horse_jax.editors.hypernet.data import step_batches, step_indices
   from horse_jax.editors import hypernet
   from horse_jax.editors.hypernet import program
@@ -197,10 +199,10 @@ def main() -> None:
       print(f"{name}: {flops / 1e9:.1f} GFLOP for the whole program (every scan iteration counted)")
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(f"load average at the end: {load:.2f} ({os.cpu_count()} CPUs)")
-  print("| case | compile (s) | steady (s) | process CPU (s) | host prep (s) | GFLOP | share of peak |")
-  print("|---|---|---|---|---|---|---|")
+  print("| case | compile (s) | steady (s, median) | fastest (s) | process CPU (s) | host prep (s) | GFLOP | share of peak |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['benchmark']} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | {r['cpu_s']:.2f} | "
+    print(f"| {r['benchmark']} | {r['compile_s']:.2f} | {r['steady_s']:.3f} | {r['fastest_s']:.3f} | {r['cpu_s']:.2f} | "
           f"{r['host_s']:.2f} | {r['flops'] / 1e9:.1f} | {100 * r['peak_share']:.0f}% |")
 
 
