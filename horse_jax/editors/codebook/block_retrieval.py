@@ -151,11 +151,14 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
   chunk = min(int(chunk), cap)
   n_chunks = (pre.count + chunk - 1) // chunk
 
-  def scores_of(k):
+  def scores_of(k, buf):
+    """Chunk k's pre-block scores written into buf ([C], -inf where not live), and their max."""
     start = jnp.minimum(k * chunk, cap - chunk)
     rows = start + jnp.arange(chunk)
     s = jax.lax.dynamic_slice(pre.sg_Cx2B, (start, 0), (chunk, 2 * b)) @ coef
-    return jnp.where((rows >= k * chunk) & (rows < pre.count), s, -jnp.inf), rows
+    fresh = (rows >= k * chunk) & (rows < pre.count)  # the last chunk may overlap the one before
+    s = jnp.where(fresh, s, jax.lax.dynamic_slice(buf, (start,), (chunk,)))
+    return jax.lax.dynamic_update_slice(buf, s, (start,)), jnp.max(s)
 
   # Appended keys sit after every pre-block row, in block order; the earliest row tied with the
   # best score wins (`retrieval.tie_floor`). Their scores are computed directly (keys . xi) and the
@@ -163,22 +166,18 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
   # margin keeps such a tie a tie, which is common (the same prompt edited again with a new target
   # appends a copy of its key).
   s_in = jnp.where(visible_B, pre.keys_BxD @ xi, -jnp.inf)
-  top = jax.lax.fori_loop(0, n_chunks, lambda k, t: jnp.maximum(t, jnp.max(scores_of(k)[0])),
-                          jnp.max(s_in))
+
+  def body(k, carry):
+    buf, top = carry
+    buf, chunk_top = scores_of(k, buf)
+    return buf, jnp.maximum(top, chunk_top)
+
+  s_pre, top = jax.lax.fori_loop(0, n_chunks, body, (jnp.full((cap,), -jnp.inf, jnp.float32),
+                                                     jnp.max(s_in)))
   floor = tie_floor(top)
-
-  def first_tied(k, carry):
-    score, index = carry
-    s, rows = scores_of(k)
-    hit = s >= floor
-    j = jnp.argmax(hit)
-    take = hit[j] & (index < 0)
-    return jnp.where(take, s[j], score), jnp.where(take, rows[j], index).astype(jnp.int32)
-
-  score, index = jax.lax.fori_loop(0, n_chunks, first_tied, (jnp.asarray(-jnp.inf, jnp.float32),
-                                                             jnp.asarray(-1, jnp.int32)))
-  j_in = jnp.argmax(s_in >= floor)
-  take_in = index < 0
-  score = jnp.where(take_in, s_in[j_in], score)
-  index = jnp.where(take_in, slot_B[j_in], index).astype(jnp.int32)
+  tied_pre = s_pre >= floor
+  j_pre, j_in = jnp.argmax(tied_pre), jnp.argmax(s_in >= floor)
+  take_in = ~tied_pre[j_pre]
+  score = jnp.where(take_in, s_in[j_in], s_pre[j_pre])
+  index = jnp.where(take_in, slot_B[j_in], j_pre).astype(jnp.int32)
   return Retrieval(index, score, score > threshold, jnp.zeros((cap,), jnp.float32), xi)

@@ -86,10 +86,10 @@ def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha:
   """`retrieve` that reads only the live rows: cost grows with `count`, not with the capacity.
 
   The rows are visited in chunks of `chunk` up to `count` (a dynamic loop), with the softmax
-  accumulated online (running max, rescaled sums); the scores take two passes (the best
-  score, then the first row tied with it, as `retrieve`). Mathematically `retrieve`; floats differ by the summation order
+  accumulated online (running max, rescaled sums); the final scores are written into a [C]
+  vector (-inf beyond count) and the first row tied with the best is taken, as `retrieve` does. Mathematically `retrieve`; floats differ by the summation order
   (~1e-7). The editor decides with it so that a codebook preallocated for a long run does not make
-  every early edit pay for the empty rows. `scores` is not computed (zeros).
+  every early edit pay for the empty rows.
   """
   cap, d = keys_CxD.shape
   chunk = min(int(chunk), cap)
@@ -126,22 +126,14 @@ def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha:
 
   xi, _ = jax.lax.fori_loop(0, max_iter, step, (q.astype(jnp.float32), jnp.asarray(False)))
 
-  def top_score(i, top):
-    block, ok, _ = rows_of(i)
-    return jnp.maximum(top, jnp.max(jnp.where(ok, block @ xi, -jnp.inf)))
-
-  floor = tie_floor(jax.lax.fori_loop(0, n_chunks, top_score, jnp.asarray(-jnp.inf, jnp.float32)))
-
-  def first_tied(i, carry):
-    score, index = carry
+  def scores_into(i, buf):
+    """Chunk i's scores written into buf ([C], -inf where not live); the keys are read once."""
     block, ok, rows = rows_of(i)
-    s = jnp.where(ok, block @ xi, -jnp.inf)
-    hit = s >= floor
-    j = jnp.argmax(hit)
-    take = hit[j] & (index < 0)  # the first chunk with a tied row gives the row
-    return jnp.where(take, s[j], score), jnp.where(take, rows[j], index).astype(jnp.int32)
+    start = rows[0]
+    s = jnp.where(ok, block @ xi, jax.lax.dynamic_slice(buf, (start,), (chunk,)))
+    return jax.lax.dynamic_update_slice(buf, s, (start,))
 
-  score, index = jax.lax.fori_loop(0, n_chunks, first_tied, (jnp.asarray(-jnp.inf, jnp.float32),
-                                                             jnp.asarray(-1, jnp.int32)))
-  index = jnp.maximum(index, 0)
-  return Retrieval(index, score, score > threshold, jnp.zeros((cap,), jnp.float32), xi)
+  scores = jax.lax.fori_loop(0, n_chunks, scores_into, jnp.full((cap,), -jnp.inf, jnp.float32))
+  index = jnp.argmax(scores >= tie_floor(jnp.max(scores))).astype(jnp.int32)
+  score = scores[index]
+  return Retrieval(index, score, score > threshold, scores, xi)
