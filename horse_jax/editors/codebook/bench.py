@@ -208,7 +208,7 @@ def world_settings(model_path: str, model) -> CodebookSettings:
 
 
 def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,
-                         block: int = edit.DEFAULT_BLOCK, progress: bool = True,
+                         block: int | None = None, progress: bool = True,
                          batch_size: int = 256) -> list[dict]:
   """HoReN over `n` distinct world edit requests in sequence (`generator.distinct_edits`), with the
   world card's settings, then ES / GS / locality of all of them on the final model.
@@ -233,6 +233,7 @@ def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,
   records, _ = convert_rows(rows, fmt="zsre")
   model, tok = from_pretrained(path), load_tokenizer(path)
   settings = world_settings(path, model)
+  block = settings.edit_block if block is None else int(block)  # default: the card's editor.edit_block
   batch = tokenize_edits(tok, [r.prompt for r in records], [r.target for r in records],
                          max_length=model.config.max_position_embeddings)
   d_in, d_out = (int(x) for x in names.get_kernel(model.params, settings.layer).shape)
@@ -307,7 +308,8 @@ def main(argv=None) -> int:
   parser.add_argument("--llama8", action="store_true",
                       help="instead: the 8-layer speed case (steady state at 400 edits, and "
                            "--edits edits with compilation included)")
-  parser.add_argument("--block", type=int, default=edit.DEFAULT_BLOCK, help="edits per program")
+  parser.add_argument("--block", type=int, default=None,
+                      help="edits per program [editor.edit_block: the world card's, else 16]")
   parser.add_argument("--unrelated", type=int, default=200)
   parser.add_argument("--max-target", type=int, default=1,
                       help="target tokens per edit (1..N); only y[p] changes, and in a random "
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
   if args.world_distinct or args.llama8:
     import json
     rows = (bench_world_distinct(n=args.world_distinct, block=args.block) if args.world_distinct
-            else bench_llama8(n_long=args.edits, block=args.block))
+            else bench_llama8(n_long=args.edits, block=args.block or edit.DEFAULT_BLOCK))
     for r in rows:
       print(json.dumps(r))
     return 0
