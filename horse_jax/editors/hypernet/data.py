@@ -28,16 +28,19 @@ def pair_batches(tokenizer, prompts: Sequence[str], targets: Sequence[str], batc
   # Every mini-batch gets the same number of rows (padding rows are fully masked) so jitted
   # functions compile once per length bucket, not once more for a short last batch.
   rows = min(batch_size, len(prompts))
-  order = list(range(len(prompts)))
-  if sort:
-    lengths = [len(tokenize_edit(tokenizer, p, t)[0]) for p, t in zip(prompts, targets)]
-    order.sort(key=lambda i: -lengths[i])  # stable: ties keep file order
+  order = length_order(tokenizer, prompts, targets) if sort else list(range(len(prompts)))
   out = []
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
     out.append(pad_batch(tokenize_edits(tokenizer, [prompts[i] for i in idx],
                                         [targets[i] for i in idx], max_length=max_length), rows))
   return out
+
+
+def length_order(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[int]:
+  """Pair positions ordered by tokenized length, longest first (stable: ties keep file order)."""
+  lengths = [len(tokenize_edit(tokenizer, p, t)[0]) for p, t in zip(prompts, targets)]
+  return sorted(range(len(prompts)), key=lambda i: -lengths[i])
 
 
 def pad_batch(batch: EditBatch, rows: int) -> EditBatch:

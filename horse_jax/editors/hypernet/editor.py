@@ -21,6 +21,7 @@ import optax
 
 from horse_jax.data.tokenize import EditBatch
 
+from horse_jax.editors.hypernet import memo as memo_lib
 from horse_jax.editors.hypernet import normalizer, packing, program
 from horse_jax.editors.hypernet.cache import Cache, build_cache
 from horse_jax.editors.hypernet.config import HypernetConfig
@@ -140,17 +141,23 @@ def meta_gradients(state: HypernetState, cache: Cache, cfg: HypernetConfig, chun
 
 def train_step_async(state: HypernetState, model: Model, cfg: HypernetConfig,
                      edits: Sequence[EditBatch], rephrase: Sequence[EditBatch],
-                     loc: Sequence[EditBatch], mesh=None, packer: packing.Packer | None = None):
+                     loc: Sequence[EditBatch], mesh=None, packer: packing.Packer | None = None,
+                     memo_rows: memo_lib.MemoRows | None = None,
+                     memo: memo_lib.CacheMemo | None = None):
   """Dispatches one meta-training step (`program.train_program`) without waiting for it.
 
   Args:
     state: current state (donated: do not use it afterwards).
     model: the LM.
     cfg: editor config.
-    edits, rephrase, loc: right-padded LM mini-batches of this step's records.
+    edits, rephrase, loc: right-padded LM mini-batches of this step's records (`edits` is not
+      used when the cache comes from `memo`).
     mesh: (`data`, `model`) Mesh or None.
     packer: a `packing.Packer` kept across steps, so shapes only grow and the program compiles
       once per run; default a fresh one.
+    memo_rows, memo: this step's rows of a `memo.CacheMemo` of the training records
+      (`memo.step_rows`) and the memo: the cache is then gathered from it
+      (`program.train_program_memo`) instead of computed.
 
   Returns:
     (new state, metrics {"gen_loss", "loc_loss", "grad_norm"} as device scalars).
@@ -158,9 +165,15 @@ def train_step_async(state: HypernetState, model: Model, cfg: HypernetConfig,
   packer = packer or packing.Packer(cfg.chunk, _row_multiple(mesh))
   if mesh is not None:  # the program's declared state sharding (a no-op after the first step)
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  sets = (packer("edits", edits, cfg.token, True), packer("rephrase", rephrase, cfg.token, False),
-          packer("loc", loc, cfg.token, False))
-  return program.train_program(state, model, *(program.put(p, mesh) for p in sets), cfg, mesh)
+  if (memo is None) != (memo_rows is None):
+    raise ValueError("memo and memo_rows go together")
+  rest = (packer("rephrase", rephrase, cfg.token, False), packer("loc", loc, cfg.token, False))
+  rest = tuple(program.put(p, mesh) for p in rest)
+  if memo is not None:
+    return program.train_program_memo(state, model, memo.arrays, program.put(memo_rows, mesh),
+                                      *rest, cfg, mesh)
+  edit_set = program.put(packer("edits", edits, cfg.token, True), mesh)
+  return program.train_program(state, model, edit_set, *rest, cfg, mesh)
 
 
 def check_metrics(metrics: dict) -> dict:

@@ -231,18 +231,18 @@ def weighted_kl(pre_LxV, post_LxV, packed: Packed) -> jax.Array:
   return jnp.sum(packed.label_weight * jnp.sum(jnp.exp(pre) * (pre - post), axis=-1))
 
 
-def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, mesh=None):
-  """Keys / value grads at the cached rows and the normalizers updated in reference order.
+def cached_keys_grads(model: Model, packed: Packed, cfg: HypernetConfig, mesh=None):
+  """Keys and value grads of every edited module at the cached rows (the LM part of the cache).
 
   Returns:
-    (`shifts.Stacked` cache, rows split as `_cache_spec` says, updated norms).
+    ({name: keys [R, d_k]}, {name: value grads [R, d_v]}) in float32, rows in `packed.rows` order,
+    split as `_cache_spec` says; padding rows hold whatever their index points at (mask them).
   """
   low = cfg.lowest_layer
   n, parts = _chunks(packed)
   width = packed.input_ids.shape[1]
   n_rows = packed.rows.shape[0]
   spec = _cache_spec(mesh, n_rows)
-  valid = _constrain(packed.row_valid, mesh, spec)
   rows = _constrain(packed.rows, mesh, spec)
   row_chunk = (rows // width) % n
   row_local = (rows // width // n) * width + rows % width
@@ -282,7 +282,24 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
 
   init = tuple({m: _constrain(jnp.zeros((n_rows, d[i]), jnp.float32), mesh, spec)
                 for m, d in zip(cfg.modules, cfg.shapes)} for i in (0, 1))
-  keys, vgrads = _scan(body, init, n, (jnp.arange(n),) + parts)
+  return _scan(body, init, n, (jnp.arange(n),) + parts)
+
+
+def stack_and_normalize(keys: dict, vgrads: dict, valid, row_batch, batch_rows, norms: dict,
+                        cfg: HypernetConfig, mesh=None):
+  """The stacked cache (padding rows zeroed) and the normalizers updated in reference order.
+
+  Args:
+    keys, vgrads: per module [R, d] at the cached rows (`cached_keys_grads` or a memo).
+    valid: [R] 1 on real rows; row_batch: [R] reference mini-batch of each row;
+      batch_rows: [n_batches] rows per mini-batch.
+    norms: shape key -> NormState.
+
+  Returns:
+    (`shifts.Stacked` cache, updated norms).
+  """
+  spec = _cache_spec(mesh, valid.shape[0])
+  valid = _constrain(valid, mesh, spec)
   # Stacked by run of modules sharing a hypernetwork (the solves scan over them); the padding mask
   # fuses into the stacking copy.
   stacked_spec = P(None, *spec)
@@ -295,11 +312,11 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
   # statistics come from segment sums over its rows (keys and value grads separately: the
   # statistics are per column), one module at a time (`lax.map`); only the [batches, width]
   # results are merged.
-  n_batches = packed.batch_rows.shape[0]
+  n_batches = batch_rows.shape[0]
 
   def module_stats(kg):
     (m_k, mean_k, var_k), (_, mean_g, var_g) = (
-        normalizer.group_stats(x, valid, packed.row_batch, n_batches) for x in kg)
+        normalizer.group_stats(x, valid, row_batch, n_batches) for x in kg)
     return m_k, jnp.concatenate([mean_k, mean_g], -1), jnp.concatenate([var_k, var_g], -1)
 
   stats: dict = {}
@@ -312,6 +329,17 @@ def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, m
            for parts in zip(*per_run)]
     norms[skey] = normalizer.merge_groups(norms[skey], *seq)
   return cache, norms
+
+
+def cache_rows(model: Model, norms: dict, packed: Packed, cfg: HypernetConfig, mesh=None):
+  """Keys / value grads at the cached rows and the normalizers updated in reference order.
+
+  Returns:
+    (`shifts.Stacked` cache, rows split as `_cache_spec` says, updated norms).
+  """
+  keys, vgrads = cached_keys_grads(model, packed, cfg, mesh)
+  return stack_and_normalize(keys, vgrads, packed.row_valid, packed.row_batch, packed.batch_rows,
+                             norms, cfg, mesh)
 
 
 def _chunk(cfg: HypernetConfig, n_rows: int) -> int:
@@ -389,6 +417,28 @@ def meta_losses(model: Model, shifts: dict, rephrase: Packed, loc: Packed, cfg: 
   return gen, locl, dshifts
 
 
+def _meta_step(state, model: Model, cache, norms: dict, n_rows: int, rephrase: Packed, loc: Packed,
+               cfg: HypernetConfig, mesh):
+  """Everything of a meta-training step after the cache (see the module docstring, steps 4-5)."""
+  from horse_jax.editors.hypernet.editor import optimizer
+  chunk = _chunk(cfg, n_rows)
+  with jax.named_scope("solve"):
+    solved = shifts_lib.solve_stacked(state.nets, norms, cache, cfg, chunk, mesh)
+  shifts = shifts_lib.unstack_modules(solved.shifts, cfg)
+  with jax.named_scope("meta_losses"):
+    gen, locl, dshifts = meta_losses(model, shifts, rephrase, loc, cfg, mesh)
+  with jax.named_scope("meta_backward"):
+    grads = decoupled_grads_stacked(state.nets, norms, cache, solved,
+                                    shifts_lib.stack_modules(dshifts, cfg), cfg, chunk, mesh)
+  if cfg.method != "malmen":  # only MALMEN trains lamda
+    grads = {k: {**g, "lamda": jnp.zeros_like(g["lamda"])} for k, g in grads.items()}
+  gnorm = optax.tree.norm(grads)
+  updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.nets)
+  nets = optax.apply_updates(state.nets, updates)
+  new = state._replace(nets=nets, norms=norms, opt_state=opt_state, step=state.step + 1)
+  return _replicate(new, mesh), {"gen_loss": gen, "loc_loss": locl, "grad_norm": gnorm}
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("state",))
 def train_program(state, model: Model, edits: Packed, rephrase: Packed, loc: Packed,
                   cfg: HypernetConfig, mesh=None):
@@ -404,31 +454,66 @@ def train_program(state, model: Model, edits: Packed, rephrase: Packed, loc: Pac
   Returns:
     (new state, {"gen_loss", "loc_loss", "grad_norm"} device scalars).
   """
-  from horse_jax.editors.hypernet.editor import optimizer
-  cache, norms = cache_rows(model, state.norms, edits, cfg, mesh)
-  chunk = _chunk(cfg, edits.rows.shape[0])
-  solved = shifts_lib.solve_stacked(state.nets, norms, cache, cfg, chunk, mesh)
-  shifts = shifts_lib.unstack_modules(solved.shifts, cfg)
-  gen, locl, dshifts = meta_losses(model, shifts, rephrase, loc, cfg, mesh)
-  grads = decoupled_grads_stacked(state.nets, norms, cache, solved,
-                                  shifts_lib.stack_modules(dshifts, cfg), cfg, chunk, mesh)
-  if cfg.method != "malmen":  # only MALMEN trains lamda
-    grads = {k: {**g, "lamda": jnp.zeros_like(g["lamda"])} for k, g in grads.items()}
-  gnorm = optax.tree.norm(grads)
-  updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.nets)
-  nets = optax.apply_updates(state.nets, updates)
-  new = state._replace(nets=nets, norms=norms, opt_state=opt_state, step=state.step + 1)
-  return _replicate(new, mesh), {"gen_loss": gen, "loc_loss": locl, "grad_norm": gnorm}
+  with jax.named_scope("cache"):
+    cache, norms = cache_rows(model, state.norms, edits, cfg, mesh)
+  return _meta_step(state, model, cache, norms, edits.rows.shape[0], rephrase, loc, cfg, mesh)
 
 
-def put(packed: Packed, mesh=None) -> Packed:
-  """Device arrays of a packed set, rows split over `data` when a mesh is given."""
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("state",))
+def train_program_memo(state, model: Model, memo, rows, rephrase: Packed, loc: Packed,
+                       cfg: HypernetConfig, mesh=None):
+  """`train_program` with the cache read from a memo of the training records (`memo.CacheMemo`).
+
+  The unedited model's keys and value gradients of a record do not change during meta-training,
+  so they are computed once per record (with unit label weights) and each step gathers them; a
+  cached row's value gradient is its memoized one times its mini-batch's label weight
+  (1 / label tokens of the mini-batch), which is what `train_program` computes (the weight is a
+  common factor of the whole backward of a sequence).
+
+  Args:
+    state: HypernetState (donated).
+    model: the unedited LM (for the rephrase / locality losses).
+    memo: (keys {name: [S, d_k]}, grads {name: [S, d_v]}) memoized rows.
+    rows: `memo.MemoRows` of this step (slots, weights, valid, row_batch, batch_rows).
+    rephrase, loc: packed sets of this step's N records.
+  """
+  memo_keys, memo_grads = memo
+  spec = _cache_spec(mesh, rows.slots.shape[0])
+  slots = _constrain(rows.slots, mesh, spec)
+  weight = _constrain(rows.weight, mesh, spec)[:, None]
+  with jax.named_scope("cache"):
+    keys = {m: _constrain(memo_keys[m][slots], mesh, spec) for m in cfg.modules}
+    vgrads = {m: _constrain(memo_grads[m][slots] * weight, mesh, spec) for m in cfg.modules}
+    cache, norms = stack_and_normalize(keys, vgrads, rows.valid, rows.row_batch, rows.batch_rows,
+                                       state.norms, cfg, mesh)
+  return _meta_step(state, model, cache, norms, rows.slots.shape[0], rephrase, loc, cfg, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("memo",))
+def fill_memo_program(memo, model: Model, packed: Packed, slots, cfg: HypernetConfig, mesh=None):
+  """Writes the keys / value grads of a packed set's cached rows into memo rows `slots` [R].
+
+  `packed` must carry unit label weights (1 on every real label); padding rows point at a slot
+  that no record uses. The memo (keys, grads) is donated and returned updated.
+  """
+  keys, vgrads = cached_keys_grads(model, packed, cfg, mesh)
+  memo_keys, memo_grads = memo
+  return ({m: _replicate(memo_keys[m].at[slots].set(keys[m]), mesh) for m in cfg.modules},
+          {m: _replicate(memo_grads[m].at[slots].set(vgrads[m]), mesh) for m in cfg.modules})
+
+
+def put_array(x, mesh=None):
+  """A host array on device: its leading dim split over `data` when a mesh is given and it divides."""
   if mesh is None:
-    return jax.tree_util.tree_map(jnp.asarray, packed)
-  def one(x):
-    spec = _rows_spec(mesh, x.shape[0]) if x.ndim and x.shape[0] > 1 else P()
-    if jax.process_count() > 1:  # every process holds the whole set; each device takes its slice
-      from horse_jax.distributed import global_array
-      return global_array(x, NamedSharding(mesh, spec))
-    return jax.device_put(x, NamedSharding(mesh, spec))
-  return Packed(*[one(x) for x in packed])
+    return jnp.asarray(x)
+  spec = _rows_spec(mesh, x.shape[0]) if x.ndim and x.shape[0] > 1 else P()
+  if jax.process_count() > 1:  # every process holds the whole set; each device takes its slice
+    from horse_jax.distributed import global_array
+    return global_array(x, NamedSharding(mesh, spec))
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def put(packed, mesh=None):
+  """Device arrays of a packed set (or any NamedTuple of host arrays; None fields stay None), rows
+  split over `data` when a mesh is given."""
+  return type(packed)(*[None if x is None else put_array(x, mesh) for x in packed])
