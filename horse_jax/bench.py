@@ -132,9 +132,16 @@ def bench_horen_edit(world, reference=False):
 
 
 def bench_horse_meta_step(world, reference=False):
-  """HORSE meta-training step on train/world_horse.yaml (one compiled program; compile apart)."""
+  """HORSE meta-training step on train/world_horse.yaml (one compiled program; compile apart), its
+  cache gathered from the memo of the training records as `horse-jax train` does by default."""
   from horse_jax.editors.hypernet import bench as hb
   return hb.bench_meta_step(_hypernet_setup(world))
+
+
+def bench_horse_meta_step_recompute(world, reference=False):
+  """The same step recomputing its cache every step, as the reference does (no memo)."""
+  from horse_jax.editors.hypernet import bench as hb
+  return hb.bench_meta_step(_hypernet_setup(world), memo=False)
 
 
 def bench_horse_edit_1000(world, reference=False):
@@ -177,6 +184,7 @@ BENCHMARKS = {
     "hopfield": bench_hopfield,
     "horse_edit": bench_horse_edit,
     "horse_meta_step": bench_horse_meta_step,
+    "horse_meta_step_recompute": bench_horse_meta_step_recompute,
     "horse_edit_1000": bench_horse_edit_1000,
     "horen_edit": bench_horen_edit,
     "horen_llama8": bench_horen_llama8,

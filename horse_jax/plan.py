@@ -16,7 +16,10 @@ needed. Stages:
 
 When the hypernetwork editors run as two compiled programs (`editors.hypernet.program`), their stages
 are those programs instead: `edit` (cache + normalizer + solves of all N edits) and `meta-step` (one
-whole meta-training step), lowered from abstract `packing.Packed` sets of N sequences.
+whole meta-training step), lowered from abstract `packing.Packed` sets of N sequences. The
+`meta-step` is the step that recomputes its cache; `horse-jax train` gathers the cache from a memo of
+the training records instead when that memo fits `editor.memo_cache_mb` (replicated: at most that
+many MiB more per device, and no LM pass over the edit set).
 
 A stage's peak is arguments + outputs + temporaries - donated (aliased) bytes, plus `resident`: what
 the caller keeps alive across the stage without passing it (e.g. the rows already cached while the

@@ -115,6 +115,11 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("ans", "all")),
     Setting("editor.spread", "str", "reference", "HORSE spread variant", _H,
             choices=("reference", "gram_schmidt")),
+    Setting("editor.memo_cache_mb", "int", 1024,
+            "MiB per device for memoizing the unedited model's keys / value gradients of every "
+            "training record (`horse-jax train`: the steps then skip the LM over the edit set, "
+            "same results); 0, or a memo that does not fit, recomputes them every step as the "
+            "reference does", _H),
     # ---- codebook editors ----
     Setting("editor.layer", "str", None,
             "wrapped linear module (HF name); None = the model card's HoReN layer, else the MLP "

@@ -25,6 +25,7 @@ import numpy as np
 from horse_jax.cli.edit_hypernet import load_model, logits_fn, resolve
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
+from horse_jax.editors.hypernet import memo as memo_lib
 from horse_jax.editors.hypernet.data import step_batches, step_indices  # noqa: F401  (re-exported)
 from horse_jax.cli.settings_args import add_settings_args
 from horse_jax.errors import UserError
@@ -75,6 +76,27 @@ def _truncate_metrics(path: str, step: int) -> None:
       except (ValueError, KeyError):
         continue  # a half-written last line of a killed run
   atomic_write_text(path, "".join(kept))
+
+
+def _memo(model, tokenizer, train, cfg, budget_mb: int, max_length, mesh, main: bool):
+  """The memo of the training records' keys / value grads (`hypernet.memo`), or None when
+  `editor.memo_cache_mb` is 0 or too small for it (each step then recomputes them)."""
+  from horse_jax import distributed
+  if budget_mb < 0:
+    raise UserError(f"editor.memo_cache_mb must be >= 0, not {budget_mb}")
+  fits, mib = memo_lib.plan(tokenizer, train, cfg, budget_mb, max_length)
+  if not fits:
+    if budget_mb > 0:
+      distributed.main_print(f"memo of the training keys / value gradients: needs {mib:,.0f} MiB "
+                             f"> editor.memo_cache_mb={budget_mb}; every step recomputes them")
+    return None
+  start = time.time()
+  memo = memo_lib.build(model, tokenizer, train, cfg, max_length, mesh, progress=main)
+  jax.block_until_ready(memo.arrays)
+  distributed.main_print(f"memo of the training keys / value gradients: {len(train):,} records, "
+                         f"{memo.n_slots:,} rows, {mib:,.1f} MiB per device, "
+                         f"{time.time() - start:.1f} s")
+  return memo
 
 
 def run(args) -> int:
@@ -137,6 +159,8 @@ def run(args) -> int:
   # "seconds" is the time between two consecutive metric fetches (steady-state time per step).
   step_tok = hypernet.data.MemoTokenizer(tokenizer)
   packer = hypernet.Packer(cfg.chunk, 8 if mesh is None else max(8, mesh.shape["data"]))
+  memo = _memo(model, step_tok, train, cfg, int(settings["editor"]["memo_cache_mb"]), max_length,
+               mesh, main)
   last = [time.time()]
 
   def finish(step, metrics, log, bar, extra=None):
@@ -158,9 +182,13 @@ def run(args) -> int:
                disable=not main)
     pending = None
     for step in bar:
-      records = [train[i] for i in step_indices(args.seed, step, len(train), n_edits)]
+      indices = step_indices(args.seed, step, len(train), n_edits)
+      records = [train[i] for i in indices]
       batches = step_batches(step_tok, records, cfg, max_length)
-      state, m = hypernet.train_step_async(state, model, cfg, *batches, mesh=mesh, packer=packer)
+      rows = None if memo is None else memo_lib.step_rows(memo, step_tok, indices, records, cfg,
+                                                          max_length)
+      state, m = hypernet.train_step_async(state, model, cfg, *batches, mesh=mesh, packer=packer,
+                                           memo_rows=rows, memo=memo)
       if pending is not None:
         finish(*pending, log, bar)
       pending = (step, m)

@@ -1,7 +1,9 @@
 """Benchmarks of the compiled HORSE programs on the embedded world (`horse-jax bench` cases).
 
   horse_meta_step   one meta-training step of train/world_horse.yaml (1,000 edits, mini-batches of
-                    100, rank 32, the four down_proj of the world model)
+                    100, rank 32, the four down_proj of the world model), its cache gathered from the
+                    memo of the training records as `horse-jax train` does by default
+  horse_meta_step_recompute   the same step recomputing its cache (the reference's way)
   horse_edit_1000   1,000 world edits at once with that hypernetwork configuration
 
 Each reports compile time (AOT `lower().compile()`) apart from steady-state time (median of a few
@@ -104,23 +106,36 @@ def _row(name, shape, compile_s, steady, flops, host_s, extra="", cpu=()):
                         f"{100 * flops / med / peak:.0f}% of {peak / 1e9:,.0f} GFLOP/s peak{extra}"}
 
 
-def bench_meta_step(setup: dict[str, Any], steps: int = 10) -> list[dict[str, Any]]:
+def bench_meta_step(setup: dict[str, Any], steps: int = 10, memo: bool = True) -> list[dict[str, Any]]:
   """One compiled HORSE meta-training step on the world recipe (median of `steps` steps: on a
-  shared 2-core box single steps vary by +-20%)."""
+  shared 2-core box single steps vary by +-20%).
+
+  With `memo` (what `horse-jax train` does by default) the step gathers its cache from the memo of
+  the training records (`hypernet.memo`), built once before (its time is reported apart); without,
+  it recomputes the cache every step as the reference does (`horse_meta_step_recompute`).
+  """
   from horse_jax.editors.hypernet.data import step_batches, step_indices
   from horse_jax.editors import hypernet
+  from horse_jax.editors.hypernet import memo as memo_lib
   from horse_jax.editors.hypernet import program
   model, cfg, train = setup["model"], setup["cfg"], setup["train"]
   tok = hypernet.data.MemoTokenizer(setup["tokenizer"])
   packer = hypernet.Packer(cfg.chunk)
+  start = time.perf_counter()
+  cache_memo = memo_lib.build(model, tok, train, cfg) if memo else None
+  jax.block_until_ready(cache_memo.arrays if memo else ())
+  memo_s = time.perf_counter() - start
 
   def prep(step):
-    recs = [train[i] for i in step_indices(0, step, len(train), N_EDITS)]
+    idx = step_indices(0, step, len(train), N_EDITS)
+    recs = [train[i] for i in idx]
     e, r, l = step_batches(tok, recs, cfg, None)
-    sets = (packer("edits", e, cfg.token, True), packer("rephrase", r, cfg.token, False),
-            packer("loc", l, cfg.token, False))
-    return [program.put(p) for p in sets]
+    rest = [program.put(packer(n, b, cfg.token, False)) for n, b in (("rephrase", r), ("loc", l))]
+    if memo:
+      return [cache_memo.arrays, memo_lib.put(memo_lib.step_rows(cache_memo, tok, idx, recs, cfg))] + rest
+    return [program.put(packer("edits", e, cfg.token, True))] + rest
 
+  fn = program.train_program_memo if memo else program.train_program
   for step in range(steps + 1):  # settle the packer's shapes (they only grow)
     prep(step)
   host = []
@@ -130,7 +145,7 @@ def bench_meta_step(setup: dict[str, Any], steps: int = 10) -> list[dict[str, An
     host.append(time.perf_counter() - start)
   state = hypernet.init(cfg, jax.random.PRNGKey(0))
   start = time.perf_counter()
-  compiled = program.train_program.lower(state, model, *data, cfg).compile()
+  compiled = fn.lower(state, model, *data, cfg).compile()
   compile_s = time.perf_counter() - start
   steady, cpu = [], []
   for step in range(steps + 1):
@@ -141,9 +156,12 @@ def bench_meta_step(setup: dict[str, Any], steps: int = 10) -> list[dict[str, An
     if step:  # the first run pays one-time allocation
       steady.append(time.perf_counter() - start)
       cpu.append(time.process_time() - start_cpu)
+  rows = data[-2].input_ids.shape[0]
   shape = (f"N={N_EDITS} edits/step, mini-batches of {LM_BATCH}, rank {RANK}, {len(cfg.modules)} "
-           f"down_proj; packed rows {data[0].input_ids.shape[0]}x{data[0].input_ids.shape[1]}")
-  return [_row("horse_meta_step", shape, compile_s, steady, _flops(compiled),
+           f"down_proj; " + (f"cache from the memo of {len(train):,} records ({memo_s:.1f} s once)"
+                             if memo else "cache recomputed") + f"; rephrase rows {rows}x32")
+  name = "horse_meta_step" if memo else "horse_meta_step_recompute"
+  return [_row(name, shape, compile_s, steady, _flops(compiled),
                statistics.median(host[1:]), f"; host prep {statistics.median(host[1:]):.2f} s", cpu)]
 
 
@@ -185,7 +203,15 @@ def _world_flops(setup: dict[str, Any]) -> dict[str, float]:
   sets = [program.put(packer(n, b, cfg.token, n == "edits"))
           for n, b in (("edits", e), ("rephrase", r), ("loc", l))]
   state = hypernet.init(cfg, jax.random.PRNGKey(0))
-  return {"horse_meta_step": unrolled_flops(program.train_program, state, model, *sets, cfg=cfg),
+  from horse_jax.editors.hypernet import memo as memo_lib
+  idx = step_indices(0, 0, len(train), N_EDITS)
+  tok = hypernet.data.MemoTokenizer(setup["tokenizer"])
+  cache_memo = memo_lib.build(model, tok, [train[i] for i in idx], cfg)
+  rows = memo_lib.put(memo_lib.step_rows(cache_memo, tok, np.arange(N_EDITS), recs, cfg))
+  return {"horse_meta_step": unrolled_flops(program.train_program_memo, state, model,
+                                            cache_memo.arrays, rows, *sets[1:], cfg=cfg),
+          "horse_meta_step_recompute": unrolled_flops(program.train_program, state, model, *sets,
+                                                      cfg=cfg),
           "horse_edit_1000": unrolled_flops(program.edit_program, state.nets, state.norms, model,
                                             sets[0], cfg=cfg)}
 
@@ -193,7 +219,7 @@ def _world_flops(setup: dict[str, Any]) -> dict[str, float]:
 def main() -> None:
   """python -m horse_jax.editors.hypernet.bench [--unrolled-flops]: both cases as a markdown table."""
   setup = world_setup()
-  rows = bench_meta_step(setup) + bench_edit(setup)
+  rows = bench_meta_step(setup) + bench_meta_step(setup, memo=False) + bench_edit(setup)
   if "--unrolled-flops" in sys.argv[1:]:
     for name, flops in _world_flops(setup).items():
       print(f"{name}: {flops / 1e9:.1f} GFLOP for the whole program (every scan iteration counted)")

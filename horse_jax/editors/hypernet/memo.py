@@ -95,6 +95,28 @@ def edit_order(tokenizer, records, lm_batch: int, max_length: int | None):
   return batches, np.asarray(order, np.int64)
 
 
+def rows_needed(tokenizer, records: Sequence, cfg: HypernetConfig,
+                max_length: int | None = None) -> int:
+  """Memo rows of `records`: their answer tokens (`editor.token` ans) or attended tokens (all)."""
+  batches, _ = edit_order(tokenizer, records, cfg.lm_batch, max_length)
+  lengths, labels, _ = _sequence_stats(batches)
+  return int(_uses(cfg, lengths, labels).sum())
+
+
+def plan(tokenizer, records: Sequence, cfg: HypernetConfig, budget_mb: float,
+         max_length: int | None = None) -> tuple[bool, float]:
+  """(whether the memo of `records` fits `budget_mb` MiB, its size in MiB).
+
+  A lower bound (one row per record) is checked first, so a dataset far too large for the budget is
+  refused without tokenizing it.
+  """
+  mib = lambda rows: (rows + 1) * row_bytes(cfg) / 2 ** 20
+  if budget_mb <= 0 or mib(len(records)) > budget_mb:
+    return False, mib(len(records))
+  need = mib(rows_needed(tokenizer, records, cfg, max_length))
+  return need <= budget_mb, need
+
+
 def build(model, tokenizer, records: Sequence, cfg: HypernetConfig, max_length: int | None = None,
           mesh=None, per_call: int = 1000, progress: bool = False) -> CacheMemo:
   """Computes the memo of every record (unit label weights), `per_call` records per program call.
