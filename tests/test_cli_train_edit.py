@@ -122,3 +122,35 @@ def test_nan_loss_names_the_step(workspace, capsys):
   rc = _train(workspace, workspace / "nan", 1, "--set", "editor.lr=.nan")
   assert rc == 2
   assert "step 1" in capsys.readouterr().err
+
+
+def test_memo_setting_decides_how_steps_get_their_cache(workspace, tmp_path, capsys, monkeypatch):
+  """`editor.memo_cache_mb` is read: by default the steps read the memo of the training records;
+  0 or a budget too small for it recompute the cache every step (and the run says why); the
+  resulting hypernetworks agree."""
+  from horse_jax.editors.hypernet import program
+  calls = {"memo": 0, "computed": 0}
+  real_memo, real_full = program.train_program_memo, program.train_program
+
+  def count(key, fn):
+    def wrapped(*args, **kwargs):
+      calls[key] += 1
+      return fn(*args, **kwargs)
+    return wrapped
+
+  monkeypatch.setattr(program, "train_program_memo", count("memo", real_memo))
+  monkeypatch.setattr(program, "train_program", count("computed", real_full))
+  assert _train(workspace, tmp_path / "memo", 2) == 0
+  assert calls == {"memo": 2, "computed": 0}
+  assert "memo of the training keys / value gradients: 40 records" in capsys.readouterr().out
+  assert _train(workspace, tmp_path / "off", 2, "--set", "editor.memo_cache_mb=0") == 0
+  assert calls == {"memo": 2, "computed": 2}
+  capsys.readouterr()
+  # with 1 MiB per memo row, 40 records cannot fit a 1 MiB budget
+  monkeypatch.setattr("horse_jax.editors.hypernet.memo.row_bytes", lambda cfg: 2 ** 20)
+  assert _train(workspace, tmp_path / "small", 2, "--set", "editor.memo_cache_mb=1") == 0
+  assert calls == {"memo": 2, "computed": 4}
+  assert "> editor.memo_cache_mb=1; every step recomputes them" in capsys.readouterr().out
+  for a, b in zip(_leaves(tmp_path / "memo" / "hypernet"), _leaves(tmp_path / "off" / "hypernet")):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
+                               atol=1e-3 * np.abs(np.asarray(b)).max() + 1e-9)
