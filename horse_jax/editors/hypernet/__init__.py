@@ -7,6 +7,16 @@ Typical use::
   batches = hypernet.edit_batches(tokenizer, records, cfg.lm_batch)
   shifts, state = hypernet.edit(state, model, cfg, batches)
   edited = hypernet.apply(model, shifts)
+
+Meta-training, one compiled program per step (`horse-jax train` does this)::
+
+  memo = hypernet.memo.build(model, tokenizer, train_records, cfg)  # the unedited model's cache, once
+  for step in range(n_steps):
+    idx = hypernet.data.step_indices(seed, step, len(train_records), n_edits)
+    recs = [train_records[i] for i in idx]
+    rows = hypernet.memo.step_rows(memo, tokenizer, idx, recs, cfg)
+    state, metrics = hypernet.train_step_async(state, model, cfg, *hypernet.data.step_batches(
+        tokenizer, recs, cfg), memo_rows=rows, memo=memo)
 """
 
 from horse_jax.editors.hypernet.cache import Cache, build_cache, token_ce, token_mask
@@ -16,6 +26,7 @@ from horse_jax.editors.hypernet.data import edit_batches, loc_batches, rephrase_
 from horse_jax.editors.hypernet.editor import (HypernetState, apply, edit, init, meta_gradients,
                                                meta_loss_grads, optimizer, predict, revert, train_step,
                                                train_step_async, train_step_reference, check_metrics)
+from horse_jax.editors.hypernet import memo
 from horse_jax.editors.hypernet.packing import Packer
-from horse_jax.editors.hypernet.program import edit_program, train_program
+from horse_jax.editors.hypernet.program import edit_program, train_program, train_program_memo
 from horse_jax.editors.hypernet.shifts import predict_shifts, shifts_from_cache
