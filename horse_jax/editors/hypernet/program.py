@@ -15,7 +15,10 @@
      and Adam.
 
 Nothing syncs with the host; metrics come back as device scalars. The state argument of
-`train_program` is donated.
+`train_program` is donated. `train_program_memo(state, model, memo, rows, rephrase, loc, cfg, mesh)`
+is the same step with step 2 replaced by a gather from a memo of the training records' keys / value
+grads (`memo.py`; filled once by `fill_memo_program`), as `horse-jax train` runs it when the memo
+fits `editor.memo_cache_mb`.
 
 The LM runs over the packed rows in chunks (`packing.lm_chunks`, a `lax.scan` when there are several):
 the cache keeps only the keys / value grads at the cached rows of each chunk, and the meta losses sum
