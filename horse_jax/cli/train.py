@@ -186,7 +186,7 @@ def run(args) -> int:
       records = [train[i] for i in indices]
       batches = step_batches(step_tok, records, cfg, max_length)
       rows = None if memo is None else memo_lib.step_rows(memo, step_tok, indices, records, cfg,
-                                                          max_length)
+                                                          max_length, batches=batches[0])
       state, m = hypernet.train_step_async(state, model, cfg, *batches, mesh=mesh, packer=packer,
                                            memo_rows=rows, memo=memo)
       if pending is not None:

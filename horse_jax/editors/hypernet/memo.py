@@ -169,7 +169,8 @@ def build(model, tokenizer, records: Sequence, cfg: HypernetConfig, max_length: 
 
 
 def step_rows(memo: CacheMemo, tokenizer, indices: np.ndarray, records: Sequence,
-              cfg: HypernetConfig, max_length: int | None = None) -> MemoRows:
+              cfg: HypernetConfig, max_length: int | None = None,
+              batches: Sequence | None = None) -> MemoRows:
   """The memo rows of one step's edit set, in the order and with the weights of its cache.
 
   Args:
@@ -178,11 +179,17 @@ def step_rows(memo: CacheMemo, tokenizer, indices: np.ndarray, records: Sequence
     indices: [N] indices into the training records of this step's records.
     records: the step's records (records[i] is training record indices[i]).
     cfg: editor config; max_length: `data.max_length`.
+    batches: the step's edit mini-batches when already made (`data.edit_batches` of `records`);
+      made here otherwise.
 
   Returns:
     MemoRows padded as the packed edit set would be (shapes only grow across steps).
   """
-  batches, order = edit_order(tokenizer, records, cfg.lm_batch, max_length)
+  if batches is None:
+    batches, order = edit_order(tokenizer, records, cfg.lm_batch, max_length)
+  else:
+    order = np.asarray(length_order(tokenizer, [r.prompt for r in records],
+                                    [r.target for r in records]), np.int64)
   lengths, labels, batch = _sequence_stats(batches)
   uses = _uses(cfg, lengths, labels)
   n_batches = len(batches)
