@@ -1,29 +1,24 @@
 """Memory and FLOPs of an editing run, per device, without allocating a single weight.
 
-`plan(...)` lowers and compiles the editors' jitted functions on `jax.ShapeDtypeStruct` inputs laid
+`plan(...)` lowers and compiles the editors' jitted programs on `jax.ShapeDtypeStruct` inputs laid
 out on a (data, model) mesh (weights by the tensor-parallel rules, optionally FSDP; batches and
 cached rows over `data`), then reads XLA's own numbers: `compiled.memory_analysis()` (arguments,
 outputs, temporaries) and `compiled.cost_analysis()` (FLOPs), both per device. Only config.json is
-needed. Stages:
+needed. The stages are the programs the editors run:
 
   load        the sharded weights (no program: bytes from the shardings)
-  cache       keys and value gradients of one LM mini-batch (horse / malmen / mend)
-  solve       shifts of all N edits from the cache (ridge solves; MEND's rank-one sums)
-  meta-lm     dLoss/dShift of one LM mini-batch of the edited model (meta-training)
-  meta-net    the decoupled backward to the hypernetwork over the N edits' cache (meta-training)
-  meta-adam   the clipped Adam update of the hypernetwork (meta-training)
-  edit        one block of `editor.edit_block` HoReN / GRACE edits into an N-entry codebook
+  edit        HORSE / MALMEN / MEND: `hypernet.program.edit_program`, the whole edit of N edits
+              (cache + normalizer + solves), lowered from abstract `packing.Packed` sets
+  meta-step   HORSE / MALMEN / MEND: `hypernet.program.train_program`, one whole meta-training step
+  edit        HoReN / GRACE: one block of `editor.edit_block` edits into an N-entry codebook
 
-When the hypernetwork editors run as two compiled programs (`editors.hypernet.program`), their stages
-are those programs instead: `edit` (cache + normalizer + solves of all N edits) and `meta-step` (one
-whole meta-training step), lowered from abstract `packing.Packed` sets of N sequences. The
-`meta-step` is the step that recomputes its cache; `horse-jax train` gathers the cache from a memo of
-the training records instead when that memo fits `editor.memo_cache_mb` (replicated: at most that
-many MiB more per device, and no LM pass over the edit set).
+The `meta-step` is the step that recomputes its cache; `horse-jax train` gathers the cache from a
+memo of the training records instead (`train_program_memo`) when that memo fits
+`editor.memo_cache_mb` (replicated: at most that many MiB more per device, and no LM pass over the
+edit set). A program that cannot be lowered or compiled fails the plan with a `UserError` naming it.
 
 A stage's peak is arguments + outputs + temporaries - donated (aliased) bytes, plus `resident`: what
-the caller keeps alive across the stage without passing it (e.g. the rows already cached while the
-next mini-batch is cached). `peak_bytes_per_device` is the largest stage peak. When the mesh needs more
+the caller keeps alive across the stage without passing it (e.g. the Adam state during an edit). `peak_bytes_per_device` is the largest stage peak. When the mesh needs more
 devices than the host has and the platform is CPU, the CLI forces that many CPU devices (XLA's CPU
 compiler then stands in for the target: layouts and fusion differ a little from TPU/GPU).
 """
@@ -93,13 +88,6 @@ def _replicated(tree, mesh):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), tree)
 
 
-def _rows(shape, dtype, mesh):
-  """A [rows, ...] input split over `data` when it divides the rows."""
-  n = mesh.shape["data"]
-  spec = P("data") if shape and shape[0] % n == 0 else P()
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-
-
 def _shard_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
   total = 0
@@ -110,11 +98,13 @@ def _shard_bytes(tree) -> int:
 
 
 def _compile(fn: Callable, *args, **kwargs):
+  """`fn` lowered and compiled for the abstract arguments; a UserError naming `fn` if it cannot be."""
   try:
     return fn.lower(*args, **kwargs).compile()
-  except Exception as err:  # noqa: BLE001  (XLA reports shape/memory problems as many types)
-    raise UserError(f"plan: compiling {getattr(fn, '__name__', fn)} failed: "
-                    f"{str(err).splitlines()[0][:300]}") from None
+  except Exception as err:  # noqa: BLE001  (JAX and XLA report such failures as many types)
+    first = (str(err).splitlines() or [""])[0][:300]
+    raise UserError(f"plan: program {getattr(fn, '__name__', fn)} cannot be lowered and compiled "
+                    f"({type(err).__name__}: {first})") from None
 
 
 def _measure(stage: Stage, compiled) -> Stage:
@@ -149,93 +139,19 @@ def _card(model_path: str, config) -> dict[str, Any]:
     return {}
 
 
-def hypernet_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
-                    answer_tokens: int, seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
-  """Stages of a HORSE / MALMEN / MEND edit and meta-training step (see module docstring)."""
-  from horse_jax.data.tokenize import bucket_length
-  from horse_jax.editors import hypernet
-  from horse_jax.editors.hypernet import cache as cache_lib
-  from horse_jax.editors.hypernet import meta as meta_lib
-  from horse_jax.editors.hypernet import shifts as shifts_lib
-
-  settings = _settings(method, model, model_path, overrides)
-  cfg = hypernet.from_settings(method, settings, model)
-  weights = _shard_bytes(model.params)
-  state = _replicated(jax.eval_shape(functools.partial(hypernet.init, cfg), jax.random.PRNGKey(0)), mesh)
-  nets_bytes = _shard_bytes(state.nets) + _shard_bytes(state.norms)
-  opt_bytes = _shard_bytes(state.opt_state)
-  f32 = jnp.float32
-  n_data = mesh.shape["data"]
-  # One LM mini-batch: lm_batch edits of seq_len tokens, answer_tokens used rows each.
-  b = max(cfg.lm_batch, n_data) if cfg.lm_batch % n_data else cfg.lm_batch
-  rows_b = bucket_length(b * answer_tokens, minimum=8)
-  ids = _rows((b, seq_len), jnp.int32, mesh)
-  stages: list[Stage] = []
-  cached_rows = n_edits * answer_tokens
-  total, chunk = cache_lib.padded_rows(cached_rows, cfg.chunk)
-  cache = cache_lib.Cache({n: _rows((total, dk), f32, mesh) for n, (dk, _) in zip(cfg.modules, cfg.shapes)},
-                          {n: _rows((total, dv), f32, mesh) for n, (_, dv) in zip(cfg.modules, cfg.shapes)},
-                          _rows((total,), f32, mesh))
-  cache_bytes = _shard_bytes(cache)
-
-  st = Stage("cache", f"keys + value grads of one LM mini-batch ({b} edits x {seq_len} tokens)",
-             weights=weights, resident=cache_bytes + opt_bytes)
-  compiled = _compile(cache_lib.cache_batch, model, state.norms, cfg.modules, cfg.shapes, ids, ids, ids,
-                      _rows((rows_b,), jnp.int32, mesh), _rows((rows_b,), f32, mesh))
-  stages.append(_measure(st, compiled))
-
-  st = Stage("solve", f"shifts of {n_edits} edits from {total} cached rows", weights=0,
-             resident=weights + opt_bytes)
-  compiled = _compile(shifts_lib.predict_shifts, state.nets, state.norms, cache, cfg=cfg, chunk=chunk)
-  stages.append(_measure(st, compiled))
-
-  shifts_abs = {n: jax.ShapeDtypeStruct((dk, dv), f32, sharding=NamedSharding(mesh, P()))
-                for n, (dk, dv) in zip(cfg.modules, cfg.shapes)}
-  diffs_abs = {} if method == "mend" else {n: _rows((total, dv), f32, mesh)
-                                           for n, (_, dv) in zip(cfg.modules, cfg.shapes)}
-  kind = "ce" if method == "horse" else "kl"
-  st = Stage("meta-lm", f"dLoss/dShift of one LM mini-batch ({b} x {seq_len})", weights=weights,
-             resident=cache_bytes + _shard_bytes(diffs_abs) + nets_bytes + opt_bytes)
-  compiled = _compile(meta_lib.shift_loss_grad, model, shifts_abs, ids, ids, ids, kind=kind,
-                      low=cfg.lowest_layer)
-  stages.append(_measure(st, compiled))
-
-  st = Stage("meta-net", f"decoupled backward to the hypernetwork over {total} rows", weights=0,
-             resident=weights + opt_bytes)
-  compiled = _compile(meta_lib.decoupled_grads_jit, state.nets, state.norms, cache, shifts_abs,
-                      diffs_abs, shifts_abs, cfg=cfg, chunk=chunk)
-  stages.append(_measure(st, compiled))
-
-  opt = hypernet.optimizer(cfg)
-
-  @jax.jit
-  def adam(nets, grads, opt_state):
-    import optax
-    updates, opt_state = opt.update(grads, opt_state, nets)
-    return optax.apply_updates(nets, updates), opt_state
-
-  st = Stage("meta-adam", "clipped Adam update of the hypernetwork", weights=0, resident=weights + cache_bytes)
-  stages.append(_measure(st, _compile(adam, state.nets, state.nets, state.opt_state)))
-  info = {"modules": list(cfg.modules), "rank": cfg.rank, "lm_batch": cfg.lm_batch, "chunk": chunk,
-          "cached_rows": total, "answer_tokens_per_edit": answer_tokens, "seq_len": seq_len,
-          "hypernet_bytes": nets_bytes, "adam_bytes": opt_bytes, "cache_bytes_per_device": cache_bytes}
-  return stages, info
-
-
 def packed_abstract(n_seqs: int, seq_len: int, answer_tokens: int, lm_batch: int, chunk: int, mesh,
                     with_rows: bool):
   """ShapeDtypeStructs of a `packing.Packed` set of n_seqs sequences of seq_len tokens (each with
   answer_tokens labels), with the shapes and shardings `packing.pack` + `program.put` give it."""
   from horse_jax.data.tokenize import bucket_length
   from horse_jax.editors.hypernet import packing
-  from horse_jax.editors.hypernet.cache import padded_rows
   multiple = max(8, mesh.shape["data"])
   width = max(32, 2 * bucket_length(seq_len, minimum=8))
   per_row = max(width // seq_len, 1)
   w = packing.chunked_rows(packing.rows_bucket(-(-n_seqs // per_row), multiple), width, multiple)
   n_chunks = packing.lm_chunks(w, width)  # labels laid out chunk by chunk, evenly spread
   n_labels = n_chunks * packing.rows_bucket(-(-n_seqs * answer_tokens // n_chunks), multiple)
-  total = padded_rows(n_seqs * answer_tokens, chunk)[0] if with_rows else multiple
+  total = packing.padded_rows(n_seqs * answer_tokens, chunk)[0] if with_rows else multiple
   n_batches = -(-n_seqs // lm_batch)
   i32, f32 = jnp.int32, jnp.float32
   shapes = ((w, width), (w, width), (w, width), (n_labels,), (n_labels,), (n_labels,), (total,),
@@ -248,10 +164,10 @@ def packed_abstract(n_seqs: int, seq_len: int, answer_tokens: int, lm_batch: int
   return packing.Packed(*out), total
 
 
-def program_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
-                   answer_tokens: int, seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
-  """HORSE / MALMEN / MEND as the editors' two compiled programs (`hypernet.program`): the whole
-  edit, and one whole meta-training step."""
+def hypernet_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                    answer_tokens: int, seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """HORSE / MALMEN / MEND as the programs the editors run (`hypernet.program`): the whole edit, and
+  one whole meta-training step."""
   from horse_jax.editors import hypernet
   from horse_jax.editors.hypernet import program
 
@@ -273,16 +189,8 @@ def program_stages(model, model_path: str, method: str, n_edits: int, mesh, over
   info = {"modules": list(cfg.modules), "rank": cfg.rank, "lm_batch": cfg.lm_batch,
           "cached_rows": total, "answer_tokens_per_edit": answer_tokens, "seq_len": seq_len,
           "hypernet_bytes": _shard_bytes(state.nets) + _shard_bytes(state.norms),
-          "adam_bytes": _shard_bytes(state.opt_state), "programs": "hypernet.program"}
+          "adam_bytes": _shard_bytes(state.opt_state)}
   return stages, info
-
-
-def _has_programs() -> bool:
-  try:
-    from horse_jax.editors.hypernet import program
-  except ImportError:
-    return False
-  return hasattr(program, "edit_program") and hasattr(program, "train_program")
 
 
 def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
@@ -384,26 +292,14 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   model = Model(params, cfg)
   stages = [load_stage(model)]
   if method in HYPERNET:
-    more = None
-    if _has_programs():
-      try:
-        more, info = program_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
-                                    seq_len)
-      except (TypeError, ValueError, AttributeError) as err:  # programs of another signature
-        why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    if more is None:
-      more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
-                                   seq_len)
-      if _has_programs():
-        info["programs"] = f"step functions (hypernet.program not usable here: {why})"
+    more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
+                                 seq_len)
   else:
     more, info = codebook_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   stages += more
   peak = max(stages, key=lambda s: s.peak)
-  names = [s.name for s in stages]
-  groups = {"edit": [s for s in stages if s.name in ("load", "cache", "solve", "edit")],
-            "meta-training step": [s for s in stages if s.name.startswith("meta")
-                                   or (s.name in ("cache", "solve") and "meta-lm" in names)]}
+  groups = {"edit": [s for s in stages if s.name in ("load", "edit")],
+            "meta-training step": [s for s in stages if s.name == "meta-step"]}
   return {
       "model": model_path, "config": folder, "method": method, "n_edits": n_edits,
       "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"]},

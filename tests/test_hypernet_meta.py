@@ -1,4 +1,5 @@
-"""The decoupled meta-gradient (vjp with cotangent dLoss/dS, chunked) equals jax.grad end to end."""
+"""The decoupled meta-gradient (`meta.decoupled_grads_stacked`: vjp with cotangent dLoss/dS, chunked)
+equals jax.grad end to end through `shifts.solve_stacked` (both driven by the stage-by-stage oracle)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +7,11 @@ import numpy as np
 import pytest
 
 from horse_jax.editors import hypernet
-from horse_jax.editors.hypernet.meta import shift_loss_grad
 from horse_jax.models.init import random_model, tiny_llama_config
 from horse_jax.models.names import default_edit_modules
 
+import hypernet_oracle as oracle
+from hypernet_oracle import shift_loss_grad
 from test_hypernet_shifts import batches_of, random_pairs, randomize
 
 
@@ -34,16 +36,16 @@ def test_decoupled_equals_end_to_end(method, spread):
                                 chunk=16, token="all" if method == "mend" else "ans", spread=spread,
                                 lm_batch=8, loc_coef=0.7)
   state = randomize(hypernet.init(cfg, jax.random.PRNGKey(2)), seed=3)
-  shifts, diffs, cache, chunk, state = hypernet.predict(state, model, cfg, edits)
+  shifts, diffs, cache, chunk, state = oracle.predict(state, model, cfg, edits)
   assert cache.keys[mods[0]].shape[0] > chunk  # several chunks: the chunked backward is exercised
-  _, _, dshifts = hypernet.meta_loss_grads(model, cfg, shifts, rephrase, loc)
-  got = hypernet.meta_gradients(state, cache, cfg, chunk, shifts, diffs, dshifts)
+  _, _, dshifts = oracle.meta_loss_grads(model, cfg, shifts, rephrase, loc)
+  got = oracle.meta_gradients(state, cache, cfg, chunk, shifts, diffs, dshifts)
 
   kind, coef = ("ce", 1.0) if method == "horse" else ("kl", cfg.loc_coef)
   low = cfg.lowest_layer
 
   def end_to_end(nets):
-    s, _ = hypernet.shifts_from_cache(nets, state.norms, cache, cfg, chunk)
+    s, _ = oracle.shifts_from_cache(nets, state.norms, cache, cfg, chunk)
     total = 0.0
     for b in rephrase:
       total += shift_loss_grad(model, s, b.input_ids, b.attention_mask, b.labels, "ce", low)[0]

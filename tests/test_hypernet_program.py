@@ -1,8 +1,8 @@
-"""The compiled edit / meta-training programs (packed sequences) equal the stage-by-stage path.
+"""The compiled edit / meta-training programs (packed sequences) equal the stage-by-stage oracle.
 
-The stage-by-stage path (`hypernet.predict`, `train_step_reference`) is itself checked against NumPy
-float64 and `jax.grad` in test_hypernet_shifts.py / test_hypernet_meta.py; the edit program is also
-compared with the NumPy implementation directly.
+The oracle (tests/hypernet_oracle.py: `predict`, `train_step_reference`) is itself checked against
+NumPy float64 and `jax.grad` in test_hypernet_shifts.py / test_hypernet_meta.py; the edit program is
+also compared with the NumPy implementation directly.
 """
 
 import jax
@@ -12,10 +12,11 @@ import pytest
 
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import packing, program
-from horse_jax.editors.hypernet.cache import token_mask
+from horse_jax.editors.hypernet.packing import token_mask
 from horse_jax.models.init import random_model, tiny_llama_config
 from horse_jax.models.names import default_edit_modules
 
+import hypernet_oracle as oracle
 from test_hypernet_shifts import batches_of, np_shifts, random_pairs, randomize
 
 
@@ -70,7 +71,7 @@ def test_edit_program_matches_numpy(world, method, spread):
   cfg = make_cfg(model, method, spread=spread)
   state = randomize(hypernet.init(cfg, jax.random.PRNGKey(1)), seed=7)
   got, new_state = hypernet.edit(state, model, cfg, edits)
-  ref, _, cache, _, ref_state = hypernet.predict(state, model, cfg, edits)
+  ref, _, cache, _, ref_state = oracle.predict(state, model, cfg, edits)
   rows = [int(token_mask(b, cfg.token).sum()) for b in edits]
   real = sum(rows)
   keys = {n: np.float64(cache.keys[n][:real]) for n in cfg.modules}
@@ -93,7 +94,7 @@ def test_train_program_matches_stage_by_stage(world, method):
   packer = hypernet.Packer(cfg.chunk)
   got_state = jax.tree_util.tree_map(jnp.copy, state)  # the program donates its state
   for step in range(2):
-    ref_state, ref_m = hypernet.train_step_reference(ref_state, model, cfg, edits, rephrase, loc)
+    ref_state, ref_m = oracle.train_step_reference(ref_state, model, cfg, edits, rephrase, loc)
     got_state, got_m = hypernet.train_step(got_state, model, cfg, edits, rephrase, loc, packer=packer)
     if step == 0:
       compiled = program.train_program._cache_size()

@@ -1,5 +1,5 @@
-"""Fresh-hypernetwork shifts against an independent NumPy float64 implementation of the
-HORSE/MALMEN formulas.
+"""Shifts of the edit program and of the stage-by-stage oracle against an independent NumPy float64
+implementation of the HORSE/MALMEN/MEND formulas, and the program's cache against `jax.grad`.
 
 The NumPy side re-derives everything from the cached keys/value grads: the running normalizer over
 the mini-batches, the residual blocks (with random non-zero params, so the net is not the identity),
@@ -13,10 +13,13 @@ import pytest
 
 from horse_jax.data.tokenize import EditBatch, IGNORE
 from horse_jax.editors import hypernet
-from horse_jax.editors.hypernet.cache import build_cache, token_mask
-from horse_jax.models import Hooks, forward
+from horse_jax.editors.hypernet import packing, program
+from horse_jax.editors.hypernet.packing import token_mask
+from horse_jax.models import Hooks, Model, forward
 from horse_jax.models.init import random_model, tiny_llama_config
 from horse_jax.models.names import default_edit_modules, get_kernel
+
+import hypernet_oracle as oracle
 
 EPS = 2.0 ** -23
 
@@ -149,7 +152,8 @@ def test_shifts_match_numpy(setup, method, spread, token):
                                 shapes=hypernet.module_shapes(model.params, mods), rank=24,
                                 chunk=32, token=token, spread=spread, lm_batch=8)
   state = randomize(hypernet.init(cfg, jax.random.PRNGKey(1)), seed=7)
-  shifts, _, cache, _, _ = hypernet.predict(state, model, cfg, batches)
+  shifts, _ = hypernet.edit(state, model, cfg, batches)  # the compiled edit program
+  staged, _, cache, _, _ = oracle.predict(state, model, cfg, batches)
   rows = [int(token_mask(b, token).sum()) for b in batches]
   real = int(sum(rows))
   assert int(cache.valid.sum()) == real
@@ -157,10 +161,10 @@ def test_shifts_match_numpy(setup, method, spread, token):
   grads = {n: np.float64(cache.grads[n][:real]) for n in mods}
   want = np_shifts(state, cfg, rows, keys, grads)
   for n in mods:
-    got = np.float64(shifts[n])
-    assert got.shape == get_kernel(model.params, n).shape
-    rel = np.linalg.norm(got - want[n]) / np.linalg.norm(want[n])
-    assert rel <= 1e-4, (n, rel)
+    for got in (np.float64(shifts[n]), np.float64(staged[n])):
+      assert got.shape == get_kernel(model.params, n).shape
+      rel = np.linalg.norm(got - want[n]) / np.linalg.norm(want[n])
+      assert rel <= 1e-4, (n, rel)
   if method == "horse":  # the spread really changes the later modules' shifts
     import dataclasses
     plain = np_shifts(state, dataclasses.replace(cfg, method="malmen"), rows, keys, grads)
@@ -169,7 +173,8 @@ def test_shifts_match_numpy(setup, method, spread, token):
 
 
 def test_fresh_net_is_identity_and_cache_is_gradient(setup):
-  """Keys x value grads over all positions reproduce dLoss/dW; a fresh net returns normalized inputs."""
+  """The program's keys x value grads over all positions reproduce dLoss/dW; a fresh net returns
+  normalized inputs."""
   model, batches = setup
   mods = tuple(default_edit_modules(model.config, 2))
   cfg = hypernet.HypernetConfig(method="malmen", modules=mods,
@@ -177,23 +182,25 @@ def test_fresh_net_is_identity_and_cache_is_gradient(setup):
                                 chunk=1024, token="all", lm_batch=8)
   state = hypernet.init(cfg, jax.random.PRNGKey(0))
   batch = batches[0]
-  cache, _, _ = build_cache(model, state.norms, cfg, [batch])
+  packed = packing.Packer(cfg.chunk)("edits", [batch], cfg.token, True)
+  keys, vgrads = jax.jit(program.cached_keys_grads, static_argnames=("cfg", "mesh"))(
+      model, program.put(packed), cfg=cfg)
+  valid = np.asarray(packed.row_valid)[:, None]
 
   def loss(params):
-    from horse_jax.editors.hypernet.cache import token_ce
-    from horse_jax.models import Model
     logits = forward(Model(params, model.config), batch.input_ids, batch.attention_mask).logits
-    return token_ce(logits, batch.labels)
+    return oracle.token_ce(logits, batch.labels)
 
   g = jax.jit(jax.grad(loss))(model.params)
   for n in mods:
     want = np.float64(get_kernel(g, n))
-    got = np.float64(cache.keys[n]).T @ np.float64(cache.grads[n])
+    got = (np.float64(keys[n]) * valid).T @ (np.float64(vgrads[n]) * valid)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
   # Keys are the module inputs at the attended positions, row-major.
   cap = forward(model, batch.input_ids, batch.attention_mask, hooks=Hooks(capture=mods)).captured
   flat = np.asarray(cap[mods[0]]).reshape(-1, cfg.shapes[0][0])[np.asarray(batch.attention_mask).reshape(-1) == 1]
-  np.testing.assert_allclose(np.asarray(cache.keys[mods[0]][:len(flat)]), flat, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(keys[mods[0]][:len(flat)]), flat, rtol=1e-5, atol=1e-7)
+  assert int(packed.row_valid.sum()) == len(flat)
   # A fresh network is the identity on normalized rows.
   from horse_jax.editors.hypernet.network import apply_blocks
   h = jax.random.normal(jax.random.PRNGKey(5), (4, sum(cfg.shapes[0])))

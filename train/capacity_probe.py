@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -28,6 +29,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+
+@functools.partial(jax.jit, static_argnames=("low",))
+def shift_ce_grad(model, shifts: dict, input_ids, attention_mask, labels, low: int):
+  """Token-mean CE of one mini-batch of the model with `shifts` added, and its gradient w.r.t. them
+  (`low`: the lowest edited layer; the stream below it does not depend on the shifts)."""
+  from horse_jax.editors.codebook.edit import token_ce
+  from horse_jax.models import Model, forward_from, hidden_before
+  from horse_jax.models.names import add_to_kernels
+
+  h = hidden_before(model, low, input_ids, attention_mask)
+
+  def loss_fn(s):
+    edited = Model(add_to_kernels(model.params, s), model.config)
+    return token_ce(forward_from(edited, low, h, attention_mask).logits, labels)
+
+  return jax.value_and_grad(loss_fn)(shifts)
 
 
 def finetune_shifts(model, tokenizer, records, modules, steps: int, lr: float, loc_coef: float,
@@ -46,7 +64,6 @@ def finetune_shifts(model, tokenizer, records, modules, steps: int, lr: float, l
     log: progress lines.
   """
   from horse_jax.editors import hypernet
-  from horse_jax.editors.hypernet.meta import shift_loss_grad
   from horse_jax.models.names import layer_index
 
   shapes = hypernet.module_shapes(model.params, modules)
@@ -63,7 +80,7 @@ def finetune_shifts(model, tokenizer, records, modules, steps: int, lr: float, l
     for batches, coef in ((edit_b, 1.0), (loc_b, loc_coef)):
       acc = 0.0
       for b in batches:
-        loss, g = shift_loss_grad(model, shifts, b.input_ids, b.attention_mask, b.labels, "ce", low)
+        loss, g = shift_ce_grad(model, shifts, b.input_ids, b.attention_mask, b.labels, low)
         total = jax.tree.map(lambda a, x: a + coef * x, total, g)
         acc += float(loss)
       losses.append(acc / len(batches))

@@ -28,7 +28,7 @@ serves the resulting codebook.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +37,14 @@ from flax import nnx
 
 from horse_jax.data.tokenize import EditBatch, bucket_length
 from horse_jax.editors.codebook.adapter import make_adapter
+from horse_jax.editors.codebook.edit import token_ce
 from horse_jax.editors.codebook.infer import left_padded_positions
 from horse_jax.editors.codebook.settings import CodebookSettings
 from horse_jax.editors.codebook.state import Codebook
 from horse_jax.editors.hypernet import normalizer
-from horse_jax.editors.hypernet.cache import Cache, padded_rows, token_ce, token_mask
+from horse_jax.editors.hypernet import shifts as shifts_lib
 from horse_jax.editors.hypernet.config import HypernetConfig
-from horse_jax.editors.hypernet.shifts import shifts_from_cache
+from horse_jax.editors.hypernet.packing import padded_rows, token_mask
 from horse_jax.errors import UserError
 
 __all__ = [
@@ -213,7 +214,7 @@ def _ce_loss(call, model, input_ids, attention_mask, labels):
 def _cache_batch(graphdef, state, norms, modules, shapes, call, input_ids, attention_mask, labels,
                  rows_R, valid_R):
   """Keys/value grads of one mini-batch at flat positions `rows_R`, and the updated normalizers
-  (the NNX counterpart of `hypernet.cache.cache_batch`, over the whole forward pass)."""
+  (what `hypernet.program` caches for a horse-jax Model, over the NNX model's whole forward pass)."""
   b, t = input_ids.shape
   cfg = HypernetConfig(method="malmen", modules=modules, shapes=shapes)  # for its shape keys
   loss_fn = functools.partial(_ce_loss, call)
@@ -231,9 +232,24 @@ def _cache_batch(graphdef, state, norms, modules, shapes, call, input_ids, atten
   return keys_out, grads_out, norms
 
 
+class Cache(NamedTuple):
+  """Per-module rows of one set of edits (all modules share the row layout).
+
+  Attributes:
+    keys: name -> [R, d_k] float32 (zero on padding rows).
+    grads: name -> [R, d_v] float32 value gradients (zero on padding rows).
+    valid: [R] float32, 1 on real rows.
+  """
+
+  keys: dict
+  grads: dict
+  valid: jax.Array
+
+
 def build_cache(model: nnx.Module, norms: dict, cfg: HypernetConfig, batches: Sequence[EditBatch],
                 call: Callable = call_model) -> tuple[Cache, dict, int]:
-  """`hypernet.build_cache` for an NNX model: the same rows, normalizer updates and padding.
+  """Keys and value grads of the edits for an NNX model: the rows, normalizer updates and padding
+  of `hypernet.edit` (reference order: mini-batch by mini-batch, row-major inside each).
 
   Args:
     model: the NNX LM (not modified).
@@ -299,8 +315,16 @@ def edit(state, model: nnx.Module, cfg: HypernetConfig, batches: Sequence[EditBa
     (shifts, state with the normalizers updated, as `hypernet.edit` returns).
   """
   cache, norms, chunk = build_cache(model, state.norms, cfg, batches, call)
-  shifts, _ = shifts_from_cache(state.nets, norms, cache, cfg, chunk)
-  return shifts, state._replace(norms=norms)
+  return _solve(state.nets, norms, cache, cfg, chunk), state._replace(norms=norms)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
+def _solve(nets: dict, norms: dict, cache: Cache, cfg: HypernetConfig, chunk: int) -> dict:
+  """Shifts from a cache: the hypernetwork, spread and solves of `hypernet.edit`."""
+  stack = functools.partial(shifts_lib.stack_modules, cfg=cfg)
+  stacked = shifts_lib.Stacked(stack(cache.keys), stack(cache.grads), cache.valid)
+  return shifts_lib.unstack_modules(shifts_lib.solve_stacked(nets, norms, stacked, cfg, chunk).shifts,
+                                    cfg)
 
 
 def apply_shifts(model: nnx.Module, shifts: Mapping[str, jax.Array]) -> nnx.State:

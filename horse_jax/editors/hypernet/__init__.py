@@ -17,16 +17,19 @@ Meta-training, one compiled program per step (`horse-jax train` does this)::
     rows = hypernet.memo.step_rows(memo, tokenizer, idx, recs, cfg)
     state, metrics = hypernet.train_step_async(state, model, cfg, *hypernet.data.step_batches(
         tokenizer, recs, cfg), memo_rows=rows, memo=memo)
+
+Modules, each depending only on those listed after it: `editor` (the functions above) -> `memo`
+(the training records' cache) -> `program` (the compiled edit / meta-training programs) -> `state`
+(init, optimizer), `meta` (decoupled backward) -> `shifts` (hypernetwork, spread, ridge solves) ->
+`network`, `normalizer`, `packing` (host-side packing of mini-batches), `config`, `data`.
 """
 
-from horse_jax.editors.hypernet.cache import Cache, build_cache, token_ce, token_mask
 from horse_jax.editors.hypernet.config import (HypernetConfig, default_settings, from_settings,
                                                module_shapes)
 from horse_jax.editors.hypernet.data import edit_batches, loc_batches, rephrase_batches
-from horse_jax.editors.hypernet.editor import (HypernetState, apply, edit, init, meta_gradients,
-                                               meta_loss_grads, optimizer, predict, revert, train_step,
-                                               train_step_async, train_step_reference, check_metrics)
+from horse_jax.editors.hypernet.editor import (apply, check_metrics, edit, revert, train_step,
+                                               train_step_async)
 from horse_jax.editors.hypernet import memo
 from horse_jax.editors.hypernet.packing import Packer
 from horse_jax.editors.hypernet.program import edit_program, train_program, train_program_memo
-from horse_jax.editors.hypernet.shifts import predict_shifts, shifts_from_cache
+from horse_jax.editors.hypernet.state import HypernetState, init, optimizer

@@ -7,6 +7,7 @@ with) and `state/` (an orbax checkpoint of the hypernetworks and normalizers). T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -17,8 +18,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from horse_jax.editors.hypernet import normalizer
-from horse_jax.editors.hypernet.config import HypernetConfig
-from horse_jax.editors.hypernet.editor import HypernetState, init
+from horse_jax.editors.hypernet.config import HypernetConfig, module_shapes
+from horse_jax.editors.hypernet.state import HypernetState, init
 from horse_jax.errors import UserError
 from horse_jax.distributed import atomic_directory_all_processes, is_main, to_host
 from horse_jax.io import atomic_write_json
@@ -122,8 +123,6 @@ def load_for_editing(path: str | os.PathLike, method: str, model, chunk: int,
   Returns:
     (cfg, state).
   """
-  import dataclasses
-  from horse_jax.editors.hypernet.config import module_shapes
   where = where or str(path)
   cfg, state, _ = load_hypernet(path, _params_mesh(model.params))
   if cfg.method != method:

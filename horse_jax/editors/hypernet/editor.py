@@ -1,6 +1,7 @@
 """Public pure functions of the hypernetwork editors (HORSE, MALMEN, MEND).
 
   state = init(cfg, key)                                   fresh hypernetworks + normalizers + Adam
+                                                           (`state.init`)
   shifts, state = edit(state, model, cfg, batches)         predict shifts for N edits at once
   edited = apply(model, shifts)                            W + S (kernel layout [d_in, d_out])
   model = revert(model)                                    the original model (nothing to undo)
@@ -12,71 +13,25 @@ reference.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from horse_jax.data.tokenize import EditBatch
-
 from horse_jax.editors.hypernet import memo as memo_lib
-from horse_jax.editors.hypernet import normalizer, packing, program
-from horse_jax.editors.hypernet.cache import Cache, build_cache
+from horse_jax.editors.hypernet import packing, program
 from horse_jax.editors.hypernet.config import HypernetConfig
-from horse_jax.editors.hypernet.meta import decoupled_grads_jit, shift_loss_grad
-from horse_jax.editors.hypernet.network import init_net
-from horse_jax.editors.hypernet.shifts import predict_shifts
-from horse_jax.errors import UserError
+from horse_jax.editors.hypernet.state import HypernetState
 from horse_jax.models import Model
 from horse_jax.models.names import add_to_kernels
-
-
-class HypernetState(NamedTuple):
-  """Everything that changes: hypernetworks and normalizers per shape key, Adam state, step."""
-
-  nets: dict
-  norms: dict
-  opt_state: optax.OptState
-  step: jax.Array
-
-
-def optimizer(cfg: HypernetConfig) -> optax.GradientTransformation:
-  """Global-norm clip to `max_grad_norm`, then Adam(`meta_lr`)."""
-  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.meta_lr))
-
-
-def init(cfg: HypernetConfig, key: jax.Array) -> HypernetState:
-  """Fresh (identity) hypernetworks, empty normalizers, fresh Adam state."""
-  nets, norms = {}, {}
-  keys = jax.random.split(key, len(set(cfg.shape_keys)))
-  for i, skey in enumerate(dict.fromkeys(cfg.shape_keys)):
-    dk, dv = cfg.shapes[cfg.shape_keys.index(skey)]
-    n_modules = cfg.shape_keys.count(skey)
-    nets[skey] = init_net(keys[i], dk + dv, min(cfg.rank, dk + dv), n_modules, cfg.n_blocks, cfg.lr)
-    norms[skey] = normalizer.init(dk + dv)
-  return HypernetState(nets, norms, optimizer(cfg).init(nets), jnp.zeros((), jnp.int32))
-
-
-def predict(state: HypernetState, model: Model, cfg: HypernetConfig, batches: Sequence[EditBatch],
-            progress: bool = False):
-  """Caches the edits and predicts shifts.
-
-  Returns:
-    (shifts {name: [d_k, d_v]}, raw value differences, cache, chunk, state with updated normalizers).
-  """
-  cache, norms, chunk = build_cache(model, state.norms, cfg, batches, progress)
-  shifts, diffs = predict_shifts(state.nets, norms, cache, cfg, chunk)
-  return shifts, diffs, cache, chunk, state._replace(norms=norms)
 
 
 def edit(state: HypernetState, model: Model, cfg: HypernetConfig, batches: Sequence[EditBatch],
          mesh=None) -> tuple[dict, HypernetState]:
   """Shifts for all edits in `batches` at once (apply them with `apply`).
 
-  One compiled program (`program.edit_program`) over the packed edits; `predict` is the same
-  computation step by step.
+  One compiled program (`program.edit_program`) over the packed edits.
 
   Args:
     state: hypernetworks and normalizers.
@@ -106,37 +61,6 @@ def apply(model: Model, shifts: dict) -> Model:
 def revert(original: Model) -> Model:
   """Functional revert: the original model is unchanged, so it is returned as is."""
   return original
-
-
-def meta_loss_grads(model: Model, cfg: HypernetConfig, shifts: dict,
-                    rephrase: Sequence[EditBatch], loc: Sequence[EditBatch]):
-  """(gen_loss, loc_loss, {name: dLoss/dS}) summed over mini-batches, as the reference does.
-
-  HORSE: loss = sum CE(rephrase) + sum CE(loc gold answers). MALMEN/MEND: loss = sum CE(rephrase) +
-  loc_coef * sum KL(pre || post) on the loc answer positions.
-  """
-  low = cfg.lowest_layer
-  total = jax.tree_util.tree_map(jnp.zeros_like, shifts)
-  gen, locl = 0.0, 0.0
-  for b in rephrase:
-    loss, g = shift_loss_grad(model, shifts, b.input_ids, b.attention_mask, b.labels, "ce", low)
-    total = jax.tree_util.tree_map(jnp.add, total, g)
-    gen += loss
-  kind, coef = ("ce", 1.0) if cfg.method == "horse" else ("kl", cfg.loc_coef)
-  for b in loc:
-    loss, g = shift_loss_grad(model, shifts, b.input_ids, b.attention_mask, b.labels, kind, low)
-    total = jax.tree_util.tree_map(lambda a, x: a + coef * x, total, g)
-    locl += loss
-  return gen, locl, total
-
-
-def meta_gradients(state: HypernetState, cache: Cache, cfg: HypernetConfig, chunk: int, shifts: dict,
-                   diffs: dict, dshifts: dict) -> dict:
-  """Decoupled gradients of the hypernetwork params; HORSE/MEND leave lamda untrained."""
-  grads = decoupled_grads_jit(state.nets, state.norms, cache, shifts, diffs, dshifts, cfg, chunk)
-  if cfg.method != "malmen":
-    grads = {k: {**g, "lamda": jnp.zeros_like(g["lamda"])} for k, g in grads.items()}
-  return grads
 
 
 def train_step_async(state: HypernetState, model: Model, cfg: HypernetConfig,
@@ -194,23 +118,3 @@ def train_step(state: HypernetState, model: Model, cfg: HypernetConfig, edits: S
   """
   state, metrics = train_step_async(state, model, cfg, edits, rephrase, loc, mesh, packer)
   return state, check_metrics(metrics)
-
-
-def train_step_reference(state: HypernetState, model: Model, cfg: HypernetConfig,
-                         edits: Sequence[EditBatch], rephrase: Sequence[EditBatch],
-                         loc: Sequence[EditBatch]):
-  """`train_step` computed stage by stage (cache per mini-batch, separate jits); for tests.
-
-  Returns:
-    (new state, metrics as floats).
-  """
-  shifts, diffs, cache, chunk, state = predict(state, model, cfg, edits)
-  gen, locl, dshifts = meta_loss_grads(model, cfg, shifts, rephrase, loc)
-  grads = meta_gradients(state, cache, cfg, chunk, shifts, diffs, dshifts)
-  gnorm = optax.tree.norm(grads)
-  updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.nets)
-  nets = optax.apply_updates(state.nets, updates)
-  metrics = {"gen_loss": float(gen), "loc_loss": float(locl), "grad_norm": float(gnorm)}
-  if not all(jnp.isfinite(jnp.asarray(v)) for v in metrics.values()):
-    raise FloatingPointError(f"non-finite meta-training values {metrics}")
-  return HypernetState(nets, state.norms, opt_state, state.step + 1), metrics

@@ -26,12 +26,13 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from horse_jax.data.tokenize import IGNORE
 from horse_jax.editors.hypernet import packing, program
-from horse_jax.editors.hypernet.cache import padded_rows
 from horse_jax.editors.hypernet.config import HypernetConfig
 from horse_jax.editors.hypernet.data import edit_batches, length_order
+from horse_jax.editors.hypernet.packing import padded_rows
 
 
 class MemoRows(NamedTuple):
@@ -134,7 +135,6 @@ def build(model, tokenizer, records: Sequence, cfg: HypernetConfig, max_length: 
   Returns:
     The filled CacheMemo.
   """
-  from tqdm import tqdm
   parts = []
   for start in range(0, len(records), per_call):
     chunk = records[start:start + per_call]

@@ -11,10 +11,10 @@ holding the whole graph:
   MALMEN lamda: -e^lamda * sum(X * S);  HORSE does not train lamda
   MEND: vjp(chunk -> partial S)(M_l) per chunk.
 
-The result equals `jax.grad` of the loss through `shifts.shifts_from_cache` (tested), but memory is
-one chunk's activations plus the [R, d_v] cotangent, not the whole token stream's graph; modules
-sharing a hypernetwork run in one `lax.scan` (as in `shifts.solve_stacked`), so one module's
-factor and solve are alive at a time.
+The result equals `jax.grad` of the loss through `shifts.solve_stacked` (tested), but memory is one
+chunk's activations plus the [R, d_v] cotangent, not the whole token stream's graph; modules sharing
+a hypernetwork run in one `lax.scan` (as in `shifts.solve_stacked`), so one module's factor and
+solve are alive at a time.
 """
 
 from __future__ import annotations
@@ -25,50 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from horse_jax.data.tokenize import IGNORE
 from horse_jax.editors.hypernet import shifts as shifts_lib
-from horse_jax.editors.hypernet.cache import token_ce
 from horse_jax.editors.hypernet.config import HypernetConfig
-from horse_jax.models import Model, forward_from, hidden_before
-from horse_jax.models.names import add_to_kernels
 
 HI = lax.Precision.HIGHEST
-
-
-def token_kl(pre_logits_BxTxV, post_logits_BxTxV, labels_BxT) -> jax.Array:
-  """KL(pre || post) summed over the vocabulary, averaged over positions with label != -100."""
-  pre = jax.nn.log_softmax(pre_logits_BxTxV.astype(jnp.float32), axis=-1)
-  post = jax.nn.log_softmax(post_logits_BxTxV.astype(jnp.float32), axis=-1)
-  kl_BxT = jnp.sum(jnp.exp(pre) * (pre - post), axis=-1)
-  use = labels_BxT != IGNORE
-  return jnp.sum(jnp.where(use, kl_BxT, 0.0)) / jnp.maximum(jnp.sum(use), 1)
-
-
-@functools.partial(jax.jit, static_argnames=("kind", "low"))
-def shift_loss_grad(model: Model, shifts: dict, input_ids, attention_mask, labels, kind: str, low: int):
-  """Loss of one mini-batch of the edited model and its gradient with respect to the shifts.
-
-  Args:
-    model: the unedited LM.
-    shifts: name -> [d_k, d_v] shift (kernel layout).
-    input_ids, attention_mask, labels: [B, T].
-    kind: "ce" (token-mean CE on labels) or "kl" (KL(pre || post) on label positions).
-    low: lowest edited layer (the stream below it is shared by pre and post).
-
-  Returns:
-    (loss, {name: dLoss/dS}).
-  """
-  h = hidden_before(model, low, input_ids, attention_mask)
-
-  def loss_fn(s):
-    edited = Model(add_to_kernels(model.params, s), model.config)
-    post = forward_from(edited, low, h, attention_mask).logits
-    if kind == "ce":
-      return token_ce(post, labels)
-    pre = lax.stop_gradient(forward_from(model, low, h, attention_mask).logits)
-    return token_kl(pre, post, labels)
-
-  return jax.value_and_grad(loss_fn)(shifts)
 
 
 def _chunk_vjp(fn, net, xs, cot, acc):
@@ -147,30 +107,3 @@ def decoupled_grads_stacked(nets: dict, norms: dict, stacked, solved, dshifts: l
     xs = (k_run, g_run, solved.diffs[r], solved.shifts[r], mm_run, m_run, spread_run, f_run)
     (grads[skey], prev), _ = lax.scan(body, (grads[skey], prev), xs)
   return grads
-
-
-def decoupled_grads(nets: dict, norms: dict, cache, shifts: dict, diffs: dict, dshifts: dict,
-                    cfg: HypernetConfig, chunk: int, mesh=None) -> dict:
-  """`decoupled_grads_stacked` on per-module dicts (the Cholesky factors are recomputed).
-
-  Args:
-    nets: shape key -> hypernetwork params.
-    norms: shape key -> NormState (constants).
-    cache: the Cache the shifts were predicted from.
-    shifts: predicted shifts {name: [d_k, d_v]}.
-    diffs: raw value differences {name: [R, d_v]} from `shifts_from_cache`.
-    dshifts: {name: dLoss/dS [d_k, d_v]}.
-    cfg: editor config.
-    chunk: rows per chunk.
-    mesh: (`data`, `model`) Mesh or None.
-
-  Returns:
-    Gradients with the structure of `nets`.
-  """
-  stack = functools.partial(shifts_lib.stack_modules, cfg=cfg)
-  solved = shifts_lib.Solved(stack(shifts), None if cfg.method == "mend" else stack(diffs), None)
-  return decoupled_grads_stacked(nets, norms, shifts_lib.stack_cache(cache, cfg), solved,
-                                 stack(dshifts), cfg, chunk, mesh)
-
-
-decoupled_grads_jit = jax.jit(decoupled_grads, static_argnames=("cfg", "chunk", "mesh"))

@@ -71,6 +71,29 @@ class Sequence_(NamedTuple):
   batch: int  # mini-batch index
 
 
+def token_mask(batch: EditBatch, token: str) -> np.ndarray:
+  """[B, T] bool: the positions of a mini-batch whose keys / value grads are cached.
+
+  Args:
+    batch: a right-padded LM mini-batch.
+    token: "ans" (positions with a label: the answer) or "all" (every attended position).
+  """
+  if token == "ans":
+    return np.asarray(batch.labels) != IGNORE
+  if token == "all":
+    return np.asarray(batch.attention_mask) != 0
+  raise ValueError(f"token must be 'ans' or 'all', not {token!r}")
+
+
+def padded_rows(n_rows: int, chunk: int) -> tuple[int, int]:
+  """(total rows, hypernetwork chunk) of n_rows cached rows: a power-of-two bucket below one chunk,
+  else whole chunks of `chunk` rows."""
+  if n_rows <= chunk:
+    total = bucket_length(n_rows, minimum=8)
+    return total, total
+  return -(-n_rows // chunk) * chunk, chunk
+
+
 def rows_bucket(n: int, multiple: int = 8) -> int:
   """n rounded up to a multiple of max(`multiple`, next_power_of_two(n) / 32): <= ~6% waste."""
   if n <= multiple:
@@ -142,17 +165,14 @@ def sequences_from_batches(batches: Sequence[EditBatch], token: str) -> list[Seq
   out = []
   for j, b in enumerate(batches):
     ids, mask, labels = (np.asarray(x) for x in (b.input_ids, b.attention_mask, b.labels))
+    use = token_mask(b, token)
     for i in range(ids.shape[0]):
       n = int(mask[i].sum())
       if n == 0:
         continue
       if not mask[i, :n].all():
         raise ValueError("packing needs right-padded mini-batches")
-      lab = labels[i, :n].astype(np.int32)
-      use = lab != IGNORE if token == "ans" else np.ones((n,), bool)
-      if token not in ("ans", "all"):
-        raise ValueError(f"token must be 'ans' or 'all', not {token!r}")
-      out.append(Sequence_(ids[i, :n].astype(np.int32), lab, use, j))
+      out.append(Sequence_(ids[i, :n].astype(np.int32), labels[i, :n].astype(np.int32), use[i, :n], j))
   return out
 
 
@@ -170,7 +190,7 @@ def pack(seqs: Sequence[Sequence_], width: int, n_batches: int, chunk: int,
     seqs: sequences (see `sequences_from_batches`), in reference order.
     width: tokens per row (>= the longest sequence).
     n_batches: number of reference mini-batches (label weights and normalizer groups).
-    chunk: hypernetwork chunk: cached rows are padded as `cache.padded_rows` does.
+    chunk: hypernetwork chunk: cached rows are padded as `padded_rows` does.
     min_rows, min_labels, min_cache_rows: lower bounds for the bucketed sizes (keep a compiled
       program's shapes across steps).
     row_multiple: W is a multiple of this (the `data` mesh axis must divide it).
@@ -179,7 +199,6 @@ def pack(seqs: Sequence[Sequence_], width: int, n_batches: int, chunk: int,
   Returns:
     The packed set.
   """
-  from horse_jax.editors.hypernet.cache import padded_rows
   lengths = np.array([len(s.ids) for s in seqs])
   if lengths.max() > width:
     raise ValueError(f"a sequence of {lengths.max()} tokens does not fit rows of {width}")

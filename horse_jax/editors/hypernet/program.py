@@ -46,13 +46,14 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from horse_jax.data.tokenize import IGNORE
+from horse_jax.distributed import global_array
 from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet import packing
 from horse_jax.editors.hypernet import shifts as shifts_lib
 from horse_jax.editors.hypernet.config import HypernetConfig
 from horse_jax.editors.hypernet.meta import decoupled_grads_stacked
 from horse_jax.editors.hypernet.packing import Packed
+from horse_jax.editors.hypernet.state import optimizer
 from horse_jax.models import Hooks, Model
 from horse_jax.models import layers as layers_lib
 from horse_jax.models.hooks import Tap
@@ -423,7 +424,6 @@ def meta_losses(model: Model, shifts: dict, rephrase: Packed, loc: Packed, cfg: 
 def _meta_step(state, model: Model, cache, norms: dict, n_rows: int, rephrase: Packed, loc: Packed,
                cfg: HypernetConfig, mesh):
   """Everything of a meta-training step after the cache (see the module docstring, steps 4-5)."""
-  from horse_jax.editors.hypernet.editor import optimizer
   chunk = _chunk(cfg, n_rows)
   with jax.named_scope("solve"):
     solved = shifts_lib.solve_stacked(state.nets, norms, cache, cfg, chunk, mesh)
@@ -511,7 +511,6 @@ def put_array(x, mesh=None):
     return jnp.asarray(x)
   spec = _rows_spec(mesh, x.shape[0]) if x.ndim and x.shape[0] > 1 else P()
   if jax.process_count() > 1:  # every process holds the whole set; each device takes its slice
-    from horse_jax.distributed import global_array
     return global_array(x, NamedSharding(mesh, spec))
   return jax.device_put(x, NamedSharding(mesh, spec))
 

@@ -18,15 +18,7 @@ Memory: the hypernetwork runs under `lax.map` over chunks of `chunk` rows, so at
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
-
-# XLA's CPU Cholesky / triangular solves call LAPACK from the OpenBLAS that scipy bundles, whose own
-# worker threads spin against XLA's thread pool: on a 2-core machine a 768 x 768 factorization then
-# stalls for ~0.5 s instead of 4 ms. One OpenBLAS thread removes the stalls; the variable is read
-# when OpenBLAS loads (at the first LAPACK call, after this import), and a value set by the user wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax
 import jax.numpy as jnp
@@ -216,11 +208,6 @@ def unstack_modules(per_run: list, cfg: HypernetConfig) -> dict:
   return out
 
 
-def stack_cache(cache, cfg: HypernetConfig) -> Stacked:
-  """The Cache's per-module rows stacked by run."""
-  return Stacked(stack_modules(cache.keys, cfg), stack_modules(cache.grads, cfg), cache.valid)
-
-
 def run_inputs(cfg: HypernetConfig, run: tuple[int, ...]):
   """([M] int32 module index m into its net's per-module params, [M] bool: spread from the previous
   module) of one run."""
@@ -285,17 +272,3 @@ def solve_stacked(nets: dict, norms: dict, stacked: Stacked, cfg: HypernetConfig
   if cfg.method == "mend":
     return Solved(shifts, None, None)
   return Solved(shifts, diffs, factors)
-
-
-def shifts_from_cache(nets: dict, norms: dict, cache, cfg: HypernetConfig, chunk: int, mesh=None):
-  """All modules' shifts from a Cache (differentiable end to end; `predict_shifts` is its jitted form).
-
-  Returns:
-    (shifts {name: [d_k, d_v]}, raw value differences {name: [R, d_v]} (empty for MEND)).
-  """
-  solved = solve_stacked(nets, norms, stack_cache(cache, cfg), cfg, chunk, mesh)
-  diffs = {} if solved.diffs is None else unstack_modules(solved.diffs, cfg)
-  return unstack_modules(solved.shifts, cfg), diffs
-
-
-predict_shifts = jax.jit(shifts_from_cache, static_argnames=("cfg", "chunk", "mesh"))
