@@ -91,6 +91,39 @@ def test_plan_errors(folder):
   assert main(["plan", "--model", str(folder), "--method", "horse", "--n-edits", "0"]) == 2
 
 
+def test_plan_hypernet_stages_are_the_programs(folder, capsys, monkeypatch):
+  """The plan's hypernetwork stages are exactly the programs `edit` and `train` run; a program that
+  cannot be lowered fails the plan with one line naming it (no fallback to other functions)."""
+  import jax
+  from horse_jax.editors.hypernet import program
+  lowered = []
+  real_compile = plan_lib._compile
+
+  def spy(fn, *args, **kwargs):
+    lowered.append(fn)
+    return real_compile(fn, *args, **kwargs)
+
+  monkeypatch.setattr(plan_lib, "_compile", spy)
+  assert main(["plan", "--model", str(folder), "--method", "mend", "--n-edits", "8", "--mesh", "1x1",
+               "--set", "editor.rank=8", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert [s["name"] for s in out["stages"]] == ["load", "edit", "meta-step"]
+  assert lowered == [program.edit_program, program.train_program]
+  assert set(out["peaks"]) == {"edit", "meta-training step"} and "programs" not in out["info"]
+
+  @jax.jit
+  def train_program(state, model, edits, rephrase, loc):  # a program of another signature
+    return state
+
+  monkeypatch.setattr(program, "train_program", train_program)
+  assert main(["plan", "--model", str(folder), "--method", "mend", "--n-edits", "8", "--mesh", "1x1",
+               "--set", "editor.rank=8", "--json"]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and "train_program" in lines[0], lines
+
+
 def _llama3_8b_plan(method, n, capsys):
   assert main(["plan", "--model", "llama-3-8b", "--method", method, "--n-edits", str(n),
                "--mesh", "1x8", "--json"]) == 0
