@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One OpenBLAS thread: its workers spin against XLA's CPU thread pool in the ridge solves (see
+# horse_jax/cli/main.py, which does the same for the command).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from horse_jax.errors import UserError
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # XLA's CPU Cholesky / triangular solves (the hypernetwork editors' ridge solves) call LAPACK from
+  # the OpenBLAS that scipy bundles, whose worker threads spin against XLA's thread pool: on a
+  # 2-core machine a 768 x 768 factorization then takes ~0.5 s instead of a few ms. OpenBLAS reads
+  # the variable when it loads (at the first LAPACK call, after this), and a value set by the user
+  # wins. Set here, in the command's own process; the library sets no variable.
+  os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   parser = build_parser()
   args = parser.parse_args(argv)
   if not getattr(args, "func", None):
