@@ -174,3 +174,23 @@ def test_last_layer_at_labels_equals_full_layer(world):
     np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-6 * np.abs(ga).max(), err_msg=m)
   n_total = w * width
   assert n_labels < n_total
+
+
+def test_cli_edit_runs_one_edit_program(tmp_path, monkeypatch):
+  """`horse-jax edit --method horse` edits through `program.edit_program`: one call for all edits."""
+  import json
+  from horse_jax.cli.main import main
+  from horse_jax.models import save_pretrained
+  from test_cli_train_edit import tiny_tokenizer, zsre_rows
+  tok, vocab = tiny_tokenizer()
+  tok.save_pretrained(str(tmp_path / "tok"))
+  save_pretrained(random_model(tiny_llama_config(vocab_size=vocab, num_layers=2), seed=0),
+                  str(tmp_path / "llama"), tokenizer_src=str(tmp_path / "tok"))
+  (tmp_path / "edits.json").write_text(json.dumps(zsre_rows(np.random.default_rng(0), 6)))
+  calls = []
+  real = program.edit_program
+  monkeypatch.setattr(program, "edit_program", lambda *a, **k: calls.append(1) or real(*a, **k))
+  assert main(["edit", "--model", str(tmp_path / "llama"), "--data", str(tmp_path / "edits.json"),
+               "--method", "horse", "--out", str(tmp_path / "out"), "--n-edits", "6",
+               "--set", "editor.rank=8", "--set", "data.batch_size=4"]) == 0
+  assert calls == [1]
