@@ -10,12 +10,18 @@ needed. The stages are the programs the editors run:
   edit        HORSE / MALMEN / MEND: `hypernet.program.edit_program`, the whole edit of N edits
               (cache + normalizer + solves), lowered from abstract `packing.Packed` sets
   meta-step   HORSE / MALMEN / MEND: `hypernet.program.train_program`, one whole meta-training step
+              that computes its cache
+  memo-fill   `hypernet.program.fill_memo_program`: one call of `memo.build` (FILL_RECORDS training
+              records) into a memo as large as `editor.memo_cache_mb` allows
+  meta-step-memo  `hypernet.program.train_program_memo`: the step with its cache gathered from that
+              memo
   edit        HoReN / GRACE: one block of `editor.edit_block` edits into an N-entry codebook
 
-The `meta-step` is the step that recomputes its cache; `horse-jax train` gathers the cache from a
-memo of the training records instead (`train_program_memo`) when that memo fits
-`editor.memo_cache_mb` (replicated: at most that many MiB more per device, and no LM pass over the
-edit set). A program that cannot be lowered or compiled fails the plan with a `UserError` naming it.
+`horse-jax train` runs `memo-fill` + `meta-step-memo` when the memo of its training records fits
+`editor.memo_cache_mb` (replicated, per device), else `meta-step`; the plan does not know the
+training set, so it compiles the memo programs whenever the budget holds one step's rows, with the
+largest memo the budget allows. A program that cannot be lowered or compiled fails the plan with a
+`UserError` naming it.
 
 A stage's peak is arguments + outputs + temporaries - donated (aliased) bytes, plus `resident`: what
 the caller keeps alive across the stage without passing it (e.g. the Adam state during an edit). `peak_bytes_per_device` is the largest stage peak. When the mesh needs more
@@ -139,10 +145,22 @@ def _card(model_path: str, config) -> dict[str, Any]:
     return {}
 
 
-def packed_abstract(n_seqs: int, seq_len: int, answer_tokens: int, lm_batch: int, chunk: int, mesh,
-                    with_rows: bool):
+def _put_abstract(shape, dtype, mesh) -> jax.ShapeDtypeStruct:
+  """A host array as `program.put_array` places it: its leading dim split over `data` when it
+  divides (and is not 1), else replicated."""
+  spec = P("data") if shape[0] > 1 and shape[0] % mesh.shape["data"] == 0 else P()
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def packed_abstract(n_seqs: int, seq_len: int, answer_tokens: int, cached_per_seq: int,
+                    lm_batch: int, chunk: int, mesh, with_rows: bool):
   """ShapeDtypeStructs of a `packing.Packed` set of n_seqs sequences of seq_len tokens (each with
-  answer_tokens labels), with the shapes and shardings `packing.pack` + `program.put` give it."""
+  answer_tokens labels and cached_per_seq cached rows), with the shapes and shardings
+  `packing.pack` + `program.put` give it.
+
+  Returns:
+    (the Packed set, its number of cached rows).
+  """
   from horse_jax.data.tokenize import bucket_length
   from horse_jax.editors.hypernet import packing
   multiple = max(8, mesh.shape["data"])
@@ -151,32 +169,34 @@ def packed_abstract(n_seqs: int, seq_len: int, answer_tokens: int, lm_batch: int
   w = packing.chunked_rows(packing.rows_bucket(-(-n_seqs // per_row), multiple), width, multiple)
   n_chunks = packing.lm_chunks(w, width)  # labels laid out chunk by chunk, evenly spread
   n_labels = n_chunks * packing.rows_bucket(-(-n_seqs * answer_tokens // n_chunks), multiple)
-  total = packing.padded_rows(n_seqs * answer_tokens, chunk)[0] if with_rows else multiple
+  total = packing.padded_rows(n_seqs * cached_per_seq, chunk)[0] if with_rows else multiple
   n_batches = -(-n_seqs // lm_batch)
   i32, f32 = jnp.int32, jnp.float32
   shapes = ((w, width), (w, width), (w, width), (n_labels,), (n_labels,), (n_labels,), (total,),
             (total,), (total,), (n_batches,))
   dtypes = (i32, i32, i32, i32, i32, f32, i32, f32, i32, i32)
-  out = []
-  for shape, dt in zip(shapes, dtypes):
-    spec = P("data") if shape[0] > 1 and shape[0] % mesh.shape["data"] == 0 else P()
-    out.append(jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec)))
-  return packing.Packed(*out), total
+  return packing.Packed(*(_put_abstract(s, d, mesh) for s, d in zip(shapes, dtypes))), total
 
 
 def hypernet_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
                     answer_tokens: int, seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
-  """HORSE / MALMEN / MEND as the programs the editors run (`hypernet.program`): the whole edit, and
-  one whole meta-training step."""
+  """HORSE / MALMEN / MEND as the programs the editors run (`hypernet.program`): the whole edit and
+  one whole meta-training step; when a memo of `editor.memo_cache_mb` holds one step's rows, also
+  the memo's fill and the meta-training step that reads it (see the module docstring)."""
   from horse_jax.editors import hypernet
+  from horse_jax.editors.hypernet import memo as memo_lib
   from horse_jax.editors.hypernet import program
 
   settings = _settings(method, model, model_path, overrides)
   cfg = hypernet.from_settings(method, settings, model)
   weights = _shard_bytes(model.params)
   state = _replicated(jax.eval_shape(functools.partial(hypernet.init, cfg), jax.random.PRNGKey(0)), mesh)
-  edits, total = packed_abstract(n_edits, seq_len, answer_tokens, cfg.lm_batch, cfg.chunk, mesh, True)
-  other, _ = packed_abstract(n_edits, seq_len, answer_tokens, cfg.lm_batch, cfg.chunk, mesh, False)
+  cached_per_seq = answer_tokens if cfg.token == "ans" else seq_len
+  packed = functools.partial(packed_abstract, seq_len=seq_len, answer_tokens=answer_tokens,
+                             cached_per_seq=cached_per_seq, lm_batch=cfg.lm_batch, chunk=cfg.chunk,
+                             mesh=mesh)
+  edits, total = packed(n_edits, with_rows=True)
+  other, _ = packed(n_edits, with_rows=False)
   stages = []
   st = Stage("edit", f"cache + solves of {n_edits} edits ({total} cached rows), one program",
              weights=weights, resident=_shard_bytes(state.opt_state))
@@ -190,6 +210,30 @@ def hypernet_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
           "cached_rows": total, "answer_tokens_per_edit": answer_tokens, "seq_len": seq_len,
           "hypernet_bytes": _shard_bytes(state.nets) + _shard_bytes(state.norms),
           "adam_bytes": _shard_bytes(state.opt_state)}
+  budget_mb = float(settings["editor"]["memo_cache_mb"])
+  slots = memo_lib.budget_rows(cfg, budget_mb) if budget_mb > 0 else -1
+  if slots < n_edits * cached_per_seq:  # no memo can serve a step: `train` recomputes every cache
+    return stages, info
+  f32, i32 = jnp.float32, jnp.int32
+  memo = _replicated(({m: jax.ShapeDtypeStruct((slots + 1, dk), f32) for m, (dk, _) in zip(cfg.modules, cfg.shapes)},
+                      {m: jax.ShapeDtypeStruct((slots + 1, dv), f32) for m, (_, dv) in zip(cfg.modules, cfg.shapes)}),
+                     mesh)
+  n_fill = min(memo_lib.FILL_RECORDS, slots // cached_per_seq)
+  fill, fill_rows = packed(n_fill, with_rows=True)
+  st = Stage("memo-fill", f"keys + value grads of {n_fill} training records into a memo of {slots} rows "
+             f"(the most editor.memo_cache_mb={budget_mb:g} holds), one program", weights=weights,
+             resident=_shard_bytes(state))
+  compiled = _compile(program.fill_memo_program, memo, model, fill, _put_abstract((fill_rows,), i32, mesh),
+                      cfg=cfg, mesh=mesh)
+  stages.append(_measure(st, compiled))
+  rows = memo_lib.MemoRows(*(_put_abstract(shape, dt, mesh) for shape, dt in (
+      ((total,), i32), ((total,), f32), ((total,), f32), ((total,), i32),
+      ((-(-n_edits // cfg.lm_batch),), i32))))
+  st = Stage("meta-step-memo", f"one meta-training step on {n_edits} edits, cache gathered from that memo "
+             "(what `train` runs when the memo fits), one program", weights=weights)
+  compiled = _compile(program.train_program_memo, state, model, memo, rows, other, other, cfg=cfg, mesh=mesh)
+  stages.append(_measure(st, compiled))
+  info["memo_rows"] = slots
   return stages, info
 
 
@@ -299,7 +343,7 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   stages += more
   peak = max(stages, key=lambda s: s.peak)
   groups = {"edit": [s for s in stages if s.name in ("load", "edit")],
-            "meta-training step": [s for s in stages if s.name == "meta-step"]}
+            "meta-training step": [s for s in stages if s.name.startswith(("meta-step", "memo"))]}
   return {
       "model": model_path, "config": folder, "method": method, "n_edits": n_edits,
       "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"]},

@@ -92,8 +92,9 @@ def test_plan_errors(folder):
 
 
 def test_plan_hypernet_stages_are_the_programs(folder, capsys, monkeypatch):
-  """The plan's hypernetwork stages are exactly the programs `edit` and `train` run; a program that
-  cannot be lowered fails the plan with one line naming it (no fallback to other functions)."""
+  """The plan's hypernetwork stages are exactly the programs `edit` and `train` run (the memo's
+  programs when `editor.memo_cache_mb` holds a step's rows); a program that cannot be lowered fails
+  the plan with one line naming it (no fallback to other functions)."""
   import jax
   from horse_jax.editors.hypernet import program
   lowered = []
@@ -104,20 +105,31 @@ def test_plan_hypernet_stages_are_the_programs(folder, capsys, monkeypatch):
     return real_compile(fn, *args, **kwargs)
 
   monkeypatch.setattr(plan_lib, "_compile", spy)
-  assert main(["plan", "--model", str(folder), "--method", "mend", "--n-edits", "8", "--mesh", "1x1",
-               "--set", "editor.rank=8", "--json"]) == 0
+  args = ["plan", "--model", str(folder), "--method", "mend", "--n-edits", "8", "--mesh", "1x1",
+          "--set", "editor.rank=8", "--json"]
+  assert main(args) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert [s["name"] for s in out["stages"]] == ["load", "edit", "meta-step", "memo-fill", "meta-step-memo"]
+  assert lowered == [program.edit_program, program.train_program, program.fill_memo_program,
+                     program.train_program_memo]
+  # the largest memo of 1024 MiB (the default budget): float32 keys [., I] + value grads [., H]
+  row_bytes = 4 * len(out["info"]["modules"]) * (I + H)
+  assert out["info"]["memo_rows"] == 1024 * 2 ** 20 // row_bytes - 1
+  assert set(out["peaks"]) == {"edit", "meta-training step"} and "programs" not in out["info"]
+  assert out["peaks"]["meta-training step"] == max(s["peak"] for s in out["stages"][2:])
+
+  lowered.clear()
+  assert main(args + ["--set", "editor.memo_cache_mb=0"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert [s["name"] for s in out["stages"]] == ["load", "edit", "meta-step"]
   assert lowered == [program.edit_program, program.train_program]
-  assert set(out["peaks"]) == {"edit", "meta-training step"} and "programs" not in out["info"]
 
   @jax.jit
   def train_program(state, model, edits, rephrase, loc):  # a program of another signature
     return state
 
   monkeypatch.setattr(program, "train_program", train_program)
-  assert main(["plan", "--model", str(folder), "--method", "mend", "--n-edits", "8", "--mesh", "1x1",
-               "--set", "editor.rank=8", "--json"]) == 2
+  assert main(args) == 2
   captured = capsys.readouterr()
   assert captured.out == ""
   lines = captured.err.strip().splitlines()

@@ -104,6 +104,11 @@ def rows_needed(tokenizer, records: Sequence, cfg: HypernetConfig,
   return int(_uses(cfg, lengths, labels).sum())
 
 
+def budget_rows(cfg: HypernetConfig, budget_mb: float) -> int:
+  """The most record rows a memo of at most `budget_mb` MiB holds (besides its spare row)."""
+  return int(budget_mb * 2 ** 20 // row_bytes(cfg)) - 1
+
+
 def plan(tokenizer, records: Sequence, cfg: HypernetConfig, budget_mb: float,
          max_length: int | None = None) -> tuple[bool, float]:
   """(whether the memo of `records` fits `budget_mb` MiB, its size in MiB).
@@ -112,14 +117,19 @@ def plan(tokenizer, records: Sequence, cfg: HypernetConfig, budget_mb: float,
   refused without tokenizing it.
   """
   mib = lambda rows: (rows + 1) * row_bytes(cfg) / 2 ** 20
-  if budget_mb <= 0 or mib(len(records)) > budget_mb:
+  limit = budget_rows(cfg, budget_mb)
+  if budget_mb <= 0 or len(records) > limit:
     return False, mib(len(records))
-  need = mib(rows_needed(tokenizer, records, cfg, max_length))
-  return need <= budget_mb, need
+  rows = rows_needed(tokenizer, records, cfg, max_length)
+  return rows <= limit, mib(rows)
+
+
+# Records per `program.fill_memo_program` call of `build` (bounds the LM pass of one call).
+FILL_RECORDS = 1000
 
 
 def build(model, tokenizer, records: Sequence, cfg: HypernetConfig, max_length: int | None = None,
-          mesh=None, per_call: int = 1000, progress: bool = False) -> CacheMemo:
+          mesh=None, per_call: int = FILL_RECORDS, progress: bool = False) -> CacheMemo:
   """Computes the memo of every record (unit label weights), `per_call` records per program call.
 
   Args:
