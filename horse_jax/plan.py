@@ -24,9 +24,10 @@ largest memo the budget allows. A program that cannot be lowered or compiled fai
 `UserError` naming it.
 
 A stage's peak is arguments + outputs + temporaries - donated (aliased) bytes, plus `resident`: what
-the caller keeps alive across the stage without passing it (e.g. the Adam state during an edit). `peak_bytes_per_device` is the largest stage peak. When the mesh needs more
-devices than the host has and the platform is CPU, the CLI forces that many CPU devices (XLA's CPU
-compiler then stands in for the target: layouts and fusion differ a little from TPU/GPU).
+the caller keeps alive across the stage without passing it (e.g. the Adam state during an edit).
+`peak_bytes_per_device` is the largest stage peak. When the mesh needs more devices than the host
+has and the platform is CPU, the CLI forces that many CPU devices (XLA's CPU compiler then stands in
+for the target: layouts and fusion differ a little from TPU/GPU).
 """
 
 from __future__ import annotations
@@ -215,23 +216,23 @@ def hypernet_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   if slots < n_edits * cached_per_seq:  # no memo can serve a step: `train` recomputes every cache
     return stages, info
   f32, i32 = jnp.float32, jnp.int32
-  memo = _replicated(({m: jax.ShapeDtypeStruct((slots + 1, dk), f32) for m, (dk, _) in zip(cfg.modules, cfg.shapes)},
-                      {m: jax.ShapeDtypeStruct((slots + 1, dv), f32) for m, (_, dv) in zip(cfg.modules, cfg.shapes)}),
-                     mesh)
+  memo = _replicated(tuple({m: jax.ShapeDtypeStruct((slots + 1, shape[i]), f32)
+                            for m, shape in zip(cfg.modules, cfg.shapes)} for i in (0, 1)), mesh)
   n_fill = min(memo_lib.FILL_RECORDS, slots // cached_per_seq)
   fill, fill_rows = packed(n_fill, with_rows=True)
-  st = Stage("memo-fill", f"keys + value grads of {n_fill} training records into a memo of {slots} rows "
-             f"(the most editor.memo_cache_mb={budget_mb:g} holds), one program", weights=weights,
-             resident=_shard_bytes(state))
-  compiled = _compile(program.fill_memo_program, memo, model, fill, _put_abstract((fill_rows,), i32, mesh),
-                      cfg=cfg, mesh=mesh)
+  st = Stage("memo-fill", f"keys + value grads of {n_fill} training records into a memo of "
+             f"{slots} rows (the most editor.memo_cache_mb={budget_mb:g} holds), one program",
+             weights=weights, resident=_shard_bytes(state))
+  compiled = _compile(program.fill_memo_program, memo, model, fill,
+                      _put_abstract((fill_rows,), i32, mesh), cfg=cfg, mesh=mesh)
   stages.append(_measure(st, compiled))
   rows = memo_lib.MemoRows(*(_put_abstract(shape, dt, mesh) for shape, dt in (
       ((total,), i32), ((total,), f32), ((total,), f32), ((total,), i32),
       ((-(-n_edits // cfg.lm_batch),), i32))))
-  st = Stage("meta-step-memo", f"one meta-training step on {n_edits} edits, cache gathered from that memo "
-             "(what `train` runs when the memo fits), one program", weights=weights)
-  compiled = _compile(program.train_program_memo, state, model, memo, rows, other, other, cfg=cfg, mesh=mesh)
+  st = Stage("meta-step-memo", f"one meta-training step on {n_edits} edits, cache gathered from "
+             "that memo (what `train` runs when the memo fits), one program", weights=weights)
+  compiled = _compile(program.train_program_memo, state, model, memo, rows, other, other, cfg=cfg,
+                      mesh=mesh)
   stages.append(_measure(st, compiled))
   info["memo_rows"] = slots
   return stages, info
