@@ -276,7 +276,7 @@ def _book(model, st):
 
 
 def test_horen_on_o_proj_adds_reuses_and_changes_only_the_edit_position(ours):
-  st = settings(layer=O_PROJ, threshold=0.5)
+  st = settings(layer=O_PROJ, hopfield_key_match_threshold=0.5)
   batch = make_batch(PROMPTS, [[40, 41], [50, 51], [41, 42]])  # one target length: one compile
   book = _book(ours, st)
   book, first = edit.apply_edit(ours, book, batch, 0, st)
@@ -341,7 +341,7 @@ def test_horen_on_llama_o_proj_trains_the_model_inference_runs():
 
 
 def test_horen_on_o_proj_unmatched_query_changes_nothing(ours):
-  st = settings(layer=O_PROJ, threshold=0.999999)
+  st = settings(layer=O_PROJ, hopfield_key_match_threshold=0.999999)
   batch = make_batch(PROMPTS, [[40, 41], [41, 42], [42, 43]])
   book, _ = edit.apply_edit(ours, _book(ours, st), batch, 0, st)
   x, y, _ = _o_proj_io(ours, batch)
