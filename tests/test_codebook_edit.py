@@ -272,3 +272,37 @@ def test_one_compilation_per_capacity_bucket():
   # call passes host arrays where apply_edit passes device arrays, which jit may key apart).
   assert edit.compile_count() - before <= 1
   assert all(x["added"] for x in infos)
+
+
+def test_traced_floats_do_not_recompile(model):
+  """Changing a RetrievalHyper value (threshold, learning rate, ...) reuses the compiled edit and
+  scoring programs, and the new value is used: a threshold above every score adds a new key."""
+  from horse_jax.editors.codebook import infer
+  from horse_jax.editors.codebook.settings import RetrievalHyper, hyper_of
+  # A seed no other test of this module uses, so the programs below are compiled here.
+  base = settings(seed=424242, n_iter=2, hopfield_key_match_threshold=-1.0)
+  batch = make_batch([[5, 9, 17, 33, 2], [5, 9, 17, 33, 2]], [[40], [40]])
+  assert tuple(hyper_of(base)) == (base.edit_lr, base.hopfield_retrieval_alpha,
+                                   base.hopfield_retrieval_beta, base.hopfield_retrieval_eps,
+                                   base.hopfield_key_match_threshold, base.lora_scale, base.grace_eps)
+  assert RetrievalHyper._fields[4] == "hopfield_key_match_threshold"
+
+  def run(st):
+    book = state.init(st, 128, 64)
+    book, first = edit.apply_edit(model, book, batch, 0, st)
+    book, second = edit.apply_edit(model, book, batch, 1, st)
+    logits = infer.edited_logits(model, book, jnp.asarray(batch.input_ids),
+                                 jnp.asarray(batch.attention_mask), jnp.asarray(batch.prompt_len),
+                                 settings=st)
+    return int(book.count), np.asarray(logits)
+
+  count, _ = run(base)
+  assert count == 2  # same prompt and label, every score above -1: the key is reused
+  edits, scores = edit.compile_count(), infer._edited_logits._cache_size()
+  strict = dataclasses.replace(base, hopfield_key_match_threshold=2.0, edit_lr=0.5,
+                               hopfield_retrieval_beta=7.0)
+  count, _ = run(strict)
+  assert count == 3  # no score exceeds 2: the second edit adds its own key
+  assert edit.compile_count() == edits and infer._edited_logits._cache_size() == scores
+  run(dataclasses.replace(base, n_iter=3))  # a static setting: one new edit program
+  assert edit.compile_count() == edits + 1

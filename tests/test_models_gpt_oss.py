@@ -364,8 +364,8 @@ def test_card_for_gpt_oss_20b():
   from horse_jax.models.cards import card_for
   card = card_for("openai/gpt-oss-20b")
   assert card["name"] == "gpt-oss-20b" and card["model_type"] == "gpt_oss"
-  assert card["horen"]["layer"] == "model.layers.20.self_attn.o_proj"
-  assert card["horen"]["threshold"] == 0.85 and card["dtype"] == "float32"
+  assert card["horen"]["editor"]["layer"] == "model.layers.20.self_attn.o_proj"
+  assert card["horen"]["editor"]["hopfield_key_match_threshold"] == 0.85 and card["dtype"] == "float32"
   assert card["edit_modules"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(18, 24)]
 
 
