@@ -49,7 +49,9 @@ class HypernetConfig:
   rank: int = _EDITOR.rank
   n_blocks: int = _EDITOR.n_blocks
   lr: float = _EDITOR.lr
-  meta_lr: float = _EDITOR.meta_lr
+  # Not part of the jit key: the training programs read it from the optimizer state
+  # (`editor.optimizer`, optax.inject_hyperparams), so another meta_lr compiles nothing new.
+  meta_lr: float = dataclasses.field(default=_EDITOR.meta_lr, compare=False)
   loc_coef: float = _EDITOR.loc_coef
   max_grad_norm: float = _EDITOR.max_grad_norm
   chunk: int = _EDITOR.batch_size
