@@ -50,9 +50,10 @@ SETTINGS_CLASSES: dict[str, type] = {
     "horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings,
     "horen": HorenSettings, "grace": GraceSettings,
 }
-HYPERNET = ("horse", "malmen", "mend")
-CODEBOOK = ("horen", "grace")
 METHODS = tuple(SETTINGS_CLASSES)
+# The two families, told apart by their settings classes (MALMEN's and MEND's derive from HORSE's).
+HYPERNET = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorseSettings))
+CODEBOOK = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorenSettings))
 SOURCES = ("default", "card", "codebook", "config", "set", "run")
 
 

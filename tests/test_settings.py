@@ -317,3 +317,21 @@ def test_groups_are_strict_and_short_names_find_their_setting():
     settings.resolve("horen", config_tree={"editor": {"alpha": 0.5}})
   with pytest.raises(UserError, match=r"did you mean 'editor.query_selection_strategy'"):
     settings.resolve("horen", overrides=["editor.strategy=last_prompt_token"])
+
+
+def test_sweep_settings_are_typed_with_one_set_parser(tmp_path):
+  """Sweep YAML and `horse-jax eval --set` go through the same typed resolution as the editors'."""
+  from horse_jax.eval import sweep
+  conf = tmp_path / "sweep.yaml"
+  conf.write_text("name: s\nmodel: /m\nn_edits: 4\neval: {mode: generate, batch_size: '8'}\n")
+  got = sweep.resolve_settings(str(conf), ["seeds=[0,1]", "eval.immediate=false"])
+  assert got["model"] == ["/m"] and got["n_edits"] == [4] and got["seeds"] == [0, 1]
+  assert got["eval"]["mode"] == "generate" and got["eval"]["batch_size"] == 8
+  assert got["eval"]["immediate"] is False and got["sample"] == "random"  # SweepSettings' default
+  with pytest.raises(UserError, match=r"unknown setting 'seeed'; did you mean 'seeds'"):
+    sweep.resolve_settings(None, ["seeed=1"])
+  with pytest.raises(UserError, match=r"'eval.mdoe'; did you mean 'eval.mode'"):
+    sweep.resolve_settings(None, ["eval.mdoe=teacher"])
+  with pytest.raises(UserError, match="expected one of teacher, generate"):
+    sweep.resolve_settings(None, ["eval.mode=sample"])
+  assert settings.HYPERNET == ("horse", "malmen", "mend") and settings.CODEBOOK == ("horen", "grace")
