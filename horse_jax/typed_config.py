@@ -6,7 +6,8 @@ when None is allowed, `tuple[str, ...]` for module lists). Fields whose type is 
 dataclass are groups (`model`, `data`, `editor`, `eval`), so a method's settings are one tree with
 dotted keys such as `editor.n_iter`. From the class alone this module derives the dotted keys, their
 defaults, the coercion of a YAML / `--set` value by annotation, the validation of choices and bounds
-(`Settings.__post_init__`) and the closest valid key of a typo.
+(`Settings.__post_init__`) and the closest valid key of a typo. The groups every method reads
+(`ModelSettings`, `DataSettings`) are declared here too.
 
 This module knows no editor: editors declare their classes with it, `horse_jax.settings` resolves them.
 """
@@ -39,6 +40,13 @@ def setting(default: Any, help: str, *, minimum: float | None = None,  # noqa: A
   """
   meta = {"help": help, "minimum": minimum, "parse": parse}
   return dataclasses.field(default=default, metadata=meta)
+
+
+def new_default(cls: type, name: str, default: Any) -> Any:
+  """Field `name` of settings class `cls` with another default, for a subclass (a method whose
+  defaults differ): the type and meaning stay declared once, on `cls`."""
+  base = next(f for f in dataclasses.fields(cls) if f.name == name)
+  return dataclasses.field(default=default, metadata=base.metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +155,10 @@ def from_flat(cls: type, values: Mapping[str, Any], base: Any = None) -> Any:
     else:
       own[key] = value
   for head, sub in grouped.items():
-    own[head] = from_flat(type(getattr(base, head)), sub, getattr(base, head))
+    group = getattr(base, head, None)
+    if not dataclasses.is_dataclass(group):
+      raise UserError(f"settings: {head!r} is not a group of {cls.__name__}")
+    own[head] = from_flat(type(group), sub, group)
   try:
     return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in own.items()})
   except TypeError as err:

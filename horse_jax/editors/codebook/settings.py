@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping, NamedTuple
 from horse_jax.errors import UserError
 from horse_jax.models import names as names_lib
 from horse_jax.typed_config import (DataSettings, ModelSettings, Settings, coerce, fields, module_name,
-                                    setting, to_flat)
+                                    new_default, setting, to_flat)
 
 _PERC = re.compile(r"^last_(\d+)_perc_prompt_tokens_avg$")
 _LASTN = re.compile(r"^last_(\d+)_prompt_tokens_avg$")
@@ -108,11 +108,9 @@ class GraceCodebookSettings(CodebookSettings):
   """GRACE's `editor.*` group: HoReN's fields, GRACE's defaults (the reference's GRACE keys)."""
 
   method: str = "grace"
-  normalize_codebook_keys: bool = setting(
-      False, "L2-normalize queries, keys and Hopfield iterates (GRACE: raw Euclidean keys)")
-  query_selection_strategy: str = setting(
-      "last_prompt_token", "query from the layer input: last_prompt_token, first_prompt_token, "
-      "last_X_perc_prompt_tokens_avg or last_N_prompt_tokens_avg")
+  normalize_codebook_keys: bool = new_default(CodebookSettings, "normalize_codebook_keys", False)
+  query_selection_strategy: str = new_default(CodebookSettings, "query_selection_strategy",
+                                              "last_prompt_token")
 
 
 @dataclasses.dataclass(frozen=True)

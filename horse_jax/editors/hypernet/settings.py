@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from horse_jax.typed_config import DataSettings, ModelSettings, Settings, module_name, setting
+from horse_jax.typed_config import (DataSettings, ModelSettings, Settings, module_name, new_default,
+                                    setting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,15 +41,14 @@ class HypernetSettings(Settings):
 class MalmenHypernetSettings(HypernetSettings):
   """`editor.*` of MALMEN: HORSE's fields, MALMEN's learning rate."""
 
-  lr: float = setting(1e-6, "initial editing learning rate (scales the predicted value differences)")
+  lr: float = new_default(HypernetSettings, "lr", 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
 class MendHypernetSettings(MalmenHypernetSettings):
   """`editor.*` of MEND: MALMEN's, caching every attended token."""
 
-  token: Literal["ans", "all"] = setting(
-      "all", "positions whose keys/gradients are cached: answer tokens or every attended token")
+  token: Literal["ans", "all"] = new_default(HypernetSettings, "token", "all")
 
 
 @dataclasses.dataclass(frozen=True)
