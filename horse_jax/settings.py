@@ -519,7 +519,8 @@ def resolve_class(cls: type, config_file: str | os.PathLike | None = None,
     for key, value in layer.items():
       if key not in info:
         close = typed_config.closest(key, list(info))
-        raise UserError(f"{where}: unknown setting {key!r}" + (f"; did you mean {close!r}?" if close else ""))
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise UserError(f"{where}: unknown setting {key!r}{hint}")
       values[key] = typed_config.coerce(info[key], value, where)
 
   if config_file:

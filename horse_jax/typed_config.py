@@ -160,7 +160,8 @@ def from_flat(cls: type, values: Mapping[str, Any], base: Any = None) -> Any:
       raise UserError(f"settings: {head!r} is not a group of {cls.__name__}")
     own[head] = from_flat(type(group), sub, group)
   try:
-    return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in own.items()})
+    return dataclasses.replace(base, **{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in own.items()})
   except TypeError as err:
     raise UserError(f"settings: {err}") from None
 
@@ -185,7 +186,8 @@ def check(info: FieldInfo, value: Any, where: str) -> None:
       check(info, item, where)
     return
   if info.choices and value not in info.choices:
-    raise UserError(f"{where}: {info.key}={value!r}: expected one of {', '.join(map(str, info.choices))}")
+    allowed = ", ".join(map(str, info.choices))
+    raise UserError(f"{where}: {info.key}={value!r}: expected one of {allowed}")
   if info.minimum is not None and value < info.minimum:
     raise UserError(f"{where}: {info.key}={value!r} must be >= {info.minimum:g}")
 

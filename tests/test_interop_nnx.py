@@ -164,7 +164,8 @@ def _codebook(model, settings, edit_ids, edit_prompt_len):
 
 def _settings(method):
   strategy = "last_prompt_token" if method == "grace" else "last_50_perc_prompt_tokens_avg"
-  return codebook.CodebookSettings(method=method, layer=DOWN, initial_capacity=4, query_selection_strategy=strategy)
+  return codebook.CodebookSettings(method=method, layer=DOWN, initial_capacity=4,
+                                   query_selection_strategy=strategy)
 
 
 @pytest.mark.parametrize("method", ["horen", pytest.param("grace", marks=pytest.mark.slow)])

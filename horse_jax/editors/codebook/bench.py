@@ -119,7 +119,8 @@ def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block
     compiled = edit._edit_block_jit.lower(
         model, shapes, batch.input_ids[sl], batch.attention_mask[sl], labels,
         batch.prompt_len[sl], np.zeros((block, 2), np.int32), np.ones((block,), bool),
-        hyper_of(with_iter), settings=jit_key(with_iter), n_label=edit._n_label(labels, batch.prompt_len[sl]), mesh=None,
+        hyper_of(with_iter), settings=jit_key(with_iter),
+        n_label=edit._n_label(labels, batch.prompt_len[sl]), mesh=None,
         unroll=n_iter).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

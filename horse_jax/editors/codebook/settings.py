@@ -180,7 +180,8 @@ def from_resolved(resolved, config) -> CodebookSettings:
   return editor if editor.layer else dataclasses.replace(editor, layer=default_layer(config))
 
 
-def from_editor_dict(method: str, editor: Mapping[str, Any], layer: str | None = None) -> CodebookSettings:
+def from_editor_dict(method: str, editor: Mapping[str, Any],
+                     layer: str | None = None) -> CodebookSettings:
   """Settings from an `editor.*` mapping (settings.json; keys without a field are ignored).
 
   Args:

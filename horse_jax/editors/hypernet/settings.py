@@ -1,4 +1,4 @@
-"""HORSE / MALMEN / MEND settings: one frozen, typed dataclass per method, fields named as in the reference.
+"""HORSE / MALMEN / MEND settings: one frozen, typed dataclass per method, reference field names.
 
 `HypernetSettings` is the `editor.*` group of HORSE (the reference's `config/editor/horse.yaml`
 names); MALMEN and MEND differ in their defaults only (`lr`, and MEND's `token`). `HorseSettings`,
@@ -19,7 +19,8 @@ from horse_jax.typed_config import (DataSettings, ModelSettings, Settings, modul
 class HypernetSettings(Settings):
   """`editor.*` of HORSE."""
 
-  rank: int = setting(1920, "rank of the hypernetwork's low-rank blocks (clipped to the width)", minimum=1)
+  rank: int = setting(1920, "rank of the hypernetwork's low-rank blocks (clipped to the width)",
+                      minimum=1)
   n_blocks: int = setting(2, "residual blocks per hypernetwork", minimum=1)
   lr: float = setting(1e-5, "initial editing learning rate (scales the predicted value differences)")
   meta_lr: float = setting(1e-5, "Adam learning rate of meta-training")
