@@ -283,24 +283,6 @@ def test_cli_runs_a_reference_hparams_file_with_exactly_its_settings(ws):
   assert used["query_selection_strategy"] == "last_60_perc_prompt_tokens_avg"
 
 
-@pytest.mark.slow
-def test_readme_settings_snippet_runs(monkeypatch, tmp_path):
-  """The README's editor-protocol snippet runs as written (on the shipped world model)."""
-  import os
-  import re
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-    text = f.read()
-  start = text.index("<!-- section: settings")
-  section = text[start:text.index("<!-- section:", start + 1)]
-  blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-  assert blocks
-  monkeypatch.chdir(tmp_path)
-  os.symlink(os.path.join(root, "checkpoints"), tmp_path / "checkpoints")
-  for code in blocks:
-    exec(compile(code, "README:settings", "exec"), {})  # noqa: S102
-
-
 def test_settings_command_lists_the_table(capsys):
   assert main(["settings", "--method", "grace"]) == 0
   out = capsys.readouterr().out
