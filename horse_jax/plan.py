@@ -256,7 +256,6 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   settings = dataclasses.replace(settings, initial_capacity=capacity)
   book = jax.eval_shape(lambda: state_lib.init(settings, d_in, d_out))
   book = _with_sharding(book, state_lib.shardings(book, mesh))
-  static, numbers = settings_lib.split_dynamic(settings)
   rep = NamedSharding(mesh, P())
   b = settings.edit_block
   tok = jax.ShapeDtypeStruct((b, seq_len), jnp.int32, sharding=rep)
@@ -266,8 +265,9 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   weights = _shard_bytes(model.params)
   what = f"one {method} edit" if b == 1 else f"a block of {b} {method} edits (editor.edit_block)"
   st = Stage("edit", f"{what} into a {capacity}-row codebook ({seq_len} tokens)", weights=weights)
-  compiled = _compile(edit_lib._edit_block_jit, model, book, tok, tok, tok, one, label, valid, numbers,
-                      settings=static, n_label=8, mesh=mesh)
+  compiled = _compile(edit_lib._edit_block_jit, model, book, tok, tok, tok, one, label, valid,
+                      settings_lib.hyper_of(settings), settings=settings_lib.jit_key(settings),
+                      n_label=8, mesh=mesh)
   info = {"layer": settings.layer, "codebook_rows": capacity, "codebook_bytes_per_device": _shard_bytes(book),
           "seq_len": seq_len, "edit_block": b}
   return [_measure(st, compiled)], info

@@ -1,16 +1,16 @@
-"""Editor settings: every key declared once (type, default, meaning), resolved with provenance.
+"""Editor settings: resolved from each method's typed dataclass, with provenance.
 
-One table, `SETTINGS`, declares each setting of the five editing methods by its reference name
-(`editor.n_iter`, `model.edit_modules`, `data.batch_size`, ...), which methods read it, its type,
-its default (one value, or one per method) and what it means. Everything else reads its defaults
-from here: the hypernetwork and codebook editors, `horse-jax edit`/`train`, evaluation sweeps and
-the codebook bench.
+Each editing method declares its settings once, as a frozen dataclass whose fields carry type,
+default and meaning (`horse_jax.editors.hypernet.settings`, `horse_jax.editors.codebook.settings`);
+`SETTINGS_CLASSES` maps a method name to it. Everything here is derived from those classes: the dotted
+keys (`editor.n_iter`, `model.edit_modules`, `data.batch_size`, ...), their defaults, the typed
+coercion of `--set` / YAML values, the `horse-jax settings` table and the unknown-key error.
 
 A run's settings are built in layers, later layers winning, and each effective value remembers the
 layer it came from:
 
-  default   this table
-  card      the model card (`models/*.yaml`): edit modules, dtype, HoReN layer/threshold/strategy
+  default   the method's settings class
+  card      the model card (`models/*.yaml`): edit modules, dtype, the HoReN section (`horen.editor`)
   codebook  the settings of a codebook being continued (`horse-jax edit --codebook`)
   config    `--config` files, read as written in any of three layouts:
               - this project's nested layout: {model: {...}, data: {...}, editor: {...}, eval: {...}}
@@ -32,134 +32,127 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
+from horse_jax import typed_config
+from horse_jax.editors.codebook.settings import GraceSettings, HorenSettings
+from horse_jax.editors.hypernet.settings import HorseSettings, MalmenSettings, MendSettings
 from horse_jax.errors import UserError
+from horse_jax.models.cards import card_for
+from horse_jax.typed_config import flatten, module_name  # noqa: F401  (public here too)
 
-HYPERNET = ("horse", "malmen", "mend")
-CODEBOOK = ("horen", "grace")
-METHODS = HYPERNET + CODEBOOK
+# Method name -> its settings class. A new method adds one entry (and its editor module).
+SETTINGS_CLASSES: dict[str, type] = {
+    "horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings,
+    "horen": HorenSettings, "grace": GraceSettings,
+}
+METHODS = tuple(SETTINGS_CLASSES)
+# The two families, told apart by their settings classes (MALMEN's and MEND's derive from HORSE's).
+HYPERNET = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorseSettings))
+CODEBOOK = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorenSettings))
 SOURCES = ("default", "card", "codebook", "config", "set", "run")
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
-  """One declared setting.
-
-  Attributes:
-    key: dotted reference name, e.g. "editor.n_iter".
-    type: "int", "float", "str", "bool" or "modules" (a list of module names).
-    default: the value, or {method: value} when methods differ.
-    meaning: one line for humans (shown by `describe`).
-    methods: the methods that read it.
-    optional: None is a valid value (e.g. "from the model card").
-    choices: the allowed values of a "str" setting (empty = any).
-  """
-
-  key: str
-  type: str
-  default: Any
-  meaning: str
-  methods: tuple[str, ...] = METHODS
-  optional: bool = False
-  choices: tuple[str, ...] = ()
-
-  def default_for(self, method: str) -> Any:
-    if isinstance(self.default, Mapping):
-      return copy.deepcopy(self.default[method])
-    return copy.deepcopy(self.default)
+def settings_class(method: str) -> type:
+  """The settings dataclass of `method`."""
+  _check_method(method)
+  return SETTINGS_CLASSES[method]
 
 
-def _per(hypernet=None, horen=None, grace=None, **kw):
-  """{method: default} from family values (explicit methods in `kw` win)."""
-  out = {m: hypernet for m in HYPERNET}
-  out.update(horen=horen, grace=horen if grace is None else grace)
-  out.update(kw)
+def _info(method: str) -> dict[str, typed_config.FieldInfo]:
+  return typed_config.fields(settings_class(method))
+
+
+def keys_for(method: str) -> list[str]:
+  """The dotted keys `method` reads."""
+  return list(_info(method))
+
+
+def methods_reading(key: str) -> list[str]:
+  """The methods that read `key`."""
+  return [m for m in METHODS if key in typed_config.fields(SETTINGS_CLASSES[m])]
+
+
+def all_keys() -> list[str]:
+  """Every dotted key some method reads, in declaration order."""
+  out: dict[str, None] = {}
+  for m in METHODS:
+    out.update(dict.fromkeys(keys_for(m)))
+  return list(out)
+
+
+def defaults(method: str) -> dict[str, Any]:
+  """{dotted key: default} of every setting `method` reads."""
+  return typed_config.to_flat(settings_class(method)())
+
+
+def default(key: str, method: str = "horen") -> Any:
+  """The declared default of `key` for `method`."""
+  return defaults(method)[key]
+
+
+def describe(method: str | None = None) -> str:
+  """A markdown table of the settings (of one method, or all)."""
+  rows = ["| key | type | default | methods | meaning |", "|---|---|---|---|---|"]
+  for key in (keys_for(method) if method else all_keys()):
+    readers = methods_reading(key)
+    info = _info(readers[0])[key]
+    kind = info.type_name + (f" ({' / '.join(map(str, info.choices))})" if info.choices else "")
+    if method:
+      shown = default(key, method)
+    else:
+      values = {m: default(key, m) for m in readers}
+      shown = values[readers[0]] if len({repr(v) for v in values.values()}) == 1 else ", ".join(
+          f"{m}: {v}" for m, v in values.items())
+    rows.append(f"| `{key}` | {kind} | {shown} | {', '.join(readers)} | {info.help} |")
+  return "\n".join(rows)
+
+
+def _check_method(method: str) -> None:
+  if method not in SETTINGS_CLASSES:
+    raise UserError(f"unknown method {method!r} (one of {', '.join(SETTINGS_CLASSES)})")
+
+
+# ---- values ----
+
+
+def coerce(key: str, value: Any, where: str, method: str | None = None) -> Any:
+  """`value` checked and converted to the annotated type of `key` (UserError naming `where`)."""
+  info = _info(method or methods_reading(key)[0])[key]
+  return typed_config.coerce(info, value, where)
+
+
+def _reads(method: str, key: str) -> bool:
+  return key in _info(method)
+
+
+def _unknown(key: str, method: str, where: str, shown: str | None = None) -> UserError:
+  """The error for a key `method` does not read (`shown`: the key as the user wrote it)."""
+  close = typed_config.closest(key, keys_for(method))
+  if close and shown and "." not in shown:
+    close = close.split(".", 1)[1]  # a flat file: suggest the key as it would be written there
+  hint = f"; did you mean {close!r}?" if close else ""
+  other = methods_reading(key) if key in all_keys() else []
+  if other:
+    hint = f" (read by {', '.join(other)} only){hint}"
+  return UserError(f"{where}: unknown setting {(shown or key)!r} for {method}{hint}")
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{"a.b": 1} -> {a: {b: 1}}."""
+  out: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = copy.deepcopy(value)
   return out
 
-
-_H, _C = HYPERNET, CODEBOOK
-SETTINGS: tuple[Setting, ...] = (
-    # ---- model ----
-    Setting("model.edit_modules", "modules", None,
-            "edited modules (HF names, config order); None = the model card's, else the last six MLP "
-            "output projections", _H, optional=True),
-    Setting("model.dtype", "str", None,
-            "LM compute dtype; None = the model card's, else float32 (editor solves stay float32)",
-            optional=True, choices=("float32", "bfloat16", "float16")),
-    # ---- data ----
-    Setting("data.n_edits", "int", 32, "edits per meta-training step (`horse-jax train`)", _H),
-    Setting("data.batch_size", "int", 32,
-            "LM mini-batch size of key/gradient caching (a trained hypernetwork keeps its own unless "
-            "this is set by --config or --set: gradient scale depends on it)", _H),
-    Setting("data.max_length", "int", None,
-            "longest tokenized edit; None = the model's max_position_embeddings", optional=True),
-    # ---- hypernetwork editors ----
-    Setting("editor.rank", "int", 1920, "rank of the hypernetwork's low-rank blocks (clipped to the width)", _H),
-    Setting("editor.n_blocks", "int", 2, "residual blocks per hypernetwork", _H),
-    Setting("editor.lr", "float", {"horse": 1e-5, "malmen": 1e-6, "mend": 1e-6},
-            "initial editing learning rate (scales the predicted value differences)", _H),
-    Setting("editor.meta_lr", "float", 1e-5, "Adam learning rate of meta-training", _H),
-    Setting("editor.loc_coef", "float", 1.0, "weight of the locality loss in meta-training", _H),
-    Setting("editor.max_grad_norm", "float", 1.0, "global-norm clip of the meta-gradient", _H),
-    Setting("editor.n_epochs", "int", 1, "meta-training passes over --data when --steps is not given", _H),
-    Setting("editor.batch_size", "int", 1024, "token chunk of the hypernetwork and its backward", _H),
-    Setting("editor.token", "str", {"horse": "ans", "malmen": "ans", "mend": "all"},
-            "positions whose keys/gradients are cached: answer tokens or every attended token", _H,
-            choices=("ans", "all")),
-    Setting("editor.spread", "str", "reference", "HORSE spread variant", _H,
-            choices=("reference", "gram_schmidt")),
-    Setting("editor.memo_cache_mb", "int", 1024,
-            "MiB per device for memoizing the unedited model's keys / value gradients of every "
-            "training record (`horse-jax train`: the steps then skip the LM over the edit set, "
-            "same results); 0, or a memo that does not fit, recomputes them every step as the "
-            "reference does", _H),
-    # ---- codebook editors ----
-    Setting("editor.layer", "str", None,
-            "wrapped linear module (HF name); None = the model card's HoReN layer, else the MLP "
-            "output projection at depth round(0.9 L)", _C, optional=True),
-    Setting("editor.n_iter", "int", 50, "Adam steps per edit", _C),
-    Setting("editor.edit_lr", "float", 1.0, "Adam learning rate of a value", _C),
-    Setting("editor.adapter_mode", "str", "value", "learned vector per key, or per-key LoRA", _C,
-            choices=("value", "lora")),
-    Setting("editor.val_init", "str", "cold",
-            "new value: uniform [0, 1) (cold) or the layer's own output at p (warm)", _C,
-            choices=("cold", "warm")),
-    Setting("editor.normalize_codebook_keys", "bool", _per(horen=True, grace=False),
-            "L2-normalize queries, keys and Hopfield iterates (GRACE: raw Euclidean keys)", _C),
-    Setting("editor.query_selection_strategy", "str",
-            _per(horen="last_50_perc_prompt_tokens_avg", grace="last_prompt_token"),
-            "query from the layer input: last_prompt_token, first_prompt_token, "
-            "last_X_perc_prompt_tokens_avg or last_N_prompt_tokens_avg", _C),
-    Setting("editor.hopfield_retrieval_alpha", "float", 0.1, "damping of the Hopfield update", _C),
-    Setting("editor.hopfield_retrieval_beta", "float", 20.0, "inverse temperature of retrieval", _C),
-    Setting("editor.hopfield_retrieval_eps", "float", 1e-5, "retrieval convergence tolerance", _C),
-    Setting("editor.hopfield_retrieval_max_iter", "int", 1, "Hopfield iterations", _C),
-    Setting("editor.hopfield_key_match_threshold", "float", 0.75,
-            "strict match threshold on the retrieval score (reference range 0.55-0.85 per model)", _C),
-    Setting("editor.edit_span", "str", "last",
-            "change only y[p] (reference) or also every later position", _C, choices=("last", "onward")),
-    Setting("editor.label_match", "str", "mean",
-            "same-label test: equal mean of the label array (reference) or exact tokens", _C,
-            choices=("mean", "exact")),
-    Setting("editor.lora_rank", "int", 4, "LoRA rank per key (adapter_mode lora)", _C),
-    Setting("editor.lora_scale", "float", 1.0, "LoRA output scale", _C),
-    Setting("editor.grace_eps", "float", 1.0, "GRACE: initial deferral radius of a new key", _C),
-    Setting("editor.initial_capacity", "int", 64, "codebook rows preallocated (doubles when full)", _C),
-    Setting("editor.edit_block", "int", 16,
-            "sequential edits per compiled program (1 = one at a time, the reference loop; every "
-            "size gives the same codebook)", _C),
-    Setting("editor.seed", "int", 0, "seed of value/LoRA initialisation (--seed sets it)", _C),
-    Setting("eval.batch_size", "int", 64, "scoring batch size of `horse-jax edit`", _C),
-)
-
-BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 
 # Keys of the reference config files that are not settings of this project: each is understood
 # (mapped or checked) or knowingly ignored, with the reason. EasyEdit (flat HoReN hparams) first.
@@ -220,148 +213,6 @@ RUN_KEYS: dict[str, str] = {
 
 _EASYEDIT_ALG = {"horen": "HOREN", "grace": "GRACE", "mend": "MEND", "malmen": "MALMEN", "horse": "HORSE"}
 _HYDRA_GROUPS = ("editor", "model", "data")
-
-
-def keys_for(method: str) -> list[str]:
-  """The dotted keys `method` reads."""
-  _check_method(method)
-  return [s.key for s in SETTINGS if method in s.methods]
-
-
-def default(key: str, method: str = "horen") -> Any:
-  """The declared default of `key` for `method`."""
-  return BY_KEY[key].default_for(method)
-
-
-def defaults(method: str) -> dict[str, Any]:
-  """{dotted key: default} of every setting `method` reads."""
-  return {k: BY_KEY[k].default_for(method) for k in keys_for(method)}
-
-
-def describe(method: str | None = None) -> str:
-  """A markdown table of the settings (of one method, or all)."""
-  rows = ["| key | type | default | methods | meaning |", "|---|---|---|---|---|"]
-  for s in SETTINGS:
-    if method and method not in s.methods:
-      continue
-    if method:
-      d = s.default_for(method)
-    elif isinstance(s.default, Mapping):
-      d = ", ".join(f"{m}: {v}" for m, v in s.default.items() if m in s.methods)
-    else:
-      d = s.default
-    rows.append(f"| `{s.key}` | {s.type} | {d} | {', '.join(s.methods)} | {s.meaning} |")
-  return "\n".join(rows)
-
-
-def _check_method(method: str) -> None:
-  if method not in METHODS:
-    raise UserError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
-
-
-# ---- values ----
-
-
-def coerce(key: str, value: Any, where: str) -> Any:
-  """`value` checked and converted to the declared type of `key` (UserError naming `where`)."""
-  s = BY_KEY[key]
-  if value is None:
-    if s.optional:
-      return None
-    raise UserError(f"{where}: {key} must not be empty")
-  bad = UserError(f"{where}: {key}={value!r} is not a valid {s.type}")
-  if s.type == "int":
-    if isinstance(value, bool):
-      raise bad
-    if isinstance(value, float) and value.is_integer():
-      value = int(value)
-    if isinstance(value, str):
-      try:
-        value = int(value)
-      except ValueError:
-        raise bad from None
-    if not isinstance(value, int):
-      raise bad
-    return value
-  if s.type == "float":
-    if isinstance(value, bool):
-      raise bad
-    try:
-      return float(value)  # YAML reads 1e-5 (no dot) as a string
-    except (TypeError, ValueError):
-      raise bad from None
-  if s.type == "bool":
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-      return value.lower() == "true"
-    if not isinstance(value, bool):
-      raise bad
-    return value
-  if s.type == "modules":
-    if isinstance(value, str):
-      value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value) or not value:
-      raise bad
-    return [module_name(v) for v in value]
-  if not isinstance(value, str):
-    raise bad
-  if key == "editor.layer":
-    value = module_name(value)  # also accept the reference's `model.layers[29].mlp.down_proj.weight`
-  if s.choices and value not in s.choices:
-    raise UserError(f"{where}: {key}={value!r}: expected one of {', '.join(s.choices)}")
-  return value
-
-
-def module_name(param: str) -> str:
-  """A module name from a reference parameter path: `model.layers[29].mlp.down_proj.weight` ->
-  `model.layers.29.mlp.down_proj` (EasyEdit writes list indices in brackets)."""
-  name = re.sub(r"\[(\d+)\]", r".\1", str(param).strip())
-  for suffix in (".weight", ".bias", ".kernel"):
-    if name.endswith(suffix):
-      name = name[: -len(suffix)]
-  return name
-
-
-def _unknown(key: str, method: str, where: str, shown: str | None = None) -> UserError:
-  """The error for a key `method` does not read (`shown`: the key as the user wrote it)."""
-  valid = keys_for(method)
-  short = {k.split(".", 1)[1]: k for k in valid}
-  last = key.split(".")[-1]
-  # A short form of a longer name (`alpha` for `hopfield_retrieval_alpha`) beats spelling distance.
-  close = [k for k in valid if len(last) >= 3 and k.split(".")[-1].endswith("_" + last)][:1]
-  close = close or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-  if not close:
-    close = [short[c] for c in difflib.get_close_matches(key.split(".")[-1], list(short), n=1, cutoff=0.5)]
-  if close and shown and "." not in shown:
-    close = [close[0].split(".", 1)[1]]  # a flat file: suggest the key as it would be written there
-  hint = f"; did you mean {close[0]!r}?" if close else ""
-  other = [m for m in METHODS if key in BY_KEY and m in BY_KEY[key].methods]
-  if other:
-    hint = f" (read by {', '.join(other)} only){hint}"
-  return UserError(f"{where}: unknown setting {(shown or key)!r} for {method}{hint}")
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{a: {b: 1}} -> {"a.b": 1}; stops at non-mapping values and at declared keys."""
-  out: dict[str, Any] = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping) and key not in BY_KEY:
-      out.update(flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{"a.b": 1} -> {a: {b: 1}}."""
-  out: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = copy.deepcopy(value)
-  return out
 
 
 # ---- config files ----
@@ -447,10 +298,10 @@ def _flat_file(method: str, data: Mapping[str, Any], where: str, group: str = ""
   prefix = {"model": "model.", "data": "data.", "eval": "eval."}.get(group, "editor.")
   for key, value in data.items():
     key = str(key)
-    full = key if key in BY_KEY else prefix + key
+    full = key if key in all_keys() else prefix + key
     if group == "" and key in _EASYEDIT_RUN_FIRST:
       _run_key(method, key, value, out, where, group)
-    elif full in BY_KEY and method in BY_KEY[full].methods:
+    elif _reads(method, full):
       out.values[full] = value
     elif key in RUN_KEYS and (group == "" or key in _GROUP_RUN_KEYS):
       _run_key(method, key, value, out, where, group)
@@ -503,7 +354,7 @@ def _nested(method: str, data: Mapping[str, Any], where: str) -> FileSettings:
       out.ignored.update({f"{key}.{k}": r for k, r in part.ignored.items()})
     elif key in RUN_KEYS:
       _run_key(method, key, value, out, where)
-    elif key in BY_KEY and method in BY_KEY[key].methods:
+    elif _reads(method, key):
       out.values[key] = value
     else:
       raise _unknown(key, method, where)
@@ -511,7 +362,7 @@ def _nested(method: str, data: Mapping[str, Any], where: str) -> FileSettings:
 
 
 def parse_set(text: str) -> tuple[str, Any]:
-  """`a.b=value` -> ("a.b", value parsed as YAML: 1e-5, [1, 2], true)."""
+  """`a.b=value` -> ("a.b", value parsed as YAML: 1e-5, [1, 2], true). The one `--set` parser."""
   if "=" not in text:
     raise UserError(f"--set {text!r}: expected key=value")
   key, raw = text.split("=", 1)
@@ -544,6 +395,11 @@ class Resolved:
   def __getitem__(self, key: str) -> Any:
     return self.values[key]
 
+  @property
+  def typed(self):
+    """The values as the method's frozen settings dataclass (`SETTINGS_CLASSES[method]`)."""
+    return typed_config.from_flat(settings_class(self.method), self.values)
+
   def tree(self) -> dict[str, Any]:
     """The nested reference-named tree ({"model": {...}, "data": {...}, "editor": {...}})."""
     return nest(self.values)
@@ -562,8 +418,11 @@ class Resolved:
 
 
 def card_values(method: str, card: Mapping[str, Any] | None) -> dict[str, Any]:
-  """The settings a model card supplies for `method` (a card named "default" supplies none: its
-  values are derived from the config, and the derivation is the table's default)."""
+  """The settings a model card supplies for `method`: `dtype`, the hypernetworks' `edit_modules`,
+  and the codebook editors' section named after the method (`horen: {editor: {...}}`, reference
+  names, read like a nested --config file); GRACE also wraps the HoReN section's `editor.layer`.
+  A card named "default" supplies none: its values are derived from the config, and the derivation
+  is the settings class's default."""
   _check_method(method)
   if not card or card.get("name") == "default":
     return {}
@@ -574,16 +433,14 @@ def card_values(method: str, card: Mapping[str, Any] | None) -> dict[str, Any]:
     if card.get("edit_modules"):
       out["model.edit_modules"] = list(card["edit_modules"])
     return out
-  horen = card.get("horen") or {}
-  if horen.get("layer"):
-    out["editor.layer"] = horen["layer"]
-  if method == "horen":  # thresholds, strategies and extras are tuned for HoReN only
-    if horen.get("threshold") is not None:
-      out["editor.hopfield_key_match_threshold"] = horen["threshold"]
-    if horen.get("query_strategy"):
-      out["editor.query_selection_strategy"] = horen["query_strategy"]
-    for key, value in (horen.get("editor") or {}).items():
-      out[f"editor.{key}"] = value
+  where = f"model card {card.get('name')} ({card.get('card_file', 'no file')})"
+  layer = ((card.get("horen") or {}).get("editor") or {}).get("layer")
+  if layer:
+    out["editor.layer"] = layer
+  section = card.get(method) or {}
+  if not isinstance(section, Mapping):
+    raise UserError(f"{where}: `{method}` must be a mapping of settings ({{editor: {{...}}}})")
+  out.update(_nested(method, section, f"{where}: {method}").values)
   return out
 
 
@@ -617,7 +474,7 @@ def resolve(method: str, *, card: Mapping[str, Any] | None = None,
     for key, value in layer.items():
       if key not in values:
         raise _unknown(key, method, where)
-      values[key] = coerce(key, value, where)
+      values[key] = coerce(key, value, where, method)
       sources[key] = source
 
   put(card_values(method, card), "card", f"model card {(card or {}).get('name')}")
@@ -637,11 +494,38 @@ def resolve(method: str, *, card: Mapping[str, Any] | None = None,
   for text in overrides:
     key, value = parse_set(text)
     put({key: value}, "set", f"--set {text}")
-  return Resolved(method, values, sources, ignored)
+  out = Resolved(method, values, sources, ignored)
+  out.typed  # noqa: B018  (cross-field checks of the settings class, before any work starts)
+  return out
 
 
 def resolve_for_model(method: str, model_path: str | os.PathLike | None, model_config, **kw) -> Resolved:
   """`resolve` with the card of the checkpoint at `model_path` (config: its ModelConfig)."""
-  from horse_jax.models.cards import card_for  # noqa: PLC0415  (cards import the model package)
   card = card_for(model_path, model_config) if (model_path or model_config is not None) else None
   return resolve(method, card=card, **kw)
+
+
+def resolve_class(cls: type, config_file: str | os.PathLike | None = None,
+                  overrides: Iterable[str] = ()) -> Any:
+  """An instance of a settings class (e.g. a sweep's): defaults <- YAML file <- each `--set`.
+
+  Raises:
+    UserError: an unknown key (naming the closest valid one) or a value of the wrong type.
+  """
+  info = typed_config.fields(cls)
+  values: dict[str, Any] = {}
+
+  def put(layer: Mapping[str, Any], where: str) -> None:
+    for key, value in layer.items():
+      if key not in info:
+        close = typed_config.closest(key, list(info))
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise UserError(f"{where}: unknown setting {key!r}{hint}")
+      values[key] = typed_config.coerce(info[key], value, where)
+
+  if config_file:
+    put(flatten(load_yaml(config_file)), os.fspath(config_file))
+  for text in overrides:
+    key, value = parse_set(text)
+    put(flatten({key: value}) if isinstance(value, Mapping) else {key: value}, f"--set {text}")
+  return typed_config.from_flat(cls, values)

@@ -61,4 +61,5 @@ def test_wheel_install_finds_the_cards(tmp_path):
                        check=True, capture_output=True, text=True, cwd=tmp_path, env=clean).stdout
   info = json.loads(out[out.index("{"):])
   assert info["card"] == "llama-3-8b"
-  assert info["horen_layer"] == "model.layers.29.mlp.down_proj"
+  assert info["editor.layer"] == "model.layers.29.mlp.down_proj"
+  assert info["editor.hopfield_key_match_threshold"] == 0.7  # models/llama-3-8b.yaml

@@ -36,7 +36,8 @@ def edits_with_collisions(n=12, seed=3):
 
 
 def horen(**kw):
-  base = dict(layer="model.layers.1.mlp.down_proj", n_iter=4, initial_capacity=8, threshold=0.6,
+  base = dict(layer="model.layers.1.mlp.down_proj", n_iter=4, initial_capacity=8,
+              hopfield_key_match_threshold=0.6,
               seed=5)
   base.update(kw)
   return CodebookSettings(**base)
@@ -44,7 +45,8 @@ def horen(**kw):
 
 def grace_settings(**kw):
   base = dict(method="grace", layer="model.layers.0.mlp.up_proj", n_iter=4, initial_capacity=8,
-              normalize=False, strategy="last_prompt_token", grace_eps=3.0, seed=5)
+              normalize_codebook_keys=False, query_selection_strategy="last_prompt_token",
+              grace_eps=3.0, seed=5)
   base.update(kw)
   return CodebookSettings(**base)
 
@@ -174,7 +176,8 @@ def test_block_retrieval_decides_as_one_at_a_time(normalize, eps):
   block (near-repeats with the same label), and appends when labels differ."""
   rng = np.random.default_rng(7 if normalize else 8)
   d, n_pre, b = 24, 37, 16
-  st = horen(normalize=normalize, eps=eps, threshold=0.9 if normalize else 20.0, beta=5.0,
+  st = horen(normalize_codebook_keys=normalize, hopfield_retrieval_eps=eps,
+             hopfield_key_match_threshold=0.9 if normalize else 20.0, hopfield_retrieval_beta=5.0,
              initial_capacity=64)
   book = state.init(st, d, 8)
   keys = rng.normal(size=(n_pre, d)).astype(np.float32) * (1.0 if normalize else 2.0)

@@ -44,7 +44,7 @@ def make_batch(prompts, targets, t=T):
 
 
 def settings(**kw):
-  base = dict(layer=LAYER, n_iter=3, initial_capacity=4, threshold=0.7)
+  base = dict(layer=LAYER, n_iter=3, initial_capacity=4, hopfield_key_match_threshold=0.7)
   base.update(kw)
   return CodebookSettings(**base)
 
@@ -77,12 +77,12 @@ def test_add_reuse_decisions(model):
   # Same prompt, same target: score above threshold and same label -> reuse row 1.
   book, i1 = edit.apply_edit(model, book, batch, 1, st)
   assert not bool(i1.added) and int(i1.index) == 1 and int(book.count) == 2
-  assert float(i1.first_score) > st.threshold
+  assert float(i1.first_score) > st.hopfield_key_match_threshold
   # Same prompt, different target: label differs -> a new key.
   book, i2 = edit.apply_edit(model, book, batch, 2, st)
   assert bool(i2.added) and int(book.count) == 3
   # Same label but a threshold nothing can pass -> a new key.
-  strict = dataclasses.replace(st, threshold=1.5)
+  strict = dataclasses.replace(st, hopfield_key_match_threshold=1.5)
   book, i3 = edit.apply_edit(model, book, batch, 0, strict)
   assert bool(i3.added) and int(book.count) == 4
   assert int(book.n_edits) == 4
@@ -99,7 +99,7 @@ def test_label_keys():
 
 
 def test_only_position_p_changes(model):
-  st = settings(threshold=0.5)
+  st = settings(hopfield_key_match_threshold=0.5)
   batch = make_batch([[5, 9, 17, 33, 2], [8, 8, 60, 61, 62, 63, 64]], [[40, 41], [50]])
   book = state.init(st, 128, 64)
   book, _ = edit.apply_edit(model, book, batch, 0, st)
@@ -128,7 +128,7 @@ def test_only_position_p_changes(model):
 
 
 def test_unmatched_query_changes_nothing(model):
-  st = settings(threshold=0.999999)
+  st = settings(hopfield_key_match_threshold=0.999999)
   batch = make_batch([[5, 9, 17, 33, 2], [90, 91, 92, 93]], [[40], [41]])
   book = state.init(st, 128, 64)
   book, _ = edit.apply_edit(model, book, batch, 0, st)
@@ -182,7 +182,8 @@ def test_grace_rules_hand_computed():
 
 
 def test_grace_replaces_output(model):
-  st = settings(method="grace", strategy="last_prompt_token", normalize=False, grace_eps=1e-3,
+  st = settings(method="grace", query_selection_strategy="last_prompt_token",
+                normalize_codebook_keys=False, grace_eps=1e-3,
                 n_iter=5)
   batch = make_batch([[5, 9, 17, 33, 2], [90, 91, 92, 93]], [[40], [41]])
   book = state.init(st, 128, 64)
@@ -233,7 +234,7 @@ def random_edits(n, seed=0):
 def test_no_recompilation_within_a_bucket():
   model = random_model(tiny_llama_config(num_layers=2), seed=1)
   st = settings(layer="model.layers.1.mlp.down_proj", n_iter=2, initial_capacity=16, seed=777,
-                threshold=2.0)
+                hopfield_key_match_threshold=2.0)
   before = edit.compile_count()
   book, _ = edit.apply_edits(model, state.init(st, 128, 64), random_edits(12), st, progress=False)
   assert int(book.count) == 13 and book.capacity == 16
@@ -245,7 +246,7 @@ def test_one_compilation_per_capacity_bucket():
   # A 2-layer model compiles faster; a seed no other test uses makes a fresh cache entry.
   model = random_model(tiny_llama_config(num_layers=2), seed=1)
   st = settings(layer="model.layers.1.mlp.down_proj", n_iter=2, initial_capacity=2, seed=12345,
-                threshold=2.0)  # every edit adds a key
+                hopfield_key_match_threshold=2.0)  # every edit adds a key
   batch = random_edits(50)
   before = edit.compile_count()
   book = state.init(st, 128, 64)
@@ -271,3 +272,37 @@ def test_one_compilation_per_capacity_bucket():
   # call passes host arrays where apply_edit passes device arrays, which jit may key apart).
   assert edit.compile_count() - before <= 1
   assert all(x["added"] for x in infos)
+
+
+def test_traced_floats_do_not_recompile(model):
+  """Changing a RetrievalHyper value (threshold, learning rate, ...) reuses the compiled edit and
+  scoring programs, and the new value is used: a threshold above every score adds a new key."""
+  from horse_jax.editors.codebook import infer
+  from horse_jax.editors.codebook.settings import RetrievalHyper, hyper_of
+  # A seed no other test of this module uses, so the programs below are compiled here.
+  base = settings(seed=424242, n_iter=2, hopfield_key_match_threshold=-1.0)
+  batch = make_batch([[5, 9, 17, 33, 2], [5, 9, 17, 33, 2]], [[40], [40]])
+  assert tuple(hyper_of(base)) == (base.edit_lr, base.hopfield_retrieval_alpha,
+                                   base.hopfield_retrieval_beta, base.hopfield_retrieval_eps,
+                                   base.hopfield_key_match_threshold, base.lora_scale, base.grace_eps)
+  assert RetrievalHyper._fields[4] == "hopfield_key_match_threshold"
+
+  def run(st):
+    book = state.init(st, 128, 64)
+    book, first = edit.apply_edit(model, book, batch, 0, st)
+    book, second = edit.apply_edit(model, book, batch, 1, st)
+    logits = infer.edited_logits(model, book, jnp.asarray(batch.input_ids),
+                                 jnp.asarray(batch.attention_mask), jnp.asarray(batch.prompt_len),
+                                 settings=st)
+    return int(book.count), np.asarray(logits)
+
+  count, _ = run(base)
+  assert count == 2  # same prompt and label, every score above -1: the key is reused
+  edits, scores = edit.compile_count(), infer._edited_logits._cache_size()
+  strict = dataclasses.replace(base, hopfield_key_match_threshold=2.0, edit_lr=0.5,
+                               hopfield_retrieval_beta=7.0)
+  count, _ = run(strict)
+  assert count == 3  # no score exceeds 2: the second edit adds its own key
+  assert edit.compile_count() == edits and infer._edited_logits._cache_size() == scores
+  run(dataclasses.replace(base, n_iter=3))  # a static setting: one new edit program
+  assert edit.compile_count() == edits + 1

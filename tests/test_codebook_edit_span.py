@@ -4,7 +4,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.adapter import put_edit
-from horse_jax.editors.codebook.settings import DEFAULTS, CodebookSettings, from_editor_dict
+from horse_jax.editors.codebook.settings import CodebookSettings, from_editor_dict
 
 
 def _case():
@@ -16,7 +16,7 @@ def _case():
 
 
 def test_default_is_reference_last():
-  assert DEFAULTS["edit_span"] == "last"
+  assert CodebookSettings().edit_span == "last"
   assert from_editor_dict("horen", {}, "model.layers.0.mlp.down_proj").edit_span == "last"
 
 

@@ -13,7 +13,7 @@ from horse_jax.models.init import random_model, tiny_llama_config
 from test_codebook_edit import make_batch
 
 ST = CodebookSettings(layer="model.layers.1.mlp.down_proj", n_iter=3, initial_capacity=4,
-                      threshold=0.7)
+                      hopfield_key_match_threshold=0.7)
 
 
 @pytest.fixture(scope="module")

@@ -194,3 +194,24 @@ def test_cli_edit_runs_one_edit_program(tmp_path, monkeypatch):
                "--method", "horse", "--out", str(tmp_path / "out"), "--n-edits", "6",
                "--set", "editor.rank=8", "--set", "data.batch_size=4"]) == 0
   assert calls == [1]
+
+
+def test_meta_lr_is_optimizer_state_and_compiles_nothing_new(world):
+  """editor.meta_lr travels in the Adam state (optax.inject_hyperparams): a run with another meta_lr
+  reuses the compiled training program, and its first Adam step is meta_lr times sign-like updates,
+  so ten times the learning rate moves the weights ten times as far."""
+  import dataclasses
+  model, edits, rephrase, loc = world
+  moved = {}
+  for meta_lr in (1e-3, 1e-2):
+    cfg = dataclasses.replace(make_cfg(model, "horse"), meta_lr=meta_lr)
+    state = hypernet.init(cfg, jax.random.PRNGKey(5))
+    before = jax.tree_util.tree_map(np.asarray, state.nets)
+    after, _ = hypernet.train_step(state, model, cfg, edits, rephrase, loc,
+                                   packer=hypernet.Packer(cfg.chunk))
+    if meta_lr == 1e-3:
+      compiled = program.train_program._cache_size()
+    moved[meta_lr] = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - b) ** 2) for a, b in zip(
+        jax.tree_util.tree_leaves(after.nets), jax.tree_util.tree_leaves(before))))
+  assert program.train_program._cache_size() == compiled
+  assert moved[1e-2] / moved[1e-3] == pytest.approx(10.0, rel=1e-2)

@@ -150,8 +150,8 @@ def _codebook(model, settings, edit_ids, edit_prompt_len):
   """A codebook keyed by the queries of `edit_ids` (right-padded prompts), with random values."""
   x = forward(model, edit_ids, (edit_ids > 0).astype(jnp.int32),
               hooks=Hooks(capture=(settings.layer,))).captured[settings.layer]
-  queries = jax.vmap(lambda x_t, p: make_query(x_t, p, 0, settings.strategy, settings.normalize))(
-      x, edit_prompt_len - 1)
+  queries = jax.vmap(lambda x_t, p: make_query(x_t, p, 0, settings.query_selection_strategy,
+                                                settings.normalize_codebook_keys))(x, edit_prompt_len - 1)
   d_in, d_out = x.shape[-1], model.config.hidden_size
   book = codebook.init(settings, d_in, d_out)
   n = queries.shape[0]
@@ -164,7 +164,8 @@ def _codebook(model, settings, edit_ids, edit_prompt_len):
 
 def _settings(method):
   strategy = "last_prompt_token" if method == "grace" else "last_50_perc_prompt_tokens_avg"
-  return codebook.CodebookSettings(method=method, layer=DOWN, initial_capacity=4, strategy=strategy)
+  return codebook.CodebookSettings(method=method, layer=DOWN, initial_capacity=4,
+                                   query_selection_strategy=strategy)
 
 
 @pytest.mark.parametrize("method", ["horen", pytest.param("grace", marks=pytest.mark.slow)])

@@ -276,7 +276,7 @@ def _book(model, st):
 
 
 def test_horen_on_o_proj_adds_reuses_and_changes_only_the_edit_position(ours):
-  st = settings(layer=O_PROJ, threshold=0.5)
+  st = settings(layer=O_PROJ, hopfield_key_match_threshold=0.5)
   batch = make_batch(PROMPTS, [[40, 41], [50, 51], [41, 42]])  # one target length: one compile
   book = _book(ours, st)
   book, first = edit.apply_edit(ours, book, batch, 0, st)
@@ -341,7 +341,7 @@ def test_horen_on_llama_o_proj_trains_the_model_inference_runs():
 
 
 def test_horen_on_o_proj_unmatched_query_changes_nothing(ours):
-  st = settings(layer=O_PROJ, threshold=0.999999)
+  st = settings(layer=O_PROJ, hopfield_key_match_threshold=0.999999)
   batch = make_batch(PROMPTS, [[40, 41], [41, 42], [42, 43]])
   book, _ = edit.apply_edit(ours, _book(ours, st), batch, 0, st)
   x, y, _ = _o_proj_io(ours, batch)
@@ -364,8 +364,8 @@ def test_card_for_gpt_oss_20b():
   from horse_jax.models.cards import card_for
   card = card_for("openai/gpt-oss-20b")
   assert card["name"] == "gpt-oss-20b" and card["model_type"] == "gpt_oss"
-  assert card["horen"]["layer"] == "model.layers.20.self_attn.o_proj"
-  assert card["horen"]["threshold"] == 0.85 and card["dtype"] == "float32"
+  assert card["horen"]["editor"]["layer"] == "model.layers.20.self_attn.o_proj"
+  assert card["horen"]["editor"]["hopfield_key_match_threshold"] == 0.85 and card["dtype"] == "float32"
   assert card["edit_modules"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(18, 24)]
 
 

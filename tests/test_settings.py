@@ -4,12 +4,13 @@ Expected values are the ones written into the test's own YAML files (or the decl
 output copied from the code under test.
 """
 
+import dataclasses
 import json
 
 import pytest
 from _eval_helpers import word_tokenizer
 
-from horse_jax import settings
+from horse_jax import settings, typed_config
 from horse_jax.cli.main import build_parser, main
 from horse_jax.errors import UserError
 from horse_jax.models import save_pretrained
@@ -64,15 +65,54 @@ def ws(tmp_path_factory):
 
 
 def test_every_setting_is_declared_once_with_a_valid_default():
-  keys = [s.key for s in settings.SETTINGS]
+  keys = settings.all_keys()
   assert len(keys) == len(set(keys))
   for method in settings.METHODS:
+    cls = settings.settings_class(method)
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    info = typed_config.fields(cls)
+    assert list(info) == settings.keys_for(method)
     for key, value in settings.defaults(method).items():
-      assert settings.coerce(key, value, "table") == value  # defaults have their declared type
+      # Every field: a type annotation, a default and a one-line meaning.
+      assert info[key].type is not None and info[key].help and "\n" not in info[key].help, key
+      assert settings.coerce(key, value, "defaults", method) == value  # defaults have their type
   # The families differ where the reference does: GRACE uses raw Euclidean keys of the last token.
   assert settings.default("editor.normalize_codebook_keys", "grace") is False
   assert settings.default("editor.query_selection_strategy", "grace") == "last_prompt_token"
   assert settings.default("editor.lr", "malmen") == 1e-6 and settings.default("editor.token", "mend") == "all"
+  assert settings.default("editor.lr", "horse") == 1e-5 and settings.default("editor.token", "horse") == "ans"
+
+
+@pytest.mark.parametrize("text,key,want", [
+    ("editor.n_iter=7", "editor.n_iter", 7), ("editor.n_iter=7.0", "editor.n_iter", 7),
+    ("editor.edit_lr=1e-3", "editor.edit_lr", 1e-3), ("editor.edit_lr=2", "editor.edit_lr", 2.0),
+    ("editor.normalize_codebook_keys=false", "editor.normalize_codebook_keys", False),
+    ("editor.layer=model.layers[2].mlp.down_proj.weight", "editor.layer", "model.layers.2.mlp.down_proj"),
+    ("data.max_length=null", "data.max_length", None), ("model.dtype=bfloat16", "model.dtype", "bfloat16"),
+])
+def test_set_values_are_coerced_by_the_annotation(text, key, want):
+  r = settings.resolve("horen", overrides=[text])
+  assert r[key] == want and type(r[key]) is type(want) and r.sources[key] == "set"
+
+
+@pytest.mark.parametrize("text,error", [
+    ("editor.n_iter=1.5", "not a valid int"), ("editor.n_iter=0", "must be >= 1"),
+    ("editor.edit_lr=fast", "not a valid float"), ("editor.normalize_codebook_keys=1", "not a valid bool"),
+    ("model.dtype=float64", "expected one of float32, bfloat16, float16"),
+    ("editor.query_selection_strategy=middle", "expected last_prompt_token"),
+])
+def test_set_values_of_the_wrong_type_or_range_are_refused(text, error):
+  with pytest.raises(UserError, match=error):
+    settings.resolve("horen", overrides=[text])
+
+
+def test_hypernet_modules_coerced_and_typed_settings_built():
+  r = settings.resolve("mend", overrides=["model.edit_modules=model.layers[1].mlp.down_proj.weight",
+                                          "editor.rank=16"])
+  assert r["model.edit_modules"] == ["model.layers.1.mlp.down_proj"]
+  typed = r.typed
+  assert typed.model.edit_modules == ("model.layers.1.mlp.down_proj",) and typed.editor.rank == 16
+  assert typed.editor.token == "all" and typed.editor.lr == 1e-6  # MEND's class defaults
 
 
 def test_horen_reference_hparams_read_as_written(ws):
@@ -243,28 +283,11 @@ def test_cli_runs_a_reference_hparams_file_with_exactly_its_settings(ws):
   assert used["query_selection_strategy"] == "last_60_perc_prompt_tokens_avg"
 
 
-@pytest.mark.slow
-def test_readme_settings_snippet_runs(monkeypatch, tmp_path):
-  """The README's editor-protocol snippet runs as written (on the shipped world model)."""
-  import os
-  import re
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-    text = f.read()
-  start = text.index("<!-- section: settings")
-  section = text[start:text.index("<!-- section:", start + 1)]
-  blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-  assert blocks
-  monkeypatch.chdir(tmp_path)
-  os.symlink(os.path.join(root, "checkpoints"), tmp_path / "checkpoints")
-  for code in blocks:
-    exec(compile(code, "README:settings", "exec"), {})  # noqa: S102
-
-
 def test_settings_command_lists_the_table(capsys):
   assert main(["settings", "--method", "grace"]) == 0
   out = capsys.readouterr().out
   assert "| `editor.normalize_codebook_keys` | bool | False |" in out
+  assert "| `editor.val_init` | str (cold / warm) | cold |" in out
   assert "| `editor.query_selection_strategy` | str | last_prompt_token |" in out
   assert "`editor.rank`" not in out  # a hypernetwork setting
   assert "| `inner_params` |" in out and "| `dist_fn` | ignored" in out
@@ -276,3 +299,21 @@ def test_groups_are_strict_and_short_names_find_their_setting():
     settings.resolve("horen", config_tree={"editor": {"alpha": 0.5}})
   with pytest.raises(UserError, match=r"did you mean 'editor.query_selection_strategy'"):
     settings.resolve("horen", overrides=["editor.strategy=last_prompt_token"])
+
+
+def test_sweep_settings_are_typed_with_one_set_parser(tmp_path):
+  """Sweep YAML and `horse-jax eval --set` go through the same typed resolution as the editors'."""
+  from horse_jax.eval import sweep
+  conf = tmp_path / "sweep.yaml"
+  conf.write_text("name: s\nmodel: /m\nn_edits: 4\neval: {mode: generate, batch_size: '8'}\n")
+  got = sweep.resolve_settings(str(conf), ["seeds=[0,1]", "eval.immediate=false"])
+  assert got["model"] == ["/m"] and got["n_edits"] == [4] and got["seeds"] == [0, 1]
+  assert got["eval"]["mode"] == "generate" and got["eval"]["batch_size"] == 8
+  assert got["eval"]["immediate"] is False and got["sample"] == "random"  # SweepSettings' default
+  with pytest.raises(UserError, match=r"unknown setting 'seeed'; did you mean 'seeds'"):
+    sweep.resolve_settings(None, ["seeed=1"])
+  with pytest.raises(UserError, match=r"'eval.mdoe'; did you mean 'eval.mode'"):
+    sweep.resolve_settings(None, ["eval.mdoe=teacher"])
+  with pytest.raises(UserError, match="expected one of teacher, generate"):
+    sweep.resolve_settings(None, ["eval.mode=sample"])
+  assert settings.HYPERNET == ("horse", "malmen", "mend") and settings.CODEBOOK == ("horen", "grace")

@@ -236,7 +236,7 @@ def _edit_long_targets(lengths, seed):
   tok = make_tokenizer(chat=True)
   model = random_model(tiny_llama_config(num_layers=1, vocab_size=len(SPECIAL) + len(WORDS)), seed=3)
   st = CodebookSettings(layer="model.layers.0.mlp.down_proj", n_iter=1, initial_capacity=16,
-                        seed=seed, threshold=2.0)  # a seed no other test uses: fresh cache entries
+                        seed=seed, hopfield_key_match_threshold=2.0)  # a seed no other test uses: fresh cache entries
   rng = np.random.default_rng(0)
   book = state.init(st, 128, 64)
   before = edit.compile_count()

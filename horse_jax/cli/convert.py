@@ -55,9 +55,18 @@ def _summary(path: str) -> dict:
       "intermediate_size": cfg.intermediate_size, "heads": cfg.num_heads,
       "kv_heads": cfg.num_kv_heads, "vocab_size": cfg.vocab_size, "parameters": n_params,
       "stored_dtype": stored, "files": files, "card": card["name"],
-      "edit_modules": card["edit_modules"], "horen_layer": card["horen"]["layer"],
-      "horen_threshold": card["horen"]["threshold"],
+      "edit_modules": card["edit_modules"], **_horen_settings(path, cfg),
   }
+
+
+def _horen_settings(path: str, cfg) -> dict:
+  """HoReN's wrapped layer and match threshold on this checkpoint (card, else defaults), by their
+  setting names."""
+  from horse_jax.editors.codebook.settings import from_resolved
+  from horse_jax.settings import resolve_for_model
+  editor = from_resolved(resolve_for_model("horen", path, cfg), cfg)
+  return {"editor.layer": editor.layer,
+          "editor.hopfield_key_match_threshold": editor.hopfield_key_match_threshold}
 
 
 def run_info(args) -> int:
@@ -66,7 +75,7 @@ def run_info(args) -> int:
     print(json.dumps(info, indent=2))
     return 0
   for key, value in info.items():
-    print(f"{key:16s} {', '.join(value) if isinstance(value, list) else value}")
+    print(f"{key:36s} {', '.join(value) if isinstance(value, list) else value}")
   return 0
 
 

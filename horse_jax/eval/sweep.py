@@ -14,16 +14,17 @@ files under cells/ (written with `write_metrics`). Every file is written atomica
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from horse_jax import config as config_lib
+from horse_jax import settings as settings_lib
 from horse_jax.data import unke
 from horse_jax.errors import UserError
 from horse_jax.eval import methods as methods_lib
@@ -31,29 +32,48 @@ from horse_jax.eval import plots, tables
 from horse_jax.eval import unke as unke_eval
 from horse_jax.eval.scoring import PreCache, json_safe, score_records, summarize, write_metrics
 from horse_jax.io import atomic_write_json, atomic_write_text
+from horse_jax.typed_config import Settings, setting
 
-DEFAULTS: dict[str, Any] = {
-    "name": "sweep",
-    "model": None,  # HF checkpoint folder, or a list of them
-    "tokenizer": None,  # default: the model folder
-    "data": None,  # edit records file, or a list of them
-    "format": "auto",
-    "skip_invalid": False,
-    "dtype": "float32",
-    "n_edits": [1, 10, 100],
-    "seeds": [0],
-    "sample": "random",  # random (a seeded shuffle) | first (file order)
-    "methods": ["unedited"],
-    "eval": {
-        "mode": "teacher",  # teacher | generate (teacher-forced scores are always computed)
-        "batch_size": 64,
-        "immediate_batch_size": 4,
-        "max_length": None,  # default: the model's max_position_embeddings
-        "immediate": True,  # sequential methods: also score each edit right after it is made
-        "save_cells": True,  # per-cell metrics files with per-record scores
-        "max_new_tokens": 512,  # UnKE data: greedy generation budget per prompt (cut to the context)
-    },
-}
+@dataclasses.dataclass(frozen=True)
+class SweepEval(Settings):
+  """`eval.*` of a sweep."""
+
+  mode: Literal["teacher", "generate"] = setting(
+      "teacher", "teacher-forced scores only, or also greedy generation (teacher is always computed)")
+  batch_size: int = setting(64, "scoring batch size", minimum=1)
+  immediate_batch_size: int = setting(4, "batch size of the per-edit scores of sequential methods",
+                                      minimum=1)
+  max_length: int | None = setting(None, "longest scored sequence; None = the model's "
+                                         "max_position_embeddings", minimum=1)
+  immediate: bool = setting(True, "sequential methods: also score each edit right after it is made")
+  save_cells: bool = setting(True, "per-cell metrics files with per-record scores")
+  max_new_tokens: int = setting(512, "UnKE data: greedy generation budget per prompt (cut to the "
+                                     "context)", minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings(Settings):
+  """A sweep: models x datasets x methods x numbers of edits x seeds (a YAML of these keys)."""
+
+  name: str = setting("sweep", "name of the sweep (results folder and tables)")
+  model: tuple[str, ...] | None = setting(None, "HF checkpoint folder(s)")
+  tokenizer: str | None = setting(None, "tokenizer folder; None = each model's folder")
+  data: tuple[str, ...] | None = setting(None, "edit records file(s)")
+  format: str = setting("auto", "record format of the data files (see `horse_jax.data.loaders`)")
+  skip_invalid: bool = setting(False, "report and skip malformed records")
+  dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "LM compute dtype")
+  n_edits: tuple[int, ...] = setting((1, 10, 100), "numbers of edits", minimum=1)
+  seeds: tuple[int, ...] = setting((0,), "seeds (each draws its own records)")
+  sample: Literal["random", "first"] = setting(
+      "random", "records per seed: a seeded shuffle (random) or file order (first)")
+  methods: tuple[Any, ...] = setting(
+      ("unedited",), "method names, or mappings {name, label, hypernet, settings: {model, data, "
+      "editor, eval}} (settings as in `horse-jax settings --method NAME`)")
+  eval: SweepEval = SweepEval()
+
+
+# The default sweep tree (the one definition is SweepSettings).
+DEFAULTS: dict[str, Any] = dataclasses.asdict(SweepSettings())
 
 
 def _as_list(value, what: str) -> list:
@@ -323,5 +343,6 @@ def _plain(obj):
 
 
 def resolve_settings(config_file: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-  """DEFAULTS <- sweep YAML <- --set overrides (unknown top-level YAML keys are an error)."""
-  return config_lib.resolve(DEFAULTS, config_file, overrides, strict_file=True)
+  """SweepSettings <- sweep YAML <- --set overrides, as a plain tree (unknown keys are an error
+  naming the closest one)."""
+  return _plain(dataclasses.asdict(settings_lib.resolve_class(SweepSettings, config_file, overrides)))

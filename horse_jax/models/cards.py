@@ -1,4 +1,4 @@
-"""Model cards: per-checkpoint settings (edit modules, HoReN layer/threshold, dtype, mesh).
+"""Model cards: per-checkpoint settings (edit modules, HoReN settings, dtype, mesh).
 
 Cards are the YAML files in the repository's top-level `models/` folder, installed with the package
 as `horse_jax.cards` (pyproject maps that package to `models/`), so a wheel and a clone find them the
@@ -7,6 +7,12 @@ of a checkpoint by, in order: an explicit card name; the folder name (or a `.../
 the config's `_name_or_path`; matching is on names with case and punctuation ignored, against each
 card's `name`, `hf_id` (and its last part) and `aliases`. A card whose model_type or layer count
 contradicts the actual config is not used. Without a card the defaults are derived from the config.
+
+A card's editor settings use the reference names: `edit_modules` (HORSE/MALMEN/MEND's
+`model.edit_modules`) and a section per codebook method read like a nested `--config` file, e.g.
+`horen: {editor: {layer: ..., hopfield_key_match_threshold: 0.85, query_selection_strategy: ...}}`
+(GRACE wraps the same `editor.layer`); `horse_jax.settings.card_values` reads them. This module only
+finds cards: it imports no settings.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from typing import Any
 
 import yaml
 
-from horse_jax import settings as settings_lib
 from horse_jax.errors import UserError
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.names import default_codebook_module, default_edit_modules, module_names
@@ -42,8 +47,6 @@ def cards_dir() -> Path:
 
 
 CARDS_DIR = cards_dir()
-# One source of defaults: the settings table (imported lazily there, so no cycle).
-DEFAULT_HOREN_THRESHOLD = settings_lib.default("editor.hopfield_key_match_threshold", "horen")
 
 
 def _key(name: str) -> str:
@@ -78,7 +81,7 @@ def _card_keys(card: dict[str, Any]) -> set[str]:
 
 def default_card(config: ModelConfig) -> dict[str, Any]:
   """Settings derived from the config alone: last 6 edit modules (MLP down-projections), HoReN at
-  ~0.9 depth (the architecture's codebook module)."""
+  ~0.9 depth (the architecture's codebook module); the other settings keep their defaults."""
   mods = default_edit_modules(config)
   horen_layer = min(int(round(0.9 * config.num_layers)), config.num_layers - 1)
   horen_module = default_codebook_module(config, horen_layer)  # the architecture's choice
@@ -88,10 +91,14 @@ def default_card(config: ModelConfig) -> dict[str, Any]:
       "num_layers": config.num_layers,
       "dtype": "float32",
       "edit_modules": mods,
-      "horen": {"layer": horen_module, "threshold": DEFAULT_HOREN_THRESHOLD,
-                "query_strategy": settings_lib.default("editor.query_selection_strategy", "horen")},
+      "horen": {"editor": {"layer": horen_module}},
       "sharding": {"mesh": {"data": 1, "model": 1}},
   }
+
+
+def codebook_layer(card: dict[str, Any]) -> str | None:
+  """The module HoReN / GRACE wrap on the card's model (`horen.editor.layer`), or None."""
+  return ((card.get("horen") or {}).get("editor") or {}).get("layer")
 
 
 def _fits(card: dict[str, Any], config: ModelConfig | None) -> bool:
@@ -102,7 +109,7 @@ def _fits(card: dict[str, Any], config: ModelConfig | None) -> bool:
   if card.get("num_layers") not in (None, config.num_layers):
     return False
   known = set(module_names(config))
-  wanted = list(card.get("edit_modules") or []) + [(card.get("horen") or {}).get("layer")]
+  wanted = list(card.get("edit_modules") or []) + [codebook_layer(card)]
   return all(m is None or m in known for m in wanted)
 
 
@@ -133,7 +140,7 @@ def card_for(path_or_name: str | os.PathLike | None, config: ModelConfig | None 
     cards_dir: folder of *.yaml cards; default `cards_dir()` (the installed `horse_jax.cards`).
 
   Returns:
-    {"name", "dtype", "edit_modules", "horen": {"layer", "threshold", ...}, "sharding", ...}.
+    {"name", "dtype", "edit_modules", "horen": {"editor": {"layer", ...}}, "sharding", ...}.
 
   Raises:
     UserError: no config was given and nothing matched (defaults need a config), or a card file is

@@ -17,30 +17,32 @@ import jax.numpy as jnp
 from horse_jax.editors.codebook import grace
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
-from horse_jax.editors.codebook.settings import CodebookSettings
+from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of
 from horse_jax.editors.codebook.state import Codebook
 
 
 def lookup(book: Codebook, settings: CodebookSettings, x_TxD: jax.Array, p: jax.Array,
-           start: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(j*, match) for one sequence's module input x [T, d_in]."""
-  q = make_query(x_TxD, p, start, settings.strategy, settings.normalize)
+           start: jax.Array, hyper: RetrievalHyper | None = None) -> tuple[jax.Array, jax.Array]:
+  """(j*, match) for one sequence's module input x [T, d_in] (`hyper`: default `hyper_of(settings)`)."""
+  hyper = hyper_of(settings) if hyper is None else hyper
+  q = make_query(x_TxD, p, start, settings.query_selection_strategy, settings.normalize_codebook_keys)
   if settings.method == "grace":
     found = grace.lookup(q, book.keys, book.radius, book.count)
   else:
-    found = retrieve(q, book.keys, book.count, **settings_kwargs(settings))
+    found = retrieve(q, book.keys, book.count, **settings_kwargs(settings, hyper))
   return found.index, found.match
 
 
 def new_output(settings: CodebookSettings, y_p: jax.Array, match: jax.Array, value: jax.Array,
-               lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+               lora_a: jax.Array, lora_b: jax.Array, hyper: RetrievalHyper | None = None) -> jax.Array:
   """The module output at p [d_out] after the codebook entry (value / A, B) is applied."""
+  hyper = hyper_of(settings) if hyper is None else hyper
   y32 = y_p.astype(jnp.float32)
   m = match.astype(jnp.float32)
   if settings.method == "grace":
     out = jnp.where(match, value, y32)
   elif settings.adapter_mode == "lora":
-    out = y32 + settings.lora_scale * m * (lora_b @ (lora_a @ y32))
+    out = y32 + hyper.lora_scale * m * (lora_b @ (lora_a @ y32))
   else:
     out = y32 + m * value
   return out.astype(y_p.dtype)
@@ -66,7 +68,7 @@ def put_edit(settings: CodebookSettings, y_BxTxD: jax.Array, p_B: jax.Array,
 
 
 def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
-                 start_B: jax.Array | None = None):
+                 start_B: jax.Array | None = None, hyper: RetrievalHyper | None = None):
   """The codebook hook for a batch (use it in `Hooks(adapters={settings.layer: fn})`).
 
   Args:
@@ -74,18 +76,20 @@ def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
     settings: editor settings.
     p_B: edit position per sequence (last prompt token).
     start_B: first real token per sequence (left padding); default 0.
+    hyper: the traced floats (inside a jitted program); default `hyper_of(settings)`.
 
   Returns:
     fn(x_in [B, T, d_in], y_out [B, T, d_out]) -> y_out.
   """
   p_B = jnp.asarray(p_B, jnp.int32)
   start_B = jnp.zeros_like(p_B) if start_B is None else jnp.asarray(start_B, jnp.int32)
+  hyper = hyper_of(settings) if hyper is None else hyper
 
   def fn(x_in, y_out):
-    index, match = jax.vmap(lambda x, p, s: lookup(book, settings, x, p, s))(x_in, p_B, start_B)
+    index, match = jax.vmap(lambda x, p, s: lookup(book, settings, x, p, s, hyper))(x_in, p_B, start_B)
     y_p = y_out[jnp.arange(y_out.shape[0]), p_B]
     rows = jax.vmap(lambda y, m, j: new_output(settings, y, m, book.values[j], book.lora_a[j],
-                                               book.lora_b[j]))(y_p, match, index)
+                                               book.lora_b[j], hyper))(y_p, match, index)
     return put_edit(settings, y_out, p_B, rows)
 
   return fn

@@ -109,17 +109,18 @@ def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block
   """FLOPs of one block program (XLA cost analysis). The analysis counts a loop body once, so the
   program is compiled with n_iter 1 and with n_iter 2 unrolled: total = f1 + (n_iter - 1)(f2 - f1)
   (one wave, the case without shared rows)."""
-  from horse_jax.editors.codebook.settings import split_dynamic
+  from horse_jax.editors.codebook.settings import hyper_of, jit_key
   sl = slice(0, block)
   labels = np.asarray(batch.labels[sl])
 
   def flops(n_iter):
-    static, numbers = split_dynamic(dataclasses.replace(settings, n_iter=n_iter))
+    with_iter = dataclasses.replace(settings, n_iter=n_iter)
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), book)
     compiled = edit._edit_block_jit.lower(
         model, shapes, batch.input_ids[sl], batch.attention_mask[sl], labels,
-        batch.prompt_len[sl], np.zeros((block, 2), np.int32), np.ones((block,), bool), numbers,
-        settings=static, n_label=edit._n_label(labels, batch.prompt_len[sl]), mesh=None,
+        batch.prompt_len[sl], np.zeros((block, 2), np.int32), np.ones((block,), bool),
+        hyper_of(with_iter), settings=jit_key(with_iter),
+        n_label=edit._n_label(labels, batch.prompt_len[sl]), mesh=None,
         unroll=n_iter).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -141,7 +142,8 @@ def bench_llama8(n_steady: int = 400, n_long: int = 10000, block: int = edit.DEF
   CPU may be shared.
   """
   model = llama8_model()
-  settings = CodebookSettings(layer="model.layers.6.mlp.down_proj", n_iter=50, threshold=0.85)
+  settings = CodebookSettings(layer="model.layers.6.mlp.down_proj", n_iter=50,
+                              hopfield_key_match_threshold=0.85)
   d_in, d_out = model.config.intermediate_size, model.config.hidden_size
   peak = cpu_peak_flops()
   rows = []
@@ -195,16 +197,8 @@ def bench_llama8(n_steady: int = 400, n_long: int = 10000, block: int = edit.DEF
 
 
 def world_settings(model_path: str, model) -> CodebookSettings:
-  """HoReN settings from the model's card (`horen`: layer, threshold, query strategy, editor.*)."""
-  from horse_jax.editors.codebook.settings import from_editor_dict
-  from horse_jax.models.cards import card_for
-  card = dict(card_for(model_path, model.config).get("horen") or {})
-  editor = dict(card.get("editor") or {})
-  if card.get("threshold") is not None:
-    editor["hopfield_key_match_threshold"] = float(card["threshold"])
-  if card.get("query_strategy"):
-    editor["query_selection_strategy"] = card["query_strategy"]
-  return from_editor_dict("horen", editor, card["layer"])
+  """HoReN settings from the model's card (its `horen.editor` section: layer, threshold, ...)."""
+  return from_resolved(settings_lib.resolve_for_model("horen", model_path, model.config), model.config)
 
 
 def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,

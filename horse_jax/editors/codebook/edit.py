@@ -60,7 +60,7 @@ from horse_jax.editors.codebook import block_retrieval, grace
 from horse_jax.editors.codebook.adapter import new_output, put_edit
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve_live, settings_kwargs
-from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, split_dynamic
+from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of, jit_key
 from horse_jax.editors.codebook.state import (Codebook, ensure_room, grow, label_key, place,
                                               planned_capacity, shardings)
 from horse_jax.models import Hooks, Model, hidden_before, layer_index
@@ -148,22 +148,26 @@ def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> j
 
 
 def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y_p: jax.Array,
-                settings: CodebookSettings, lookup: Callable | None = None):
+                settings: CodebookSettings, lookup: Callable | None = None,
+                hyper: RetrievalHyper | None = None):
   """One edit's add/reuse decision and codebook update (nothing changes when `ok` is False).
 
   Args:
     lookup: optional HoReN retrieval fn(book, q, own) -> Retrieval, `own` = whether the edit's own
       key has been appended (`block_retrieval`); default: `retrieve_live` over the book's live rows.
+    hyper: the traced floats; default `hyper_of(settings)`.
 
   Returns:
     (codebook, (added, j, first_score, match)).
   """
+  hyper = hyper_of(settings) if hyper is None else hyper
   if lookup is None:
-    lookup = lambda bk, q_, own: retrieve_live(q_, bk.keys, bk.count, **settings_kwargs(settings))
+    lookup = lambda bk, q_, own: retrieve_live(q_, bk.keys, bk.count,
+                                               **settings_kwargs(settings, hyper))
   slot = book.count
   radius = book.radius
   if settings.method == "grace":
-    dec = grace.decide(q, label, book.keys, book.radius, book.labels, book.count, settings.grace_eps)
+    dec = grace.decide(q, label, book.keys, book.radius, book.labels, book.count, hyper.grace_eps)
     reuse, first_score = dec.reuse, dec.distance
     radius = _put(radius, dec.index, dec.new_radius_nearest, ok)
     radius = _put(radius, slot, dec.new_key_radius, ~reuse & ok)
@@ -198,7 +202,8 @@ def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y
   return book, (add, found.index, first_score, found.match)
 
 
-def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: CodebookSettings):
+def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: CodebookSettings,
+                  hyper: RetrievalHyper | None = None):
   """The block's decisions in order (`_decide_one` per edit). HoReN with one Hopfield step and
   more than one edit retrieves against the pre-block rows through matmuls (`block_retrieval`):
   the same decisions as the one-at-a-time path, which a block of one keeps.
@@ -207,12 +212,13 @@ def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: Code
     (codebook, (added [B], j [B], first_score [B], match [B])).
   """
   b = q_B.shape[0]
-  if settings.method == "grace" or settings.max_iter != 1 or b == 1:
-    return jax.lax.scan(lambda bk, inp: _decide_one(bk, *inp, settings=settings), book,
+  hyper = hyper_of(settings) if hyper is None else hyper
+  if settings.method == "grace" or settings.hopfield_retrieval_max_iter != 1 or b == 1:
+    return jax.lax.scan(lambda bk, inp: _decide_one(bk, *inp, settings=settings, hyper=hyper), book,
                         (q_B, label_Bx2, valid_B, y_p_B))
-  kwargs = settings_kwargs(settings)
+  kwargs = settings_kwargs(settings, hyper)
   del kwargs["max_iter"]
-  pre = block_retrieval.prepare(book.keys, book.count, q_B, beta=settings.beta)
+  pre = block_retrieval.prepare(book.keys, book.count, q_B, beta=hyper.hopfield_retrieval_beta)
   own_B = jnp.arange(b)
 
   def body(carry, inp):
@@ -224,7 +230,7 @@ def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: Code
       return block_retrieval.retrieve_in_block(pre, i, q_, visible_B | ((own_B == i) & own), slot_B,
                                                **kwargs)
 
-    bk, out = _decide_one(bk, q, label, ok, y_p, settings, lookup)
+    bk, out = _decide_one(bk, q, label, ok, y_p, settings, lookup, hyper)
     return (bk, visible_B | ((own_B == i) & out[0]), slot_B), out
 
   (book, _, _), out = jax.lax.scan(body, (book, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)),
@@ -263,17 +269,15 @@ def edit_block(model: Model, book: Codebook, input_ids_BxT, attention_mask_BxT, 
   Returns:
     (new codebook, EditInfo of [B] arrays).
   """
-  static, numbers = split_dynamic(settings)
   return _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, prompt_len_B,
-                         label_Bx2, valid_B, numbers, settings=static, n_label=int(n_label),
-                         mesh=mesh, unroll=int(unroll))
+                         label_Bx2, valid_B, hyper_of(settings), settings=jit_key(settings),
+                         n_label=int(n_label), mesh=mesh, unroll=int(unroll))
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "n_label", "mesh", "unroll"),
                    donate_argnames=("book",))
 def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, prompt_len_B,
-                    label_Bx2, valid_B, numbers, *, settings, n_label, mesh, unroll=1):
-  settings = join_dynamic(settings, numbers)
+                    label_Bx2, valid_B, hyper, *, settings, n_label, mesh, unroll=1):
   cfg, name = model.config, settings.layer
   layer = layer_index(name)
   b, t = input_ids_BxT.shape
@@ -300,12 +304,13 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
   h_next = run_layers(model, h0, mask, positions, Tap(Hooks(adapters={name: grab})), layer,
                       layer + 1)
   x_BxTxD, y_BxTxD = seen["x"], seen["y"]
-  q_B = jax.vmap(lambda x, p: make_query(x, p, 0, settings.strategy, settings.normalize))(x_BxTxD,
+  q_B = jax.vmap(lambda x, p: make_query(x, p, 0, settings.query_selection_strategy,
+                                                 settings.normalize_codebook_keys))(x_BxTxD,
                                                                                           p_B)
   y_p = y_BxTxD[rows_B, p_B]
 
   book, (added, j_B, first_score, match_B) = _decide_block(book, q_B, jnp.asarray(label_Bx2, jnp.int32),
-                                                           valid_B, y_p, settings)
+                                                           valid_B, y_p, settings, hyper)
   wave_B, n_waves = _waves(j_B, valid_B)
 
   # Training runs only the window of W = n_label positions [p, p + W) (every label lies in it) through
@@ -348,7 +353,7 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
       if i == layer:  # the wrapped module is not a residual writer: apply the entry at p (slot 0)
         def adapter(x_in, y_out):
           del x_in  # the query is fixed: layers below the wrapped one do not change
-          row = new_output(settings, y_out[0, 0], m, v, aa, b_)
+          row = new_output(settings, y_out[0, 0], m, v, aa, b_, hyper)
           return put_edit(settings, y_out, jnp.zeros((1,), jnp.int32), row[None])
         tap = Tap(Hooks(adapters={name: adapter}))
       k, vv = kv[n]
@@ -362,14 +367,15 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
     a, bb = params.get("a", row0["a"]), params.get("b", row0["b"])
     h = h_win
     if residual:
-      new_p = jax.vmap(lambda y, m, v, aa, b_: new_output(settings, y, m, v, aa, b_))(
+      new_p = jax.vmap(lambda y, m, v, aa, b_: new_output(settings, y, m, v, aa, b_, hyper))(
           y_p, match_B, value, a, bb)
       delta = new_p.astype(jnp.float32) - y_p.astype(jnp.float32)
       h = h + jnp.where(changed_W[None, :, None], delta[:, None, :], 0.0).astype(h.dtype)
     h = jax.vmap(run_window)(h, pos_win, bias_win, p_B, prefix, match_B, value, a, bb)
     return mod.head(model.params, cfg, h, Tap(None))
 
-  opt = optax.adam(settings.edit_lr)
+  # The learning rate is a traced hyperparameter: a sweep over edit_lr reuses this program.
+  opt = optax.inject_hyperparams(optax.adam)(learning_rate=hyper.edit_lr)
 
   def train_wave(w, carry):
     book, info = carry

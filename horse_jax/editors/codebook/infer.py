@@ -13,30 +13,29 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.adapter import make_adapter
-from horse_jax.editors.codebook.settings import CodebookSettings, join_dynamic, split_dynamic
+from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of, jit_key
 from horse_jax.editors.codebook.state import Codebook
 from horse_jax.models import Hooks, Model, apply
 
 
-def hooks_for(book: Codebook, settings: CodebookSettings, p_B, start_B=None) -> Hooks:
+def hooks_for(book: Codebook, settings: CodebookSettings, p_B, start_B=None,
+              hyper: RetrievalHyper | None = None) -> Hooks:
   """Hooks that apply the codebook at position p_B (and prompt start start_B) of each row."""
-  return Hooks(adapters={settings.layer: make_adapter(book, settings, p_B, start_B)})
+  return Hooks(adapters={settings.layer: make_adapter(book, settings, p_B, start_B, hyper)})
 
 
 def edited_logits(model: Model, book: Codebook, input_ids_BxT: jax.Array,
                   attention_mask_BxT: jax.Array, prompt_len_B: jax.Array, *,
                   settings: CodebookSettings) -> jax.Array:
   """Logits [B, T, V] of the edited model on right-padded prompts (p = prompt_len - 1)."""
-  static, numbers = split_dynamic(settings)
-  return _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B, numbers,
-                        settings=static)
+  return _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B,
+                        hyper_of(settings), settings=jit_key(settings))
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
-def _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B, numbers, *,
+def _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B, hyper, *,
                    settings):
-  settings = join_dynamic(settings, numbers)
-  hooks = hooks_for(book, settings, jnp.asarray(prompt_len_B, jnp.int32) - 1)
+  hooks = hooks_for(book, settings, jnp.asarray(prompt_len_B, jnp.int32) - 1, hyper=hyper)
   return apply(model, input_ids_BxT, attention_mask_BxT, hooks=hooks)
 
 
@@ -68,19 +67,17 @@ def edited_generate(model: Model, book: Codebook, input_ids_BxT: jax.Array,
   The codebook is a traced argument here (the foundation's `generate` treats adapters as static,
   compiled-in functions), so one program serves every codebook of the same capacity.
   """
-  static, numbers = split_dynamic(settings)
-  return _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, numbers, settings=static,
-                          max_new_tokens=max_new_tokens)
+  return _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, hyper_of(settings),
+                          settings=jit_key(settings), max_new_tokens=max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "max_new_tokens"))
-def _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, numbers, *, settings,
+def _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, hyper, *, settings,
                      max_new_tokens):
-  settings = join_dynamic(settings, numbers)
   from horse_jax.models.generate import generate  # the foundation's KV-cache decoder
   p, start = left_padded_positions(attention_mask_BxT)
   return generate(model, input_ids_BxT, attention_mask_BxT, max_new_tokens,
-                  hooks=hooks_for(book, settings, p, start))
+                  hooks=hooks_for(book, settings, p, start, hyper))
 
 
 def generate_fn(model: Model, book: Codebook, settings: CodebookSettings):

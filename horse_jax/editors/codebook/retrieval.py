@@ -73,11 +73,11 @@ def retrieve_batch(q_BxD: jax.Array, keys_CxD: jax.Array, count: jax.Array, **kw
   return jax.vmap(lambda q: retrieve(q, keys_CxD, count, **kwargs))(q_BxD)
 
 
-def settings_kwargs(settings) -> dict:
-  """The retrieval keyword arguments of a CodebookSettings."""
-  return dict(alpha=settings.alpha, beta=settings.beta, eps=settings.eps,
-              max_iter=settings.max_iter, threshold=settings.threshold,
-              normalize=settings.normalize)
+def settings_kwargs(settings, hyper) -> dict:
+  """The retrieval keyword arguments of a CodebookSettings (static) and its RetrievalHyper (traced)."""
+  return dict(alpha=hyper.hopfield_retrieval_alpha, beta=hyper.hopfield_retrieval_beta,
+              eps=hyper.hopfield_retrieval_eps, max_iter=settings.hopfield_retrieval_max_iter,
+              threshold=hyper.hopfield_key_match_threshold, normalize=settings.normalize_codebook_keys)
 
 
 def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,

@@ -70,7 +70,7 @@ def init(settings: CodebookSettings, d_in: int, d_out: int) -> Codebook:
   """
   cap, r = settings.initial_capacity, settings.lora_r
   default = jax.random.normal(jax.random.PRNGKey(settings.seed), (d_in,), jnp.float32)
-  if settings.normalize:
+  if settings.normalize_codebook_keys:
     default = default / jnp.linalg.norm(default)
   keys = jnp.zeros((cap, d_in), jnp.float32).at[0].set(default)
   return Codebook(

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet.config import HypernetConfig, module_shapes
-from horse_jax.editors.hypernet.state import HypernetState, init
+from horse_jax.editors.hypernet.state import HypernetState, init, with_meta_lr
 from horse_jax.errors import UserError
 from horse_jax.distributed import atomic_directory_all_processes, is_main, to_host
 from horse_jax.io import atomic_write_json
@@ -39,8 +39,10 @@ def to_tree(state: HypernetState, with_opt: bool = True) -> dict:
 
 def from_tree(tree: dict, template: HypernetState) -> HypernetState:
   norms = {k: normalizer.NormState(v["n"], v["mean"], v["var"]) for k, v in tree["norms"].items()}
-  return HypernetState(tree["nets"], norms, tree.get("opt_state", template.opt_state),
-                       tree.get("step", template.step))
+  opt_state = tree.get("opt_state", template.opt_state)
+  # meta_lr lives in the optimizer state: the run's value (the template's) wins over the saved one.
+  opt_state = with_meta_lr(opt_state, template.opt_state[1].hyperparams["learning_rate"])
+  return HypernetState(tree["nets"], norms, opt_state, tree.get("step", template.step))
 
 
 def _abstract(tree, mesh=None):

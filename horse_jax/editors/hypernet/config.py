@@ -1,29 +1,26 @@
-"""Static settings of a hypernetwork editor, and the reference defaults per method."""
+"""The static editor of HORSE / MALMEN / MEND: its settings plus the edited modules and their shapes."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from horse_jax import settings as settings_lib
+from horse_jax.editors.hypernet.settings import (HorseSettings, HypernetData, HypernetSettings,
+                                                 MalmenSettings, MendSettings)
 from horse_jax.errors import UserError
 from horse_jax.models import names as names_lib
+from horse_jax.typed_config import flatten, from_flat
 
-METHODS = settings_lib.HYPERNET
-SPREADS = settings_lib.BY_KEY["editor.spread"].choices
-TOKENS = settings_lib.BY_KEY["editor.token"].choices
+SETTINGS_CLASSES = {"horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings}
+METHODS = tuple(SETTINGS_CLASSES)
+_EDITOR, _DATA = HypernetSettings(), HypernetData()  # the defaults (HORSE's where methods differ)
 
 
 def default_settings(method: str) -> dict[str, Any]:
-  """Reference-named settings tree of `method` (the declared defaults of `horse_jax.settings`)."""
+  """Reference-named settings tree of `method` (its settings class's defaults)."""
   if method not in METHODS:
     raise UserError(f"unknown hypernetwork method {method!r} (one of {', '.join(METHODS)})")
-  return settings_lib.nest(settings_lib.defaults(method))
-
-
-def _d(key: str) -> Any:
-  """A declared default (HORSE's where methods differ): the dataclass defaults are not a copy."""
-  return settings_lib.default(key, "horse")
+  return dataclasses.asdict(SETTINGS_CLASSES[method]())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +46,18 @@ class HypernetConfig:
   method: str
   modules: tuple[str, ...]
   shapes: tuple[tuple[int, int], ...]
-  rank: int = _d("editor.rank")
-  n_blocks: int = _d("editor.n_blocks")
-  lr: float = _d("editor.lr")
-  meta_lr: float = _d("editor.meta_lr")
-  loc_coef: float = _d("editor.loc_coef")
-  max_grad_norm: float = _d("editor.max_grad_norm")
-  chunk: int = _d("editor.batch_size")
-  token: str = _d("editor.token")
-  spread: str = _d("editor.spread")
-  lm_batch: int = _d("data.batch_size")
+  rank: int = _EDITOR.rank
+  n_blocks: int = _EDITOR.n_blocks
+  lr: float = _EDITOR.lr
+  # Not part of the jit key: the training programs read it from the optimizer state
+  # (`state.optimizer`, optax.inject_hyperparams), so another meta_lr compiles nothing new.
+  meta_lr: float = dataclasses.field(default=_EDITOR.meta_lr, compare=False)
+  loc_coef: float = _EDITOR.loc_coef
+  max_grad_norm: float = _EDITOR.max_grad_norm
+  chunk: int = _EDITOR.batch_size
+  token: str = _EDITOR.token
+  spread: str = _EDITOR.spread
+  lm_batch: int = _DATA.batch_size
 
   @property
   def shape_keys(self) -> tuple[str, ...]:
@@ -103,38 +102,30 @@ def from_settings(method: str, settings, model) -> HypernetConfig:
 
   Args:
     method: horse | malmen | mend.
-    settings: a `horse_jax.settings.Resolved`, or a reference-named tree ({"model", "data", "editor"}).
+    settings: a `horse_jax.settings.Resolved`, the method's settings dataclass (`HorseSettings`,
+      ...), or a reference-named tree ({"model", "data", "editor"}, missing keys at the defaults).
     model: the LM (its config names the default edit modules; its params give module shapes).
 
   Returns:
     The HypernetConfig.
   """
-  if isinstance(settings, settings_lib.Resolved):
-    settings = settings.tree()
   if method not in METHODS:
     raise UserError(f"unknown hypernetwork method {method!r}")
-  ed, data = settings["editor"], settings["data"]
-  modules = settings["model"].get("edit_modules") or names_lib.default_edit_modules(model.config)
-  if isinstance(modules, str):
-    modules = [modules]
+  if hasattr(settings, "typed"):  # a horse_jax.settings.Resolved
+    settings = settings.typed
+  elif isinstance(settings, Mapping):
+    settings = from_flat(SETTINGS_CLASSES[method], flatten(settings))
+  ed, data = settings.editor, settings.data
+  modules = settings.model.edit_modules or names_lib.default_edit_modules(model.config)
   modules = tuple(str(m) for m in modules)
   names_lib.check_module_names(model.config, modules)
   shapes = module_shapes(model.params, modules)
-  if ed["token"] not in TOKENS:
-    raise UserError(f"editor.token must be one of {TOKENS}, not {ed['token']!r}")
-  if ed["spread"] not in SPREADS:
-    raise UserError(f"editor.spread must be one of {SPREADS}, not {ed['spread']!r}")
   if method == "horse" and len(set(s[1] for s in shapes)) > 1:
     raise UserError("model.edit_modules: the HORSE spread needs edited modules with one output width")
   width = max(k + v for k, v in shapes)
-  for key in ("rank", "n_blocks", "batch_size"):
-    if int(ed[key]) < 1:
-      raise UserError(f"editor.{key} must be >= 1")
-  if int(data["batch_size"]) < 1:
-    raise UserError("data.batch_size must be >= 1")
   return HypernetConfig(
-      method=method, modules=modules, shapes=shapes, rank=min(int(ed["rank"]), width),
-      n_blocks=int(ed["n_blocks"]), lr=float(ed["lr"]), meta_lr=float(ed["meta_lr"]),
-      loc_coef=float(ed["loc_coef"]), max_grad_norm=float(ed["max_grad_norm"]),
-      chunk=int(ed["batch_size"]), token=str(ed["token"]), spread=str(ed["spread"]),
-      lm_batch=int(data["batch_size"]))
+      method=method, modules=modules, shapes=shapes, rank=min(ed.rank, width),
+      n_blocks=ed.n_blocks, lr=ed.lr, meta_lr=ed.meta_lr, loc_coef=ed.loc_coef,
+      max_grad_norm=ed.max_grad_norm, chunk=ed.batch_size, token=ed.token, spread=ed.spread,
+      lm_batch=data.batch_size)
+

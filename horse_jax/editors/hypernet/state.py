@@ -2,6 +2,7 @@
 
   state = init(cfg, key)        fresh (identity) hypernetworks, empty normalizers, fresh Adam state
   opt = optimizer(cfg)          global-norm clip, then Adam: what every meta-training step applies
+  with_meta_lr(opt_state, lr)   the same Adam state with another learning rate (no recompile)
 """
 
 from __future__ import annotations
@@ -27,8 +28,17 @@ class HypernetState(NamedTuple):
 
 
 def optimizer(cfg: HypernetConfig) -> optax.GradientTransformation:
-  """Global-norm clip to `max_grad_norm`, then Adam(`meta_lr`)."""
-  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.meta_lr))
+  """Global-norm clip to `max_grad_norm`, then Adam whose learning rate `meta_lr` is optimizer state
+  (`optax.inject_hyperparams`): a run with another meta_lr reuses the compiled training programs."""
+  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                     optax.inject_hyperparams(optax.adam)(learning_rate=cfg.meta_lr))
+
+
+def with_meta_lr(opt_state, meta_lr) -> optax.OptState:
+  """`opt_state` (of `optimizer`) with the learning rate set to `meta_lr`."""
+  clip, adam = opt_state
+  return clip, adam._replace(hyperparams={**adam.hyperparams,
+                                          "learning_rate": jnp.asarray(meta_lr, jnp.float32)})
 
 
 def init(cfg: HypernetConfig, key: jax.Array) -> HypernetState:
