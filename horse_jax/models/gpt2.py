@@ -163,5 +163,6 @@ ARCH = registry.register(registry.Architecture(
     linear_modules=LINEAR_MODULES,
     edit_module="mlp.c_proj",
     codebook_module="mlp.c_proj",
+    residual_writers=("mlp.c_proj",),
     sharding_rules=SHARDING_RULES,
 ))

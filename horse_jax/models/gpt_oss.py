@@ -372,5 +372,7 @@ ARCH = registry.register(registry.Architecture(
                     "mlp.router"),
     edit_module="self_attn.o_proj",
     codebook_module="self_attn.o_proj",
+    # o_proj is followed by the layer's MoE, which must see the change: no fast path.
+    residual_writers=(),
     sharding_rules=SHARDING_RULES,
 ))

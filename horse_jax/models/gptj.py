@@ -163,5 +163,7 @@ ARCH = registry.register(registry.Architecture(
     linear_modules=LINEAR_MODULES,
     edit_module="mlp.fc_out",
     codebook_module="mlp.fc_out",
+    # Attention and MLP read the same input, so both outputs are the layer's last additions.
+    residual_writers=("mlp.fc_out", "attn.out_proj"),
     sharding_rules=SHARDING_RULES,
 ))

@@ -230,6 +230,7 @@ ARCH = registry.register(registry.Architecture(
     linear_modules=LINEAR_MODULES,
     edit_module="mlp.down_proj",
     codebook_module="mlp.down_proj",
+    residual_writers=("mlp.down_proj",),
     sharding_rules=SHARDING_RULES,
     init_params=_init_params,
 ))

@@ -36,6 +36,11 @@ fields, with the signatures the generic code calls:
     forward order (e.g. "mlp.down_proj"); an untied `lm_head` is added generically.
   edit_module: suffix of the default module HORSE/MALMEN/MEND edit (the last layers' MLP output).
   codebook_module: suffix of the default module HoReN/GRACE wrap (usually the same as edit_module).
+  residual_writers: per-layer suffixes of the linear modules whose output is the last thing their
+    layer adds to the residual stream (e.g. "mlp.down_proj"; GPT-J's parallel attention and MLP
+    both qualify). The codebook editor adds such a module's edited output after the layer instead
+    of rerunning it; an attention projection followed by its layer's MLP must not be listed (the
+    MLP sees the change). () = every wrapped module reruns its layer (always correct, slower).
   sharding_rules: ((regex on the dot-joined param path, PartitionSpec), ...), first match wins, no
     match = replicated; a dimension the mesh axis does not divide is replicated (`sharding.spec_for`).
   init_params: optional fn(cfg, key, dtype, std) -> params for random models; None = Normal(0, std)
@@ -72,6 +77,7 @@ class Architecture(NamedTuple):
   linear_modules: tuple[str, ...]
   edit_module: str
   codebook_module: str
+  residual_writers: tuple[str, ...]
   sharding_rules: tuple
   init_params: Callable[..., dict] | None = None
 
