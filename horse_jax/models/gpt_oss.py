@@ -50,6 +50,7 @@ from horse_jax.models import hf_map, layers, registry
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Tap
 
+EMBEDDING = "model.embed_tokens.embedding"  # token embedding [V, D], also the tied head
 LAYER_PREFIX = "model.layers"
 SLIDING, FULL = "sliding_attention", "full_attention"
 MODEL = "model"
@@ -172,9 +173,7 @@ def rms_norm(params, x_BxTxD: jax.Array, eps: float) -> jax.Array:
   return (scale * x32).astype(x_BxTxD.dtype)
 
 
-def embed(params, cfg: ModelConfig, input_ids_BxT, positions_BxT, dtype):
-  del cfg, positions_BxT
-  return params["model"]["embed_tokens"]["embedding"].astype(dtype)[input_ids_BxT]
+embed = layers.token_embedding(EMBEDDING)
 
 
 def _layer_bias(cfg: GptOssConfig, index: int, bias_Bx1xTxS, cache) -> jax.Array:
@@ -280,16 +279,7 @@ def block(p, cfg: GptOssConfig, h_BxTxD, positions_BxT, bias, tap: Tap, index: i
   return h_BxTxD + moe(p["mlp"], cfg, x, tap, f"{name}.mlp"), new_cache
 
 
-def head(params, cfg: ModelConfig, h_BxTxD, tap: Tap):
-  h_BxTxD = rms_norm(params["model"]["norm"], h_BxTxD, cfg.norm_eps)
-  if cfg.tie_word_embeddings:
-    emb = params["model"]["embed_tokens"]["embedding"]
-    return jnp.einsum("btd,vd->btv", h_BxTxD, emb.astype(h_BxTxD.dtype))
-  return tap.linear("lm_head", params["lm_head"], h_BxTxD)
-
-
-def layer_params(params, index: int):
-  return params["model"]["layers"][str(index)]
+head = layers.norm_and_unembed("model.norm", rms_norm, EMBEDDING)
 
 
 # HF name table.
@@ -307,41 +297,29 @@ def _bias(c):
   return c.attention_bias
 
 
-LINEAR, COPY = hf_map.LINEAR, hf_map.COPY
 GLOBAL_RULES: tuple[hf_map.Rule, ...] = (
-    ("model.embed_tokens.weight", "model.embed_tokens.embedding", COPY, hf_map.vd, hf_map.always),
-    ("model.norm.weight", "model.norm.scale", COPY, hf_map.d, hf_map.always),
-    ("lm_head.weight", "lm_head.kernel", LINEAR, hf_map.dv, hf_map.untied),
+    hf_map.embedding("model.embed_tokens"),
+    *hf_map.norm("model.norm"),
+    *hf_map.linear("lm_head", hf_map.d, hf_map.v, present=hf_map.untied),
 )
 # Expert tensors are COPY in transformers' [E, in, out] layout; a checkpoint may instead hold the
 # two matrices as MXFP4 `<name>_blocks` / `<name>_scales` pairs, which loading dequantizes.
 LAYER_RULES: tuple[hf_map.Rule, ...] = (
-    ("input_layernorm.weight", "input_layernorm.scale", COPY, hf_map.d, hf_map.always),
-    ("post_attention_layernorm.weight", "post_attention_layernorm.scale", COPY, hf_map.d,
-     hf_map.always),
-    ("self_attn.q_proj.weight", "self_attn.q_proj.kernel", LINEAR,
-     lambda c: hf_map.d(c) + hf_map.q(c), hf_map.always),
-    ("self_attn.q_proj.bias", "self_attn.q_proj.bias", COPY, hf_map.q, _bias),
-    ("self_attn.k_proj.weight", "self_attn.k_proj.kernel", LINEAR,
-     lambda c: hf_map.d(c) + hf_map.kv(c), hf_map.always),
-    ("self_attn.k_proj.bias", "self_attn.k_proj.bias", COPY, hf_map.kv, _bias),
-    ("self_attn.v_proj.weight", "self_attn.v_proj.kernel", LINEAR,
-     lambda c: hf_map.d(c) + hf_map.kv(c), hf_map.always),
-    ("self_attn.v_proj.bias", "self_attn.v_proj.bias", COPY, hf_map.kv, _bias),
-    ("self_attn.o_proj.weight", "self_attn.o_proj.kernel", LINEAR,
-     lambda c: hf_map.q(c) + hf_map.d(c), hf_map.always),
-    ("self_attn.o_proj.bias", "self_attn.o_proj.bias", COPY, hf_map.d, _bias),
-    ("self_attn.sinks", "self_attn.sinks", COPY, _h, hf_map.always),
-    ("mlp.router.weight", "mlp.router.kernel", LINEAR, lambda c: hf_map.d(c) + _e(c),
-     hf_map.always),
-    ("mlp.router.bias", "mlp.router.bias", COPY, _e, hf_map.always),
-    ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj", COPY,
+    *hf_map.norm("input_layernorm"),
+    *hf_map.norm("post_attention_layernorm"),
+    *hf_map.linear("self_attn.q_proj", hf_map.d, hf_map.q, _bias),
+    *hf_map.linear("self_attn.k_proj", hf_map.d, hf_map.kv, _bias),
+    *hf_map.linear("self_attn.v_proj", hf_map.d, hf_map.kv, _bias),
+    *hf_map.linear("self_attn.o_proj", hf_map.q, hf_map.d, _bias),
+    ("self_attn.sinks", "self_attn.sinks", hf_map.COPY, _h, hf_map.always),
+    *hf_map.linear("mlp.router", hf_map.d, _e, hf_map.always),
+    ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj", hf_map.COPY,
      lambda c: (c.num_experts, c.hidden_size, 2 * c.intermediate_size), hf_map.always),
-    ("mlp.experts.gate_up_proj_bias", "mlp.experts.gate_up_proj_bias", COPY,
+    ("mlp.experts.gate_up_proj_bias", "mlp.experts.gate_up_proj_bias", hf_map.COPY,
      lambda c: (c.num_experts, 2 * c.intermediate_size), hf_map.always),
-    ("mlp.experts.down_proj", "mlp.experts.down_proj", COPY,
+    ("mlp.experts.down_proj", "mlp.experts.down_proj", hf_map.COPY,
      lambda c: (c.num_experts, c.intermediate_size, c.hidden_size), hf_map.always),
-    ("mlp.experts.down_proj_bias", "mlp.experts.down_proj_bias", COPY,
+    ("mlp.experts.down_proj_bias", "mlp.experts.down_proj_bias", hf_map.COPY,
      lambda c: (c.num_experts, c.hidden_size), hf_map.always),
 )
 
@@ -356,23 +334,14 @@ SHARDING_RULES: tuple[tuple[str, P], ...] = (
 )
 
 ARCH = registry.register(registry.Architecture(
-    name="gpt_oss",
-    model_types=("gpt_oss",),
-    hf_classes={"gpt_oss": "GptOssForCausalLM"},
-    parse_config=parse_config,
-    config_to_hf=config_to_hf,
-    embed=embed,
-    block=block,
-    head=head,
-    layer_params=layer_params,
-    layer_prefix=LAYER_PREFIX,
-    global_rules=GLOBAL_RULES,
-    layer_rules=LAYER_RULES,
+    name="gpt_oss", model_types=("gpt_oss",), hf_classes={"gpt_oss": "GptOssForCausalLM"},
+    parse_config=parse_config, config_to_hf=config_to_hf,
+    embed=embed, block=block, head=head,
+    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
+    sharding_rules=SHARDING_RULES,
     linear_modules=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.router"),
-    edit_module="self_attn.o_proj",
-    codebook_module="self_attn.o_proj",
+    edit_module="self_attn.o_proj", codebook_module="self_attn.o_proj",
     # o_proj is followed by the layer's MoE, which must see the change: no fast path.
     residual_writers=(),
-    sharding_rules=SHARDING_RULES,
 ))
