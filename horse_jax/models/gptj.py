@@ -13,10 +13,8 @@ the rest pass through (GPT-J-6B: rotary_dim 64 of head_dim 256).
 
 from __future__ import annotations
 
-from jax.sharding import PartitionSpec as P
-
 from horse_jax.models import config as config_lib
-from horse_jax.models import hf_map, layers, registry
+from horse_jax.models import hf_map, layers, registry, sharding
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Tap
 
@@ -40,17 +38,13 @@ def attention(p, cfg: ModelConfig, x_BxTxD, positions_BxT, bias, tap: Tap, name:
   return tap.linear(f"{name}.out_proj", p["out_proj"], out), new_cache
 
 
-def mlp(p, cfg: ModelConfig, x_BxTxD, tap: Tap, name: str):
-  hidden = layers.activation(cfg.hidden_act, tap.linear(f"{name}.fc_in", p["fc_in"], x_BxTxD))
-  return tap.linear(f"{name}.fc_out", p["fc_out"], hidden)
-
-
 def block(p, cfg: ModelConfig, h_BxTxD, positions_BxT, bias, tap: Tap, index: int, cache=None):
   """One decoder layer: h + attn(ln(h)) + mlp(ln(h)). Returns (h, new_cache)."""
   name = f"{LAYER_PREFIX}.{index}"
   x = layers.layer_norm(p["ln_1"], h_BxTxD, cfg.norm_eps)
   attn, new_cache = attention(p["attn"], cfg, x, positions_BxT, bias, tap, f"{name}.attn", cache)
-  return h_BxTxD + attn + mlp(p["mlp"], cfg, x, tap, f"{name}.mlp"), new_cache
+  mlp = layers.feed_forward(p["mlp"], cfg, x, tap, f"{name}.mlp", "fc_in", "fc_out")
+  return h_BxTxD + attn + mlp, new_cache
 
 
 head = layers.norm_and_unembed("transformer.ln_f", layers.layer_norm, EMBEDDING)
@@ -60,34 +54,18 @@ head = layers.norm_and_unembed("transformer.ln_f", layers.layer_norm, EMBEDDING)
 
 
 def parse_config(hf: dict, source: str) -> ModelConfig:
-  """GPT-J fields of a config.json."""
-  config_lib.check_activation(hf.get("activation_function"), source)
-  hidden = int(config_lib.require(hf, "n_embd", source))
-  heads = int(config_lib.require(hf, "n_head", source))
+  """GPT-J fields of a config.json: GPT-2's names plus `rotary_dim`."""
   return ModelConfig(
-      **config_lib.common_fields(hf, source),
-      hidden_size=hidden,
-      intermediate_size=int(hf.get("n_inner") or 4 * hidden),
-      num_layers=int(config_lib.require(hf, "n_layer", source)),
-      num_heads=heads,
-      num_kv_heads=heads,
-      head_dim=hidden // heads,
-      max_position_embeddings=int(hf.get("n_positions", 2048)),
-      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-      hidden_act=hf.get("activation_function", "gelu_new"),
+      **config_lib.gpt2_fields(hf, source, max_positions=2048, tie_word_embeddings=False),
       rope_theta=10000.0,
       rotary_dim=int(hf["rotary_dim"]) if hf.get("rotary_dim") else None,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=False,
       mlp_bias=True,
   )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-  return dict(n_embd=cfg.hidden_size, n_inner=cfg.intermediate_size, n_layer=cfg.num_layers,
-              n_head=cfg.num_heads, n_positions=cfg.max_position_embeddings,
-              layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.hidden_act,
-              rotary_dim=cfg.rotary_dim)
+  return dict(config_lib.gpt2_to_hf(cfg), rotary_dim=cfg.rotary_dim)
 
 
 # --- HF name table -------------------------------------------------------------------------------
@@ -112,24 +90,16 @@ LINEAR_MODULES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", 
 
 # --- sharding: q/k/v and fc_in by output column, out_proj and fc_out by input row ----------------
 
-MODEL = "model"
-SHARDING_RULES = (
-    (r"\.(q_proj|k_proj|v_proj|fc_in)\.kernel$", P(None, MODEL)),
-    (r"\.fc_in\.bias$", P(MODEL)),
-    (r"\.(out_proj|fc_out)\.kernel$", P(MODEL, None)),
-    (r"wte\.embedding$", P(MODEL, None)),
-    (r"^lm_head\.kernel$", P(None, MODEL)),
-    (r"^lm_head\.bias$", P(MODEL)),
-)
+SHARDING_RULES = sharding.megatron_rules(
+    EMBEDDING, column=("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"),
+    row=("attn.out_proj", "mlp.fc_out"))
 
 ARCH = registry.register(registry.Architecture(
     name="gptj", model_types=("gptj",), hf_classes={"gptj": "GPTJForCausalLM"},
-    parse_config=parse_config, config_to_hf=config_to_hf,
-    embed=embed, block=block, head=head,
-    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
-    sharding_rules=SHARDING_RULES,
-    linear_modules=LINEAR_MODULES,
     edit_module="mlp.fc_out", codebook_module="mlp.fc_out",
     # Attention and MLP read the same input, so both outputs are the layer's last additions.
     residual_writers=("mlp.fc_out", "attn.out_proj"),
-))
+    linear_modules=LINEAR_MODULES,
+    parse_config=parse_config, config_to_hf=config_to_hf, embed=embed, block=block, head=head,
+    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
+    sharding_rules=SHARDING_RULES))

@@ -45,6 +45,22 @@ def activation(name: str, x: jax.Array) -> jax.Array:
   raise ValueError(f"unsupported activation {name!r}")
 
 
+def feed_forward(p, cfg: ModelConfig, x_BxTxD: jax.Array, tap, name: str, up: str,
+                 down: str) -> jax.Array:
+  """The two-layer MLP down(act(up(x))) (GPT-2 c_fc / c_proj, GPT-J fc_in / fc_out).
+
+  Args:
+    p: the MLP's params ({up: {...}, down: {...}}).
+    cfg: the config (`hidden_act`).
+    x_BxTxD: the MLP's input.
+    tap: the forward pass's `Tap` (both linears are hookable modules).
+    name: the MLP's module name, e.g. "transformer.h.3.mlp".
+    up, down: the two linear modules' names inside it.
+  """
+  hidden = activation(cfg.hidden_act, tap.linear(f"{name}.{up}", p[up], x_BxTxD))
+  return tap.linear(f"{name}.{down}", p[down], hidden)
+
+
 def rope_inv_freq(cfg: ModelConfig, rotary_dim: int) -> np.ndarray:
   """Inverse frequencies [rotary_dim // 2] (float64 then float32), with linear/llama3 scaling."""
   inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))

@@ -14,10 +14,8 @@ Param tree (HF names, kernels [in, out]):
 
 from __future__ import annotations
 
-from jax.sharding import PartitionSpec as P
-
 from horse_jax.models import config as config_lib
-from horse_jax.models import hf_map, layers, registry
+from horse_jax.models import hf_map, layers, registry, sharding
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Tap
 
@@ -68,26 +66,15 @@ def parse_config(hf: dict, source: str) -> ModelConfig:
   """Llama / Mistral / Qwen2 fields of a config.json."""
   model_type = hf["model_type"]
   config_lib.check_activation(hf.get("hidden_act"), source)
-  hidden = int(config_lib.require(hf, "hidden_size", source))
-  heads = int(config_lib.require(hf, "num_attention_heads", source))
-  num_layers = int(config_lib.require(hf, "num_hidden_layers", source))
+  fields = config_lib.decoder_fields(hf, source, head_dim=None, max_positions=2048, norm_eps=1e-6)
   theta, scaling = config_lib.rope_from_hf(hf)
+  num_layers = fields["num_layers"]
   window = config_lib.sliding_window_from_hf(hf, num_layers, source, use_flag=model_type == "qwen2",
                                              max_window_layers=num_layers)
   return ModelConfig(
-      **config_lib.common_fields(hf, source),
-      hidden_size=hidden,
-      intermediate_size=int(config_lib.require(hf, "intermediate_size", source)),
-      num_layers=num_layers,
-      num_heads=heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-      head_dim=int(hf.get("head_dim") or hidden // heads),
-      max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      hidden_act=hf.get("hidden_act", "silu"),
+      **fields,
       rope_theta=theta,
       rope_scaling=scaling,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       # Qwen2 always has q/k/v biases and Mistral never has any, whatever the config says.
       attention_bias=(model_type == "qwen2" or
                       (model_type == "llama" and bool(hf.get("attention_bias", False)))),
@@ -97,12 +84,7 @@ def parse_config(hf: dict, source: str) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-  hf = dict(
-      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-      max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-      hidden_act=cfg.hidden_act, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_dict)
+  hf = config_lib.decoder_to_hf(cfg)
   if cfg.model_type in ("llama", "qwen3"):
     hf.update(attention_bias=cfg.attention_bias)
   if cfg.model_type == "llama":
@@ -151,18 +133,12 @@ LAYER_RULES: tuple[hf_map.Rule, ...] = (
 LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
-# --- sharding ------------------------------------------------------------------------------------
+# --- sharding: q/k/v and gate/up by output column, o/down by input row ----------------------------
 
-MODEL = "model"
-# Megatron pairs: q/k/v and gate/up split by output column, o/down by input row (one all-reduce
-# per pair); embeddings split over the vocabulary; norms replicated.
-SHARDING_RULES = (
-    (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, MODEL)),
-    (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", P(MODEL)),
-    (r"\.(o_proj|down_proj)\.kernel$", P(MODEL, None)),
-    (r"embed_tokens\.embedding$", P(MODEL, None)),
-    (r"^lm_head\.kernel$", P(None, MODEL)),
-)
+SHARDING_RULES = sharding.megatron_rules(
+    EMBEDDING, column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                       "mlp.up_proj"),
+    row=("self_attn.o_proj", "mlp.down_proj"))
 
 
 def _init_params(cfg, key, dtype, std):
@@ -174,12 +150,9 @@ ARCH = registry.register(registry.Architecture(
     name="llama", model_types=("llama", "mistral", "qwen2"),
     hf_classes={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"},
-    parse_config=parse_config, config_to_hf=config_to_hf,
-    embed=embed, block=block, head=head,
-    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
-    sharding_rules=SHARDING_RULES,
-    linear_modules=LINEAR_MODULES,
     edit_module="mlp.down_proj", codebook_module="mlp.down_proj",
     residual_writers=("mlp.down_proj",),
-    init_params=_init_params,
-))
+    linear_modules=LINEAR_MODULES,
+    parse_config=parse_config, config_to_hf=config_to_hf, embed=embed, block=block, head=head,
+    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
+    sharding_rules=SHARDING_RULES, init_params=_init_params))
