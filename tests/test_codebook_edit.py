@@ -12,9 +12,9 @@ from horse_jax.data.tokenize import IGNORE, EditBatch
 from horse_jax.editors.codebook import adapter, edit, grace, state
 from horse_jax.editors.codebook.settings import CodebookSettings
 from horse_jax.editors.codebook.state import label_key
-from horse_jax.models import Hooks, forward
+from horse_jax.models import Hooks, Model, forward
 from horse_jax.models.init import random_model, tiny_llama_config
-from horse_jax.models.names import get_kernel
+from horse_jax.models.names import get_kernel, module_names
 
 LAYER = "model.layers.2.mlp.down_proj"
 T = 16
@@ -222,6 +222,27 @@ def test_lora_mode(model):
   assert float(jnp.abs(book.lora_b[1]).max()) > 0  # trained
   assert float(jnp.abs(book.values).max()) == 0  # values unused in LoRA mode
   assert float(info.loss_last) < float(info.loss_first)
+
+
+# Where the edit takes the fast path (adds the edited output after the wrapped layer): the modules
+# that are their layer's last residual addition, as each architecture computes its layer.
+FAST_PATH = {
+    "llama": {"model.layers.1.mlp.down_proj"},
+    "mistral": {"model.layers.1.mlp.down_proj"},
+    "qwen2": {"model.layers.1.mlp.down_proj"},
+    "qwen3": {"model.layers.1.mlp.down_proj"},
+    "gpt2": {"transformer.h.1.mlp.c_proj"},
+    "gptj": {"transformer.h.1.mlp.fc_out", "transformer.h.1.attn.out_proj"},
+    "gpt_oss": set(),  # o_proj feeds the layer's MoE
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAST_PATH))
+def test_fast_path_exactly_for_residual_writers(model_type):
+  cfg = tiny_llama_config(model_type=model_type, num_layers=2)
+  model = Model({}, cfg)  # writes_residual reads only the config
+  layer_1 = [n for n in module_names(cfg) if ".1." in n]
+  assert {n for n in layer_1 if edit.writes_residual(model, n)} == FAST_PATH[model_type]
 
 
 def random_edits(n, seed=0):

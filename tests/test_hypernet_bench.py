@@ -1,10 +1,10 @@
-"""`hypernet.bench.unrolled_flops` counts every iteration of a program's loops."""
+"""`benchmarks.hypernet.unrolled_flops` counts every iteration of a program's loops."""
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from horse_jax.editors.hypernet import bench
+from benchmarks import hypernet as bench
 
 
 def _chain(x, mats):

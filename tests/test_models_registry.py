@@ -1,7 +1,9 @@
 """The architecture registry: one registration adds an architecture everywhere."""
 
+import dataclasses
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +12,9 @@ from horse_jax.errors import UserError
 from horse_jax.models import (Architecture, apply, config_from_hf, default_codebook_module,
                               default_edit_modules, module_names, register_architecture,
                               supported_model_types)
-from horse_jax.models import config_to_hf, hf_map, registry, sharding
+from horse_jax.models import Hooks, config_to_hf, hf_map, registry, sharding, transformer
+from horse_jax.models.hooks import Tap
+from horse_jax.models.names import get_kernel
 from horse_jax.models.init import random_model, tiny_llama_config
 from horse_jax.models.transformer import Model
 
@@ -57,3 +61,45 @@ def test_a_new_architecture_is_one_registration():
 def test_unknown_model_type_names_the_supported_ones():
   with pytest.raises(UserError, match="unsupported model_type 'mamba'.*qwen3"):
     config_from_hf({"model_type": "mamba", "vocab_size": 10})
+
+
+def _tiny_config(model_type):
+  """A 3-layer config of `model_type` small enough for a CPU test."""
+  cfg = tiny_llama_config(model_type=model_type, num_layers=3, num_kv_heads=4, rotary_dim=8,
+                          vocab_size=64)
+  if model_type != "gpt_oss":
+    return cfg
+  from horse_jax.models.gpt_oss import FULL, SLIDING, GptOssConfig
+  fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+  return GptOssConfig(**fields, num_experts=4, experts_per_token=2, window=3,
+                      layer_types=(SLIDING, FULL, SLIDING))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gptj",
+                                        "gpt_oss"])
+def test_residual_writers_are_the_modules_whose_output_is_added_after_the_layer(model_type):
+  """A module is a residual writer iff adding d to its output at layer 1 gives the same logits as
+  adding d to the residual stream leaving layer 1: found here from the forward pass for every
+  addressable module, and compared with what the architecture declares."""
+  arch = registry.get(model_type)
+  model = random_model(_tiny_config(model_type), seed=3)
+  prefix = arch.layer_prefix
+  # Sharper weights: a module whose change later parts of its layer see shows it clearly.
+  model = Model(jax.tree_util.tree_map(lambda x: x * 4.0, model.params), model.config)
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 6)))
+  delta = jnp.asarray(np.random.RandomState(1).normal(size=(2, 6, model.config.hidden_size)),
+                      jnp.float32)
+  after = transformer.run_layers(model, transformer.hidden_before(model, 1, ids),
+                                 jnp.ones_like(ids), transformer.default_positions(jnp.ones_like(ids)),
+                                 Tap(None), 1, 2)
+  added_after = np.asarray(transformer.forward_from(model, 2, after + delta).logits)
+  found = set()
+  for suffix in arch.linear_modules:
+    name = f"{prefix}.1.{suffix}"
+    if get_kernel(model.params, name).shape[-1] != model.config.hidden_size:
+      continue  # its output is not residual-shaped
+    hooked = np.asarray(apply(model, ids, hooks=Hooks(offsets={name: delta})))
+    assert np.abs(hooked - apply(model, ids)).max() > 1e-3, name  # the offset reached the logits
+    if np.allclose(hooked, added_after, rtol=0, atol=1e-4):
+      found.add(suffix)
+  assert found == set(arch.residual_writers)

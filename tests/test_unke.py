@@ -218,7 +218,7 @@ def test_score_unke_with_scripted_generations(tmp_path):
 
 def test_generation_never_runs_past_the_context():
   tok = make_tokenizer(chat=True)
-  records = [unke_eval._Prompt(0, "question", "who is bob", "bob")]
+  records = [unke_eval.PromptPair(0, "question", "who is bob", "bob")]
   jobs = list(unke_eval.generation_jobs(records, tok, 4, 512, max_length=20))
   (chunk, ids_, mask, new), = jobs
   assert ids_.shape == (4, 8) and new == 12 and chunk == [0]

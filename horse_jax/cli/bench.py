@@ -1,18 +1,50 @@
-"""`horse-jax bench`: time the hot paths and write markdown + JSON tables."""
+"""`horse-jax bench`: time the hot paths and write markdown + JSON tables.
+
+The benchmarks are not part of the library: they live in the top-level `benchmarks/` folder of a
+source checkout, next to the `horse_jax/` package this command runs from (`pip install -e .` of a
+clone), and are imported from there.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 from horse_jax.errors import UserError
 
 
+def _checkout_root() -> str:
+  import horse_jax
+  return os.path.dirname(os.path.dirname(os.path.abspath(horse_jax.__file__)))
+
+
+def load_suite():
+  """The `benchmarks.suite` module of the checkout horse_jax runs from.
+
+  Raises:
+    UserError: horse_jax is not run from a source checkout (e.g. installed from a wheel).
+  """
+  root = _checkout_root()
+  folder = os.path.join(root, "benchmarks")
+  if not os.path.isfile(os.path.join(folder, "suite.py")):
+    raise UserError(f"horse-jax bench runs the benchmarks of a source checkout, and {folder} does "
+                    "not exist: run it from a clone installed with `pip install -e .`")
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  suite = importlib.import_module("benchmarks.suite")
+  if os.path.dirname(os.path.abspath(suite.__file__)) != folder:
+    raise UserError(f"another `benchmarks` package ({suite.__file__}) shadows {folder}")
+  return suite
+
+
 def register(sub) -> None:
-  from horse_jax.bench import BENCHMARKS
-  p = sub.add_parser("bench", help="benchmark forward, generation, ridge solve, retrieval and edits")
+  p = sub.add_parser("bench", help="benchmark forward, generation, ridge solve, retrieval and edits "
+                                   "(from a source checkout)")
   p.add_argument("--out", default="runs/bench", help="output folder [runs/bench]")
-  p.add_argument("--only", action="append", default=[], choices=sorted(BENCHMARKS),
-                 help="run only these benchmarks (repeatable); horen_world_50k runs only when named")
+  p.add_argument("--only", action="append", default=[], metavar="NAME",
+                 help="run only these benchmarks (repeatable; names in benchmarks/suite.py "
+                      "BENCHMARKS); horen_world_50k runs only when named")
   p.add_argument("--world", default=None, help="world folder [checkpoints/world]")
   p.add_argument("--reference", action="store_true",
                  help="add reference-scale shapes (needs an accelerator's memory and speed)")
@@ -22,15 +54,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-  from horse_jax import bench
+  from horse_jax import distributed
   from horse_jax.io import atomic_write_json, atomic_write_text
   from horse_jax.cli.common import setup_devices
-  setup_devices(args, args.world and os.path.join(args.world, "model"))
-  names = args.only or [n for n in bench.BENCHMARKS if n not in getattr(bench, "ON_REQUEST", ())]
+  bench = load_suite()
+  names = args.only or [n for n in bench.BENCHMARKS if n not in bench.ON_REQUEST]
   unknown = [n for n in names if n not in bench.BENCHMARKS]
   if unknown:
-    raise UserError(f"unknown benchmark {unknown[0]!r}")
-  rows = bench.run(names, args.world, args.reference)
+    raise UserError(f"unknown benchmark {unknown[0]!r} (known: {', '.join(bench.BENCHMARKS)})")
+  mesh = setup_devices(args, args.world and os.path.join(args.world, "model"))
+  rows = bench.run(names, args.world, args.reference, mesh=mesh, fsdp=distributed.cli_fsdp())
   device = bench.device_description()
   table = bench.markdown(rows, device)
   os.makedirs(args.out, exist_ok=True)

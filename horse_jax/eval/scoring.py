@@ -48,28 +48,37 @@ _GEN_KEYS = {"edit": ("gen_edit_acc", "pre_gen_edit_acc"), "rephrase": ("gen_rep
 
 
 @dataclasses.dataclass(frozen=True)
-class _Pair:
+class PromptPair:
+  """One prompt to score (or generate for) and its reference answer, of record `record`.
+
+  Attributes:
+    record: index of the record in the scored list.
+    kind: which of the record's prompts it is ("edit", "rephrase", "loc", "port").
+    prompt, answer: the texts.
+  """
+
   record: int
   kind: str
   prompt: str
   answer: str
 
 
-def record_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
+def record_pairs(records: Sequence[EditRecord]) -> list[PromptPair]:
   """Every (prompt, answer) pair to score, tagged with its record index and kind."""
   pairs = []
   for i, r in enumerate(records):
-    pairs.append(_Pair(i, "edit", r.prompt, r.target))
+    pairs.append(PromptPair(i, "edit", r.prompt, r.target))
     if r.rephrase:
-      pairs.append(_Pair(i, "rephrase", r.rephrase, r.target))
+      pairs.append(PromptPair(i, "rephrase", r.rephrase, r.target))
     if r.loc_prompt and r.loc_answer:
-      pairs.append(_Pair(i, "loc", r.loc_prompt, r.loc_answer))
+      pairs.append(PromptPair(i, "loc", r.loc_prompt, r.loc_answer))
     for prompt, answer in r.portability:
-      pairs.append(_Pair(i, "port", prompt, answer))
+      pairs.append(PromptPair(i, "port", prompt, answer))
   return pairs
 
 
-def _pad_id(tokenizer) -> int:
+def padding_id(tokenizer) -> int:
+  """The id batches are padded with: the tokenizer's pad token, else its eos token, else 0."""
   for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
     if value is not None:
       return int(value)
@@ -110,7 +119,7 @@ class PreCache:
     self.generated: dict[tuple, tuple[float, np.ndarray]] = {}
 
 
-def _pair_key(pair: _Pair, max_length) -> tuple:
+def _pair_key(pair: PromptPair, max_length) -> tuple:
   return (pair.prompt, pair.answer, max_length)
 
 
@@ -129,7 +138,7 @@ def _tf_jobs(pairs, tokenizer, batch_size, max_length, warn=True):
   buckets: dict[int, list[int]] = {}
   for j, n in enumerate(lengths):
     buckets.setdefault(bucket_length(n), []).append(j)
-  pad_id = _pad_id(tokenizer)
+  pad_id = padding_id(tokenizer)
   for length, idx in sorted(buckets.items()):
     for chunk in _chunks(idx, batch_size):
       rows = _fill(chunk, batch_size)
@@ -177,6 +186,21 @@ def _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cac
       cache.teacher[_pair_key(missing[j], max_length)] = (float(acc[row]), pred[row][labels[row] != IGNORE])
 
 
+def _per_pair(results, n: int, with_pre: bool):
+  """Per-pair (post, pre or None, agreement or None) float arrays (NaN where unscored) from the
+  per-chunk results (chunk, post [B], pre [B] or None, agreement [B] or None), fetched in one sync."""
+  post_acc = np.full(n, np.nan)
+  pre_acc = np.full(n, np.nan) if with_pre else None
+  agree = np.full(n, np.nan) if with_pre else None
+  for chunk, post_d, pre_d, agree_d in jax.device_get(results):
+    k = len(chunk)  # filler rows after k are dropped
+    post_acc[chunk] = np.asarray(post_d)[:k]
+    if with_pre:
+      pre_acc[chunk] = np.asarray(pre_d)[:k]
+      agree[chunk] = np.asarray(agree_d)[:k]
+  return post_acc, pre_acc, agree
+
+
 def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size, max_length, progress,
                     cache: PreCache | None = None):
   """Per-pair (post_acc, pre_acc or None, agree or None) as NumPy float arrays."""
@@ -200,17 +224,7 @@ def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
         pre_acc[row] = acc
       post_acc, agree = _tf_post_with_pred(post, pre_pred, batch.labels)
       results.append((chunk, post_acc, pre_acc, agree))
-  n = len(pairs)
-  post_acc = np.full(n, np.nan)
-  pre_acc = np.full(n, np.nan) if pre_logits_fn is not None else None
-  agree = np.full(n, np.nan) if pre_logits_fn is not None else None
-  for chunk, post_d, pre_d, agree_d in jax.device_get(results):  # one sync at the end
-    k = len(chunk)
-    post_acc[chunk] = np.asarray(post_d)[:k]
-    if pre_acc is not None:
-      pre_acc[chunk] = np.asarray(pre_d)[:k]
-      agree[chunk] = np.asarray(agree_d)[:k]
-  return post_acc, pre_acc, agree
+  return _per_pair(results, len(pairs), pre_logits_fn is not None)
 
 
 def _gen_inputs(pairs, tokenizer, max_length):
@@ -227,7 +241,7 @@ def _gen_inputs(pairs, tokenizer, max_length):
 
 def _gen_jobs(pairs, tokenizer, batch_size, max_length):
   """(chunk, left-padded ids, mask, target ids, target lengths, new tokens) per generation call."""
-  pad_id = _pad_id(tokenizer)
+  pad_id = padding_id(tokenizer)
   prompts, answers = _gen_inputs(pairs, tokenizer, max_length)
   buckets: dict[tuple[int, int], list[int]] = {}
   for j in range(len(pairs)):
@@ -286,17 +300,7 @@ def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_
         pre[row, :len(tokens)] = tokens
         pre_acc[row] = acc
       results.append((chunk, post_acc, pre_acc, metrics.generation_accuracy(post, pre, target_len)))
-  n = len(pairs)
-  post_acc = np.full(n, np.nan)
-  pre_acc = np.full(n, np.nan) if pre_generate_fn is not None else None
-  agree = np.full(n, np.nan) if pre_generate_fn is not None else None
-  for chunk, post_d, pre_d, agree_d in jax.device_get(results):
-    k = len(chunk)
-    post_acc[chunk] = np.asarray(post_d)[:k]
-    if pre_acc is not None:
-      pre_acc[chunk] = np.asarray(pre_d)[:k]
-      agree[chunk] = np.asarray(agree_d)[:k]
-  return post_acc, pre_acc, agree
+  return _per_pair(results, len(pairs), pre_generate_fn is not None)
 
 
 def _to_float(x) -> float | None:
@@ -304,7 +308,7 @@ def _to_float(x) -> float | None:
   return None if math.isnan(x) else x
 
 
-def _collect(per_record: list[dict[str, Any]], pairs: Sequence[_Pair], values, key_for_kind: Mapping[str, str]):
+def _collect(per_record: list[dict[str, Any]], pairs: Sequence[PromptPair], values, key_for_kind: Mapping[str, str]):
   """Writes the per-pair `values` into per-record dicts (mean over a record's pairs of one kind)."""
   sums: dict[tuple[int, str], list[float]] = {}
   for pair, v in zip(pairs, values):
@@ -312,6 +316,16 @@ def _collect(per_record: list[dict[str, Any]], pairs: Sequence[_Pair], values, k
       sums.setdefault((pair.record, key_for_kind[pair.kind]), []).append(float(v))
   for (i, key), vs in sums.items():
     per_record[i][key] = float(np.mean(vs))
+
+
+def _collect_pass(per_record, pairs, scores, keys: Mapping[str, tuple[str, str]], agree_key: str):
+  """Writes one pass's per-pair (post, pre or None, agreement or None) into the per-record dicts:
+  post and pre under `keys` (kind -> (post key, pre key)), the locality agreement under `agree_key`."""
+  post, pre, agree = scores
+  _collect(per_record, pairs, post, {k: v[0] for k, v in keys.items()})
+  if pre is not None:
+    _collect(per_record, pairs, pre, {k: v[1] for k, v in keys.items()})
+    _collect(per_record, pairs, agree, {"loc": agree_key})
 
 
 def _mean_over(per_record, key):
@@ -364,19 +378,13 @@ def score_records(records: Sequence[EditRecord], tokenizer, post_logits_fn: Logi
           r, pre_logits_fn is not None, generate_fn is not None, pre_generate_fn is not None)}}
       for i, r in enumerate(records)]
 
-  post, pre, agree = _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
-                                     max_length, progress, pre_cache)
-  _collect(per_record, pairs, post, {k: v[0] for k, v in _TF_KEYS.items()})
-  if pre is not None:
-    _collect(per_record, pairs, pre, {k: v[1] for k, v in _TF_KEYS.items()})
-    _collect(per_record, pairs, agree, {"loc": "loc_agree"})
+  scores = _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size, max_length,
+                           progress, pre_cache)
+  _collect_pass(per_record, pairs, scores, _TF_KEYS, "loc_agree")
   if generate_fn is not None:
-    post, pre, agree = _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size,
-                                   max_length, progress, pre_cache)
-    _collect(per_record, pairs, post, {k: v[0] for k, v in _GEN_KEYS.items()})
-    if pre is not None:
-      _collect(per_record, pairs, pre, {k: v[1] for k, v in _GEN_KEYS.items()})
-      _collect(per_record, pairs, agree, {"loc": "gen_loc_agree"})
+    scores = _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_length,
+                         progress, pre_cache)
+    _collect_pass(per_record, pairs, scores, _GEN_KEYS, "gen_loc_agree")
 
   return {"summary": summarize(per_record), "records": per_record}
 
@@ -421,21 +429,16 @@ def _keys(r: EditRecord, pre: bool, gen: bool, pre_gen: bool) -> list[str]:
   """The metric keys a record gets (all present, None until scored)."""
   kinds = ["edit"] + (["rephrase"] if r.rephrase else []) + (["loc"] if r.loc_prompt else []) + (
       ["port"] if r.portability else [])
-  keys = []
-  for kind in kinds:
-    keys.append(_TF_KEYS[kind][0])
-    if pre:
-      keys.append(_TF_KEYS[kind][1])
-    if kind == "loc" and pre:
-      keys.append("loc_agree")
-  if gen:
+
+  def pass_keys(table, with_pre: bool, agree_key: str) -> list[str]:
+    out = []
     for kind in kinds:
-      keys.append(_GEN_KEYS[kind][0])
-      if pre_gen:
-        keys.append(_GEN_KEYS[kind][1])
-      if kind == "loc" and pre_gen:
-        keys.append("gen_loc_agree")
-  return keys
+      out += [table[kind][0]] + ([table[kind][1]] if with_pre else [])
+      out += [agree_key] if kind == "loc" and with_pre else []
+    return out
+
+  return pass_keys(_TF_KEYS, pre, "loc_agree") + (
+      pass_keys(_GEN_KEYS, pre_gen, "gen_loc_agree") if gen else [])
 
 
 def json_safe(obj):

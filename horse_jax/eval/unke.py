@@ -32,50 +32,37 @@ from horse_jax.data import unke
 from horse_jax.data.records import EditRecord
 from horse_jax.data.tokenize import IGNORE, bucket_length
 from horse_jax.eval import metrics, text_metrics
+from horse_jax.eval.scoring import PromptPair, padding_id, record_pairs
 
 KINDS = ("question", "para_question", "sub_question")
 DEFAULT_MAX_NEW_TOKENS = 512
 
 
-@dataclasses.dataclass(frozen=True)
-class _Prompt:
-  record: int
-  kind: str
-  question: str
-  answer: str
+# UnKE's names of the scored prompt kinds (UnKE records have no locality prompt).
+_KIND_NAMES = {"edit": "question", "rephrase": "para_question", "port": "sub_question"}
 
 
-def prompts_of(records: Sequence[EditRecord]) -> list[_Prompt]:
-  """Every (question, reference answer) to generate for, tagged with its record and kind."""
-  out = []
-  for i, r in enumerate(records):
-    out.append(_Prompt(i, "question", r.prompt, r.target))
-    if r.rephrase:
-      out.append(_Prompt(i, "para_question", r.rephrase, r.target))
-    for q, a in r.portability:
-      out.append(_Prompt(i, "sub_question", q, a))
-  return out
+def prompts_of(records: Sequence[EditRecord]) -> list[PromptPair]:
+  """Every (question, reference answer) to generate for, tagged with its record and UnKE kind."""
+  return [dataclasses.replace(p, kind=_KIND_NAMES[p.kind]) for p in record_pairs(records)
+          if p.kind in _KIND_NAMES]
 
 
 def _fill(rows: list[int], size: int) -> list[int]:
   return rows + [rows[0]] * (size - len(rows))
 
 
-def _pad_id(tokenizer) -> int:
-  return next((int(x) for x in (tokenizer.pad_token_id, tokenizer.eos_token_id) if x is not None), 0)
-
-
-def generation_jobs(prompts: Sequence[_Prompt], tokenizer, batch_size: int, max_new_tokens: int,
+def generation_jobs(prompts: Sequence[PromptPair], tokenizer, batch_size: int, max_new_tokens: int,
                     max_length: int | None):
   """(chunk of prompt indices, left-padded ids [B, L], mask [B, L], new tokens) per call.
 
   L is a power-of-two bucket of the prompt length; new = min(max_new_tokens, max_length - L), so a
   generation never runs past the context (prompts longer than it lose their start).
   """
-  pad_id = _pad_id(tokenizer)
+  pad_id = padding_id(tokenizer)
   ids_of = []
   for p in prompts:
-    ids = unke.prompt_ids(tokenizer, p.question)
+    ids = unke.prompt_ids(tokenizer, p.prompt)
     if max_length is not None and len(ids) > max_length - 1:
       ids = ids[len(ids) - (max_length - 1):]
     ids_of.append(ids)
@@ -104,7 +91,7 @@ def decode_answer(tokenizer, tokens: Sequence[int], stops: Sequence[int]) -> str
   return tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
 
 
-def generate_texts(prompts: Sequence[_Prompt], tokenizer, generate_fn: Callable, *, batch_size: int,
+def generate_texts(prompts: Sequence[PromptPair], tokenizer, generate_fn: Callable, *, batch_size: int,
                    max_new_tokens: int, max_length: int | None, progress: bool = False,
                    desc: str = "generation") -> list[str]:
   """Greedy answers (text) for every prompt, in order."""
@@ -120,12 +107,12 @@ def generate_texts(prompts: Sequence[_Prompt], tokenizer, generate_fn: Callable,
   return texts
 
 
-def teacher_forced(prompts: Sequence[_Prompt], tokenizer, logits_fn: Callable, *, batch_size: int,
+def teacher_forced(prompts: Sequence[PromptPair], tokenizer, logits_fn: Callable, *, batch_size: int,
                    max_length: int | None) -> np.ndarray:
   """Teacher-forced token accuracy of answer + end-of-turn for each prompt (NaN for filler)."""
   lengths = []
   for p in prompts:
-    prompt, target = unke.fit_pair(unke.prompt_ids(tokenizer, p.question),
+    prompt, target = unke.fit_pair(unke.prompt_ids(tokenizer, p.prompt),
                                    unke.target_ids(tokenizer, p.answer), max_length)
     lengths.append(len(prompt) + len(target) - 1)
   buckets: dict[int, list[int]] = {}
@@ -136,7 +123,7 @@ def teacher_forced(prompts: Sequence[_Prompt], tokenizer, logits_fn: Callable, *
     for start in range(0, len(idx), batch_size):
       chunk = idx[start:start + batch_size]
       rows = _fill(chunk, batch_size)
-      batch = unke.tokenize_pairs(tokenizer, [prompts[j].question for j in rows],
+      batch = unke.tokenize_pairs(tokenizer, [prompts[j].prompt for j in rows],
                                   [prompts[j].answer for j in rows], pad_to=length,
                                   max_length=max_length)
       labels = batch.labels.copy()
@@ -178,13 +165,13 @@ def _fill_text_scores(per_record, prompts, texts, prefix: str) -> None:
     per_record[i][f"{prefix}generations"] = g
 
 
-def _cached(prompts: Sequence[_Prompt], cache: dict | None, tag: tuple, compute: Callable) -> list:
+def _cached(prompts: Sequence[PromptPair], cache: dict | None, tag: tuple, compute: Callable) -> list:
   """compute(prompts) per prompt, through `cache` (keyed by tag, question, answer) when given:
   only the prompts the cache lacks are computed, each distinct one once."""
   if cache is None:
     return list(compute(list(prompts)))
-  keys = [(tag, p.question, p.answer) for p in prompts]
-  missing: dict[tuple, _Prompt] = {}
+  keys = [(tag, p.prompt, p.answer) for p in prompts]
+  missing: dict[tuple, PromptPair] = {}
   for p, key in zip(prompts, keys):
     if key not in cache:
       missing.setdefault(key, p)

@@ -6,8 +6,8 @@ export writes back exactly what was read.
 
 Which fields a config.json has depends on the architecture: `config_from_hf` dispatches on
 `model_type` to the architecture module's `parse_config` (see `registry`), which builds the
-ModelConfig with the shared helpers below (`common_fields`, `require`, `rope_from_hf`,
-`sliding_window_from_hf`, `check_activation`).
+ModelConfig with the shared helpers below (`common_fields`, `decoder_fields`, `gpt2_fields`,
+`require`, `rope_from_hf`, `sliding_window_from_hf`, `check_activation`).
 """
 
 from __future__ import annotations
@@ -154,6 +154,83 @@ def common_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
       pad_token_id=hf.get("pad_token_id"),
       hf_config_json=json.dumps(hf, sort_keys=True),
   )
+
+
+def decoder_fields(hf: dict[str, Any], source: str, *, head_dim: int | None,
+                   max_positions: int, norm_eps: float) -> dict[str, Any]:
+  """The ModelConfig fields of a config.json with transformers' decoder names (`hidden_size`,
+  `num_hidden_layers`, `num_attention_heads`, `rms_norm_eps`, ...: Llama, Qwen, gpt-oss), plus
+  `common_fields`. Rope, windows and biases differ per architecture and are left to it.
+
+  Args:
+    hf: the parsed config.json.
+    source: for error messages.
+    head_dim: the head width when the config omits it (None: hidden_size // num_attention_heads).
+    max_positions, norm_eps: the architecture's defaults of `max_position_embeddings` and
+      `rms_norm_eps`.
+  """
+  hidden = int(require(hf, "hidden_size", source))
+  heads = int(require(hf, "num_attention_heads", source))
+  return dict(
+      **common_fields(hf, source),
+      hidden_size=hidden,
+      intermediate_size=int(require(hf, "intermediate_size", source)),
+      num_layers=int(require(hf, "num_hidden_layers", source)),
+      num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+      head_dim=int(hf.get("head_dim") or head_dim or hidden // heads),
+      max_position_embeddings=int(hf.get("max_position_embeddings", max_positions)),
+      norm_eps=float(hf.get("rms_norm_eps", norm_eps)),
+      hidden_act=str(hf.get("hidden_act", "silu")),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+  )
+
+
+def decoder_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """The config.json fields `decoder_fields` reads (and the rope ones), for a config built in code."""
+  return dict(
+      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+      hidden_act=cfg.hidden_act, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_dict)
+
+
+def gpt2_fields(hf: dict[str, Any], source: str, *, max_positions: int,
+                tie_word_embeddings: bool) -> dict[str, Any]:
+  """The ModelConfig fields of a config.json with GPT-2's names (`n_embd`, `n_head`, `n_layer`,
+  `n_inner`, `n_positions`, `layer_norm_epsilon`, `activation_function`: GPT-2, GPT-J), plus
+  `common_fields`. Every head has its own keys and values.
+
+  Args:
+    hf: the parsed config.json.
+    source: for error messages.
+    max_positions, tie_word_embeddings: the architecture's defaults of `n_positions` and
+      `tie_word_embeddings`.
+  """
+  check_activation(hf.get("activation_function"), source)
+  hidden = int(require(hf, "n_embd", source))
+  heads = int(require(hf, "n_head", source))
+  return dict(
+      **common_fields(hf, source),
+      hidden_size=hidden,
+      intermediate_size=int(hf.get("n_inner") or 4 * hidden),
+      num_layers=int(require(hf, "n_layer", source)),
+      num_heads=heads,
+      num_kv_heads=heads,
+      head_dim=hidden // heads,
+      max_position_embeddings=int(hf.get("n_positions", max_positions)),
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      hidden_act=hf.get("activation_function", "gelu_new"),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", tie_word_embeddings)),
+  )
+
+
+def gpt2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  """The config.json fields `gpt2_fields` reads, for a config built in code."""
+  return dict(n_embd=cfg.hidden_size, n_inner=cfg.intermediate_size, n_layer=cfg.num_layers,
+              n_head=cfg.num_heads, n_positions=cfg.max_position_embeddings,
+              layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.hidden_act)
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -46,13 +46,13 @@ from jax.sharding import PartitionSpec as P
 
 from horse_jax.errors import UserError
 from horse_jax.models import config as config_lib
-from horse_jax.models import hf_map, layers, registry
+from horse_jax.models import hf_map, layers, registry, sharding
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Tap
 
+EMBEDDING = "model.embed_tokens.embedding"  # token embedding [V, D], also the tied head
 LAYER_PREFIX = "model.layers"
 SLIDING, FULL = "sliding_attention", "full_attention"
-MODEL = "model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +103,10 @@ def _rope(hf: dict[str, Any], source: str) -> tuple[float, tuple | None]:
 
 def parse_config(hf: dict[str, Any], source: str) -> GptOssConfig:
   """The gpt-oss fields of a config.json (transformers' defaults where a field is omitted)."""
-  req = lambda key: config_lib.require(hf, key, source)  # noqa: E731
-  num_layers = int(req("num_hidden_layers"))
-  heads = int(req("num_attention_heads"))
-  hidden = int(req("hidden_size"))
-  if "head_dim" not in hf:
-    head_dim = 64  # transformers' class default
-  else:
-    head_dim = int(hf["head_dim"]) if hf["head_dim"] is not None else hidden // heads
+  # head_dim: transformers' class default 64 when omitted, hidden / heads when null.
+  fields = config_lib.decoder_fields(hf, source, head_dim=64 if "head_dim" not in hf else None,
+                                     max_positions=131072, norm_eps=1e-5)
+  num_layers = fields["num_layers"]
   kinds = hf.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(num_layers)]
   kinds = tuple(str(k) for k in kinds)
   if len(kinds) != num_layers or set(kinds) - {SLIDING, FULL}:
@@ -125,19 +121,9 @@ def parse_config(hf: dict[str, Any], source: str) -> GptOssConfig:
     raise UserError(f"{source}: num_experts_per_tok {top_k} must lie in [1, {experts}]")
   theta, scaling = _rope(hf, source)
   return GptOssConfig(
-      **config_lib.common_fields(hf, source),
-      hidden_size=hidden,
-      intermediate_size=int(req("intermediate_size")),
-      num_layers=num_layers,
-      num_heads=heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-      head_dim=head_dim,
-      max_position_embeddings=int(hf.get("max_position_embeddings", 131072)),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-      hidden_act=str(hf.get("hidden_act", "silu")),  # unused: the experts' activation is fixed
+      **fields,  # hidden_act is read but unused: the experts' activation is fixed
       rope_theta=theta,
       rope_scaling=scaling,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=bool(hf.get("attention_bias", True)),
       num_experts=experts,
       experts_per_token=top_k,
@@ -151,11 +137,7 @@ def parse_config(hf: dict[str, Any], source: str) -> GptOssConfig:
 def config_to_hf(cfg: GptOssConfig) -> dict[str, Any]:
   """The gpt-oss fields of a config.json for a config built in code (transformers-4 form)."""
   return dict(
-      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-      max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-      rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_dict,
+      config_lib.decoder_to_hf(cfg),
       attention_bias=cfg.attention_bias, num_local_experts=cfg.num_experts,
       num_experts_per_tok=cfg.experts_per_token, swiglu_alpha=cfg.swiglu_alpha,
       swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.window, layer_types=list(cfg.layer_types))
@@ -172,9 +154,7 @@ def rms_norm(params, x_BxTxD: jax.Array, eps: float) -> jax.Array:
   return (scale * x32).astype(x_BxTxD.dtype)
 
 
-def embed(params, cfg: ModelConfig, input_ids_BxT, positions_BxT, dtype):
-  del cfg, positions_BxT
-  return params["model"]["embed_tokens"]["embedding"].astype(dtype)[input_ids_BxT]
+embed = layers.token_embedding(EMBEDDING)
 
 
 def _layer_bias(cfg: GptOssConfig, index: int, bias_Bx1xTxS, cache) -> jax.Array:
@@ -280,16 +260,7 @@ def block(p, cfg: GptOssConfig, h_BxTxD, positions_BxT, bias, tap: Tap, index: i
   return h_BxTxD + moe(p["mlp"], cfg, x, tap, f"{name}.mlp"), new_cache
 
 
-def head(params, cfg: ModelConfig, h_BxTxD, tap: Tap):
-  h_BxTxD = rms_norm(params["model"]["norm"], h_BxTxD, cfg.norm_eps)
-  if cfg.tie_word_embeddings:
-    emb = params["model"]["embed_tokens"]["embedding"]
-    return jnp.einsum("btd,vd->btv", h_BxTxD, emb.astype(h_BxTxD.dtype))
-  return tap.linear("lm_head", params["lm_head"], h_BxTxD)
-
-
-def layer_params(params, index: int):
-  return params["model"]["layers"][str(index)]
+head = layers.norm_and_unembed("model.norm", rms_norm, EMBEDDING)
 
 
 # HF name table.
@@ -307,70 +278,46 @@ def _bias(c):
   return c.attention_bias
 
 
-LINEAR, COPY = hf_map.LINEAR, hf_map.COPY
 GLOBAL_RULES: tuple[hf_map.Rule, ...] = (
-    ("model.embed_tokens.weight", "model.embed_tokens.embedding", COPY, hf_map.vd, hf_map.always),
-    ("model.norm.weight", "model.norm.scale", COPY, hf_map.d, hf_map.always),
-    ("lm_head.weight", "lm_head.kernel", LINEAR, hf_map.dv, hf_map.untied),
+    hf_map.embedding("model.embed_tokens"),
+    *hf_map.norm("model.norm"),
+    *hf_map.linear("lm_head", hf_map.d, hf_map.v, present=hf_map.untied),
 )
 # Expert tensors are COPY in transformers' [E, in, out] layout; a checkpoint may instead hold the
 # two matrices as MXFP4 `<name>_blocks` / `<name>_scales` pairs, which loading dequantizes.
 LAYER_RULES: tuple[hf_map.Rule, ...] = (
-    ("input_layernorm.weight", "input_layernorm.scale", COPY, hf_map.d, hf_map.always),
-    ("post_attention_layernorm.weight", "post_attention_layernorm.scale", COPY, hf_map.d,
-     hf_map.always),
-    ("self_attn.q_proj.weight", "self_attn.q_proj.kernel", LINEAR,
-     lambda c: hf_map.d(c) + hf_map.q(c), hf_map.always),
-    ("self_attn.q_proj.bias", "self_attn.q_proj.bias", COPY, hf_map.q, _bias),
-    ("self_attn.k_proj.weight", "self_attn.k_proj.kernel", LINEAR,
-     lambda c: hf_map.d(c) + hf_map.kv(c), hf_map.always),
-    ("self_attn.k_proj.bias", "self_attn.k_proj.bias", COPY, hf_map.kv, _bias),
-    ("self_attn.v_proj.weight", "self_attn.v_proj.kernel", LINEAR,
-     lambda c: hf_map.d(c) + hf_map.kv(c), hf_map.always),
-    ("self_attn.v_proj.bias", "self_attn.v_proj.bias", COPY, hf_map.kv, _bias),
-    ("self_attn.o_proj.weight", "self_attn.o_proj.kernel", LINEAR,
-     lambda c: hf_map.q(c) + hf_map.d(c), hf_map.always),
-    ("self_attn.o_proj.bias", "self_attn.o_proj.bias", COPY, hf_map.d, _bias),
-    ("self_attn.sinks", "self_attn.sinks", COPY, _h, hf_map.always),
-    ("mlp.router.weight", "mlp.router.kernel", LINEAR, lambda c: hf_map.d(c) + _e(c),
-     hf_map.always),
-    ("mlp.router.bias", "mlp.router.bias", COPY, _e, hf_map.always),
-    ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj", COPY,
+    *hf_map.norm("input_layernorm"),
+    *hf_map.norm("post_attention_layernorm"),
+    *hf_map.linear("self_attn.q_proj", hf_map.d, hf_map.q, _bias),
+    *hf_map.linear("self_attn.k_proj", hf_map.d, hf_map.kv, _bias),
+    *hf_map.linear("self_attn.v_proj", hf_map.d, hf_map.kv, _bias),
+    *hf_map.linear("self_attn.o_proj", hf_map.q, hf_map.d, _bias),
+    ("self_attn.sinks", "self_attn.sinks", hf_map.COPY, _h, hf_map.always),
+    *hf_map.linear("mlp.router", hf_map.d, _e, hf_map.always),
+    ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj", hf_map.COPY,
      lambda c: (c.num_experts, c.hidden_size, 2 * c.intermediate_size), hf_map.always),
-    ("mlp.experts.gate_up_proj_bias", "mlp.experts.gate_up_proj_bias", COPY,
+    ("mlp.experts.gate_up_proj_bias", "mlp.experts.gate_up_proj_bias", hf_map.COPY,
      lambda c: (c.num_experts, 2 * c.intermediate_size), hf_map.always),
-    ("mlp.experts.down_proj", "mlp.experts.down_proj", COPY,
+    ("mlp.experts.down_proj", "mlp.experts.down_proj", hf_map.COPY,
      lambda c: (c.num_experts, c.intermediate_size, c.hidden_size), hf_map.always),
-    ("mlp.experts.down_proj_bias", "mlp.experts.down_proj_bias", COPY,
+    ("mlp.experts.down_proj_bias", "mlp.experts.down_proj_bias", hf_map.COPY,
      lambda c: (c.num_experts, c.hidden_size), hf_map.always),
 )
 
 # Megatron attention (q/k/v by column, o by row) and experts split over `model` by expert.
 SHARDING_RULES: tuple[tuple[str, P], ...] = (
-    (r"\.self_attn\.(q_proj|k_proj|v_proj)\.kernel$", P(None, MODEL)),
-    (r"\.self_attn\.(q_proj|k_proj|v_proj)\.bias$", P(MODEL)),
-    (r"\.self_attn\.o_proj\.kernel$", P(MODEL, None)),
-    (r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", P(MODEL)),
-    (r"embed_tokens\.embedding$", P(MODEL, None)),
-    (r"^lm_head\.kernel$", P(None, MODEL)),
+    (r"\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$", P(sharding.MODEL)),
+    *sharding.megatron_rules(EMBEDDING, column=("self_attn.q_proj", "self_attn.k_proj",
+                                                "self_attn.v_proj"), row=("self_attn.o_proj",)),
 )
 
 ARCH = registry.register(registry.Architecture(
-    name="gpt_oss",
-    model_types=("gpt_oss",),
-    hf_classes={"gpt_oss": "GptOssForCausalLM"},
-    parse_config=parse_config,
-    config_to_hf=config_to_hf,
-    embed=embed,
-    block=block,
-    head=head,
-    layer_params=layer_params,
-    layer_prefix=LAYER_PREFIX,
-    global_rules=GLOBAL_RULES,
-    layer_rules=LAYER_RULES,
+    name="gpt_oss", model_types=("gpt_oss",), hf_classes={"gpt_oss": "GptOssForCausalLM"},
+    edit_module="self_attn.o_proj", codebook_module="self_attn.o_proj",
+    # o_proj is followed by the layer's MoE, which must see the change: no fast path.
+    residual_writers=(),
     linear_modules=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.router"),
-    edit_module="self_attn.o_proj",
-    codebook_module="self_attn.o_proj",
-    sharding_rules=SHARDING_RULES,
-))
+    parse_config=parse_config, config_to_hf=config_to_hf, embed=embed, block=block, head=head,
+    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
+    sharding_rules=SHARDING_RULES))

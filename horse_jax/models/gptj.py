@@ -13,20 +13,14 @@ the rest pass through (GPT-J-6B: rotary_dim 64 of head_dim 256).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
-
 from horse_jax.models import config as config_lib
-from horse_jax.models import hf_map, layers, registry
+from horse_jax.models import hf_map, layers, registry, sharding
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Tap
 
+EMBEDDING = "transformer.wte.embedding"  # token embedding [V, D], also the tied head
 LAYER_PREFIX = "transformer.h"
-
-
-def embed(params, cfg: ModelConfig, input_ids_BxT, positions_BxT, dtype):
-  del cfg, positions_BxT
-  return params["transformer"]["wte"]["embedding"].astype(dtype)[input_ids_BxT]
+embed = layers.token_embedding(EMBEDDING)
 
 
 def attention(p, cfg: ModelConfig, x_BxTxD, positions_BxT, bias, tap: Tap, name: str, cache):
@@ -44,92 +38,51 @@ def attention(p, cfg: ModelConfig, x_BxTxD, positions_BxT, bias, tap: Tap, name:
   return tap.linear(f"{name}.out_proj", p["out_proj"], out), new_cache
 
 
-def mlp(p, cfg: ModelConfig, x_BxTxD, tap: Tap, name: str):
-  hidden = layers.activation(cfg.hidden_act, tap.linear(f"{name}.fc_in", p["fc_in"], x_BxTxD))
-  return tap.linear(f"{name}.fc_out", p["fc_out"], hidden)
-
-
 def block(p, cfg: ModelConfig, h_BxTxD, positions_BxT, bias, tap: Tap, index: int, cache=None):
   """One decoder layer: h + attn(ln(h)) + mlp(ln(h)). Returns (h, new_cache)."""
   name = f"{LAYER_PREFIX}.{index}"
   x = layers.layer_norm(p["ln_1"], h_BxTxD, cfg.norm_eps)
   attn, new_cache = attention(p["attn"], cfg, x, positions_BxT, bias, tap, f"{name}.attn", cache)
-  return h_BxTxD + attn + mlp(p["mlp"], cfg, x, tap, f"{name}.mlp"), new_cache
+  mlp = layers.feed_forward(p["mlp"], cfg, x, tap, f"{name}.mlp", "fc_in", "fc_out")
+  return h_BxTxD + attn + mlp, new_cache
 
 
-def head(params, cfg: ModelConfig, h_BxTxD, tap: Tap):
-  h_BxTxD = layers.layer_norm(params["transformer"]["ln_f"], h_BxTxD, cfg.norm_eps)
-  if cfg.tie_word_embeddings:
-    emb = params["transformer"]["wte"]["embedding"]
-    return jnp.einsum("btd,vd->btv", h_BxTxD, emb.astype(h_BxTxD.dtype))
-  return tap.linear("lm_head", params["lm_head"], h_BxTxD)
-
-
-def layer_params(params, index: int):
-  return params["transformer"]["h"][str(index)]
+head = layers.norm_and_unembed("transformer.ln_f", layers.layer_norm, EMBEDDING)
 
 
 # --- config.json ---------------------------------------------------------------------------------
 
 
 def parse_config(hf: dict, source: str) -> ModelConfig:
-  """GPT-J fields of a config.json."""
-  config_lib.check_activation(hf.get("activation_function"), source)
-  hidden = int(config_lib.require(hf, "n_embd", source))
-  heads = int(config_lib.require(hf, "n_head", source))
+  """GPT-J fields of a config.json: GPT-2's names plus `rotary_dim`."""
   return ModelConfig(
-      **config_lib.common_fields(hf, source),
-      hidden_size=hidden,
-      intermediate_size=int(hf.get("n_inner") or 4 * hidden),
-      num_layers=int(config_lib.require(hf, "n_layer", source)),
-      num_heads=heads,
-      num_kv_heads=heads,
-      head_dim=hidden // heads,
-      max_position_embeddings=int(hf.get("n_positions", 2048)),
-      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-      hidden_act=hf.get("activation_function", "gelu_new"),
+      **config_lib.gpt2_fields(hf, source, max_positions=2048, tie_word_embeddings=False),
       rope_theta=10000.0,
       rotary_dim=int(hf["rotary_dim"]) if hf.get("rotary_dim") else None,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       attention_bias=False,
       mlp_bias=True,
   )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-  return dict(n_embd=cfg.hidden_size, n_inner=cfg.intermediate_size, n_layer=cfg.num_layers,
-              n_head=cfg.num_heads, n_positions=cfg.max_position_embeddings,
-              layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.hidden_act,
-              rotary_dim=cfg.rotary_dim)
+  return dict(config_lib.gpt2_to_hf(cfg), rotary_dim=cfg.rotary_dim)
 
 
 # --- HF name table -------------------------------------------------------------------------------
 
-LINEAR, COPY, always = hf_map.LINEAR, hf_map.COPY, hf_map.always
-
-
-def _dd(c):
-  return hf_map.d(c) + hf_map.d(c)
-
-
 GLOBAL_RULES: tuple[hf_map.Rule, ...] = (
-    ("transformer.wte.weight", "transformer.wte.embedding", COPY, hf_map.vd, always),
-    ("transformer.ln_f.weight", "transformer.ln_f.scale", COPY, hf_map.d, always),
-    ("transformer.ln_f.bias", "transformer.ln_f.bias", COPY, hf_map.d, always),
-    ("lm_head.weight", "lm_head.kernel", LINEAR, hf_map.dv, hf_map.untied),
-    ("lm_head.bias", "lm_head.bias", COPY, hf_map.v, hf_map.untied),
+    hf_map.embedding("transformer.wte"),
+    *hf_map.norm("transformer.ln_f", bias=True),
+    *hf_map.linear("lm_head", hf_map.d, hf_map.v, hf_map.always, present=hf_map.untied),
 )
 LAYER_RULES: tuple[hf_map.Rule, ...] = (
-    ("ln_1.weight", "ln_1.scale", COPY, hf_map.d, always),
-    ("ln_1.bias", "ln_1.bias", COPY, hf_map.d, always),
-    ("attn.q_proj.weight", "attn.q_proj.kernel", LINEAR, _dd, always),
-    ("attn.k_proj.weight", "attn.k_proj.kernel", LINEAR, _dd, always),
-    ("attn.v_proj.weight", "attn.v_proj.kernel", LINEAR, _dd, always),
-    ("attn.out_proj.weight", "attn.out_proj.kernel", LINEAR, _dd, always),
-    ("mlp.fc_in.weight", "mlp.fc_in.kernel", LINEAR, lambda c: hf_map.d(c) + hf_map.f(c), always),
-    ("mlp.fc_in.bias", "mlp.fc_in.bias", COPY, hf_map.f, always),
-    ("mlp.fc_out.weight", "mlp.fc_out.kernel", LINEAR, lambda c: hf_map.f(c) + hf_map.d(c), always),
-    ("mlp.fc_out.bias", "mlp.fc_out.bias", COPY, hf_map.d, always),
+    *hf_map.norm("ln_1", bias=True),
+    *hf_map.linear("attn.q_proj", hf_map.d, hf_map.d),
+    *hf_map.linear("attn.k_proj", hf_map.d, hf_map.d),
+    *hf_map.linear("attn.v_proj", hf_map.d, hf_map.d),
+    *hf_map.linear("attn.out_proj", hf_map.d, hf_map.d),
+    *hf_map.linear("mlp.fc_in", hf_map.d, hf_map.f, hf_map.always),
+    *hf_map.linear("mlp.fc_out", hf_map.f, hf_map.d, hf_map.always),
 )
 
 LINEAR_MODULES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in",
@@ -137,31 +90,16 @@ LINEAR_MODULES = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", 
 
 # --- sharding: q/k/v and fc_in by output column, out_proj and fc_out by input row ----------------
 
-MODEL = "model"
-SHARDING_RULES = (
-    (r"\.(q_proj|k_proj|v_proj|fc_in)\.kernel$", P(None, MODEL)),
-    (r"\.fc_in\.bias$", P(MODEL)),
-    (r"\.(out_proj|fc_out)\.kernel$", P(MODEL, None)),
-    (r"wte\.embedding$", P(MODEL, None)),
-    (r"^lm_head\.kernel$", P(None, MODEL)),
-    (r"^lm_head\.bias$", P(MODEL)),
-)
+SHARDING_RULES = sharding.megatron_rules(
+    EMBEDDING, column=("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"),
+    row=("attn.out_proj", "mlp.fc_out"))
 
 ARCH = registry.register(registry.Architecture(
-    name="gptj",
-    model_types=("gptj",),
-    hf_classes={"gptj": "GPTJForCausalLM"},
-    parse_config=parse_config,
-    config_to_hf=config_to_hf,
-    embed=embed,
-    block=block,
-    head=head,
-    layer_params=layer_params,
-    layer_prefix=LAYER_PREFIX,
-    global_rules=GLOBAL_RULES,
-    layer_rules=LAYER_RULES,
+    name="gptj", model_types=("gptj",), hf_classes={"gptj": "GPTJForCausalLM"},
+    edit_module="mlp.fc_out", codebook_module="mlp.fc_out",
+    # Attention and MLP read the same input, so both outputs are the layer's last additions.
+    residual_writers=("mlp.fc_out", "attn.out_proj"),
     linear_modules=LINEAR_MODULES,
-    edit_module="mlp.fc_out",
-    codebook_module="mlp.fc_out",
-    sharding_rules=SHARDING_RULES,
-))
+    parse_config=parse_config, config_to_hf=config_to_hf, embed=embed, block=block, head=head,
+    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
+    sharding_rules=SHARDING_RULES))

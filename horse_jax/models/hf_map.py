@@ -84,6 +84,38 @@ def untied(c):
 Rule = tuple[str, str, str, Shape, When]
 
 
+# Rule builders for the tensors every architecture names the same way (torch module `m`'s
+# `m.weight` / `m.bias`).
+
+
+def linear(module: str, d_in: Shape, d_out: Shape, bias: When | None = None, *,
+           kind: str = LINEAR, present: When = always) -> tuple[Rule, ...]:
+  """The rules of a linear module: `weight` as our `kernel` [d_in, d_out], and its `bias` [d_out].
+
+  Args:
+    module: the module's name, e.g. "self_attn.q_proj".
+    d_in, d_out: shape helpers of the input and output widths (e.g. `d`, `q`).
+    bias: when the bias exists (None: the module never has one).
+    kind: LINEAR (torch [out, in]) or CONV1D (GPT-2, stored [in, out]).
+    present: when the module exists at all (e.g. `untied` for lm_head).
+  """
+  kernel = (f"{module}.weight", f"{module}.kernel", kind, lambda c: d_in(c) + d_out(c), present)
+  if bias is None:
+    return (kernel,)
+  return kernel, (f"{module}.bias", f"{module}.bias", COPY, d_out, lambda c: present(c) and bias(c))
+
+
+def norm(module: str, bias: bool = False) -> tuple[Rule, ...]:
+  """The rules of a norm over the hidden size: `weight` as our `scale`, and (LayerNorm) `bias`."""
+  scale = (f"{module}.weight", f"{module}.scale", COPY, d, always)
+  return (scale, (f"{module}.bias", f"{module}.bias", COPY, d, always)) if bias else (scale,)
+
+
+def embedding(module: str, rows: Shape = v) -> Rule:
+  """The rule of an embedding table [rows, D] (`weight` as our `embedding`)."""
+  return (f"{module}.weight", f"{module}.embedding", COPY, lambda c: rows(c) + d(c), always)
+
+
 def entries(cfg: ModelConfig) -> list[Entry]:
   """Every tensor of a model with this config, in HF order (globals first, then layers)."""
   arch = registry.get(cfg.model_type)

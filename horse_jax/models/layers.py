@@ -45,6 +45,22 @@ def activation(name: str, x: jax.Array) -> jax.Array:
   raise ValueError(f"unsupported activation {name!r}")
 
 
+def feed_forward(p, cfg: ModelConfig, x_BxTxD: jax.Array, tap, name: str, up: str,
+                 down: str) -> jax.Array:
+  """The two-layer MLP down(act(up(x))) (GPT-2 c_fc / c_proj, GPT-J fc_in / fc_out).
+
+  Args:
+    p: the MLP's params ({up: {...}, down: {...}}).
+    cfg: the config (`hidden_act`).
+    x_BxTxD: the MLP's input.
+    tap: the forward pass's `Tap` (both linears are hookable modules).
+    name: the MLP's module name, e.g. "transformer.h.3.mlp".
+    up, down: the two linear modules' names inside it.
+  """
+  hidden = activation(cfg.hidden_act, tap.linear(f"{name}.{up}", p[up], x_BxTxD))
+  return tap.linear(f"{name}.{down}", p[down], hidden)
+
+
 def rope_inv_freq(cfg: ModelConfig, rotary_dim: int) -> np.ndarray:
   """Inverse frequencies [rotary_dim // 2] (float64 then float32), with linear/llama3 scaling."""
   inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
@@ -173,6 +189,51 @@ def dot_attention(q_BxTxHxD, k_BxSxGxD, v_BxSxGxD, bias_Bx1xTxS) -> jax.Array:
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxGxD.dtype)
   out = jnp.einsum("bgrts,bsgd->btgrd", probs, v_BxSxGxD)
   return out.reshape(b, t, num_heads, d)
+
+
+def _at(params, path: str):
+  for key in path.split("."):
+    params = params[key]
+  return params
+
+
+def token_embedding(table: str, positions: str | None = None):
+  """An architecture's `embed`: rows of an embedding table, plus learned absolute positions.
+
+  Args:
+    table: param path of the token embedding [V, D], e.g. "model.embed_tokens.embedding".
+    positions: param path of a learned position embedding [P, D] (GPT-2), or None.
+
+  Returns:
+    embed(params, cfg, input_ids [B, T], positions [B, T], dtype) -> h [B, T, D].
+  """
+  def embed(params, cfg: ModelConfig, input_ids_BxT, positions_BxT, dtype):
+    del cfg
+    h_BxTxD = _at(params, table).astype(dtype)[input_ids_BxT]
+    if positions is None:
+      return h_BxTxD
+    return h_BxTxD + _at(params, positions).astype(dtype)[positions_BxT]
+  return embed
+
+
+def norm_and_unembed(final_norm: str, norm, table: str):
+  """An architecture's `head`: the final norm, then the tied embedding or the `lm_head` module.
+
+  Args:
+    final_norm: param path of the final norm, e.g. "model.norm".
+    norm: the architecture's norm, norm(params, x, eps) (e.g. `rms_norm`).
+    table: param path of the token embedding [V, D], the head when `tie_word_embeddings`.
+
+  Returns:
+    head(params, cfg, h [B, T, D], tap) -> logits [B, T, V] (an untied lm_head goes through
+    `tap.linear`, so hooks reach it).
+  """
+  def head(params, cfg: ModelConfig, h_BxTxD, tap):
+    h_BxTxD = norm(_at(params, final_norm), h_BxTxD, cfg.norm_eps)
+    if cfg.tie_word_embeddings:
+      return jnp.einsum("btd,vd->btv", h_BxTxD, _at(params, table).astype(h_BxTxD.dtype))
+    return tap.linear("lm_head", params["lm_head"], h_BxTxD)
+  return head
 
 
 def update_cache(cache, k_BxTxGxD: jax.Array, v_BxTxGxD: jax.Array):

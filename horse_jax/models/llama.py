@@ -14,20 +14,14 @@ Param tree (HF names, kernels [in, out]):
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
-
 from horse_jax.models import config as config_lib
-from horse_jax.models import hf_map, layers, registry
+from horse_jax.models import hf_map, layers, registry, sharding
 from horse_jax.models.config import ModelConfig
 from horse_jax.models.hooks import Tap
 
+EMBEDDING = "model.embed_tokens.embedding"  # token embedding [V, D], also the tied head
 LAYER_PREFIX = "model.layers"
-
-
-def embed(params, cfg: ModelConfig, input_ids_BxT, positions_BxT, dtype):
-  del cfg, positions_BxT
-  return params["model"]["embed_tokens"]["embedding"].astype(dtype)[input_ids_BxT]
+embed = layers.token_embedding(EMBEDDING)
 
 
 def attention(p, cfg: ModelConfig, x_BxTxD, positions_BxT, bias, tap: Tap, name: str, cache):
@@ -62,16 +56,7 @@ def block(p, cfg: ModelConfig, h_BxTxD, positions_BxT, bias, tap: Tap, index: in
   return h_BxTxD + mlp(p["mlp"], cfg, x, tap, f"{name}.mlp"), new_cache
 
 
-def head(params, cfg: ModelConfig, h_BxTxD, tap: Tap):
-  h_BxTxD = layers.rms_norm(params["model"]["norm"], h_BxTxD, cfg.norm_eps)
-  if cfg.tie_word_embeddings:
-    emb = params["model"]["embed_tokens"]["embedding"]
-    return jnp.einsum("btd,vd->btv", h_BxTxD, emb.astype(h_BxTxD.dtype))
-  return tap.linear("lm_head", params["lm_head"], h_BxTxD)
-
-
-def layer_params(params, index: int):
-  return params["model"]["layers"][str(index)]
+head = layers.norm_and_unembed("model.norm", layers.rms_norm, EMBEDDING)
 
 
 # --- config.json ---------------------------------------------------------------------------------
@@ -81,26 +66,15 @@ def parse_config(hf: dict, source: str) -> ModelConfig:
   """Llama / Mistral / Qwen2 fields of a config.json."""
   model_type = hf["model_type"]
   config_lib.check_activation(hf.get("hidden_act"), source)
-  hidden = int(config_lib.require(hf, "hidden_size", source))
-  heads = int(config_lib.require(hf, "num_attention_heads", source))
-  num_layers = int(config_lib.require(hf, "num_hidden_layers", source))
+  fields = config_lib.decoder_fields(hf, source, head_dim=None, max_positions=2048, norm_eps=1e-6)
   theta, scaling = config_lib.rope_from_hf(hf)
+  num_layers = fields["num_layers"]
   window = config_lib.sliding_window_from_hf(hf, num_layers, source, use_flag=model_type == "qwen2",
                                              max_window_layers=num_layers)
   return ModelConfig(
-      **config_lib.common_fields(hf, source),
-      hidden_size=hidden,
-      intermediate_size=int(config_lib.require(hf, "intermediate_size", source)),
-      num_layers=num_layers,
-      num_heads=heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-      head_dim=int(hf.get("head_dim") or hidden // heads),
-      max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      hidden_act=hf.get("hidden_act", "silu"),
+      **fields,
       rope_theta=theta,
       rope_scaling=scaling,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       # Qwen2 always has q/k/v biases and Mistral never has any, whatever the config says.
       attention_bias=(model_type == "qwen2" or
                       (model_type == "llama" and bool(hf.get("attention_bias", False)))),
@@ -110,12 +84,7 @@ def parse_config(hf: dict, source: str) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
-  hf = dict(
-      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-      max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
-      hidden_act=cfg.hidden_act, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling_dict)
+  hf = config_lib.decoder_to_hf(cfg)
   if cfg.model_type in ("llama", "qwen3"):
     hf.update(attention_bias=cfg.attention_bias)
   if cfg.model_type == "llama":
@@ -144,68 +113,32 @@ def _mlp_bias(c):
   return c.mlp_bias
 
 
-def _dq(c):
-  return hf_map.d(c) + hf_map.q(c)
-
-
-def _dkv(c):
-  return hf_map.d(c) + hf_map.kv(c)
-
-
-def _qd(c):
-  return hf_map.q(c) + hf_map.d(c)
-
-
-def _df(c):
-  return hf_map.d(c) + hf_map.f(c)
-
-
-def _fd(c):
-  return hf_map.f(c) + hf_map.d(c)
-
-
-LINEAR, COPY = hf_map.LINEAR, hf_map.COPY
-always = hf_map.always
-
 GLOBAL_RULES: tuple[hf_map.Rule, ...] = (
-    ("model.embed_tokens.weight", "model.embed_tokens.embedding", COPY, hf_map.vd, always),
-    ("model.norm.weight", "model.norm.scale", COPY, hf_map.d, always),
-    ("lm_head.weight", "lm_head.kernel", LINEAR, hf_map.dv, hf_map.untied),
+    hf_map.embedding("model.embed_tokens"),
+    *hf_map.norm("model.norm"),
+    *hf_map.linear("lm_head", hf_map.d, hf_map.v, present=hf_map.untied),
 )
 LAYER_RULES: tuple[hf_map.Rule, ...] = (
-    ("input_layernorm.weight", "input_layernorm.scale", COPY, hf_map.d, always),
-    ("post_attention_layernorm.weight", "post_attention_layernorm.scale", COPY, hf_map.d, always),
-    ("self_attn.q_proj.weight", "self_attn.q_proj.kernel", LINEAR, _dq, always),
-    ("self_attn.q_proj.bias", "self_attn.q_proj.bias", COPY, hf_map.q, _qkv_bias),
-    ("self_attn.k_proj.weight", "self_attn.k_proj.kernel", LINEAR, _dkv, always),
-    ("self_attn.k_proj.bias", "self_attn.k_proj.bias", COPY, hf_map.kv, _qkv_bias),
-    ("self_attn.v_proj.weight", "self_attn.v_proj.kernel", LINEAR, _dkv, always),
-    ("self_attn.v_proj.bias", "self_attn.v_proj.bias", COPY, hf_map.kv, _qkv_bias),
-    ("self_attn.o_proj.weight", "self_attn.o_proj.kernel", LINEAR, _qd, always),
-    ("self_attn.o_proj.bias", "self_attn.o_proj.bias", COPY, hf_map.d, _o_bias),
-    ("mlp.gate_proj.weight", "mlp.gate_proj.kernel", LINEAR, _df, always),
-    ("mlp.gate_proj.bias", "mlp.gate_proj.bias", COPY, hf_map.f, _mlp_bias),
-    ("mlp.up_proj.weight", "mlp.up_proj.kernel", LINEAR, _df, always),
-    ("mlp.up_proj.bias", "mlp.up_proj.bias", COPY, hf_map.f, _mlp_bias),
-    ("mlp.down_proj.weight", "mlp.down_proj.kernel", LINEAR, _fd, always),
-    ("mlp.down_proj.bias", "mlp.down_proj.bias", COPY, hf_map.d, _mlp_bias),
+    *hf_map.norm("input_layernorm"),
+    *hf_map.norm("post_attention_layernorm"),
+    *hf_map.linear("self_attn.q_proj", hf_map.d, hf_map.q, _qkv_bias),
+    *hf_map.linear("self_attn.k_proj", hf_map.d, hf_map.kv, _qkv_bias),
+    *hf_map.linear("self_attn.v_proj", hf_map.d, hf_map.kv, _qkv_bias),
+    *hf_map.linear("self_attn.o_proj", hf_map.q, hf_map.d, _o_bias),
+    *hf_map.linear("mlp.gate_proj", hf_map.d, hf_map.f, _mlp_bias),
+    *hf_map.linear("mlp.up_proj", hf_map.d, hf_map.f, _mlp_bias),
+    *hf_map.linear("mlp.down_proj", hf_map.f, hf_map.d, _mlp_bias),
 )
 
 LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
-# --- sharding ------------------------------------------------------------------------------------
+# --- sharding: q/k/v and gate/up by output column, o/down by input row ----------------------------
 
-MODEL = "model"
-# Megatron pairs: q/k/v and gate/up split by output column, o/down by input row (one all-reduce
-# per pair); embeddings split over the vocabulary; norms replicated.
-SHARDING_RULES = (
-    (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, MODEL)),
-    (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", P(MODEL)),
-    (r"\.(o_proj|down_proj)\.kernel$", P(MODEL, None)),
-    (r"embed_tokens\.embedding$", P(MODEL, None)),
-    (r"^lm_head\.kernel$", P(None, MODEL)),
-)
+SHARDING_RULES = sharding.megatron_rules(
+    EMBEDDING, column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                       "mlp.up_proj"),
+    row=("self_attn.o_proj", "mlp.down_proj"))
 
 
 def _init_params(cfg, key, dtype, std):
@@ -214,22 +147,12 @@ def _init_params(cfg, key, dtype, std):
 
 
 ARCH = registry.register(registry.Architecture(
-    name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    name="llama", model_types=("llama", "mistral", "qwen2"),
     hf_classes={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM"},
-    parse_config=parse_config,
-    config_to_hf=config_to_hf,
-    embed=embed,
-    block=block,
-    head=head,
-    layer_params=layer_params,
-    layer_prefix=LAYER_PREFIX,
-    global_rules=GLOBAL_RULES,
-    layer_rules=LAYER_RULES,
+    edit_module="mlp.down_proj", codebook_module="mlp.down_proj",
+    residual_writers=("mlp.down_proj",),
     linear_modules=LINEAR_MODULES,
-    edit_module="mlp.down_proj",
-    codebook_module="mlp.down_proj",
-    sharding_rules=SHARDING_RULES,
-    init_params=_init_params,
-))
+    parse_config=parse_config, config_to_hf=config_to_hf, embed=embed, block=block, head=head,
+    layer_prefix=LAYER_PREFIX, global_rules=GLOBAL_RULES, layer_rules=LAYER_RULES,
+    sharding_rules=SHARDING_RULES, init_params=_init_params))

@@ -22,30 +22,15 @@ QWEN3_DEFAULT_HEAD_DIM = 128  # Qwen3Config's default
 def parse_config(hf: dict, source: str) -> ModelConfig:
   """Qwen3 fields of a config.json."""
   config_lib.check_activation(hf.get("hidden_act"), source)
-  heads = int(config_lib.require(hf, "num_attention_heads", source))
-  num_layers = int(config_lib.require(hf, "num_hidden_layers", source))
+  fields = config_lib.decoder_fields(hf, source, head_dim=QWEN3_DEFAULT_HEAD_DIM,
+                                     max_positions=32768, norm_eps=1e-6)
   theta, scaling = config_lib.rope_from_hf(hf)
   # Qwen3Config windows the layers from max_window_layers (default 28) on when use_sliding_window.
-  window = config_lib.sliding_window_from_hf(hf, num_layers, source, use_flag=True,
+  window = config_lib.sliding_window_from_hf(hf, fields["num_layers"], source, use_flag=True,
                                              max_window_layers=28)
-  return ModelConfig(
-      **config_lib.common_fields(hf, source),
-      hidden_size=int(config_lib.require(hf, "hidden_size", source)),
-      intermediate_size=int(config_lib.require(hf, "intermediate_size", source)),
-      num_layers=num_layers,
-      num_heads=heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-      head_dim=int(hf.get("head_dim") or QWEN3_DEFAULT_HEAD_DIM),
-      max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      hidden_act=hf.get("hidden_act", "silu"),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      attention_bias=bool(hf.get("attention_bias", False)),
-      mlp_bias=False,
-      sliding_window=window,
-  )
+  return ModelConfig(**fields, rope_theta=theta, rope_scaling=scaling,
+                     attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=False,
+                     sliding_window=window)
 
 
 def _head_dim(c):

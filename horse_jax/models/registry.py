@@ -27,15 +27,20 @@ fields, with the signatures the generic code calls:
     `cache` is None or (k [B, S, G, Dh], v, write_index) and must then be updated in place of slots
     [write_index, write_index + T) (`layers.update_cache`); the new (k, v) is returned.
   head(params, cfg, h_BxTxD, tap) -> logits [B, T, V] (final norm + lm_head or tied embedding).
-  layer_params(params, index) -> the param subtree of decoder layer `index`.
   layer_prefix: HF prefix of the decoder layers, e.g. "model.layers" (module names are
-    f"{layer_prefix}.{i}.{suffix}").
+    f"{layer_prefix}.{i}.{suffix}"; `Architecture.layer_params(params, i)` is the param subtree
+    at that path).
   global_rules, layer_rules: the HF name table (`hf_map.Rule` tuples: hf suffix, param suffix, kind,
     param shape fn(cfg), present fn(cfg)); loading, export, random init and shape checks read it.
   linear_modules: per-layer suffixes of the linear modules editors and hooks may address, in
     forward order (e.g. "mlp.down_proj"); an untied `lm_head` is added generically.
   edit_module: suffix of the default module HORSE/MALMEN/MEND edit (the last layers' MLP output).
   codebook_module: suffix of the default module HoReN/GRACE wrap (usually the same as edit_module).
+  residual_writers: per-layer suffixes of the linear modules whose output is the last thing their
+    layer adds to the residual stream (e.g. "mlp.down_proj"; GPT-J's parallel attention and MLP
+    both qualify). The codebook editor adds such a module's edited output after the layer instead
+    of rerunning it; an attention projection followed by its layer's MLP must not be listed (the
+    MLP sees the change). () = every wrapped module reruns its layer (always correct, slower).
   sharding_rules: ((regex on the dot-joined param path, PartitionSpec), ...), first match wins, no
     match = replicated; a dimension the mesh axis does not divide is replicated (`sharding.spec_for`).
   init_params: optional fn(cfg, key, dtype, std) -> params for random models; None = Normal(0, std)
@@ -65,15 +70,22 @@ class Architecture(NamedTuple):
   embed: Callable[..., Any]
   block: Callable[..., Any]
   head: Callable[..., Any]
-  layer_params: Callable[[dict, int], dict]
   layer_prefix: str
   global_rules: tuple
   layer_rules: tuple
   linear_modules: tuple[str, ...]
   edit_module: str
   codebook_module: str
+  residual_writers: tuple[str, ...]
   sharding_rules: tuple
   init_params: Callable[..., dict] | None = None
+
+  def layer_params(self, params: dict, index: int) -> dict:
+    """The param subtree of decoder layer `index` (at f"{layer_prefix}.{index}")."""
+    node = params
+    for key in self.layer_prefix.split("."):
+      node = node[key]
+    return node[str(index)]
 
 
 _REGISTRY: dict[str, Architecture] = {}

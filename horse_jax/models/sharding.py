@@ -29,6 +29,31 @@ from horse_jax.models.config import ModelConfig
 DATA, MODEL = "data", "model"
 
 
+def megatron_rules(embedding: str, column: tuple[str, ...], row: tuple[str, ...]
+                   ) -> tuple[tuple[str, P], ...]:
+  """An architecture's tensor-parallel rules in the Megatron layout.
+
+  Projections into the wide space (`column`: q/k/v, gate/up) are split by output column, their
+  biases with them; the projections back to the residual stream (`row`: o/down) by input row, so
+  each pair costs one all-reduce. The token embedding [V, D] is split over the vocabulary and an
+  untied lm_head [D, V] (and its bias) by output column. Everything else is replicated.
+
+  Args:
+    embedding: param path of the token embedding, e.g. "model.embed_tokens.embedding".
+    column: per-layer module names split by output column, e.g. ("self_attn.q_proj", ...).
+    row: per-layer module names split by input row, e.g. ("self_attn.o_proj", "mlp.down_proj").
+
+  Returns:
+    ((regex on the dot-joined param path, PartitionSpec), ...) for the architecture's
+    `sharding_rules`.
+  """
+  cols = "|".join(re.escape(m) for m in column)
+  rows = "|".join(re.escape(m) for m in row)
+  return ((rf"\.({cols})\.kernel$", P(None, MODEL)), (rf"\.({cols})\.bias$", P(MODEL)),
+          (rf"\.({rows})\.kernel$", P(MODEL, None)),
+          (f"^{re.escape(embedding)}$", P(MODEL, None)), (r"^lm_head\.kernel$", P(None, MODEL)),
+          (r"^lm_head\.bias$", P(MODEL)))
+
 
 def rules_for(cfg: ModelConfig | None) -> tuple[tuple[str, P], ...]:
   """The tensor-parallel rules of an architecture (its module's `sharding_rules`).

@@ -31,7 +31,8 @@ costs one batched training; every shared row adds a wave (a masked batched train
 Float results equal the sequential ones up to the batch-size dependence of the matmul kernels.
 
 Speed: when the wrapped module's output is the last thing layer L adds to the residual stream
-(down_proj of the llama family, GPT-2 mlp.c_proj, GPT-J fc_out / out_proj), the edited residual after
+(its architecture's `residual_writers`: down_proj of the llama family, GPT-2 mlp.c_proj, GPT-J
+fc_out / out_proj), the edited residual after
 layer L is the unedited one plus (new y[p] - y[p]) at p (and at t > p with `edit_span=onward`), so
 training runs only layers L+1.. and the head; otherwise layer L is rerun with the adapter hook. An
 attention output projection followed by the same layer's MLP (llama o_proj, GPT-2 attn.c_proj,
@@ -70,18 +71,6 @@ from horse_jax.models.layers import attention_bias
 from horse_jax.models.transformer import arch, default_positions, run_layers
 
 DEFAULT_BLOCK = CodebookSettings.edit_block  # edits per program (1 = the one-at-a-time reference loop)
-
-# Modules whose output is the last addition of their layer to the residual stream, per model family
-# (GPT-J's attention and MLP read the same input, so both qualify; sequential attention does not).
-_RESIDUAL_WRITERS = {
-    "llama": ("mlp.down_proj",),
-    "mistral": ("mlp.down_proj",),
-    "qwen2": ("mlp.down_proj",),
-    "qwen3": ("mlp.down_proj",),
-    "gpt2": ("mlp.c_proj",),
-    "gptj": ("mlp.fc_out", "attn.out_proj"),
-}
-
 
 class EditInfo(NamedTuple):
   """What edits did (device arrays: scalars for one edit, [B] for a block).
@@ -138,8 +127,11 @@ def row_acc(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
 
 
 def writes_residual(model: Model, name: str) -> bool:
-  """Whether module `name`'s output is added unchanged to the residual stream (fast path)."""
-  return any(name.endswith("." + s) for s in _RESIDUAL_WRITERS.get(model.config.model_type, ()))
+  """Whether module `name`'s output is its layer's last addition to the residual stream (fast path).
+
+  The architecture declares these modules (`Architecture.residual_writers`).
+  """
+  return any(name.endswith("." + s) for s in arch(model.config).residual_writers)
 
 
 def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> jax.Array:

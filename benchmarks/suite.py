@@ -1,4 +1,4 @@
-"""Benchmarks of the hot paths, written as markdown tables (never asserted in tests).
+"""The `horse-jax bench` suite: the hot paths timed, written as markdown tables (never asserted).
 
 Each benchmark is a function `(world) -> list of row dicts`; `run(names, ...)` times them after a
 warm-up call (so compile time is reported separately from steady-state time) and returns the rows.
@@ -134,25 +134,25 @@ def bench_horen_edit(world, reference=False):
 def bench_horse_meta_step(world, reference=False):
   """HORSE meta-training step on train/world_horse.yaml (one compiled program; compile apart), its
   cache gathered from the memo of the training records as `horse-jax train` does by default."""
-  from horse_jax.editors.hypernet import bench as hb
+  from benchmarks import hypernet as hb
   return hb.bench_meta_step(_hypernet_setup(world))
 
 
 def bench_horse_meta_step_recompute(world, reference=False):
   """The same step recomputing its cache every step, as the reference does (no memo)."""
-  from horse_jax.editors.hypernet import bench as hb
+  from benchmarks import hypernet as hb
   return hb.bench_meta_step(_hypernet_setup(world), memo=False)
 
 
 def bench_horse_edit_1000(world, reference=False):
   """1,000 HORSE world edits at once (one compiled program; compile apart; FLOPs, share of peak)."""
-  from horse_jax.editors.hypernet import bench as hb
+  from benchmarks import hypernet as hb
   return hb.bench_edit(_hypernet_setup(world))
 
 
 def _hypernet_setup(world):
   if "hypernet_setup" not in world:
-    from horse_jax.editors.hypernet import bench as hb
+    from benchmarks import hypernet as hb
     import os
     world["hypernet_setup"] = hb.world_setup(os.path.dirname(world["model_path"]))
   return world["hypernet_setup"]
@@ -161,16 +161,16 @@ def _hypernet_setup(world):
 def bench_horen_llama8(world, reference=False):
   """HoReN per edit on an 8-layer random Llama (hidden 64, vocab 2,048): steady state (edits
   201-400 of 400, block of 16 and the one-at-a-time path) and 10,000 edits with compilation."""
-  from horse_jax.editors.codebook import bench as codebook_bench
+  from benchmarks import codebook as codebook_bench
   return codebook_bench.bench_llama8()
 
 
 def bench_horen_world_50k(world, reference=False):
   """HoReN over 50,000 distinct world edits in sequence, then ES/GS/locality of all of them
-  (long: run it with --only; `python -m horse_jax.editors.codebook.bench --world-distinct N`
+  (long: run it with --only; `python -m benchmarks.codebook --world-distinct N`
   runs other sizes)."""
   import os
-  from horse_jax.editors.codebook import bench as codebook_bench
+  from benchmarks import codebook as codebook_bench
   return codebook_bench.bench_world_distinct(os.path.dirname(world["model_path"]), n=50_000)
 
 
@@ -192,16 +192,26 @@ BENCHMARKS = {
 }
 
 
-def load_world(world_dir: str | None = None, n_records: int = 1000) -> dict[str, Any]:
-  """The embedded world model, tokenizer and test records used by the benchmarks."""
+def load_world(world_dir: str | None = None, n_records: int = 1000, *, mesh=None,
+               fsdp: bool = False) -> dict[str, Any]:
+  """The embedded world model, tokenizer and test records used by the benchmarks.
+
+  Args:
+    world_dir: the world folder (default: the embedded world's).
+    n_records: test records to load.
+    mesh: device mesh the model is sharded over (None: one device).
+    fsdp: also split the weights over the mesh's data axis.
+
+  Returns:
+    {"model", "tokenizer", "model_path", "records"}.
+  """
   import os
   from horse_jax.data.loaders import load_records
   from horse_jax.models import from_pretrained, load_tokenizer
   from horse_jax.world.build import default_world_dir
   root = world_dir or default_world_dir()
   path = os.path.join(root, "model")
-  from horse_jax import distributed
-  model = from_pretrained(path, mesh=distributed.cli_mesh(), fsdp=distributed.cli_fsdp())
+  model = from_pretrained(path, mesh=mesh, fsdp=fsdp)
   return {"model": model, "tokenizer": load_tokenizer(path), "model_path": path,
           "records": load_records(os.path.join(root, "data", "zsre_test.json"), limit=n_records)}
 
@@ -217,10 +227,22 @@ def markdown(rows: list[dict[str, Any]], device: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run(names, world_dir=None, reference=False, progress=True) -> list[dict[str, Any]]:
-  """Runs the named benchmarks; returns their rows."""
+def run(names, world_dir=None, reference=False, progress=True, *, mesh=None,
+        fsdp: bool = False) -> list[dict[str, Any]]:
+  """Runs the named benchmarks on the world model.
+
+  Args:
+    names: keys of `BENCHMARKS`, in the order to run.
+    world_dir: the world folder (default: the embedded world's).
+    reference: also time reference-scale shapes (needs an accelerator).
+    progress: show a progress bar.
+    mesh, fsdp: how the world model is placed (`load_world`).
+
+  Returns:
+    The benchmarks' rows (dicts with benchmark, shape, first_s, steady_s, throughput, ...).
+  """
   from tqdm import tqdm
-  world = load_world(world_dir)
+  world = load_world(world_dir, mesh=mesh, fsdp=fsdp)
   rows: list[dict[str, Any]] = []
   for name in tqdm(names, desc="benchmarks", disable=not progress):
     rows += BENCHMARKS[name](world, reference)

@@ -1,7 +1,7 @@
 """Sequential-editing benchmark and demo on a tiny random llama (CPU-friendly).
 
-  python -m horse_jax.editors.codebook.bench --edits 10000 --n-iter 50
-  python -m horse_jax.editors.codebook.bench --demo --edits 200
+  python -m benchmarks.codebook --edits 10000 --n-iter 50
+  python -m benchmarks.codebook --demo --edits 200
 
 Benchmark: applies N distinct random edits one after another (each adds a key, so the codebook
 doubles log2(N) times) and prints, at every capacity change and at the end: edits done, capacity,
@@ -31,7 +31,7 @@ from horse_jax.data.tokenize import IGNORE, EditBatch
 from horse_jax.editors.codebook import edit, infer, state
 from horse_jax import settings as settings_lib
 from horse_jax.editors.codebook.settings import CodebookSettings, from_resolved
-from horse_jax.machine import cpu_peak_flops, peak_rss_mb, rss_mb
+from benchmarks.machine import cpu_peak_flops, peak_rss_mb, rss_mb
 from horse_jax.models import apply
 from horse_jax.models import names
 from horse_jax.models.init import random_model, tiny_llama_config

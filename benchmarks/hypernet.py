@@ -11,7 +11,7 @@ runs of the compiled program), the host time to tokenize and pack one step (over
 previous step in `horse-jax train`), the program's FLOPs from XLA's cost analysis and the achieved
 share of the CPU's nominal fp32 peak (`cpu_peak_flops`). XLA counts a while loop's body once, so
 those FLOPs cover one LM chunk and one module of the programs' `lax.scan`s;
-`python -m horse_jax.editors.hypernet.bench --unrolled-flops` also prints the whole programs'
+`python -m benchmarks.hypernet --unrolled-flops` also prints the whole programs'
 FLOPs, counted on a second lowering with every scan unrolled (`scans_unrolled`).
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from horse_jax.machine import cpu_peak_flops
+from benchmarks.machine import cpu_peak_flops
 
 # The world recipe (train/world_horse.yaml): all four down_proj, 1,000 edits per step in mini-batches
 # of 100, rank 32, meta_lr 3e-4, hypernetwork chunks of 1,024 rows.
@@ -217,7 +217,7 @@ def _world_flops(setup: dict[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-  """python -m horse_jax.editors.hypernet.bench [--unrolled-flops]: both cases as a markdown table."""
+  """python -m benchmarks.hypernet [--unrolled-flops]: both cases as a markdown table."""
   setup = world_setup()
   rows = bench_meta_step(setup) + bench_meta_step(setup, memo=False) + bench_edit(setup)
   if "--unrolled-flops" in sys.argv[1:]:
