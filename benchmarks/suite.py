@@ -207,12 +207,12 @@ def load_world(world_dir: str | None = None, n_records: int = 1000, *, mesh=None
   """
   import os
   from horse_jax.data.loaders import load_records
-  from horse_jax.models import from_pretrained, load_tokenizer
+  from horse_jax.runtime import load_model
   from horse_jax.world.build import default_world_dir
   root = world_dir or default_world_dir()
   path = os.path.join(root, "model")
-  model = from_pretrained(path, mesh=mesh, fsdp=fsdp)
-  return {"model": model, "tokenizer": load_tokenizer(path), "model_path": path,
+  model, tokenizer = load_model(path, mesh=mesh, fsdp=fsdp)
+  return {"model": model, "tokenizer": tokenizer, "model_path": path,
           "records": load_records(os.path.join(root, "data", "zsre_test.json"), limit=n_records)}
 
 

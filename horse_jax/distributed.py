@@ -9,13 +9,16 @@ process per host with `--coordinator HOST:PORT --num-processes N --process-id I`
 
   initialize(coordinator, num_processes, process_id, auto)   before anything touches a JAX backend
   parse_mesh("2x4") -> (2, 4);  mesh_for("auto", card) -> Mesh
+  mesh, fsdp = device_mesh("2x4", "auto", model_path)        what a run passes to loading and editors
   is_main() / main_print(...)                                process 0 only
   global_array(host_array, sharding)                         every process passes the same values
   to_host(array)                                             the full value on every process
   replicate(tree, mesh)                                      a copy on every device of the mesh
   broadcast_text(text) / gather_text(text) / barrier(name)   process 0's string / all of them / wait
   atomic_directory_all_processes(path)                       a folder every process writes into
-  set_cli_mesh(mesh, fsdp) / cli_mesh() / cli_fsdp()         the mesh the running command uses
+
+The mesh is always an explicit argument (`load_model(path, mesh=..., fsdp=...)`, the editors'
+`mesh=`); nothing here remembers one.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 
 from horse_jax.errors import UserError
 
-_STATE: dict[str, Any] = {"mesh": None, "fsdp": False, "initialized": False}
+_STATE: dict[str, Any] = {"initialized": False}
 
 
 def parse_mesh(text: str | None) -> tuple[int, int] | None:
@@ -63,6 +66,59 @@ def mesh_for(text: str | None, card: dict[str, Any] | None = None, devices=None)
   devices = list(jax.devices() if devices is None else devices)
   shape = parse_mesh(text) or card_mesh(card, len(devices))
   return make_mesh(shape[0], shape[1], devices)
+
+
+def device_mesh(mesh: str | None = None, fsdp: str | bool | None = None,
+                model_path: str | None = None, devices=None) -> tuple[Any, bool]:
+  """The (data, model) mesh of a run and whether its weights also split over `data` (FSDP).
+
+  Call after `initialize` (a multi-host run needs the global devices).
+
+  Args:
+    mesh: "DATAxMODEL" (e.g. "2x4"), "auto" (the model card's `sharding.mesh`, else every device on
+      `model`), or None: one device in a single process, "auto" across processes.
+    fsdp: True / False / "true" / "false" / "auto"; None: the card's `sharding.fsdp`, else "auto" (on
+      when one tensor-parallel replica of the weights takes over half a device's memory).
+    model_path: the checkpoint folder, for its model card and its size (optional).
+    devices: the devices to lay out (default all of them).
+
+  Returns:
+    (mesh, fsdp): the mesh, or None for one device, and whether to use FSDP on it; pass both to
+    `horse_jax.runtime.load_model` and the mesh to the editors.
+
+  Raises:
+    UserError: a malformed `mesh`, more devices than exist, or an `fsdp` that is not a boolean/auto.
+  """
+  if mesh is None and jax.process_count() == 1:
+    return None, False
+  card = _card(model_path)
+  made = mesh_for(mesh, card, devices)
+  setting = (card.get("sharding") or {}).get("fsdp", "auto") if fsdp is None else fsdp
+  return made, _want_fsdp(setting, model_path, made, card.get("dtype") or "float32")
+
+
+def _card(model_path: str | None) -> dict[str, Any]:
+  import os
+  if not model_path or not os.path.isdir(model_path):
+    return {}
+  from horse_jax.models import read_config
+  from horse_jax.models.cards import card_for
+  try:
+    return dict(card_for(model_path, read_config(model_path)) or {})
+  except UserError:  # an unreadable folder is reported by the load; no card means the defaults
+    return {}
+
+
+def _want_fsdp(setting, model_path: str | None, mesh, dtype: str) -> bool:
+  from horse_jax.models import sharding
+  if str(setting).lower() != "auto":
+    return sharding.want_fsdp(setting, {}, mesh, None)
+  device_bytes = device_memory_bytes()
+  if not device_bytes or not model_path or mesh.shape.get(sharding.DATA, 1) <= 1:
+    return False
+  from horse_jax.models import read_config
+  from horse_jax.models.hf_map import abstract_params
+  return sharding.want_fsdp("auto", abstract_params(read_config(model_path), dtype), mesh, device_bytes)
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -115,20 +171,6 @@ def is_main() -> bool:
 def main_print(*args, **kwargs) -> None:
   if is_main():
     print(*args, **kwargs)
-
-
-def set_cli_mesh(mesh, fsdp: bool = False) -> None:
-  """Records the mesh the running command loads models on (None = one device)."""
-  _STATE["mesh"], _STATE["fsdp"] = mesh, bool(fsdp)
-
-
-def cli_mesh():
-  """The mesh set by the running command (`set_cli_mesh`), else None."""
-  return _STATE["mesh"]
-
-
-def cli_fsdp() -> bool:
-  return _STATE["fsdp"] and _STATE["mesh"] is not None
 
 
 def global_array(host_array: Any, sharding) -> jax.Array:

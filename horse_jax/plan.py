@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from horse_jax.errors import UserError
+from horse_jax.models.hf_map import abstract_params
 
 GIB = 1024 ** 3
 # Per-chip memory (GiB) of the accelerators the plan compares against.
@@ -73,16 +74,6 @@ class Stage:
 
   def to_dict(self) -> dict[str, Any]:
     return {**dataclasses.asdict(self), "peak": self.peak}
-
-
-def abstract_params(cfg, dtype: Any = "float32") -> dict:
-  """The param tree of a config as ShapeDtypeStructs (HF name table order, our layouts)."""
-  from horse_jax.models import hf_map
-  dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-  params: dict = {}
-  for entry in hf_map.entries(cfg):
-    hf_map.set_path(params, entry.path, jax.ShapeDtypeStruct(tuple(entry.shape), dt))
-  return params
 
 
 def _with_sharding(tree, shardings):

@@ -39,7 +39,7 @@ def test_widen_keeps_every_logit_and_adds_live_neurons():
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(WORLD, "model")), reason="no shipped world model")
 def test_finetuned_shifts_install_the_edits():
-  from horse_jax.cli.edit_hypernet import load_model, logits_fn
+  from horse_jax.runtime import load_model, logits_fn
   from horse_jax.data.loaders import load_records
   from horse_jax.editors import hypernet
   from horse_jax.eval.scoring import score_records

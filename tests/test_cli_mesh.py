@@ -15,12 +15,6 @@ from horse_jax.models.sharding import fsdp_spec, spec_for, want_fsdp
 from test_cli_train_edit import tiny_tokenizer, zsre_rows
 
 
-@pytest.fixture(autouse=True)
-def _reset_cli_mesh():
-  yield
-  distributed.set_cli_mesh(None)  # the CLI runs in-process: do not leak a mesh into other tests
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
   root = tmp_path_factory.mktemp("mesh")
@@ -73,15 +67,31 @@ def test_edit_with_fsdp_mesh_equals_one_device(ws):
   _same_outputs(ws / "one", ws / "fsdp")
 
 
-def test_load_model_uses_the_cli_mesh(ws):
-  from horse_jax.cli.edit_hypernet import load_model
-  distributed.set_cli_mesh(make_mesh(2, 4), fsdp=True)
-  model, _ = load_model(str(ws / "llama"))
+def test_load_model_on_an_explicit_mesh(ws):
+  from horse_jax.runtime import load_model
+  model, _ = load_model(str(ws / "llama"), mesh=make_mesh(2, 4), fsdp=True)
   down = model.params["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]  # [128, 64]
   assert down.sharding.spec == P("model", "data")
   assert down.addressable_shards[0].data.shape == (32, 32)
   norm = model.params["model"]["norm"]["scale"]
   assert norm.sharding.spec == P()
+  one, _ = load_model(str(ws / "llama"))  # no mesh: one device, the same values
+  np.testing.assert_array_equal(np.asarray(down), np.asarray(
+      one.params["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]))
+  assert len(one.params["model"]["norm"]["scale"].devices()) == 1
+
+
+def test_device_mesh_from_flags_and_card(ws):
+  import jax
+  assert distributed.device_mesh() == (None, False)  # one process, no --mesh: one device
+  mesh, fsdp = distributed.device_mesh("2x4", "true")
+  assert dict(mesh.shape) == {"data": 2, "model": 4} and fsdp is True
+  mesh, fsdp = distributed.device_mesh("auto", None, str(ws / "llama"))  # no card: all on model
+  assert dict(mesh.shape) == {"data": 1, "model": len(jax.devices())} and fsdp is False
+  # auto FSDP needs to know a device's memory: the CPU reports none, so it stays off.
+  assert distributed.device_mesh("2x4", "auto", str(ws / "llama"))[1] is False
+  with pytest.raises(UserError):
+    distributed.device_mesh("2x4", "sometimes")
 
 
 def test_parse_mesh_and_auto():
@@ -135,3 +145,18 @@ def test_global_array_and_to_host_round_trip():
   assert distributed.is_main() and not distributed.initialize()  # nothing to join in one process
   with pytest.raises(UserError):
     distributed.initialize(coordinator="127.0.0.1:1", num_processes=None, process_id=0)
+
+
+def test_auto_fsdp_follows_the_weights_size_against_device_memory(ws, monkeypatch):
+  import jax
+  from horse_jax.runtime import load_model
+  model, _ = load_model(str(ws / "llama"))
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
+  path = str(ws / "llama")
+  # One tensor-parallel replica holds at most all the weights: a device of twice that stays whole.
+  monkeypatch.setattr(distributed, "device_memory_bytes", lambda: 2 * total)
+  assert distributed.device_mesh("2x4", "auto", path)[1] is False
+  monkeypatch.setattr(distributed, "device_memory_bytes", lambda: 1024)  # far smaller: split
+  assert distributed.device_mesh("2x4", "auto", path)[1] is True
+  assert distributed.device_mesh("2x4", None, path)[1] is True  # no card: auto
+  assert distributed.device_mesh("1x8", "auto", path)[1] is False  # nothing to split over

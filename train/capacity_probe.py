@@ -137,7 +137,7 @@ def main(argv=None) -> int:
   w.add_argument("--extra", type=int, required=True, help="neurons added to every MLP")
   args = p.parse_args(argv)
 
-  from horse_jax.cli.edit_hypernet import load_model, logits_fn
+  from horse_jax.runtime import load_model, logits_fn
   model, tok = load_model(args.model)
   if args.cmd == "widen":
     from horse_jax.models import save_pretrained

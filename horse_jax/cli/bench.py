@@ -54,7 +54,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-  from horse_jax import distributed
   from horse_jax.io import atomic_write_json, atomic_write_text
   from horse_jax.cli.common import setup_devices
   bench = load_suite()
@@ -62,8 +61,8 @@ def run(args) -> int:
   unknown = [n for n in names if n not in bench.BENCHMARKS]
   if unknown:
     raise UserError(f"unknown benchmark {unknown[0]!r} (known: {', '.join(bench.BENCHMARKS)})")
-  mesh = setup_devices(args, args.world and os.path.join(args.world, "model"))
-  rows = bench.run(names, args.world, args.reference, mesh=mesh, fsdp=distributed.cli_fsdp())
+  mesh, fsdp = setup_devices(args, args.world and os.path.join(args.world, "model"))
+  rows = bench.run(names, args.world, args.reference, mesh=mesh, fsdp=fsdp)
   device = bench.device_description()
   table = bench.markdown(rows, device)
   os.makedirs(args.out, exist_ok=True)

@@ -2,14 +2,11 @@
 
   add_mesh_args(parser)                 --mesh DATAxMODEL|auto, --fsdp
   add_distributed_args(parser)          --coordinator, --num-processes, --process-id, --distributed
-  mesh = setup_devices(args, model)     joins the multi-host run, builds the mesh, records it for
-                                        `load_model` (horse_jax.distributed.cli_mesh)
+  mesh, fsdp = setup_devices(args, model_path)   joins the multi-host run, then
+                                                 `horse_jax.distributed.device_mesh` of the flags
 """
 
 from __future__ import annotations
-
-import os
-from typing import Any
 
 from horse_jax import distributed
 
@@ -40,49 +37,17 @@ def add_device_args(p, multihost: bool = True) -> None:
     add_distributed_args(p)
 
 
-def _card(model_path: str | None) -> dict[str, Any]:
-  if not model_path or not os.path.isdir(model_path):
-    return {}
-  try:
-    from horse_jax.models import read_config
-    from horse_jax.models.cards import card_for
-    return dict(card_for(model_path, read_config(model_path)) or {})
-  except Exception:  # noqa: BLE001  (no card is not an error here; loading reports bad folders)
-    return {}
-
-
 def setup_devices(args, model_path: str | None = None):
-  """Joins a multi-host run if asked, then builds and records the mesh of `--mesh`.
+  """Joins a multi-host run if asked, then builds the mesh of `--mesh` / `--fsdp`.
 
   Args:
     args: parsed arguments (missing attributes count as not given).
     model_path: checkpoint folder, for the card's `sharding.mesh` / `sharding.fsdp`.
 
   Returns:
-    The mesh, or None for one device (no --mesh in a single process).
+    (mesh, fsdp): the mesh, or None for one device (no --mesh in a single process), and whether the
+    weights also split over `data`; the command passes both down.
   """
   distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                          getattr(args, "process_id", None), getattr(args, "distributed", None) == "auto")
-  text = getattr(args, "mesh", None)
-  import jax
-  if text is None and jax.process_count() == 1:
-    distributed.set_cli_mesh(None)
-    return None
-  card = _card(model_path)
-  mesh = distributed.mesh_for(text, card)
-  setting = getattr(args, "fsdp", None) or (card.get("sharding") or {}).get("fsdp", "auto")
-  fsdp = _resolve_fsdp(setting, model_path, mesh, card.get("dtype") or "float32")
-  distributed.set_cli_mesh(mesh, fsdp)
-  return mesh
-
-
-def _resolve_fsdp(setting, model_path: str | None, mesh, dtype: str) -> bool:
-  from horse_jax.models import sharding
-  if str(setting).lower() != "auto":
-    return sharding.want_fsdp(setting, {}, mesh, None)
-  device_bytes = distributed.device_memory_bytes()
-  if not device_bytes or not model_path or mesh.shape.get(sharding.DATA, 1) <= 1:
-    return False
-  from horse_jax.plan import abstract_params
-  from horse_jax.models import read_config
-  return sharding.want_fsdp("auto", abstract_params(read_config(model_path), dtype), mesh, device_bytes)
+  return distributed.device_mesh(getattr(args, "mesh", None), getattr(args, "fsdp", None), model_path)

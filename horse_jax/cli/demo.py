@@ -53,8 +53,9 @@ def _world_paths(world: str | None) -> dict[str, str]:
   return paths
 
 
-def _meta_train(paths: dict[str, str], out: str, steps: int, seed: int) -> str:
-  """Meta-trains HORSE on the world's training edits; returns the hypernetwork folder."""
+def _meta_train(paths: dict[str, str], out: str, steps: int, seed: int, mesh=None,
+                fsdp: bool = False) -> str:
+  """Meta-trains HORSE on the world's training edits on `mesh`; returns the hypernetwork folder."""
   from horse_jax.cli import train as train_cli
   recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "train", "world_horse.yaml")
@@ -62,8 +63,10 @@ def _meta_train(paths: dict[str, str], out: str, steps: int, seed: int) -> str:
       model=paths["model"], data=paths["train"], valid=paths["val"], method="horse",
       out=os.path.join(out, "horse_train"), config=recipe if os.path.exists(recipe) else None,
       overrides=[], steps=steps, save_every=100, valid_every=100, valid_n=None, seed=seed)
+  if steps < 1:
+    raise UserError("--train-steps must be >= 1")
   print(f"demo: no shipped hypernetwork; meta-training HORSE for {steps} steps -> {args.out}")
-  train_cli.run(args)
+  train_cli.train(args, mesh, fsdp)
   return os.path.join(args.out, "hypernet")
 
 
@@ -119,18 +122,18 @@ def _plot(results: dict[str, Any], path: str) -> None:
 
 def run(args) -> int:
   import jax
-  from horse_jax.cli.edit_hypernet import load_model, logits_fn
   from horse_jax.data.loaders import load_records
   from horse_jax.eval import methods as methods_lib
   from horse_jax.eval.scoring import PreCache, score_records
   from horse_jax.io import atomic_write_json, atomic_write_text
+  from horse_jax.runtime import load_model, logits_fn
 
   paths = _world_paths(args.world)
   if args.n_edits < 1:
     raise UserError("--n-edits must be at least 1")
   from horse_jax.cli.common import setup_devices
-  setup_devices(args, paths["model"])
-  model, tokenizer = load_model(paths["model"])
+  mesh, fsdp = setup_devices(args, paths["model"])
+  model, tokenizer = load_model(paths["model"], mesh=mesh, fsdp=fsdp)
   records = load_records(paths["test"], limit=args.n_edits)
   if len(records) < args.n_edits:
     raise UserError(f"{paths['test']}: only {len(records)} records, asked for {args.n_edits}")
@@ -145,7 +148,8 @@ def run(args) -> int:
                          pre_cache=pre_cache)
 
   ctx = methods_lib.CellContext(model=model, tokenizer=tokenizer, score=score,
-                                logits_fn=logits_fn, generate_fn=None, model_path=paths["model"])
+                                logits_fn=logits_fn, generate_fn=None, model_path=paths["model"],
+                                mesh=mesh)
   results: dict[str, Any] = {"world": paths["root"], "n_edits": len(records), "methods": {}}
 
   if "horse" not in args.skip:
@@ -153,7 +157,7 @@ def run(args) -> int:
     if not os.path.isdir(hypernet_dir):
       if args.hypernet:
         raise UserError(f"--hypernet {args.hypernet}: folder not found")
-      hypernet_dir = _meta_train(paths, args.out, args.train_steps, args.seed)
+      hypernet_dir = _meta_train(paths, args.out, args.train_steps, args.seed, mesh, fsdp)
     print(f"demo: HORSE edits {len(records)} facts at once (hypernetwork {hypernet_dir})")
     start = time.perf_counter()
     scores = methods_lib.BATCH["horse"](ctx, records, {"name": "horse", "hypernet": hypernet_dir},

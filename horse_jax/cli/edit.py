@@ -1,7 +1,9 @@
 """`horse-jax edit`: apply edits with any method; dispatches to the method family's runner.
 
-horse / malmen / mend -> `horse_jax.cli.edit_hypernet.run(args)` (all edits at once)
-horen / grace         -> `horse_jax.cli.edit_codebook.run(args)` (edits one after another)
+horse / malmen / mend -> `edit_hypernet.run(args, mesh, fsdp)` (all edits at once)
+horen / grace         -> `edit_codebook.run(args, mesh, fsdp)` (edits one after another)
+UnKE data             -> `edit_unke.run(args, mesh, fsdp)`
+The mesh of --mesh/--fsdp is built here, once, and passed down.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
   from horse_jax.cli.common import setup_devices
-  setup_devices(args, args.model)
+  mesh, fsdp = setup_devices(args, args.model)
   family = "edit_hypernet" if args.method in HYPERNET_METHODS else "edit_codebook"
   from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
   if looks_like_unke(args.data):  # unstructured edits: chat prompts, long targets, text metrics
@@ -52,4 +54,4 @@ def run(args) -> int:
     if err.name == f"horse_jax.cli.{family}":
       raise UserError(f"method {args.method!r} is not available in this build") from None
     raise
-  return module.run(args)
+  return module.run(args, mesh=mesh, fsdp=fsdp)

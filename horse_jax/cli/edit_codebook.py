@@ -24,16 +24,8 @@ from tqdm.auto import tqdm
 from horse_jax.editors import protocol
 from horse_jax.editors.codebook import edit as edit_lib
 from horse_jax.editors.codebook import infer, persist
-from horse_jax.editors.codebook import settings as settings_lib
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_text
-
-
-def default_layer(model_path: str, model) -> dict[str, Any]:
-  """{"layer": the wrapped module}: the model card's HoReN layer, else the down-projection of layer
-  round(0.9 L) (kept for callers that need only the layer)."""
-  resolved = protocol.resolve_settings("horen", model_path, model)
-  return {"layer": resolved["editor.layer"] or settings_lib.default_layer(model.config)}
 
 
 def resolve(args, model, saved: dict[str, Any] | None = None):
@@ -52,34 +44,24 @@ def _configs(args) -> list[str]:
   return [] if not config else [config] if isinstance(config, str) else list(config)
 
 
-def resolve_settings(args, model, saved: dict[str, Any] | None) -> dict[str, Any]:
-  """The resolved settings as a reference-named tree ({"editor", "data", "eval", "model"}), with
-  `editor.layer` and `editor.seed` filled in."""
-  resolved = resolve(args, model, saved)
-  tree = resolved.tree()
-  tree["editor"]["layer"] = tree["editor"]["layer"] or settings_lib.default_layer(model.config)
-  return tree
-
-
 def _score(records, tokenizer, model, book, settings, pre_fn, generate: bool, batch_size: int):
+  from horse_jax import runtime
   from horse_jax.eval.scoring import score_records
-  from horse_jax.models import generate as base_generate
   gen = pre_gen = None
   if generate:
-    gen = infer.generate_fn(model, book, settings)
-    pre_gen = lambda ids, mask, n: base_generate(model, ids, mask, n)
+    gen, pre_gen = infer.generate_fn(model, book, settings), runtime.generate_fn(model)
   return score_records(records, tokenizer, infer.logits_fn(model, book, settings), pre_fn,
                        batch_size=batch_size, generate_fn=gen, pre_generate_fn=pre_gen,
                        max_length=model.config.max_position_embeddings, progress=False)
 
 
-def run(args) -> int:
-  from horse_jax.cli.edit_hypernet import load_model, logits_fn
+def run(args, mesh=None, fsdp: bool = False) -> int:
+  """Edits in sequence, writes and scores; `mesh`/`fsdp` come from `common.setup_devices`."""
+  from horse_jax import distributed, export, runtime
   from horse_jax.data.loaders import load_records
-  from horse_jax.eval.scoring import summarize, write_metrics
+  from horse_jax.eval.scoring import write_metrics
   from horse_jax.models import read_config
 
-  from horse_jax import distributed
   main = distributed.is_main()  # multi-host: every process edits, process 0 writes and prints
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
@@ -90,11 +72,11 @@ def run(args) -> int:
       raise UserError(f"--codebook {args.codebook}: a {old.method} codebook, not {args.method}")
     saved = old.to_editor_dict()
   resolved = resolve(args, read_config(args.model), saved)
-  model, tokenizer = load_model(args.model, resolved["model.dtype"])
+  model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh, fsdp=fsdp)
   where = f"--codebook {args.codebook}" if args.codebook else None
   try:
     editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book,
-                                  mesh=distributed.cli_mesh())
+                                  mesh=mesh)
   except UserError as err:
     raise UserError(f"{where}: {err}" if where else str(err)) from None
   settings = editor.config
@@ -104,7 +86,7 @@ def run(args) -> int:
   if not records:
     raise UserError(f"{args.data}: no records")
   batch_size = int(resolved["eval.batch_size"])
-  pre_fn = logits_fn(model)
+  pre_fn = runtime.logits_fn(model)
   if main:
     os.makedirs(args.out, exist_ok=True)
   progress_lines: list[str] = []
@@ -134,11 +116,8 @@ def run(args) -> int:
         atomic_write_text(os.path.join(args.out, "progress.jsonl"), "\n".join(progress_lines) + "\n")
   bar.close()
 
-  # Multi-host: gather the codebook on every process (a collective), then process 0 writes it.
-  saved_book = distributed.tree_to_host(book) if jax.process_count() > 1 else book
-  if main:
-    persist.save(os.path.join(args.out, "codebook"), saved_book, settings,
-                 extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
+  export.save_codebook(os.path.join(args.out, "codebook"), book, settings,
+                       extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
   scores = _score(records, tokenizer, model, book, settings, pre_fn, args.eval_mode == "generate",
                   batch_size)
   if not main:

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from horse_jax.errors import UserError
-from horse_jax.io import atomic_write_bytes
 
 
 def resolve(method: str, model_path: str, config, config_files=(), overrides=(), dtype: str | None = None):
@@ -35,85 +31,25 @@ def resolve(method: str, model_path: str, config, config_files=(), overrides=(),
   return resolved
 
 
-def resolve_settings(method: str, model_path: str, model, config_file, overrides) -> dict[str, Any]:
-  """The resolved settings as a reference-named tree (model.edit_modules filled in)."""
-  tree = resolve(method, model_path, model, config_file or (), overrides).tree()
-  if not tree["model"].get("edit_modules"):
-    from horse_jax.models.names import default_edit_modules
-    tree["model"]["edit_modules"] = list(default_edit_modules(getattr(model, "config", model)))
-  return tree
-
-
-def card_dtype(path: str) -> str | None:
-  """The LM dtype the model card asks for (None when there is no card)."""
-  try:
-    from horse_jax.models import read_config
-    from horse_jax.models.cards import card_for
-    return card_for(path, read_config(path)).get("dtype")
-  except (ModuleNotFoundError, UserError):
-    return None
-
-
-def load_model(path: str, dtype: str | None = None):
-  """(model, tokenizer) from a Hugging Face folder; dtype default float32. Sharded over the mesh of
-  the running command's --mesh (`horse_jax.distributed.cli_mesh`), each device reading its slices."""
-  from horse_jax import distributed
-  from horse_jax.models import from_pretrained, load_tokenizer
-  if not os.path.isdir(path):
-    raise UserError(f"--model {path!r}: folder not found")
-  dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-        None: jnp.float32}.get(dtype, jnp.float32)
-  model = from_pretrained(path, dtype=dt, mesh=distributed.cli_mesh(), fsdp=distributed.cli_fsdp())
-  return model, load_tokenizer(path)
-
-
-@jax.jit
-def _logits(model, input_ids, attention_mask):
-  from horse_jax.models import apply
-  return apply(model, input_ids, attention_mask)
-
-
-def logits_fn(model):
-  """EditBatch -> logits (one compile per shape, shared by every model with the same config)."""
-  return lambda batch: _logits(model, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask))
-
-
-def hf_deltas(original, edited, modules) -> dict[str, np.ndarray]:
-  """float32 edited - original per edited weight, keyed by HF tensor name, in HF layout."""
-  from horse_jax.models import hf_map
-  from horse_jax.distributed import to_host
-  from horse_jax.models.names import get_kernel
-  by_path = {e.path: e for e in hf_map.entries(original.config)}
-  out = {}
-  for name in modules:
-    entry = by_path.get(f"{name}.kernel")
-    if entry is None:
-      raise UserError(f"module {name!r} has no Hugging Face weight in the name table")
-    delta = (to_host(get_kernel(edited.params, name)).astype(np.float32)
-             - to_host(get_kernel(original.params, name)).astype(np.float32))
-    out[entry.hf_name] = np.ascontiguousarray(delta.T if entry.kind == hf_map.LINEAR else delta)
-  return out
-
-
-def run(args) -> int:
+def run(args, mesh=None, fsdp: bool = False) -> int:
+  """Edits, writes and scores; `mesh`/`fsdp` come from `common.setup_devices` (None: one device)."""
+  from horse_jax import distributed, export, runtime
   from horse_jax.data.loaders import load_records
   from horse_jax.editors import protocol
   from horse_jax.eval.scoring import score_records, write_metrics
-  from horse_jax.models import read_config, save_pretrained
-  import safetensors.numpy
+  from horse_jax.models import read_config
 
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
   resolved = resolve(args.method, args.model, read_config(args.model), args.config or (),
                      args.overrides, args.dtype)
-  model, tokenizer = load_model(args.model, resolved["model.dtype"])
+  model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh, fsdp=fsdp)
   records = load_records(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
   if not records:
     raise UserError(f"{args.data}: no records")
-  from horse_jax import distributed
   main = distributed.is_main()  # multi-host: every process computes, process 0 writes and prints
   editor = protocol.make_editor(args.method, model, tokenizer, resolved, hypernet=args.hypernet,
-                                progress=main, mesh=distributed.cli_mesh())
+                                progress=main, mesh=mesh)
   cfg = editor.config
   state = editor.init(jax.random.PRNGKey(args.seed))
   t0 = time.time()
@@ -121,20 +57,12 @@ def run(args) -> int:
   edited = editor.apply(state).model
   jax.block_until_ready(edited.params)
   edit_s = time.time() - t0
-
-  deltas = hf_deltas(model, edited, cfg.modules)
-  saved = edited
-  if jax.process_count() > 1:  # gather on every process (a collective), then process 0 writes
-    saved = edited.__class__(distributed.tree_to_host(edited.params), edited.config)
-  if main:
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_bytes(os.path.join(args.out, "deltas.safetensors"), safetensors.numpy.save(deltas))
-    save_pretrained(saved, os.path.join(args.out, "model"), tokenizer_src=args.model)
+  export.save_edit(args.out, model, edited, cfg.modules, tokenizer_src=args.model)
 
   gen = pre_gen = None
   if args.eval_mode == "generate":
-    gen, pre_gen = protocol.model_generate(edited), protocol.model_generate(model)
-  scores = score_records(records, tokenizer, logits_fn(edited), logits_fn(model),
+    gen, pre_gen = runtime.generate_fn(edited), runtime.generate_fn(model)
+  scores = score_records(records, tokenizer, runtime.logits_fn(edited), runtime.logits_fn(model),
                          generate_fn=gen, pre_generate_fn=pre_gen,
                          max_length=model.config.max_position_embeddings, progress=main)
   if not main:

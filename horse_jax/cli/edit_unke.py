@@ -31,12 +31,12 @@ from horse_jax.errors import UserError
 from horse_jax.eval import unke as unke_eval
 
 
-def run(args) -> int:
+def run(args, mesh=None, fsdp: bool = False) -> int:
+  """Edits UnKE records in sequence, writes and scores; `mesh`/`fsdp` from `common.setup_devices`."""
+  from horse_jax import distributed, export, runtime  # noqa: PLC0415
   from horse_jax.cli.edit_codebook import resolve  # noqa: PLC0415
-  from horse_jax.cli.edit_hypernet import load_model, logits_fn  # noqa: PLC0415
   from horse_jax.editors import protocol  # noqa: PLC0415
   from horse_jax.eval.scoring import write_metrics  # noqa: PLC0415
-  from horse_jax.models import generate as base_generate  # noqa: PLC0415
   from horse_jax.models import read_config  # noqa: PLC0415
 
   if args.method not in ("horen", "grace"):
@@ -57,10 +57,10 @@ def run(args) -> int:
       raise UserError(f"--codebook {args.codebook}: a {old.method} codebook, not {args.method}")
     saved = old.to_editor_dict()
   resolved = resolve(args, read_config(args.model), saved)
-  model, tokenizer = load_model(args.model, resolved["model.dtype"])
+  model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh, fsdp=fsdp)
   where = f"--codebook {args.codebook}" if args.codebook else None
   try:  # the protocol's codebook edit tokenizes UnKE records with `unke.tokenize_record`
-    editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book)
+    editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book, mesh=mesh)
   except UserError as err:
     raise UserError(f"{where}: {err}" if where else str(err)) from None
   settings = editor.config
@@ -69,13 +69,15 @@ def run(args) -> int:
   records = unke.load_unke(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
   max_length = resolved["data.max_length"] or model.config.max_position_embeddings
   batch_size = int(resolved["eval.batch_size"])
-  os.makedirs(args.out, exist_ok=True)
+  main = distributed.is_main()  # multi-host: every process edits, process 0 writes and prints
+  if main:
+    os.makedirs(args.out, exist_ok=True)
 
   immediate: list[dict[str, Any]] = []
   cut = 0
   compiles0 = edit_lib.compile_count()
   edit_s = 0.0
-  for i, record in enumerate(tqdm(records, desc=f"{args.method} UnKE edits", unit="edit")):
+  for i, record in enumerate(tqdm(records, desc=f"{args.method} UnKE edits", unit="edit", disable=not main)):
     full = unke.target_ids(tokenizer, record.target)
     prompt, target = unke.fit_pair(unke.prompt_ids(tokenizer, record.prompt), full, max_length)
     cut += len(target) < len(full)
@@ -87,20 +89,22 @@ def run(args) -> int:
                       "(lower editor.edit_lr)")
     immediate.append({"index": i, "target_tokens": len(target),
                       "padded_length": bucket_length(len(prompt) + len(target) - 1), **info})
-  if cut:
+  if cut and main:
     print(f"{args.data}: {cut} answer(s) longer than the context ({max_length} tokens) were cut at "
           "the end for editing", file=sys.stderr)
   compiles = edit_lib.compile_count() - compiles0
 
-  persist.save(os.path.join(args.out, "codebook"), book, settings,
-               extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
+  export.save_codebook(os.path.join(args.out, "codebook"), book, settings,
+                       extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
   generate = args.eval_mode == "generate"
   scores = unke_eval.score_unke(
       records, tokenizer,
       generate_fn=infer.generate_fn(model, book, settings) if generate else None,
-      pre_generate_fn=(lambda ids, mask, n: base_generate(model, ids, mask, n)) if generate else None,
-      logits_fn=infer.logits_fn(model, book, settings), pre_logits_fn=logits_fn(model),
+      pre_generate_fn=runtime.generate_fn(model) if generate else None,
+      logits_fn=infer.logits_fn(model, book, settings), pre_logits_fn=runtime.logits_fn(model),
       max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, progress=False)
+  if not main:
+    return 0
   imm = {"question_token_acc": float(np.mean([x["edit_acc"] for x in immediate])),
          "added": int(sum(x["added"] for x in immediate)), "records": immediate}
   tree = resolved.tree()

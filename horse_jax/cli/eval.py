@@ -52,10 +52,11 @@ def run(args) -> int:
   from horse_jax.cli.common import setup_devices
   from horse_jax import distributed
   model = settings.get("model")
-  setup_devices(args, model[0] if isinstance(model, (list, tuple)) and model else model)
+  mesh, fsdp = setup_devices(args, model[0] if isinstance(model, (list, tuple)) and model else model)
   out = args.out or os.path.join("eval", "results", sweep.slug(settings["name"]))
   main = distributed.is_main()
-  results = sweep.run_sweep(settings, out, progress=main and not args.quiet, write=main)
+  results = sweep.run_sweep(settings, out, progress=main and not args.quiet, write=main, mesh=mesh,
+                            fsdp=fsdp)
   distributed.main_print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} cells, "
         f"{len(results['plots'])} plot(s))")
   return 0

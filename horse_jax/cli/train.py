@@ -22,7 +22,8 @@ import time
 import jax
 import numpy as np
 
-from horse_jax.cli.edit_hypernet import load_model, logits_fn, resolve
+from horse_jax import distributed, runtime
+from horse_jax.cli.edit_hypernet import resolve
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
 from horse_jax.editors.hypernet import memo as memo_lib
@@ -52,13 +53,12 @@ def register(sub) -> None:
   p.set_defaults(func=run)
 
 
-def validate(state, model, tokenizer, cfg, records, max_length):
+def validate(state, model, tokenizer, cfg, records, max_length, mesh=None):
   """Edits all validation records at once and scores them; returns (state, summary)."""
   from horse_jax.eval.scoring import score_records
-  from horse_jax import distributed
   shifts, state = hypernet.edit(state, model, cfg, hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length),
-                                mesh=distributed.cli_mesh())
-  scores = score_records(records, tokenizer, logits_fn(hypernet.apply(model, shifts)), progress=False)
+                                mesh=mesh)
+  scores = score_records(records, tokenizer, runtime.logits_fn(hypernet.apply(model, shifts)), progress=False)
   s = scores["summary"]
   return state, {k: s.get(k) for k in ("edit_acc", "rephrase_acc", "loc_acc")}
 
@@ -81,7 +81,6 @@ def _truncate_metrics(path: str, step: int) -> None:
 def _memo(model, tokenizer, train, cfg, budget_mb: int, max_length, mesh, main: bool):
   """The memo of the training records' keys / value grads (`hypernet.memo`), or None when
   `editor.memo_cache_mb` is 0 or too small for it (each step then recomputes them)."""
-  from horse_jax import distributed
   if budget_mb < 0:
     raise UserError(f"editor.memo_cache_mb must be >= 0, not {budget_mb}")
   fits, mib = memo_lib.plan(tokenizer, train, cfg, budget_mb, max_length)
@@ -100,14 +99,19 @@ def _memo(model, tokenizer, train, cfg, budget_mb: int, max_length, mesh, main: 
 
 
 def run(args) -> int:
+  from horse_jax.cli.common import setup_devices
+  if (args.steps is not None and args.steps < 1) or args.save_every < 1:
+    raise UserError("--steps and --save-every must be >= 1")
+  mesh, fsdp = setup_devices(args, args.model)
+  return train(args, mesh, fsdp)
+
+
+def train(args, mesh=None, fsdp: bool = False) -> int:
+  """Meta-trains with the parsed `train` arguments on `mesh` (None: one device); `fsdp` also splits
+  the LM's weights over `data`."""
   from tqdm import tqdm
   from horse_jax.data.loaders import load_records
 
-  if (args.steps is not None and args.steps < 1) or args.save_every < 1:
-    raise UserError("--steps and --save-every must be >= 1")
-  from horse_jax.cli.common import setup_devices
-  from horse_jax import distributed
-  mesh = setup_devices(args, args.model)
   main = distributed.is_main()
   outs = distributed.gather_text(os.path.abspath(args.out))
   if len(set(outs)) > 1:  # orbax saves collectively: every process must write into the same folder
@@ -116,7 +120,7 @@ def run(args) -> int:
     raise UserError(f"--model {args.model!r}: folder not found")
   from horse_jax.models import read_config
   resolved = resolve(args.method, args.model, read_config(args.model), args.config or (), args.overrides)
-  model, tokenizer = load_model(args.model, resolved["model.dtype"])
+  model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh, fsdp=fsdp)
   cfg = hypernet.from_settings(args.method, resolved, model)
   settings = resolved.tree()
   settings["model"]["edit_modules"] = list(cfg.modules)
@@ -197,7 +201,7 @@ def run(args) -> int:
         extra = None
         if do_valid:
           jax.block_until_ready(m)
-          state, v = validate(state, model, tokenizer, cfg, valid, max_length)
+          state, v = validate(state, model, tokenizer, cfg, valid, max_length, mesh)
           extra = {f"valid_{k}": x for k, x in v.items()}
         finish(*pending, log, bar, extra)
         pending = None

@@ -39,6 +39,7 @@ class CellContext:
     generate_fn: model -> generate fn, or None when the sweep scores teacher-forced only.
     model_path: where the model came from (adapters may read its model card).
     progress: show progress bars.
+    mesh: the (data, model) mesh the model is sharded over, for the editors (None: one device).
   """
 
   model: Any
@@ -48,6 +49,7 @@ class CellContext:
   generate_fn: Callable[[Any], Callable] | None
   model_path: str = ""
   progress: bool = True
+  mesh: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +135,7 @@ def make_cell_editor(ctx: CellContext, method: str, options: Mapping[str, Any], 
   label = options.get("label", method)
   folder = options.get("hypernet")
   return protocol.make_editor(method, ctx.model, ctx.tokenizer, cell_settings(ctx, method, options, seed),
-                              hypernet=folder, where=f"methods.{label}.hypernet {folder}")
+                              hypernet=folder, where=f"methods.{label}.hypernet {folder}", mesh=ctx.mesh)
 
 
 def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):

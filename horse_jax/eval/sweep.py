@@ -124,50 +124,23 @@ def order_for(n_records: int, seed: int, sample: str) -> np.ndarray:
   return np.random.default_rng(seed).permutation(n_records)
 
 
-# ---- model-level helpers (jitted forward / generate of a Model) ----
+# ---- the models of a sweep ----
 
 
-def _logits_fn_factory():
-  import jax  # noqa: PLC0415
-  from horse_jax.models import apply  # noqa: PLC0415
-
-  @jax.jit
-  def forward(model, ids, mask):
-    return apply(model, ids, mask)
-
-  def make(model):
-    return lambda batch: forward(model, batch.input_ids, batch.attention_mask)
-
-  return make
-
-
-def _generate_fn_factory():
-  from horse_jax.models.generate import generate  # noqa: PLC0415
-
-  def make(model):
-    return lambda ids, mask, n: generate(model, ids, mask, n)
-
-  return make
-
-
-def _load_model(path: str, settings):
-  from horse_jax import models  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-  if settings["dtype"] not in dtypes:
-    raise UserError(f"sweep: dtype must be one of {', '.join(dtypes)}")
-  from horse_jax import distributed  # noqa: PLC0415  (the mesh of the CLI's --mesh, if any)
-  model = models.from_pretrained(path, dtype=dtypes[settings["dtype"]], mesh=distributed.cli_mesh(),
-                                 fsdp=distributed.cli_fsdp())
-  tokenizer = models.load_tokenizer(settings["tokenizer"] or path)
-  return model, tokenizer
+def _load_model(path: str, settings, mesh=None, fsdp: bool = False):
+  from horse_jax import runtime  # noqa: PLC0415
+  if settings["dtype"] not in ("float32", "bfloat16", "float16"):
+    raise UserError("sweep: dtype must be one of float32, bfloat16, float16")
+  return runtime.load_model(path, dtype=settings["dtype"], mesh=mesh, fsdp=fsdp,
+                            tokenizer_path=settings["tokenizer"])
 
 
 # ---- the sweep ----
 
 
 def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
-              loaded: Mapping[str, tuple[Any, Any]] | None = None, write: bool = True) -> dict[str, Any]:
+              loaded: Mapping[str, tuple[Any, Any]] | None = None, write: bool = True, mesh=None,
+              fsdp: bool = False) -> dict[str, Any]:
   """Runs every cell of a sweep and writes results.json, results.md, plots/ and cells/ under `out`.
 
   Args:
@@ -176,6 +149,9 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     progress: show tqdm bars.
     loaded: optional {model path: (Model, tokenizer)} already in memory (tests, notebooks).
     write: write the files and print notes (multi-host: process 0 only; the others compute alike).
+    mesh: the (data, model) mesh models are loaded onto and edited on
+      (`distributed.device_mesh`); None: one device.
+    fsdp: with a mesh, also split the weights over `data`.
 
   Returns:
     The results dict that was written to results.json.
@@ -202,14 +178,15 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
   results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
                              "cells": [], "skipped": [], "aggregate": [],
                              "effective_settings": []}
-  make_logits = _logits_fn_factory()
-  make_generate = _generate_fn_factory() if ev["mode"] == "generate" else None
+  from horse_jax import runtime  # noqa: PLC0415
+  make_logits = runtime.logits_fn
+  make_generate = runtime.generate_fn if ev["mode"] == "generate" else None
 
   for model_path in model_paths:
     if loaded and model_path in loaded:
       model, tokenizer = loaded[model_path]
     else:
-      model, tokenizer = _load_model(model_path, settings)
+      model, tokenizer = _load_model(model_path, settings, mesh, fsdp)
     max_length = ev["max_length"] or getattr(model.config, "max_position_embeddings", None)
     pre_logits = make_logits(model)
     pre_generate = make_generate(model) if make_generate else None
@@ -230,7 +207,8 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
                            pre_cache=pre_cache)
 
     ctx = methods_lib.CellContext(model=model, tokenizer=tokenizer, score=score, logits_fn=make_logits,
-                                  generate_fn=make_generate, model_path=model_path, progress=progress)
+                                  generate_fn=make_generate, model_path=model_path, progress=progress,
+                                  mesh=mesh)
     for entry in entries:  # resolved as `horse-jax edit` resolves them; editor.seed is the first seed's
       eff = methods_lib.effective_settings(ctx, entry, seeds[0])
       if eff is not None:

@@ -17,7 +17,10 @@ Tensors that are not parameters (GPT-2 `attn.bias` / `attn.masked_bias` causal b
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
 
 from horse_jax.models import registry
 from horse_jax.models.config import ModelConfig
@@ -138,6 +141,22 @@ def set_path(tree: dict, path: str, value) -> None:
   for key in parents:
     node = node.setdefault(key, {})
   node[leaf] = value
+
+
+def abstract_params(cfg: ModelConfig, dtype: Any = "float32") -> dict:
+  """The param tree of a config as `jax.ShapeDtypeStruct`s (no memory): for plans and size checks.
+
+  Args:
+    cfg: the model's config.
+    dtype: the weights' dtype ("float32", "bfloat16", ... or a dtype).
+
+  Returns:
+    {...: ShapeDtypeStruct} in our layouts, in the name table's order.
+  """
+  params: dict = {}
+  for entry in entries(cfg):
+    set_path(params, entry.path, jax.ShapeDtypeStruct(tuple(entry.shape), jnp.dtype(dtype)))
+  return params
 
 
 def get_path(tree: dict, path: str):
