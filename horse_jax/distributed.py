@@ -10,6 +10,7 @@ process per host with `--coordinator HOST:PORT --num-processes N --process-id I`
   initialize(coordinator, num_processes, process_id, auto)   before anything touches a JAX backend
   parse_mesh("2x4") -> (2, 4);  mesh_for("auto", card) -> Mesh
   mesh, fsdp = device_mesh("2x4", "auto", model_path)        what a run passes to loading and editors
+  planning_mesh("1x8")                                       a mesh to compile on (forced CPU devices)
   is_main() / main_print(...)                                process 0 only
   global_array(host_array, sharding)                         every process passes the same values
   to_host(array)                                             the full value on every process
@@ -66,6 +67,37 @@ def mesh_for(text: str | None, card: dict[str, Any] | None = None, devices=None)
   devices = list(jax.devices() if devices is None else devices)
   shape = parse_mesh(text) or card_mesh(card, len(devices))
   return make_mesh(shape[0], shape[1], devices)
+
+
+def planning_mesh(text: str | None):
+  """A mesh of `text` ("DATAxMODEL"; None: 1x1) to compile on without running (`horse_jax.plan`):
+  devices of the default backend when it has enough, else that many CPU devices, forced when JAX's
+  backends are not up yet (a CPU host then plans for a mesh it does not have).
+
+  Raises:
+    UserError: a malformed `text`, or too few devices once the backends are up.
+  """
+  from horse_jax.models.sharding import make_mesh
+  data, model = parse_mesh(text) or (1, 1)
+  n = data * model
+  _force_cpu_devices(n)
+  devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")
+  if len(devices) < n:
+    raise UserError(f"--mesh needs {n} devices; {len(jax.devices())} available (JAX started before "
+                    f"{n} CPU devices could be forced)")
+  return make_mesh(data, model, devices[:n])
+
+
+def _force_cpu_devices(n: int) -> None:
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    return
+  try:
+    current = int(jax.config.jax_num_cpu_devices)
+  except (AttributeError, TypeError, ValueError):
+    current = -1
+  if current < n:
+    jax.config.update("jax_num_cpu_devices", n)
 
 
 def device_mesh(mesh: str | None = None, fsdp: str | bool | None = None,

@@ -30,40 +30,11 @@ def register(sub) -> None:
   p.set_defaults(func=run)
 
 
-def ensure_cpu_devices(n: int) -> None:
-  """Forces n CPU devices when JAX's backends are not up yet (harmless where an accelerator runs)."""
-  import jax
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
-    return
-  try:
-    current = int(jax.config.jax_num_cpu_devices)
-  except (AttributeError, TypeError, ValueError):
-    current = -1
-  if current < n:
-    jax.config.update("jax_num_cpu_devices", n)
-
-
-def plan_devices(n: int):
-  """n devices of the default backend, else n (forced) CPU devices; UserError when neither has them."""
-  import jax
-  if len(jax.devices()) >= n:
-    return jax.devices()[:n]
-  cpus = jax.devices("cpu")
-  if len(cpus) >= n:
-    return cpus[:n]
-  raise UserError(f"--mesh needs {n} devices; {len(jax.devices())} available (JAX started before "
-                  f"plan could force {n} CPU devices)")
-
-
 def run(args) -> int:
   from horse_jax import distributed, plan
-  from horse_jax.models.sharding import make_mesh
-  shape = distributed.parse_mesh(args.mesh) or (1, 1)
   if args.answer_tokens < 1 or args.seq_len < 2:
     raise UserError("--answer-tokens must be >= 1 and --seq-len >= 2")
-  ensure_cpu_devices(shape[0] * shape[1])
-  mesh = make_mesh(shape[0], shape[1], plan_devices(shape[0] * shape[1]))
+  mesh = distributed.planning_mesh(args.mesh)
   result = plan.plan(args.model, args.method, args.n_edits, mesh, args.dtype, args.overrides,
                      fsdp=args.fsdp, answer_tokens=args.answer_tokens, seq_len=args.seq_len)
   if args.json:
