@@ -1,7 +1,7 @@
 """A model ready to edit and score, as the CLI builds one: loaded onto an explicit mesh, with the
 jitted functions scoring calls.
 
-  mesh, fsdp = distributed.device_mesh("2x4", model_path=path)   # or None, False: one device
+  mesh, fsdp = meshes.device_mesh("2x4", model_path=path)   # or None, False: one device
   model, tokenizer = load_model(path, dtype="bfloat16", mesh=mesh, fsdp=fsdp)
   logits = logits_fn(model)            # EditBatch -> [B, T, V] (one compile per shape)
   tokens = generate_fn(model)(input_ids, attention_mask, max_new_tokens)
@@ -28,7 +28,7 @@ def load_model(path: str | os.PathLike, *, dtype: Any = None, mesh=None, fsdp: b
   Args:
     path: folder with config.json, the safetensors and the tokenizer files.
     dtype: weights dtype ("float32", "bfloat16", "float16" or a dtype); None: float32.
-    mesh: a (data, model) mesh (`distributed.device_mesh`); each device then reads only its slices.
+    mesh: a (data, model) mesh (`meshes.device_mesh`); each device then reads only its slices.
       None: one device.
     fsdp: with a mesh, also split the matrices over `data`.
     tokenizer_path: folder of the tokenizer; None: `path`.

@@ -1,4 +1,5 @@
-"""`--mesh DATAxMODEL` on the CLI (8 forced CPU devices): same outputs as one device; FSDP specs."""
+"""`--mesh DATAxMODEL` on the CLI and `horse_jax.meshes` (8 forced CPU devices): same outputs as one
+device; loading onto an explicit mesh; the FSDP decision and specs."""
 
 import json
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from horse_jax import distributed
+from horse_jax import distributed, meshes
 from horse_jax.cli.main import main
 from horse_jax.errors import UserError
 from horse_jax.models import from_pretrained, make_mesh, save_pretrained
@@ -83,31 +84,31 @@ def test_load_model_on_an_explicit_mesh(ws):
 
 def test_device_mesh_from_flags_and_card(ws):
   import jax
-  assert distributed.device_mesh() == (None, False)  # one process, no --mesh: one device
-  mesh, fsdp = distributed.device_mesh("2x4", "true")
+  assert meshes.device_mesh() == (None, False)  # one process, no --mesh: one device
+  mesh, fsdp = meshes.device_mesh("2x4", "true")
   assert dict(mesh.shape) == {"data": 2, "model": 4} and fsdp is True
-  mesh, fsdp = distributed.device_mesh("auto", None, str(ws / "llama"))  # no card: all on model
+  mesh, fsdp = meshes.device_mesh("auto", None, str(ws / "llama"))  # no card: all on model
   assert dict(mesh.shape) == {"data": 1, "model": len(jax.devices())} and fsdp is False
   # auto FSDP needs to know a device's memory: the CPU reports none, so it stays off.
-  assert distributed.device_mesh("2x4", "auto", str(ws / "llama"))[1] is False
+  assert meshes.device_mesh("2x4", "auto", str(ws / "llama"))[1] is False
   with pytest.raises(UserError):
-    distributed.device_mesh("2x4", "sometimes")
+    meshes.device_mesh("2x4", "sometimes")
 
 
 def test_parse_mesh_and_auto():
-  assert distributed.parse_mesh("2x4") == (2, 4)
-  assert distributed.parse_mesh(" 1X8 ") == (1, 8)
-  assert distributed.parse_mesh("auto") is None and distributed.parse_mesh(None) is None
+  assert meshes.parse_mesh("2x4") == (2, 4)
+  assert meshes.parse_mesh(" 1X8 ") == (1, 8)
+  assert meshes.parse_mesh("auto") is None and meshes.parse_mesh(None) is None
   for bad in ("2x", "0x8", "two", "2x4x1"):
     with pytest.raises(UserError):
-      distributed.parse_mesh(bad)
+      meshes.parse_mesh(bad)
   card = {"name": "llama-3-8b", "sharding": {"mesh": {"data": 1, "model": 4}}}
-  assert distributed.card_mesh(card, 8) == (1, 4)
-  assert distributed.card_mesh(card, 2) == (1, 2)  # the card's mesh needs more devices than exist
-  assert distributed.card_mesh({"name": "default", "sharding": {"mesh": {"data": 1, "model": 1}}}, 8) == (1, 8)
-  assert dict(distributed.mesh_for("auto", None).shape) == {"data": 1, "model": 8}
+  assert meshes.card_mesh(card, 8) == (1, 4)
+  assert meshes.card_mesh(card, 2) == (1, 2)  # the card's mesh needs more devices than exist
+  assert meshes.card_mesh({"name": "default", "sharding": {"mesh": {"data": 1, "model": 1}}}, 8) == (1, 8)
+  assert dict(meshes.mesh_for("auto", None).shape) == {"data": 1, "model": 8}
   with pytest.raises(UserError):
-    distributed.mesh_for("4x4")
+    meshes.mesh_for("4x4")
 
 
 def test_fsdp_spec_adds_data_to_the_largest_free_dim():
@@ -154,9 +155,9 @@ def test_auto_fsdp_follows_the_weights_size_against_device_memory(ws, monkeypatc
   total = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
   path = str(ws / "llama")
   # One tensor-parallel replica holds at most all the weights: a device of twice that stays whole.
-  monkeypatch.setattr(distributed, "device_memory_bytes", lambda: 2 * total)
-  assert distributed.device_mesh("2x4", "auto", path)[1] is False
-  monkeypatch.setattr(distributed, "device_memory_bytes", lambda: 1024)  # far smaller: split
-  assert distributed.device_mesh("2x4", "auto", path)[1] is True
-  assert distributed.device_mesh("2x4", None, path)[1] is True  # no card: auto
-  assert distributed.device_mesh("1x8", "auto", path)[1] is False  # nothing to split over
+  monkeypatch.setattr(meshes, "device_memory_bytes", lambda: 2 * total)
+  assert meshes.device_mesh("2x4", "auto", path)[1] is False
+  monkeypatch.setattr(meshes, "device_memory_bytes", lambda: 1024)  # far smaller: split
+  assert meshes.device_mesh("2x4", "auto", path)[1] is True
+  assert meshes.device_mesh("2x4", None, path)[1] is True  # no card: auto
+  assert meshes.device_mesh("1x8", "auto", path)[1] is False  # nothing to split over

@@ -56,9 +56,8 @@ def test_save_edit_writes_deltas_and_a_checkpoint_that_loads_back(edit, tmp_path
   base = original.params["model"]["layers"]["1"]["mlp"]["up_proj"]["kernel"]
   np.testing.assert_allclose(np.asarray(mine), np.asarray(base) + added["model.layers.1.mlp.up_proj"],
                              rtol=1e-6, atol=1e-6)
-  untouched = model.params["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"]
-  np.testing.assert_array_equal(np.asarray(untouched),
-                                np.asarray(original.params["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"]))
+  untouched = (m.params["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"] for m in (model, original))
+  np.testing.assert_array_equal(*map(np.asarray, untouched))
 
 
 def test_load_model_dtype_and_logits(edit):

@@ -3,12 +3,12 @@
   add_mesh_args(parser)                 --mesh DATAxMODEL|auto, --fsdp
   add_distributed_args(parser)          --coordinator, --num-processes, --process-id, --distributed
   mesh, fsdp = setup_devices(args, model_path)   joins the multi-host run, then
-                                                 `horse_jax.distributed.device_mesh` of the flags
+                                                 `horse_jax.meshes.device_mesh` of the flags
 """
 
 from __future__ import annotations
 
-from horse_jax import distributed
+from horse_jax import distributed, meshes
 
 
 def add_mesh_args(p) -> None:
@@ -50,4 +50,4 @@ def setup_devices(args, model_path: str | None = None):
   """
   distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
                          getattr(args, "process_id", None), getattr(args, "distributed", None) == "auto")
-  return distributed.device_mesh(getattr(args, "mesh", None), getattr(args, "fsdp", None), model_path)
+  return meshes.device_mesh(getattr(args, "mesh", None), getattr(args, "fsdp", None), model_path)

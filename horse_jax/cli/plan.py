@@ -31,10 +31,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-  from horse_jax import distributed, plan
+  from horse_jax import meshes, plan
   if args.answer_tokens < 1 or args.seq_len < 2:
     raise UserError("--answer-tokens must be >= 1 and --seq-len >= 2")
-  mesh = distributed.planning_mesh(args.mesh)
+  mesh = meshes.planning_mesh(args.mesh)
   result = plan.plan(args.model, args.method, args.n_edits, mesh, args.dtype, args.overrides,
                      fsdp=args.fsdp, answer_tokens=args.answer_tokens, seq_len=args.seq_len)
   if args.json:

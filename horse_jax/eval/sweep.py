@@ -150,7 +150,7 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     loaded: optional {model path: (Model, tokenizer)} already in memory (tests, notebooks).
     write: write the files and print notes (multi-host: process 0 only; the others compute alike).
     mesh: the (data, model) mesh models are loaded onto and edited on
-      (`distributed.device_mesh`); None: one device.
+      (`meshes.device_mesh`); None: one device.
     fsdp: with a mesh, also split the weights over `data`.
 
   Returns:
