@@ -44,13 +44,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from horse_jax.errors import UserError
 from horse_jax.models.hf_map import abstract_params
+from horse_jax.settings import CODEBOOK, HYPERNET
 
 GIB = 1024 ** 3
 # Per-chip memory (GiB) of the accelerators the plan compares against.
 CHIPS: tuple[tuple[str, float], ...] = (("TPU v5e", 16), ("TPU v4", 32), ("TPU v5p", 95),
                                         ("H100", 80), ("H200", 141))
-HYPERNET = ("horse", "malmen", "mend")
-CODEBOOK = ("horen", "grace")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

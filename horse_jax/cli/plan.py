@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 
+from horse_jax import settings as settings_lib
 from horse_jax.errors import UserError
 
 
 def register(sub) -> None:
   p = sub.add_parser("plan", help="per-device memory and FLOPs of each stage (compiled, no weights)")
   p.add_argument("--model", required=True, help="folder with config.json, or a model card name")
-  p.add_argument("--method", required=True, choices=("horse", "malmen", "mend", "horen", "grace"))
+  p.add_argument("--method", required=True, choices=settings_lib.METHODS)
   p.add_argument("--n-edits", type=int, required=True,
                  help="edits at once (horse/malmen/mend) or codebook entries (horen/grace)")
   p.add_argument("--mesh", default="1x1", metavar="DATAxMODEL", help="device mesh [1x1]")
