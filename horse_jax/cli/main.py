@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> i
   except UserError as err:
     print(f"horse-jax: error: {err}", file=sys.stderr)
     return 2
+  except BrokenPipeError:  # stdout closed early (`horse-jax info ... | head`): not an error to report
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), sys.stdout.fileno())
+    return 0
   except KeyboardInterrupt:  # in-process callers without the handlers above
     print("horse-jax: interrupted", file=sys.stderr)
     return 130
