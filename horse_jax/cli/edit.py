@@ -77,12 +77,16 @@ def output_inputs(args) -> dict:
 def run(args) -> int:
   from horse_jax import outputs
   from horse_jax.cli.common import setup_devices
+  from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
+  unke = looks_like_unke(args.data)  # unstructured edits: chat prompts, long targets, text metrics
+  if unke and args.method in HYPERNET_METHODS:
+    raise UserError(f"--data {args.data}: UnKE (unstructured) records are edited with --method horen "
+                    f"or grace, not {args.method}")
   check_choices(args)
   outputs.prepare_output(args.out, inputs=output_inputs(args), overwrite=args.overwrite)
   setup_devices(args, args.model)
   family = "edit_hypernet" if args.method in HYPERNET_METHODS else "edit_codebook"
-  from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
-  if looks_like_unke(args.data):  # unstructured edits: chat prompts, long targets, text metrics
+  if unke:
     family = "edit_unke"
   try:
     module = importlib.import_module(f"horse_jax.cli.{family}")
