@@ -52,7 +52,7 @@ class Edited(NamedTuple):
   base: Any
 
 
-class HypernetState(NamedTuple):
+class HypernetEditState(NamedTuple):
   """Edit state of the hypernetwork methods.
 
   Attributes:
@@ -172,7 +172,7 @@ def _hypernet_editor(method, model, tokenizer, settings, folder, where, mesh=Non
 
   def init(key):
     nets = trained if trained is not None else hypernet.init(cfg, key)
-    return HypernetState(nets, None, 0)
+    return HypernetEditState(nets, None, 0)
 
   def edit(state, records):
     nets, shifts, done = state
@@ -182,10 +182,10 @@ def _hypernet_editor(method, model, tokenizer, settings, folder, where, mesh=Non
     new, nets = hypernet.edit(nets, base, cfg, batches, mesh=mesh)
     if shifts is not None:
       new = {k: new[k] + shifts[k] for k in new}
-    return HypernetState(nets, new, done + len(records)), {}
+    return HypernetEditState(nets, new, done + len(records)), {}
 
   def apply(state):
-    state = HypernetState(*state)
+    state = state if isinstance(state, HypernetEditState) else HypernetEditState(*state)
     edited = model if state.shifts is None else hypernet.apply(model, state.shifts)
     metrics = {"method": method, "n_edits": int(state.n_edits), "edit_modules": list(cfg.modules)}
     return Edited(edited, model_logits(edited), model_generate(edited), state, metrics, model)
