@@ -52,9 +52,11 @@ def _output_summary(path: str) -> dict | None:
   manifest = outputs.read_manifest(folder)
   if manifest is None and not any((folder / name).exists() for name in OUTPUT_MARKS):
     return None
-  info = {"output": str(folder),
-          "status": "finished" if manifest else "partial (no finished manifest: interrupted, "
-                                                "still running, or written by an older version)",
+  status = "finished" if manifest else ("partial (no finished manifest: interrupted, still running, "
+                                        "or written by an older version)")
+  if manifest is None and (folder / "world.json").is_file():  # the shipped world predates manifests
+    status = "world folder without a manifest (`horse-jax world info --dir DIR` describes it)"
+  info = {"output": str(folder), "status": status,
           "command": (manifest or {}).get("command"), "method": (manifest or {}).get("method"),
           "files": sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))}
   if (folder / "model" / "config.json").is_file():
