@@ -80,7 +80,7 @@ def _within(child: str, parent: str) -> bool:
   return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_inputs(out: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
+def check_inputs(out: str | os.PathLike, inputs: Mapping[str, Any], flag: str = "--out") -> None:
   """Refuses an output folder that is, lies inside or contains an input.
 
   Args:
@@ -88,26 +88,23 @@ def check_inputs(out: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
     inputs: {flag: path} of what the command reads (None values are skipped). A folder may not
       equal, contain or lie inside `out`; a file may not lie inside `out`, nor may `out` be the
       file's own folder (writing there next to the data is refused, the file's parents are not).
+    flag: how to name `out` in errors.
   """
   target = _real(out)
-  for flag, path in inputs.items():
+  for name, path in inputs.items():
     if path is None or str(path).startswith("hf:") or str(path) == "init":
       continue
     source = _real(path)
     if os.path.isfile(source):
       if _within(source, target) or target == os.path.dirname(source):
-        raise UserError(f"--out {out}: holds the input {flag} {path}; choose another output folder")
+        raise UserError(f"{flag} {out}: holds the input {name} {path}; choose another output folder")
       continue
     if target == source:
-      raise UserError(f"--out {out}: is the input {flag} folder; choose another output folder")
+      raise UserError(f"{flag} {out}: is the input {name} folder; choose another output folder")
     if _within(target, source):
-      raise UserError(f"--out {out}: lies inside the input {flag} {path}; choose another output folder")
+      raise UserError(f"{flag} {out}: lies inside the input {name} {path}; choose another output folder")
     if _within(source, target):
-      raise UserError(f"--out {out}: contains the input {flag} {path}; choose another output folder")
-
-
-def is_empty_folder(path: str | os.PathLike) -> bool:
-  return os.path.isdir(path) and not os.listdir(path)
+      raise UserError(f"{flag} {out}: contains the input {name} {path}; choose another output folder")
 
 
 def prepare_output(out: str | os.PathLike, *, inputs: Mapping[str, Any] | None = None,
@@ -128,7 +125,7 @@ def prepare_output(out: str | os.PathLike, *, inputs: Mapping[str, Any] | None =
     UserError: `out` is a file, a non-empty folder without `overwrite`, or overlaps an input.
   """
   path = os.path.abspath(os.fspath(out))
-  check_inputs(out, inputs or {})
+  check_inputs(out, inputs or {}, flag)
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"{flag} {out}: is a file, not a folder")
   if os.path.isdir(path) and os.listdir(path) and not overwrite:
