@@ -1,4 +1,8 @@
-"""Atomic file output: nothing a command already wrote is left half-written after a failure."""
+"""Atomic file output: nothing a command already wrote is left half-written after a failure.
+
+Files and folders get the modes a plain open()/mkdir() would give under the process umask (0644 /
+0755 under umask 022), not the private 0600 / 0700 of the temp files they are built from.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import os
 import shutil
 import tempfile
 from typing import Any, Iterator
+
+from horse_jax.outputs import apply_umask, apply_umask_tree
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -21,6 +27,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    apply_umask(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -44,10 +51,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
   try:
+    apply_umask(tmp)
     yield tmp
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  apply_umask_tree(tmp)  # writers such as safetensors' save_file create 0600 files
   if os.path.isdir(path):
     old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
     os.rmdir(old)

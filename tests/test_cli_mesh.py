@@ -32,7 +32,7 @@ def _edit(ws, out, method, *extra):
   args = ["edit", "--model", str(ws / "llama"), "--data", str(ws / "edits.json"), "--method", method,
           "--out", str(out), "--set", "data.batch_size=4", *extra]
   if method == "horse":
-    args += ["--set", "editor.rank=16", "--set", "editor.lr=1e-2",
+    args += ["--hypernet", "init", "--set", "editor.rank=16", "--set", "editor.lr=1e-2",
              "--set", "model.edit_modules=[model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj]"]
   assert main(args) == 0
 
@@ -64,7 +64,7 @@ def test_edit_with_mesh_equals_one_device(ws):
 def test_edit_with_fsdp_mesh_equals_one_device(ws):
   if not (ws / "one" / "deltas.safetensors").exists():
     _edit(ws, ws / "one", "horse")
-  _edit(ws, ws / "fsdp", "horse", "--mesh", "2x4", "--fsdp", "true")
+  _edit(ws, ws / "fsdp", "horse", "--mesh", "2x4", "--fsdp")
   _same_outputs(ws / "one", ws / "fsdp")
 
 

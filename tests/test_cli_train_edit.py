@@ -91,7 +91,8 @@ def test_train_resume_is_bitwise_identical(workspace):
 def test_edit_writes_deltas_model_and_metrics(workspace):
   out = workspace / "edit"
   rc = main(["edit", "--model", str(workspace / "llama"), "--data", str(workspace / "valid.json"),
-             "--method", "malmen", "--out", str(out), "--n-edits", "6", "--set", "editor.rank=8",
+             "--method", "malmen", "--hypernet", "init", "--out", str(out), "--n-edits", "6",
+             "--set", "editor.rank=8",
              "--set", "editor.lr=1e-2", "--set", "data.batch_size=4",
              "--set", "model.edit_modules=[model.layers.2.mlp.down_proj]"])
   assert rc == 0

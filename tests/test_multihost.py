@@ -20,7 +20,7 @@ from horse_jax.models.init import random_model, tiny_llama_config
 from test_cli_train_edit import tiny_tokenizer, zsre_rows
 
 EDIT = {
-    "horse": ["--method", "horse", "--set", "data.batch_size=4", "--set", "editor.rank=16",
+    "horse": ["--method", "horse", "--hypernet", "init", "--set", "data.batch_size=4", "--set", "editor.rank=16",
               "--set", "editor.lr=1e-2",
               "--set", "model.edit_modules=[model.layers.1.mlp.down_proj,model.layers.2.mlp.down_proj]"],
     "horen": ["--method", "horen"],

@@ -97,3 +97,33 @@ def test_no_library_module_imports_the_cli():
                if "cli" not in p.relative_to(root).parts
                and re.search(r"^\s*(from|import)\s+horse_jax\.cli\b", p.read_text(), flags=re.M)]
   assert offenders == []
+
+
+def test_every_editor_returns_one_result_type(setup):
+  """`apply` gives Edited(model, logits, generate, state, metrics, base) for both families: `base`
+  is the unedited model, `model` carries the edit (HoReN: base + codebook, not the base alone)."""
+  from horse_jax.editors.codebook.persist import EditedModel
+  from horse_jax.editors.protocol import Edited
+  from horse_jax.models import apply
+  tok, model, records = setup
+  batch = tokenize_edits(tok, [r.prompt for r in records], [r.target for r in records])
+  runs = {"horen": ["editor.n_iter=2", "editor.initial_capacity=4",
+                    "editor.layer=model.layers.1.mlp.down_proj"],
+          "malmen": ["editor.rank=4", "editor.lr=0.1", "model.edit_modules=[model.layers.1.mlp.down_proj]"]}
+  for method, overrides in runs.items():
+    editor = make_editor(method, model, tok, settings_lib.resolve(method, overrides=overrides))
+    state, _ = editor.edit(editor.init(jax.random.PRNGKey(0)), records)
+    edited = editor.apply(state)
+    assert type(edited) is Edited and edited.base is model and edited.state is state
+    assert edited.metrics["method"] == method and edited.metrics["n_edits"] == len(records)
+    base_logits = np.asarray(apply(model, batch.input_ids, batch.attention_mask))
+    assert np.abs(np.asarray(edited.logits(batch)) - base_logits).max() > 1e-6, method  # edit applied
+    if method == "horen":
+      assert isinstance(edited.model, EditedModel) and edited.model.book is state
+      np.testing.assert_allclose(
+          np.asarray(edited.model.logits(batch.input_ids, batch.attention_mask, batch.prompt_len)),
+          np.asarray(edited.logits(batch)), rtol=1e-5, atol=1e-5)
+    else:
+      assert edited.model is not model and edited.metrics["edit_modules"] == ["model.layers.1.mlp.down_proj"]
+      np.testing.assert_allclose(np.asarray(apply(edited.model, batch.input_ids, batch.attention_mask)),
+                                 np.asarray(edited.logits(batch)), rtol=1e-5, atol=1e-5)

@@ -48,14 +48,17 @@ def register(sub) -> None:
   p.add_argument("--world", default=None, help="world folder [checkpoints/world]")
   p.add_argument("--reference", action="store_true",
                  help="add reference-scale shapes (needs an accelerator's memory and speed)")
-  from horse_jax.cli.common import add_mesh_args
+  from horse_jax.cli.common import add_mesh_args, add_overwrite_arg
+  add_overwrite_arg(p)
   add_mesh_args(p)
   p.set_defaults(func=run)
 
 
 def run(args) -> int:
+  from horse_jax import outputs
   from horse_jax.io import atomic_write_json, atomic_write_text
   from horse_jax.cli.common import setup_devices
+  outputs.prepare_output(args.out, inputs={"--world": args.world}, overwrite=args.overwrite)
   bench = load_suite()
   names = args.only or [n for n in bench.BENCHMARKS if n not in bench.ON_REQUEST]
   unknown = [n for n in names if n not in bench.BENCHMARKS]
@@ -65,9 +68,9 @@ def run(args) -> int:
   rows = bench.run(names, args.world, args.reference, mesh=mesh, fsdp=fsdp)
   device = bench.device_description()
   table = bench.markdown(rows, device)
-  os.makedirs(args.out, exist_ok=True)
-  atomic_write_text(os.path.join(args.out, "bench.md"), table)
-  atomic_write_json(os.path.join(args.out, "bench.json"), {"device": device, "rows": rows})
+  with outputs.output_folder(args.out, overwrite=args.overwrite, manifest={"command": "bench"}) as out:
+    atomic_write_text(os.path.join(out, "bench.md"), table)
+    atomic_write_json(os.path.join(out, "bench.json"), {"device": device, "rows": rows})
   print(table)
   print(f"wrote {args.out}/bench.md and bench.json")
   return 0

@@ -1,12 +1,18 @@
 """Options shared by the commands that load a model: the device mesh and multi-host flags.
 
-  add_mesh_args(parser)                 --mesh DATAxMODEL|auto, --fsdp
+  add_mesh_args(parser)                 --mesh DATAxMODEL|auto, --fsdp/--no-fsdp
+  add_dtype_arg(parser)                 --dtype float32|bfloat16|float16 (every command)
+  add_overwrite_arg(parser)             --overwrite (every command that writes a folder)
   add_distributed_args(parser)          --coordinator, --num-processes, --process-id, --distributed
   mesh, fsdp = setup_devices(args, model_path)   joins the multi-host run, then
                                                  `horse_jax.meshes.device_mesh` of the flags
 """
 
 from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
 
 from horse_jax import distributed, meshes
 
@@ -15,9 +21,30 @@ def add_mesh_args(p) -> None:
   p.add_argument("--mesh", default=None, metavar="DATAxMODEL",
                  help="device mesh, e.g. 2x4 (data x model) or auto (the model card's sharding.mesh, "
                       "else all devices on model); default one device (all devices when multi-host)")
-  p.add_argument("--fsdp", choices=("auto", "true", "false"), default=None,
-                 help="also split weights over the data axis (default the card's sharding.fsdp, else "
-                      "auto: when one tensor-parallel replica takes over half a device's memory)")
+  add_fsdp_arg(p, "default the card's sharding.fsdp, else auto: on when one tensor-parallel "
+                 "replica takes over half a device's memory")
+
+
+# One definition of the switches every command shares.
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_fsdp_arg(p, default_help: str) -> None:
+  """--fsdp / --no-fsdp: a switch in every command (None when neither is given)."""
+  p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                 help=f"also split weights over the data axis ({default_help})")
+
+
+def add_dtype_arg(p, default_help: str = "default the model card's, else float32") -> None:
+  """--dtype: the LM dtype, the same choices in every command."""
+  p.add_argument("--dtype", choices=DTYPES, default=None, help=f"LM dtype ({default_help})")
+
+
+def add_overwrite_arg(p) -> None:
+  """--overwrite: replace an existing non-empty output folder (atomically, at the end)."""
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing non-empty output folder (the new one is built beside it "
+                      "and swapped in at the end); an output overlapping an input is always refused")
 
 
 def add_distributed_args(p) -> None:

@@ -35,7 +35,9 @@ def register(sub) -> None:
   p.add_argument("--skip", choices=("horse", "horen"), action="append", default=[],
                  help="leave a method out (repeatable)")
   p.add_argument("--seed", type=int, default=0)
-  from horse_jax.cli.common import add_mesh_args
+  from horse_jax.cli.common import add_dtype_arg, add_mesh_args, add_overwrite_arg
+  add_dtype_arg(p, "default float32")
+  add_overwrite_arg(p)
   add_mesh_args(p)
   p.set_defaults(func=run)
 
@@ -121,31 +123,43 @@ def _plot(results: dict[str, Any], path: str) -> None:
 
 
 def run(args) -> int:
-  import jax
+  from horse_jax import outputs, progress
   from horse_jax.data.loaders import load_records
-  from horse_jax.eval import methods as methods_lib
-  from horse_jax.eval.scoring import PreCache, score_records
-  from horse_jax.io import atomic_write_json, atomic_write_text
-  from horse_jax.runtime import load_model, logits_fn
-
+  from horse_jax.runtime import load_model
   paths = _world_paths(args.world)
   if args.n_edits < 1:
-    raise UserError("--n-edits must be at least 1")
+    raise UserError(f"--n-edits must be at least 1, got {args.n_edits}")
+  outputs.prepare_output(args.out, inputs={"--world": paths["root"], "--hypernet": args.hypernet},
+                         overwrite=getattr(args, "overwrite", False))
   from horse_jax.cli.common import setup_devices
   mesh, fsdp = setup_devices(args, paths["model"])
-  model, tokenizer = load_model(paths["model"], mesh=mesh, fsdp=fsdp)
+  with progress.stage("loading model"):
+    model, tokenizer = load_model(paths["model"], dtype=getattr(args, "dtype", None), mesh=mesh,
+                                  fsdp=fsdp)
   records = load_records(paths["test"], limit=args.n_edits)
   if len(records) < args.n_edits:
     raise UserError(f"{paths['test']}: only {len(records)} records, asked for {args.n_edits}")
-  os.makedirs(args.out, exist_ok=True)
+  with outputs.output_folder(args.out, overwrite=getattr(args, "overwrite", False),
+                             manifest={"command": "demo"}) as out:
+    return _run(args, paths, model, tokenizer, records, out, mesh, fsdp)
+
+
+def _run(args, paths, model, tokenizer, records, out: str, mesh, fsdp: bool) -> int:
+  import jax
+  from horse_jax import progress
+  from horse_jax.runtime import logits_fn
+  from horse_jax.eval import methods as methods_lib
+  from horse_jax.eval.scoring import PreCache, score_records
+  from horse_jax.io import atomic_write_json, atomic_write_text
   pre_logits = logits_fn(model)
   pre_cache = PreCache()
 
   def score(recs, post_logits_fn, post_generate_fn=None, batch_size=None):
     del post_generate_fn
-    return score_records(recs, tokenizer, post_logits_fn, pre_logits, batch_size=batch_size or 64,
-                         max_length=model.config.max_position_embeddings, progress=True,
-                         pre_cache=pre_cache)
+    with progress.stage(f"scoring {len(recs)} edits"):
+      return score_records(recs, tokenizer, post_logits_fn, pre_logits, batch_size=batch_size or 64,
+                           max_length=model.config.max_position_embeddings,
+                           progress=progress.bars_enabled(), pre_cache=pre_cache)
 
   ctx = methods_lib.CellContext(model=model, tokenizer=tokenizer, score=score,
                                 logits_fn=logits_fn, generate_fn=None, model_path=paths["model"],
@@ -157,14 +171,18 @@ def run(args) -> int:
     if not os.path.isdir(hypernet_dir):
       if args.hypernet:
         raise UserError(f"--hypernet {args.hypernet}: folder not found")
-      hypernet_dir = _meta_train(paths, args.out, args.train_steps, args.seed, mesh, fsdp)
-    print(f"demo: HORSE edits {len(records)} facts at once (hypernetwork {hypernet_dir})")
+      hypernet_dir = _meta_train(paths, out, args.train_steps, args.seed, mesh, fsdp)
+      shown = os.path.join(args.out, os.path.relpath(hypernet_dir, out))
+    else:
+      shown = hypernet_dir
+    print(f"demo: HORSE edits {len(records)} facts at once (hypernetwork {shown})")
     start = time.perf_counter()
-    scores = methods_lib.BATCH["horse"](ctx, records, {"name": "horse", "hypernet": hypernet_dir},
-                                        args.seed)
+    with progress.stage(f"HORSE: editing {len(records)} facts at once"):
+      scores = methods_lib.BATCH["horse"](ctx, records, {"name": "horse", "hypernet": hypernet_dir},
+                                          args.seed)
     seconds = time.perf_counter() - start
     results["methods"]["horse"] = {"label": "HORSE", "mode": "at once", "n_edits": len(records),
-                                   "hypernet": hypernet_dir, "edit_seconds": seconds,
+                                   "hypernet": shown, "edit_seconds": seconds,
                                    "before": _row(scores["summary"], True),
                                    "after": _row(scores["summary"], False),
                                    "summary": scores["summary"]}
@@ -176,8 +194,9 @@ def run(args) -> int:
     state = method.start(ctx, {"name": "horen"}, args.seed)
     # All requests in one call: still applied one after another (blocks of editor.edit_block edits
     # in one compiled program, the same codebook as one request per call), without a host sync per edit.
-    state = method.edit(ctx, state, records)
-    jax.block_until_ready(state[1])
+    with progress.stage(f"HoReN: {len(records)} sequential edits"):
+      state = method.edit(ctx, state, records)
+      jax.block_until_ready(state[1])
     seconds = time.perf_counter() - start
     post_logits, _ = method.fns(ctx, state)
     scores = score(records, post_logits)
@@ -192,10 +211,10 @@ def run(args) -> int:
   flat = {name: {**res["after"], **{f"pre_{k}": v for k, v in res["before"].items()},
                  "n_edits": res["n_edits"], "edit_seconds": res["edit_seconds"]}
           for name, res in results["methods"].items()}
-  atomic_write_json(os.path.join(args.out, "results.json"), {**flat, "details": results})
-  atomic_write_text(os.path.join(args.out, "results.md"), table + "\n")
+  atomic_write_json(os.path.join(out, "results.json"), {**flat, "details": results})
+  atomic_write_text(os.path.join(out, "results.md"), table + "\n")
   if results["methods"]:
-    _plot(results, os.path.join(args.out, "demo.png"))
+    _plot(results, os.path.join(out, "demo.png"))
   print()
   print(table)
   print(f"\nwrote {args.out}/results.json, results.md, demo.png")

@@ -21,8 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
-
+from horse_jax import outputs, progress
 from horse_jax.data import unke
 from horse_jax.data.tokenize import bucket_length
 from horse_jax.editors.codebook import edit as edit_lib
@@ -57,7 +56,9 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
       raise UserError(f"--codebook {args.codebook}: a {old.method} codebook, not {args.method}")
     saved = old.to_editor_dict()
   resolved = resolve(args, read_config(args.model), saved)
-  model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh, fsdp=fsdp)
+  with progress.stage("loading model"):
+    model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh,
+                                          fsdp=fsdp)
   where = f"--codebook {args.codebook}" if args.codebook else None
   try:  # the protocol's codebook edit tokenizes UnKE records with `unke.tokenize_record`
     editor = protocol.make_editor(args.method, model, tokenizer, resolved, codebook=book, mesh=mesh)
@@ -70,14 +71,11 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
   max_length = resolved["data.max_length"] or model.config.max_position_embeddings
   batch_size = int(resolved["eval.batch_size"])
   main = distributed.is_main()  # multi-host: every process edits, process 0 writes and prints
-  if main:
-    os.makedirs(args.out, exist_ok=True)
-
   immediate: list[dict[str, Any]] = []
   cut = 0
   compiles0 = edit_lib.compile_count()
   edit_s = 0.0
-  for i, record in enumerate(tqdm(records, desc=f"{args.method} UnKE edits", unit="edit", disable=not main)):
+  for i, record in enumerate(progress.bar(records, desc=f"{args.method} UnKE edits", unit="edit", disable=not main)):
     full = unke.target_ids(tokenizer, record.target)
     prompt, target = unke.fit_pair(unke.prompt_ids(tokenizer, record.prompt), full, max_length)
     cut += len(target) < len(full)
@@ -94,44 +92,48 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
           "the end for editing", file=sys.stderr)
   compiles = edit_lib.compile_count() - compiles0
 
-  export.save_codebook(os.path.join(args.out, "codebook"), book, settings,
-                       extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
-  generate = args.eval_mode == "generate"
-  scores = unke_eval.score_unke(
-      records, tokenizer,
-      generate_fn=infer.generate_fn(model, book, settings) if generate else None,
-      pre_generate_fn=runtime.generate_fn(model) if generate else None,
-      logits_fn=infer.logits_fn(model, book, settings), pre_logits_fn=runtime.logits_fn(model),
-      max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, progress=False)
-  if not main:
-    return 0
-  imm = {"question_token_acc": float(np.mean([x["edit_acc"] for x in immediate])),
-         "added": int(sum(x["added"] for x in immediate)), "records": immediate}
-  tree = resolved.tree()
-  extra = {
-      "data_format": "unke",
-      "scoring": {
-          "summary": "all edits scored on the final model; pre_* on the unedited model",
-          "text": "generation: greedy, up to max_new_tokens (cut to the context), text up to the "
-                  "first end-of-turn/eos; bleu1 = clipped unigram precision x brevity penalty on "
-                  "whitespace tokens; rouge*_recall from rouge-score (stemmed); sub_question_* are "
-                  "averaged within each record against each sub-question's own answer",
-          "token_acc": "teacher-forced token accuracy of answer + end-of-turn token",
-          "immediate": "each edit's own token accuracy, teacher-forced, right after that edit",
-          "prompt": "chat template" if unke.has_chat_template(tokenizer) else "plain text",
-      },
-      "max_new_tokens": max_new_tokens,
-      "immediate": imm,
-      "settings": {"editor": settings.to_editor_dict(), "data": tree["data"], "eval": tree["eval"],
-                   "model": tree["model"]},
-      "effective_settings": resolved.effective(),
-      "ignored_settings": resolved.ignored,
-      "edit_seconds": edit_s, "edits_per_second": len(records) / max(edit_s, 1e-9),
-      "compile_count": compiles, "answers_cut": cut,
-      "codebook": {"rows": int(book.count), "capacity": book.capacity, "bytes": book.nbytes()},
-      "continued_from": args.codebook,
-  }
-  write_metrics(os.path.join(args.out, "metrics.json"), args.method, len(records), scores, extra)
+  with outputs.output_folder(args.out, overwrite=args.overwrite, active=main,
+                             manifest={"command": "edit", "method": args.method}) as out:
+    export.save_codebook(os.path.join(out or args.out, "codebook"), book, settings,
+                         extra={"model": os.path.abspath(args.model), "data": os.path.abspath(args.data)})
+    generate = args.eval_mode == "generate"
+    with progress.stage(f"scoring {len(records)} UnKE edits"):
+      scores = unke_eval.score_unke(
+          records, tokenizer,
+          generate_fn=infer.generate_fn(model, book, settings) if generate else None,
+          pre_generate_fn=runtime.generate_fn(model) if generate else None,
+          logits_fn=infer.logits_fn(model, book, settings), pre_logits_fn=runtime.logits_fn(model),
+          max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
+          progress=progress.bars_enabled())
+    if not main:
+      return 0
+    imm = {"question_token_acc": float(np.mean([x["edit_acc"] for x in immediate])),
+           "added": int(sum(x["added"] for x in immediate)), "records": immediate}
+    tree = resolved.tree()
+    extra = {
+        "data_format": "unke",
+        "scoring": {
+            "summary": "all edits scored on the final model; pre_* on the unedited model",
+            "text": "generation: greedy, up to max_new_tokens (cut to the context), text up to the "
+                    "first end-of-turn/eos; bleu1 = clipped unigram precision x brevity penalty on "
+                    "whitespace tokens; rouge*_recall from rouge-score (stemmed); sub_question_* are "
+                    "averaged within each record against each sub-question's own answer",
+            "token_acc": "teacher-forced token accuracy of answer + end-of-turn token",
+            "immediate": "each edit's own token accuracy, teacher-forced, right after that edit",
+            "prompt": "chat template" if unke.has_chat_template(tokenizer) else "plain text",
+        },
+        "max_new_tokens": max_new_tokens,
+        "immediate": imm,
+        "settings": {"editor": settings.to_editor_dict(), "data": tree["data"], "eval": tree["eval"],
+                     "model": tree["model"]},
+        "effective_settings": resolved.effective(),
+        "ignored_settings": resolved.ignored,
+        "edit_seconds": edit_s, "edits_per_second": len(records) / max(edit_s, 1e-9),
+        "compile_count": compiles, "answers_cut": cut,
+        "codebook": {"rows": int(book.count), "capacity": book.capacity, "bytes": book.nbytes()},
+        "continued_from": args.codebook,
+    }
+    write_metrics(os.path.join(out, "metrics.json"), args.method, len(records), scores, extra)
   s = scores["summary"]
 
   def fmt(key):

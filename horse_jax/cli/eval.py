@@ -3,7 +3,8 @@
   horse-jax eval --config eval/world.yaml [--out DIR] [--set n_edits=[1,10]] [--skip-invalid]
   horse-jax eval --model M --data D --method unedited --n-edits 1 10   (a sweep without a file)
 
-Writes DIR/results.json, DIR/results.md, DIR/plots/*.png and DIR/cells/**.json (all atomically).
+Writes DIR/results.json, DIR/results.md, DIR/plots/*.png and DIR/cells/**.json: built beside DIR
+and swapped in whole at the end (an existing DIR is refused unless --overwrite).
 Multi-host (`--coordinator/--num-processes/--process-id` or `--distributed auto`): every process runs
 the same sweep on the global mesh; process 0 alone writes the outputs, prints and shows progress.
 """
@@ -30,13 +31,28 @@ def register(sub) -> None:
   p.add_argument("--eval", dest="eval_mode", choices=("teacher", "generate"), default=None,
                  help="teacher-forced scores only, or also greedy generation")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
-  p.add_argument("--quiet", action="store_true", help="no progress bars")
-  from horse_jax.cli.common import add_device_args
+  from horse_jax.cli.common import add_device_args, add_dtype_arg, add_overwrite_arg
+  add_dtype_arg(p, "default the YAML's dtype, else float32")
+  add_overwrite_arg(p)
   add_device_args(p)
   p.set_defaults(func=run)
 
 
+def _inputs(settings) -> dict:
+  """{name: path} of the sweep's models, data files and hypernetworks (--out may not overlap them)."""
+  found = {}
+  for key in ("model", "data"):
+    values = settings.get(key)
+    for i, path in enumerate(values if isinstance(values, (list, tuple)) else [values]):
+      found[f"{key}[{i}]" if i else f"--{key}"] = path
+  for entry in settings.get("methods") or ():
+    if isinstance(entry, dict) and entry.get("hypernet"):
+      found[f"methods.{entry.get('label', entry.get('name'))}.hypernet"] = entry["hypernet"]
+  return found
+
+
 def run(args) -> int:
+  from horse_jax import outputs, progress  # noqa: PLC0415
   from horse_jax.eval import sweep  # noqa: PLC0415  (heavy imports only when the command runs)
   if args.config is None and (args.model is None or args.data is None):
     raise UserError("eval: give --config, or --model and --data")
@@ -49,14 +65,20 @@ def run(args) -> int:
     settings["eval"]["mode"] = args.eval_mode
   if args.skip_invalid:
     settings["skip_invalid"] = True
+  if args.dtype:
+    settings["dtype"] = args.dtype
   from horse_jax.cli.common import setup_devices
   from horse_jax import distributed
   model = settings.get("model")
   mesh, fsdp = setup_devices(args, model[0] if isinstance(model, (list, tuple)) and model else model)
   out = args.out or os.path.join("eval", "results", sweep.slug(settings["name"]))
+  outputs.prepare_output(out, inputs=_inputs(settings), overwrite=args.overwrite)
   main = distributed.is_main()
-  results = sweep.run_sweep(settings, out, progress=main and not args.quiet, write=main, mesh=mesh,
-                            fsdp=fsdp)
+  with outputs.output_folder(out, overwrite=args.overwrite, active=main,
+                             manifest={"command": "eval"}) as tmp:
+    with progress.stage(f"sweep {settings['name']}"):
+      results = sweep.run_sweep(settings, tmp or out, progress=main and progress.bars_enabled(),
+                                write=main, mesh=mesh, fsdp=fsdp)
   distributed.main_print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} cells, "
         f"{len(results['plots'])} plot(s))")
   return 0

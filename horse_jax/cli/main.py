@@ -2,6 +2,12 @@
 
 Each sub-command lives in its own module exposing `register(subparsers)`, which adds a parser whose
 `func(args) -> int` runs it. Errors a user can cause (`UserError`) end with one line and exit 2.
+
+Run as the console script, SIGINT / SIGTERM end the command at any moment with one line and exit
+130 / 143: a watcher thread (woken by `signal.set_wakeup_fd`, so it runs even while the main thread
+is inside XLA) removes the output folder being built and leaves with `os._exit`. Raising
+KeyboardInterrupt instead could land in a JAX callback (and be swallowed) or race XLA's threads at
+interpreter teardown (a segfault).
 """
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from horse_jax.errors import UserError
 
@@ -26,11 +34,24 @@ COMMANDS = (
     "horse_jax.cli.plan",
 )
 
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def version() -> str:
+  """The installed package's version (package metadata), else the source tree's."""
+  from importlib import metadata  # noqa: PLC0415
+  try:
+    return metadata.version("horse-jax")
+  except metadata.PackageNotFoundError:
+    from horse_jax import __version__  # noqa: PLC0415
+    return __version__
+
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="horse-jax",
       description="Knowledge editing for LLMs in JAX: HORSE, MALMEN, MEND, HoReN, GRACE.")
+  parser.add_argument("--version", action="version", version=f"horse-jax {version()}")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name in COMMANDS:
     try:
@@ -40,27 +61,121 @@ def build_parser() -> argparse.ArgumentParser:
         continue
       raise
     module.register(sub)
+  for command in set(sub.choices.values()):
+    _add_quiet(command)
   return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+  """--quiet on every command (and sub-action), declared once here."""
+  if "--quiet" not in p._option_string_actions:  # noqa: SLF001  (argparse has no public query)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+  for action in p._actions:  # noqa: SLF001
+    if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+      for child in set(action.choices.values()):
+        _add_quiet(child)
+
+
+def silence_third_party() -> None:
+  """No third-party notices on the command line (transformers' "PyTorch was not found", JAX's
+  platform fallback chatter, absl/orbax info lines, library deprecation warnings). Set by the
+  CLI only: a library user keeps their own logging and warnings configuration."""
+  import logging  # noqa: PLC0415
+  import warnings  # noqa: PLC0415
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+  warnings.filterwarnings("ignore")
+  warnings.filterwarnings("default", module=r"horse_jax(\.|$)")
+  for name in ("jax", "jax._src.xla_bridge", "absl", "orbax", "transformers", "datasets",
+               "tensorflow", "torch"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+  try:
+    from absl import logging as absl_logging  # noqa: PLC0415
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+
+
+def _leave(signum: int) -> None:
+  """Removes the output being built, says why in one line and exits without interpreter teardown."""
+  from horse_jax import outputs  # noqa: PLC0415
+  try:
+    outputs.discard_pending()
+  finally:
+    what = "interrupted" if signum == signal.SIGINT else "terminated"
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except Exception:  # noqa: BLE001  (a stream closed by the main thread: nothing to flush)
+        pass
+    name = signal.Signals(signum).name
+    os.write(2, f"\nhorse-jax: {what} ({name}); no output folder was finished\n".encode())
+    os._exit(EXIT_CODES.get(signum, 128 + signum))
+
+
+def _watch(fd: int) -> None:
+  while True:
+    data = os.read(fd, 64)
+    if not data:
+      return
+    for signum in data:
+      if signum in EXIT_CODES:
+        _leave(signum)
+
+
+def install_signal_handlers() -> None:
+  """SIGINT/SIGTERM -> `_leave` on a watcher thread (see the module docstring). Main thread only."""
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  for signum in EXIT_CODES:
+    # The Python-level handler only keeps Python from raising KeyboardInterrupt; the C-level
+    # handler has already written the signal number to the wakeup fd the watcher reads.
+    signal.signal(signum, lambda *_: None)
+  threading.Thread(target=_watch, args=(read_fd,), name="horse-jax-signals", daemon=True).start()
+
+
+def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> int:
+  """Runs one command.
+
+  Args:
+    argv: the arguments (default sys.argv[1:]).
+    handle_signals: install the SIGINT/SIGTERM handlers (default: when run as the console script,
+      i.e. argv is None; in-process callers such as tests keep their own handlers).
+
+  Returns:
+    The exit code.
+  """
+  if handle_signals is None:
+    handle_signals = argv is None
   # XLA's CPU Cholesky / triangular solves (the hypernetwork editors' ridge solves) call LAPACK from
   # the OpenBLAS that scipy bundles, whose worker threads spin against XLA's thread pool: on a
   # 2-core machine a 768 x 768 factorization then takes ~0.5 s instead of a few ms. OpenBLAS reads
   # the variable when it loads (at the first LAPACK call, after this), and a value set by the user
   # wins. Set here, in the command's own process; the library sets no variable.
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+  if handle_signals:
+    install_signal_handlers()
+    silence_third_party()
   parser = build_parser()
   args = parser.parse_args(argv)
   if not getattr(args, "func", None):
     parser.print_help()
     return 1
+  from horse_jax import progress  # noqa: PLC0415
+  progress.configure(quiet=getattr(args, "quiet", False))
   try:
     return int(args.func(args) or 0)
   except UserError as err:
     print(f"horse-jax: error: {err}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
+  except BrokenPipeError:  # stdout closed early (`horse-jax info ... | head`): not an error to report
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), sys.stdout.fileno())
+    return 0
+  except KeyboardInterrupt:  # in-process callers without the handlers above
     print("horse-jax: interrupted", file=sys.stderr)
     return 130
 

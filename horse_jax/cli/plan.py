@@ -20,9 +20,9 @@ def register(sub) -> None:
   p.add_argument("--n-edits", type=int, required=True,
                  help="edits at once (horse/malmen/mend) or codebook entries (horen/grace)")
   p.add_argument("--mesh", default="1x1", metavar="DATAxMODEL", help="device mesh [1x1]")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                 help="LM dtype (default the model card's)")
-  p.add_argument("--fsdp", action="store_true", help="also split weights over the data axis")
+  from horse_jax.cli.common import add_dtype_arg, add_fsdp_arg
+  add_dtype_arg(p)
+  add_fsdp_arg(p, "default off")
   p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                  help="override a setting, e.g. --set editor.rank=1920 (repeatable)")
   p.add_argument("--answer-tokens", type=int, default=3, help="cached rows per edit [3, ZsRE's mean]")
@@ -37,7 +37,7 @@ def run(args) -> int:
     raise UserError("--answer-tokens must be >= 1 and --seq-len >= 2")
   mesh = meshes.planning_mesh(args.mesh)
   result = plan.plan(args.model, args.method, args.n_edits, mesh, args.dtype, args.overrides,
-                     fsdp=args.fsdp, answer_tokens=args.answer_tokens, seq_len=args.seq_len)
+                     fsdp=bool(args.fsdp), answer_tokens=args.answer_tokens, seq_len=args.seq_len)
   if args.json:
     print(json.dumps(result))
   else:

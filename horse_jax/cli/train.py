@@ -48,7 +48,9 @@ def register(sub) -> None:
   p.add_argument("--valid-n", type=int, default=None, help="validation edits at once (default data.n_edits)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
-  from horse_jax.cli.common import add_device_args
+  from horse_jax.cli.common import add_device_args, add_dtype_arg, add_overwrite_arg
+  add_dtype_arg(p)
+  add_overwrite_arg(p)
   add_device_args(p)
   p.set_defaults(func=run)
 
@@ -98,6 +100,53 @@ def _memo(model, tokenizer, train, cfg, budget_mb: int, max_length, mesh, main: 
   return memo
 
 
+# run.json fields that make two runs "the same run" (a re-run with these equal resumes; --steps
+# may grow).
+SAME_RUN_KEYS = ("method", "model", "data", "valid", "seed", "effective_settings")
+
+
+def _same_run(out: str, identity: dict) -> bool | None:
+  """None: `out` is absent or empty (a new run); True: it holds a run with `identity`; False: it
+  holds something else."""
+  if not os.path.isdir(out) or not os.listdir(out):
+    return None
+  try:
+    with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  norm = lambda x: json.loads(json.dumps(x))  # noqa: E731  (tuples vs lists after a JSON round trip)
+  return all(norm(saved.get(k)) == norm(identity.get(k)) for k in SAME_RUN_KEYS)
+
+
+@contextlib.contextmanager
+def _train_folder(args, identity: dict, main: bool):
+  """The folder the run writes into. A new or same-settings folder is trained in place (a re-run
+  resumes it; the manifest, written last, marks it finished); a folder holding something else is
+  refused, or with --overwrite replaced by a run built beside it and swapped in at the end."""
+  from horse_jax import distributed, outputs
+  outputs.check_inputs(args.out, {"--model": args.model, "--data": args.data, "--valid": args.valid})
+  same = _same_run(args.out, identity)
+  if same is False and not getattr(args, "overwrite", False):
+    raise UserError(f"--out {args.out}: holds something other than a training run with these "
+                    "settings (add --overwrite to replace it, or choose another folder)")
+  if same is False:
+    if jax.process_count() > 1:
+      raise UserError(f"--out {args.out}: multi-host train cannot --overwrite; remove it first")
+    with outputs.output_folder(args.out, overwrite=True, manifest={"command": "train"}) as tmp:
+      yield tmp
+    return
+  if main:
+    os.makedirs(args.out, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):  # a resumed run is unfinished until it ends
+      os.unlink(os.path.join(args.out, outputs.MANIFEST))
+  yield args.out
+  distributed.barrier("train:done")
+  if main:
+    outputs.apply_umask_tree(args.out)
+    outputs.write_manifest(args.out, {"command": "train"})
+
+
 def run(args) -> int:
   from horse_jax.cli.common import setup_devices
   if (args.steps is not None and args.steps < 1) or args.save_every < 1:
@@ -109,9 +158,6 @@ def run(args) -> int:
 def train(args, mesh=None, fsdp: bool = False) -> int:
   """Meta-trains with the parsed `train` arguments on `mesh` (None: one device); `fsdp` also splits
   the LM's weights over `data`."""
-  from tqdm import tqdm
-  from horse_jax.data.loaders import load_records
-
   main = distributed.is_main()
   outs = distributed.gather_text(os.path.abspath(args.out))
   if len(set(outs)) > 1:  # orbax saves collectively: every process must write into the same folder
@@ -119,8 +165,19 @@ def train(args, mesh=None, fsdp: bool = False) -> int:
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
   from horse_jax.models import read_config
-  resolved = resolve(args.method, args.model, read_config(args.model), args.config or (), args.overrides)
-  model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh, fsdp=fsdp)
+  resolved = resolve(args.method, args.model, read_config(args.model), args.config or (), args.overrides,
+                     getattr(args, "dtype", None))
+  identity = {"method": args.method, "model": args.model, "data": args.data, "valid": args.valid,
+              "seed": args.seed, "effective_settings": resolved.effective()}
+  with _train_folder(args, identity, main) as out:
+    return _train(args, out, resolved, mesh, fsdp, main)
+
+
+def _train(args, out: str, resolved, mesh, fsdp: bool, main: bool) -> int:
+  from horse_jax import progress
+  from horse_jax.data.loaders import load_records
+  with progress.stage("loading model"):
+    model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh, fsdp=fsdp)
   cfg = hypernet.from_settings(args.method, resolved, model)
   settings = resolved.tree()
   settings["model"]["edit_modules"] = list(cfg.modules)
@@ -136,13 +193,12 @@ def train(args, mesh=None, fsdp: bool = False) -> int:
   valid_every = args.valid_every or args.save_every
 
   if main:
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_json(os.path.join(args.out, "run.json"),
+    atomic_write_json(os.path.join(out, "run.json"),
                       {"method": args.method, "model": args.model, "data": args.data, "valid": args.valid,
                        "seed": args.seed, "steps": args.steps, "settings": settings, "config": cfg.to_dict(),
                        "effective_settings": resolved.effective(), "ignored_settings": resolved.ignored})
   distributed.barrier("train:out")  # the folder exists before orbax looks at it from other processes
-  mgr = ckpt.manager(os.path.join(args.out, "checkpoints"))
+  mgr = ckpt.manager(os.path.join(out, "checkpoints"))
   # Multi-host: a global array replicated on the mesh (orbax saves those once, restores into them).
   template = distributed.replicate(hypernet.init(cfg, jax.random.PRNGKey(args.seed)),
                                    mesh if jax.process_count() > 1 else None)
@@ -152,7 +208,7 @@ def train(args, mesh=None, fsdp: bool = False) -> int:
     raise UserError(f"{args.out}/checkpoints: does not match this model/settings ({err})") from None
   start = 0 if state is None else int(distributed.to_host(state.step))
   state = template if state is None else state
-  metrics_path = os.path.join(args.out, "metrics.jsonl")
+  metrics_path = os.path.join(out, "metrics.jsonl")
   if main:
     _truncate_metrics(metrics_path, start)
   if start:
@@ -182,8 +238,9 @@ def train(args, mesh=None, fsdp: bool = False) -> int:
     bar.set_postfix(gen=f"{m['gen_loss']:.3f}", loc=f"{m['loc_loss']:.3f}")
 
   with (open(metrics_path, "a", encoding="utf-8") if main else contextlib.nullcontext()) as log:
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"train {args.method}",
-               disable=not main)
+    bar = progress.bar(range(start, args.steps), initial=start, total=args.steps,
+                       desc=f"train {args.method}", unit="step", disable=not main)
+    started = time.time()
     pending = None
     for step in bar:
       indices = step_indices(args.seed, step, len(train), n_edits)
@@ -207,6 +264,8 @@ def train(args, mesh=None, fsdp: bool = False) -> int:
         pending = None
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
           ckpt.save_step(mgr, state)
-  ckpt.save_hypernet(os.path.join(args.out, "hypernet"), cfg, state, settings)
+  if main and not progress.bars_enabled():
+    progress.log(f"training {args.steps - start} steps: {time.time() - started:.1f} s")
+  ckpt.save_hypernet(os.path.join(out, "hypernet"), cfg, state, settings)
   distributed.main_print(f"hypernetwork -> {os.path.join(args.out, 'hypernet')}")
   return 0

@@ -1,6 +1,7 @@
 """`horse-jax world`: build (or describe) the embedded default world and its pre-trained model.
 
   horse-jax world build [--out DIR] [--seed S]   regenerate data + tokenizer + model from a seed
+                                                 (an existing DIR is refused unless --overwrite)
   horse-jax world info [--dir DIR]               sizes and accuracies of a built world
 """
 
@@ -22,6 +23,8 @@ def register(sub) -> None:
   b.add_argument("--steps", type=int, default=None, help="pre-training steps (default from PretrainConfig)")
   b.add_argument("--eval-every", type=int, default=500,
                  help="log sample accuracies every N steps (0: never)")
+  from horse_jax.cli.common import add_overwrite_arg
+  add_overwrite_arg(b)
   b.set_defaults(func=run_build)
   i = wsub.add_parser("info", help="print the sizes and accuracies of a built world")
   i.add_argument("--dir", default=None, help="world folder (default: the shipped checkpoints/world)")
@@ -38,7 +41,14 @@ def run_build(args) -> int:
     if args.steps < 1:
       raise UserError("--steps must be positive")
     cfg = dataclasses.replace(cfg, steps=args.steps)
-  build.build(args.out, seed=args.seed, cfg=cfg, eval_every=args.eval_every)
+  from horse_jax import outputs
+  out = outputs.prepare_output(args.out, overwrite=args.overwrite)
+  # Pre-training checkpoints live beside the folder, so an interrupted build resumes while the
+  # folder itself is only ever swapped in whole.
+  parent, name = os.path.split(out)
+  ckpt_dir = os.path.join(parent, f".{name}.pretrain-ckpt")
+  with outputs.output_folder(out, overwrite=args.overwrite, manifest={"command": "world build"}) as tmp:
+    build.build(tmp, seed=args.seed, cfg=cfg, eval_every=args.eval_every, ckpt_dir=ckpt_dir)
   print(f"wrote {args.out}")
   return 0
 

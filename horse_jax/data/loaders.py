@@ -179,7 +179,8 @@ def _extra(row: Mapping[str, Any], used: Iterable[str]) -> dict[str, Any]:
 
 def _from_zsre(row: Mapping[str, Any]) -> EditRecord:
   prompt = _text(row, "src")
-  target_field = "alt" if row.get("alt") is not None else "ans"
+  # `alt` is the new target; some MEND dumps name it `ans`. A record with neither misses `alt`.
+  target_field = "ans" if row.get("alt") is None and row.get("ans") is not None else "alt"
   target = _text(row, target_field, what=" (the new target)")
   loc_prompt, loc_answer = _loc_pair(row, "loc", "loc_ans", lambda s: s + "?")
   return EditRecord(
@@ -457,7 +458,7 @@ def load_records(path: str | os.PathLike, fmt: str = "auto", skip_invalid: bool 
   """
   path = os.fspath(path)
   if limit is not None and limit < 1:
-    raise UserError(f"{path}: limit must be positive, got {limit}")
+    raise UserError(f"limit (the number of records to keep) must be at least 1, got {limit}")
   records, skipped = convert_rows(read_rows(path), path, fmt, skip_invalid, limit)
   for message in skipped:
     print(f"skipped {message}", file=sys.stderr)

@@ -3,9 +3,11 @@
   editor = make_editor("horse", model, tokenizer, settings)    # or "malmen", "mend", "horen", "grace"
   state = editor.init(jax.random.PRNGKey(0))
   state, info = editor.edit(state, records)                     # EditRecords; call again to add more
-  edited = editor.apply(state)                                  # Edited(model, logits, generate)
-  edited.logits(batch)                                          # EditBatch -> [B, T, V]
-  edited.generate(input_ids, attention_mask, max_new_tokens)    # greedy tokens [B, N]
+  edited = editor.apply(state)                                  # Edited, the same for every method:
+  edited.model                                                  #   the edited model (edit applied)
+  edited.logits(batch)                                          #   EditBatch -> [B, T, V]
+  edited.generate(input_ids, attention_mask, max_new_tokens)    #   greedy tokens [B, N]
+  edited.state, edited.metrics, edited.base                     #   edit state, counts, unedited model
 
 HORSE/MALMEN/MEND edit all the records of one `edit` call at once (their shifts are added to the
 kernels; a second call edits the already edited model and adds its shifts); HoReN/GRACE edit them
@@ -28,18 +30,40 @@ from horse_jax.errors import UserError
 
 
 class Edited(NamedTuple):
-  """An edited model, as scoring and generation use it.
+  """The result of editing, one type for every method.
 
   Attributes:
-    model: the weights-edited Model (hypernetwork methods) or the unchanged base model (codebook
-      methods: the edit lives in `state`, applied by `logits`/`generate` as a hook).
-    logits: EditBatch -> logits [B, T, V].
+    model: the edited model, with the edit applied: a Model with edited weights (hypernetwork
+      methods) or a `codebook.EditedModel` (base model + codebook hook; codebook methods). Both
+      give `.logits` / `.generate` through the fields below.
+    logits: EditBatch -> logits [B, T, V] of the edited model.
     generate: (left-padded input_ids, attention_mask, max_new_tokens) -> greedy tokens [B, N].
+    state: the edit state `apply` was given (pass it to `edit` to add more edits).
+    metrics: {"method", "n_edits": edits applied so far, ...}: hypernetwork methods add
+      "edit_modules"; codebook methods "rows" (keys in the codebook) and "capacity".
+    base: the unedited model (never changed by editing).
   """
 
   model: Any
   logits: Callable[[Any], jax.Array]
   generate: Callable[[Any, Any, int], jax.Array]
+  state: Any
+  metrics: dict
+  base: Any
+
+
+class HypernetEditState(NamedTuple):
+  """Edit state of the hypernetwork methods.
+
+  Attributes:
+    nets: the hypernetwork state (networks and normalizers; a trained one, or fresh).
+    shifts: {module: [d_in, d_out] kernel shift} accumulated over `edit` calls (None: no edit yet).
+    n_edits: records edited so far.
+  """
+
+  nets: Any
+  shifts: dict | None
+  n_edits: int = 0
 
 
 class Editor(NamedTuple):
@@ -53,7 +77,7 @@ class Editor(NamedTuple):
     init: key -> state.
     edit: (state, records) -> (state, info); info is a list of per-edit dicts (codebook methods) or
       {} (hypernetwork methods).
-    apply: state -> Edited.
+    apply: state -> Edited (the same result type for every method).
   """
 
   method: str
@@ -148,21 +172,23 @@ def _hypernet_editor(method, model, tokenizer, settings, folder, where, mesh=Non
 
   def init(key):
     nets = trained if trained is not None else hypernet.init(cfg, key)
-    return nets, None  # (hypernetwork state, accumulated shifts)
+    return HypernetEditState(nets, None, 0)
 
   def edit(state, records):
-    nets, shifts = state
+    nets, shifts, done = state
+    records = list(records)
     base = model if shifts is None else hypernet.apply(model, shifts)
-    batches = hypernet.edit_batches(tokenizer, list(records), cfg.lm_batch, max_length)
+    batches = hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length)
     new, nets = hypernet.edit(nets, base, cfg, batches, mesh=mesh)
     if shifts is not None:
       new = {k: new[k] + shifts[k] for k in new}
-    return (nets, new), {}
+    return HypernetEditState(nets, new, done + len(records)), {}
 
   def apply(state):
-    _, shifts = state
-    edited = model if shifts is None else hypernet.apply(model, shifts)
-    return Edited(edited, model_logits(edited), model_generate(edited))
+    state = state if isinstance(state, HypernetEditState) else HypernetEditState(*state)
+    edited = model if state.shifts is None else hypernet.apply(model, state.shifts)
+    metrics = {"method": method, "n_edits": int(state.n_edits), "edit_modules": list(cfg.modules)}
+    return Edited(edited, model_logits(edited), model_generate(edited), state, metrics, model)
 
   return Editor(method, "at_once", settings, cfg, init, edit, apply)
 
@@ -197,6 +223,10 @@ def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) 
                                 progress=progress, mesh=mesh)
 
   def apply(book):
-    return Edited(model, infer.logits_fn(model, book, cfg), infer.generate_fn(model, book, cfg))
+    from horse_jax.editors.codebook.persist import EditedModel  # noqa: PLC0415
+    metrics = {"method": method, "n_edits": int(book.n_edits), "rows": int(book.count),
+               "capacity": int(book.capacity)}
+    return Edited(EditedModel(model, book, cfg), infer.logits_fn(model, book, cfg),
+                  infer.generate_fn(model, book, cfg), book, metrics, model)
 
   return Editor(method, "sequential", settings, cfg, init, edit, apply)
