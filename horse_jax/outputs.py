@@ -28,6 +28,7 @@ import time
 from typing import Any, Iterator, Mapping
 
 from horse_jax.errors import UserError
+from horse_jax.io import apply_umask, apply_umask_tree, current_umask  # noqa: F401  (public here too)
 
 MANIFEST = "horse-jax.json"
 
@@ -35,41 +36,6 @@ MANIFEST = "horse-jax.json"
 _PENDING: set[str] = set()
 # Held while a temp folder is swapped in, so a signal never lands between the two renames.
 _LOCK = threading.RLock()
-
-
-def current_umask() -> int:
-  """The process umask, read without changing it where the OS allows (thread safe)."""
-  try:
-    with open("/proc/self/status", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("Umask:"):
-          return int(line.split()[1], 8)
-  except (OSError, ValueError):
-    pass
-  with _LOCK:  # portable fallback: set and restore
-    mask = os.umask(0o022)
-    os.umask(mask)
-  return mask
-
-
-def apply_umask(path: str | os.PathLike) -> None:
-  """Gives `path` the mode a plain open()/mkdir() would have (mkstemp/mkdtemp give 0600/0700)."""
-  base = 0o777 if os.path.isdir(path) else 0o666
-  os.chmod(path, base & ~current_umask())
-
-
-def apply_umask_tree(root: str) -> None:
-  """Umask modes for `root` and everything under it that is private (0600 files / 0700 folders
-  from temp-file writers, orbax's own included); executable bits a writer chose are kept."""
-  mask = current_umask()
-  for folder, dirs, files in os.walk(root):
-    os.chmod(folder, 0o777 & ~mask)
-    for name in files:
-      path = os.path.join(folder, name)
-      if os.path.islink(path):
-        continue
-      mode = os.stat(path).st_mode & 0o777
-      os.chmod(path, (mode | 0o666) & ~mask)
 
 
 def _real(path: str | os.PathLike) -> str:
