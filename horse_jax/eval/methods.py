@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from horse_jax import settings as settings_lib
 from horse_jax.data.records import EditRecord
 from horse_jax.errors import UserError
 
@@ -123,7 +124,6 @@ def cell_settings(ctx: CellContext, method: str, options: Mapping[str, Any], see
 def effective_settings(ctx: CellContext, entry: Mapping[str, Any], seed: int) -> dict | None:
   """{key: {"value", "source"}} of a method entry, for results.json; None for methods without
   declared settings (`unedited`, other registered adapters)."""
-  from horse_jax import settings as settings_lib  # noqa: PLC0415
   if entry["name"] not in settings_lib.METHODS:
     return None
   return cell_settings(ctx, entry["name"], entry, seed).effective()
@@ -154,7 +154,7 @@ def run_hypernet(method: str, ctx: CellContext, records, options, seed) -> dict:
                    ctx.generate_fn(edited.model) if ctx.generate_fn else None)
 
 
-for _name in ("horse", "malmen", "mend"):
+for _name in settings_lib.HYPERNET:
   register_batch(_name, functools.partial(run_hypernet, _name))
 
 
@@ -176,6 +176,6 @@ def _codebook_fns(ctx: CellContext, state):
   return edited.logits, edited.generate if ctx.generate_fn else None
 
 
-for _name in ("horen", "grace"):
+for _name in settings_lib.CODEBOOK:
   register_sequential(_name, SequentialMethod(functools.partial(_codebook_start, _name), _codebook_edit,
                                               _codebook_fns))
