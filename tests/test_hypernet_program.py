@@ -191,7 +191,7 @@ def test_cli_edit_runs_one_edit_program(tmp_path, monkeypatch):
   real = program.edit_program
   monkeypatch.setattr(program, "edit_program", lambda *a, **k: calls.append(1) or real(*a, **k))
   assert main(["edit", "--model", str(tmp_path / "llama"), "--data", str(tmp_path / "edits.json"),
-               "--method", "horse", "--out", str(tmp_path / "out"), "--n-edits", "6",
+               "--method", "horse", "--hypernet", "init", "--out", str(tmp_path / "out"), "--n-edits", "6",
                "--set", "editor.rank=8", "--set", "data.batch_size=4"]) == 0
   assert calls == [1]
 
