@@ -24,6 +24,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from horse_jax import progress as progress_lib
 from horse_jax import settings as settings_lib
 from horse_jax.data import unke
 from horse_jax.errors import UserError
@@ -238,6 +239,9 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
               _save_cell(out, cell)
             cell.pop("scores", None)
             results["cells"].append(cell)
+            if write and not progress:  # no bars (not a terminal, or --quiet): one line per cell
+              progress_lib.log(f"sweep cell {entry['label']} n={cell.get('n_edits')} seed={seed} "
+                               f"{cell.get('timing', '')}: {cell.get('seconds', 0.0):.1f} s")
           if write:
             atomic_write_json(os.path.join(out, "results.json"), json_safe(results))  # partial progress
   results["aggregate"] = tables.aggregate(results["cells"])
