@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -57,10 +58,12 @@ def test_every_page_has_runnable_blocks():
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p, "python")], ids=lambda p: p.name)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
   monkeypatch.chdir(_workdir(tmp_path))
-  namespace: dict = {"__name__": "__docs__"}
+  # A real module object: dataclasses defined in a snippet look their module up in sys.modules.
+  module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")
+  monkeypatch.setitem(sys.modules, module.__name__, module)
   for why, code in _blocks(page, "python"):
     assert why is None, f"{page.name}: python blocks always run"
-    exec(compile(code.replace("/tmp/", f"{tmp_path}/"), str(page), "exec"), namespace)  # noqa: S102
+    exec(compile(code.replace("/tmp/", f"{tmp_path}/"), str(page), "exec"), module.__dict__)  # noqa: S102
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p, "bash")], ids=lambda p: p.name)
