@@ -98,7 +98,7 @@ def bench_horse_edit(world, reference=False):
   model, tok, records = world["model"], world["tokenizer"], world["records"]
   ctx = methods_lib.CellContext(model=model, tokenizer=tok, score=None, logits_fn=None,
                                 generate_fn=None, model_path=world["model_path"], progress=False)
-  cfg, state = methods_lib._hypernet_editor(hypernet, "horse", ctx, {"name": "horse"}, 0)
+  cfg, state = methods_lib._hypernet_editor(hypernet, "horse", ctx, {"name": "horse", "hypernet": "init"}, 0)
   rows = []
   for n in (100, 1000):
     batches = hypernet.edit_batches(tok, records[:n], cfg.lm_batch)

@@ -206,8 +206,11 @@ def test_mean_std():
 def test_real_editor_adapters(world, tmp_path, method):
   """The registry's adapters drive the real editors (fresh hypernetwork / empty codebook)."""
   out = tmp_path / method
-  code = main(["eval", "--model", str(world / "model"), "--data", str(world / "edits.jsonl"), "--method", method,
-               "--n-edits", "1", "3", "--set", "sample=first", "--out", str(out), "--quiet"])
+  config = {"name": "adapters", "model": str(world / "model"), "data": str(world / "edits.jsonl"),
+            "n_edits": [1, 3], "sample": "first",
+            "methods": [{"name": method, "hypernet": "init"} if method in ("horse", "malmen") else method]}
+  (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(config))
+  code = main(["eval", "--config", str(tmp_path / "sweep.yaml"), "--out", str(out), "--quiet"])
   assert code == 0
   cells = json.loads((out / "results.json").read_text())["cells"]
   timings = {"at_once"} if method in ("horse", "malmen") else {"final", "immediate"}
@@ -215,6 +218,13 @@ def test_real_editor_adapters(world, tmp_path, method):
   if method in ("horen", "grace"):  # a codebook edit is scored right after it is made: ES = 1
     first = [c for c in cells if c["n_edits"] == 1 and c["timing"] == "immediate"][0]
     assert first["summary"]["edit_acc"] == 1.0
+
+
+def test_a_hypernetwork_method_needs_an_explicit_network(world, tmp_path):
+  """A HORSE/MALMEN/MEND entry without `hypernet:` is refused before any work, naming the entry."""
+  code = main(["eval", "--model", str(world / "model"), "--data", str(world / "edits.jsonl"),
+               "--method", "malmen", "--n-edits", "1", "--out", str(tmp_path / "out"), "--quiet"])
+  assert code == 2 and not (tmp_path / "out").exists()
 
 
 def test_sequential_without_immediate_scoring_edits_in_chunks(world, tmp_path):

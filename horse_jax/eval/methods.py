@@ -129,11 +129,17 @@ def effective_settings(ctx: CellContext, entry: Mapping[str, Any], seed: int) ->
   return cell_settings(ctx, entry["name"], entry, seed).effective()
 
 
+# A method entry's `hypernet: init`: a freshly initialised (seeded) network, chosen explicitly.
+FRESH_HYPERNET = "init"
+
+
 def make_cell_editor(ctx: CellContext, method: str, options: Mapping[str, Any], seed: int):
-  """The protocol Editor of one method entry (`options["hypernet"]`: a trained hypernetwork)."""
+  """The protocol Editor of one method entry (`options["hypernet"]`: a trained hypernetwork folder,
+  or `init` / absent for fresh networks; `horse-jax eval` requires one of the two explicitly)."""
   from horse_jax.editors import protocol  # noqa: PLC0415
   label = options.get("label", method)
   folder = options.get("hypernet")
+  folder = None if folder == FRESH_HYPERNET else folder
   return protocol.make_editor(method, ctx.model, ctx.tokenizer, cell_settings(ctx, method, options, seed),
                               hypernet=folder, where=f"methods.{label}.hypernet {folder}", mesh=ctx.mesh)
 

@@ -93,9 +93,9 @@ def _method_entries(settings) -> list[dict[str, Any]]:
     entry = dict(entry)
     entry.setdefault("label", entry["name"])
     methods_lib.kind_of(entry["name"])  # unknown names fail before any work
-    for key in ("hypernet",):
-      if entry.get(key) and not os.path.exists(str(entry[key])):
-        raise UserError(f"sweep: methods[{i}] ({entry['label']}): {key} folder {entry[key]!r} not found")
+    hypernet = entry.get("hypernet")
+    if hypernet and hypernet != methods_lib.FRESH_HYPERNET and not os.path.exists(str(hypernet)):
+      raise UserError(f"sweep: methods[{i}] ({entry['label']}): hypernet folder {hypernet!r} not found")
     out.append(entry)
   labels = [e["label"] for e in out]
   if len(set(labels)) != len(labels):
@@ -174,6 +174,11 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
     if unke.is_unke(records[0]) and hypernet:
       raise UserError(f"sweep: {path} holds UnKE (unstructured) records, edited by horen, grace "
                       f"(or scored unedited), not by {', '.join(hypernet)}")
+  for entry in entries:  # checked after the data, whose format may rule the method out first
+    if entry["name"] in settings_lib.HYPERNET and not entry.get("hypernet"):
+      raise UserError(f"sweep: methods ({entry['label']}): {entry['name']} needs `hypernet:` a trained "
+                      "hypernetwork folder (`horse-jax train ... --out RUN` writes RUN/hypernet) or "
+                      "`init` for a freshly initialised, untrained one")
   if write:
     os.makedirs(out, exist_ok=True)
   results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
