@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from horse_jax import distributed, runtime
+from horse_jax import progress as progress_lib
 from horse_jax.cli.edit_hypernet import resolve
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
@@ -92,7 +93,8 @@ def _memo(model, tokenizer, train, cfg, budget_mb: int, max_length, mesh, main: 
                              f"> editor.memo_cache_mb={budget_mb}; every step recomputes them")
     return None
   start = time.time()
-  memo = memo_lib.build(model, tokenizer, train, cfg, max_length, mesh, progress=main)
+  memo = memo_lib.build(model, tokenizer, train, cfg, max_length, mesh,
+                        progress=main and progress_lib.bars_enabled())
   jax.block_until_ready(memo.arrays)
   distributed.main_print(f"memo of the training keys / value gradients: {len(train):,} records, "
                          f"{memo.n_slots:,} rows, {mib:,.1f} MiB per device, "
