@@ -526,7 +526,9 @@ def _save_cell(out: str, cell: Mapping[str, Any]) -> None:
   name = f"n{cell['n_edits']}_seed{cell['seed']}_{cell['timing']}.json"
   write_metrics(os.path.join(folder, name), cell["method"], cell["n_edits"], cell["scores"],
                 extra={"editor": cell["editor"], "seed": cell["seed"], "timing": cell["timing"],
-                       "seconds": cell["seconds"], "model": cell["model"], "data": cell["data"]})
+                       "seconds": cell["seconds"], "model": cell["model"], "data": cell["data"],
+                       # a score sample: the positions (in the seed's record order) of the scored edits
+                       **({"scored": cell["scored"]} if "scored" in cell else {})})
 
 
 def _plain(obj):
