@@ -7,8 +7,8 @@ Writes DIR/results.json, DIR/results.md, DIR/curve.jsonl, DIR/plots/*.png, DIR/c
 DIR/cells/**.json. A new DIR (or one holding this same sweep: DIR/sweep.json has these settings) is
 written in place, and a re-run after an interruption (kill -9 included) resumes it: finished cells
 are kept and sequential streams continue from their last finished checkpoint; the manifest, written
-last, marks it finished. A DIR holding anything else is refused, or with --overwrite replaced by a
-sweep built beside it and swapped in whole at the end.
+last, marks it finished. A DIR holding anything else is refused; --overwrite starts over: a new
+sweep is built beside DIR and swapped in whole at the end.
 Multi-host (`--coordinator/--num-processes/--process-id` or `--distributed auto`): every process runs
 the same sweep on the global mesh; process 0 alone writes the outputs, prints and shows progress.
 """
@@ -91,7 +91,8 @@ def run(args) -> int:
       return sweep.run_sweep(settings, folder, progress=main and progress.bars_enabled(), write=main,
                              mesh=mesh, fsdp=fsdp, resume=resume)
 
-  if same is False:  # --overwrite: built beside and swapped in whole, like every other command
+  if same is False or (same and args.overwrite):
+    # --overwrite starts over: built beside and swapped in whole, like every other command.
     with outputs.output_folder(out, overwrite=True, active=main, manifest={"command": "eval"}) as tmp:
       results = run_in(tmp or out, resume=False)
   else:
@@ -104,5 +105,5 @@ def run(args) -> int:
       outputs.apply_umask_tree(out)
       outputs.write_manifest(out, {"command": "eval"})
   distributed.main_print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} cells, "
-        f"{len(results['plots'])} plot(s))")
+        f"{len(results['plots'])} plot(s), curve.jsonl)")
   return 0
