@@ -119,6 +119,9 @@ def test_stopped_between_checkpoints_resumes(world, tmp_path, monkeypatch):
   edited.clear()
   assert main(["eval", "--config", config, "--out", str(out), "--quiet"]) == 0
   assert edited == [] and curve(out) == curve(whole)
+  # --overwrite starts over: every edit again, the same curve.
+  assert main(["eval", "--config", config, "--out", str(out), "--quiet", "--overwrite"]) == 0
+  assert len(edited) == 4 and curve(out) == curve(whole)
 
 
 def _fake_start(ctx, options, seed):
