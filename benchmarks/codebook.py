@@ -210,19 +210,15 @@ def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,
   Returns one row: edit seconds (compilation included), edits/s, compiled programs, codebook rows
   and bytes, peak RSS, and the summary scores (teacher-forced, `eval.scoring`).
   """
-  import json
   from horse_jax.data.loaders import convert_rows
   from horse_jax.data.tokenize import tokenize_edits
   from horse_jax.eval.scoring import score_records
   from horse_jax.models import apply, from_pretrained, load_tokenizer
   from horse_jax.world import generator
-  from horse_jax.world.build import default_world_dir
+  from horse_jax.world.build import default_world_dir, load_world
   root = world_dir or default_world_dir()
   path = os.path.join(root, "model")
-  with open(os.path.join(root, "world.json"), encoding="utf-8") as f:
-    meta = json.load(f)
-  world = generator.build_world(int(meta.get("seed", 0)),
-                                generator.WorldSpec(**meta.get("world", {})))
+  world = load_world(root)
   rows = [generator.to_zsre(e) for e in generator.distinct_edits(world, n)]
   records, _ = convert_rows(rows, fmt="zsre")
   model, tok = from_pretrained(path), load_tokenizer(path)

@@ -100,6 +100,41 @@ def prepare_output(out: str | os.PathLike, *, inputs: Mapping[str, Any] | None =
   return path
 
 
+def prepare_output_file(out: str | os.PathLike, *, inputs: Mapping[str, Any] | None = None,
+                        overwrite: bool = False, flag: str = "--out") -> str:
+  """Checks an output *file* before a command does any work (the file twin of `prepare_output`).
+
+  Args:
+    out: the file the user named (written later with `horse_jax.io.atomic_write_*`, so a failed
+      run leaves an existing file untouched).
+    inputs: {flag: path} of the command's inputs: `out` may not be an input file, nor lie inside an
+      input folder (refused even with overwrite).
+    overwrite: the user's --overwrite: an existing file will be replaced instead of refused.
+    flag: how to name `out` in errors.
+
+  Returns:
+    `out` as an absolute path.
+
+  Raises:
+    UserError: `out` is a folder, an existing file without `overwrite`, or overlaps an input.
+  """
+  path = os.path.abspath(os.fspath(out))
+  target = _real(out)
+  for name, given in (inputs or {}).items():
+    if given is None:
+      continue
+    source = _real(given)
+    if target == source:
+      raise UserError(f"{flag} {out}: is the input {name}; choose another file")
+    if os.path.isdir(source) and _within(target, source):
+      raise UserError(f"{flag} {out}: lies inside the input {name} {given}; choose another file")
+  if os.path.isdir(path):
+    raise UserError(f"{flag} {out}: is a folder, not a file")
+  if os.path.lexists(path) and not overwrite:
+    raise UserError(f"{flag} {out}: file exists (add --overwrite to replace it, or choose another file)")
+  return path
+
+
 def write_manifest(folder: str | os.PathLike, info: Mapping[str, Any] | None = None) -> None:
   """Marks `folder` finished: the manifest, written last, names the command and its files."""
   from horse_jax import __version__  # noqa: PLC0415

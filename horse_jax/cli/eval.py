@@ -3,14 +3,19 @@
   horse-jax eval --config eval/world.yaml [--out DIR] [--set n_edits=[1,10]] [--skip-invalid]
   horse-jax eval --model M --data D --method unedited --n-edits 1 10   (a sweep without a file)
 
-Writes DIR/results.json, DIR/results.md, DIR/plots/*.png and DIR/cells/**.json: built beside DIR
-and swapped in whole at the end (an existing DIR is refused unless --overwrite).
+Writes DIR/results.json, DIR/results.md, DIR/curve.jsonl, DIR/plots/*.png, DIR/curves/*.png and
+DIR/cells/**.json. A new DIR (or one holding this same sweep: DIR/sweep.json has these settings) is
+written in place, and a re-run after an interruption (kill -9 included) resumes it: finished cells
+are kept and sequential streams continue from their last finished checkpoint; the manifest, written
+last, marks it finished. A DIR holding anything else is refused; --overwrite starts over: a new
+sweep is built beside DIR and swapped in whole at the end.
 Multi-host (`--coordinator/--num-processes/--process-id` or `--distributed auto`): every process runs
 the same sweep on the global mesh; process 0 alone writes the outputs, prints and shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from horse_jax.errors import UserError
@@ -72,13 +77,33 @@ def run(args) -> int:
   model = settings.get("model")
   mesh, fsdp = setup_devices(args, model[0] if isinstance(model, (list, tuple)) and model else model)
   out = args.out or os.path.join("eval", "results", sweep.slug(settings["name"]))
-  outputs.prepare_output(out, inputs=_inputs(settings), overwrite=args.overwrite)
+  outputs.check_inputs(out, _inputs(settings))
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out {out}: is a file, not a folder")
+  same = sweep.folder_holds(out, settings)
+  if same is False and not args.overwrite:
+    raise UserError(f"--out {out}: holds something other than this sweep (a sweep folder resumes only "
+                    "with the same settings; add --overwrite to replace it, or choose another folder)")
   main = distributed.is_main()
-  with outputs.output_folder(out, overwrite=args.overwrite, active=main,
-                             manifest={"command": "eval"}) as tmp:
+
+  def run_in(folder, resume):
     with progress.stage(f"sweep {settings['name']}"):
-      results = sweep.run_sweep(settings, tmp or out, progress=main and progress.bars_enabled(),
-                                write=main, mesh=mesh, fsdp=fsdp)
+      return sweep.run_sweep(settings, folder, progress=main and progress.bars_enabled(), write=main,
+                             mesh=mesh, fsdp=fsdp, resume=resume)
+
+  if same is False or (same and args.overwrite):
+    # --overwrite starts over: built beside and swapped in whole, like every other command.
+    with outputs.output_folder(out, overwrite=True, active=main, manifest={"command": "eval"}) as tmp:
+      results = run_in(tmp or out, resume=False)
+  else:
+    if main and os.path.isdir(out):  # a resumed sweep is unfinished until it ends
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out, outputs.MANIFEST))
+    results = run_in(out, resume=True)
+    distributed.barrier("eval:done")
+    if main:
+      outputs.apply_umask_tree(out)
+      outputs.write_manifest(out, {"command": "eval"})
   distributed.main_print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} cells, "
-        f"{len(results['plots'])} plot(s))")
+        f"{len(results['plots'])} plot(s), curve.jsonl)")
   return 0

@@ -3,6 +3,10 @@
   horse-jax world build [--out DIR] [--seed S]   regenerate data + tokenizer + model from a seed
                                                  (an existing DIR is refused unless --overwrite)
   horse-jax world info [--dir DIR]               sizes and accuracies of a built world
+  horse-jax world edits --n N --seed S --out FILE [--world DIR]
+                                                 N distinct edit requests about new subjects (ZsRE
+                                                 records, the format `edit --data` and sweeps read);
+                                                 an existing FILE is refused unless --overwrite
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from horse_jax.errors import UserError
 
 
 def register(sub) -> None:
+  from horse_jax.cli.common import add_overwrite_arg
   p = sub.add_parser("world", help="build or describe the embedded default world (synthetic facts + small Llama)")
   wsub = p.add_subparsers(dest="world_command", metavar="ACTION")
   b = wsub.add_parser("build", help="generate the world, train its tokenizer and pre-train its model")
@@ -23,12 +28,21 @@ def register(sub) -> None:
   b.add_argument("--steps", type=int, default=None, help="pre-training steps (default from PretrainConfig)")
   b.add_argument("--eval-every", type=int, default=500,
                  help="log sample accuracies every N steps (0: never)")
-  from horse_jax.cli.common import add_overwrite_arg
   add_overwrite_arg(b)
   b.set_defaults(func=run_build)
   i = wsub.add_parser("info", help="print the sizes and accuracies of a built world")
   i.add_argument("--dir", default=None, help="world folder (default: the shipped checkpoints/world)")
   i.set_defaults(func=run_info)
+  e = wsub.add_parser("edits", help="write N distinct edit requests about new subjects (a lifelong "
+                                     "stream for sequential sweeps)")
+  e.add_argument("--n", type=int, required=True, help="number of edit requests")
+  e.add_argument("--seed", type=int, default=0, help="the stream's seed (the same seed writes the same file)")
+  e.add_argument("--out", required=True, help="output JSON file (ZsRE records, one per line)")
+  e.add_argument("--world", default=None,
+                 help="world folder whose names are avoided and whose facts give locality prompts "
+                      "(default: the shipped checkpoints/world)")
+  add_overwrite_arg(e)
+  e.set_defaults(func=run_edits)
   p.set_defaults(func=lambda args: p.print_help() or 1)
 
 
@@ -50,6 +64,25 @@ def run_build(args) -> int:
   with outputs.output_folder(out, overwrite=args.overwrite, manifest={"command": "world build"}) as tmp:
     build.build(tmp, seed=args.seed, cfg=cfg, eval_every=args.eval_every, ckpt_dir=ckpt_dir)
   print(f"wrote {args.out}")
+  return 0
+
+
+def run_edits(args) -> int:
+  from horse_jax import outputs, progress
+  from horse_jax.io import atomic_write_text
+  from horse_jax.world import generator
+  from horse_jax.world.build import default_world_dir, load_world
+  if args.n < 1:
+    raise UserError("--n must be positive")
+  folder = args.world or default_world_dir()
+  out = outputs.prepare_output_file(args.out, inputs={"--world": folder}, overwrite=args.overwrite)
+  world = load_world(folder)
+  edits = generator.distinct_edits(world, args.n, seed=args.seed, progress=progress.bars_enabled())
+  # One record per line: a 50,000-edit stream stays diffable and loads as one JSON list.
+  lines = (json.dumps(generator.to_zsre(e), ensure_ascii=False) for e in edits)
+  atomic_write_text(out, "[\n" + ",\n".join(lines) + "\n]\n")
+  print(f"wrote {args.out} ({args.n:,} edit requests about {len({e['subject'] for e in edits}):,} new "
+        f"subjects, seed {args.seed})")
   return 0
 
 

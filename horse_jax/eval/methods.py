@@ -57,11 +57,18 @@ class CellContext:
 class SequentialMethod:
   """start(ctx, options, seed) -> state; edit(ctx, state, records) -> state (the records applied one
   after another, in order: several per call let the editor batch them without a host sync per edit);
-  fns(ctx, state) -> (post_logits_fn, post_generate_fn or None)."""
+  fns(ctx, state) -> (post_logits_fn, post_generate_fn or None).
+
+  Optional, for sweeps that resume after a kill: save(ctx, state, folder) writes the state into a
+  new folder; load(ctx, options, seed, folder) -> state reads it back, so that editing on continues
+  exactly as the uninterrupted stream would. A method without them restarts its stream on resume
+  (its finished checkpoints are still not scored again)."""
 
   start: Callable[[CellContext, Mapping[str, Any], int], Any]
   edit: Callable[[CellContext, Any, Sequence[EditRecord]], Any]
   fns: Callable[[CellContext, Any], tuple[Callable, Callable | None]]
+  save: Callable[[CellContext, Any, str], None] | None = None
+  load: Callable[[CellContext, Mapping[str, Any], int, str], Any] | None = None
 
 
 BATCH: dict[str, Callable[[CellContext, Sequence[EditRecord], Mapping[str, Any], int], dict]] = {}
@@ -133,15 +140,18 @@ def effective_settings(ctx: CellContext, entry: Mapping[str, Any], seed: int) ->
 FRESH_HYPERNET = "init"
 
 
-def make_cell_editor(ctx: CellContext, method: str, options: Mapping[str, Any], seed: int):
+def make_cell_editor(ctx: CellContext, method: str, options: Mapping[str, Any], seed: int,
+                     codebook=None):
   """The protocol Editor of one method entry (`options["hypernet"]`: a trained hypernetwork folder,
-  or `init` / absent for fresh networks; `horse-jax eval` requires one of the two explicitly)."""
+  or `init` / absent for fresh networks; `horse-jax eval` requires one of the two explicitly;
+  `codebook`: a codebook to continue, codebook methods)."""
   from horse_jax.editors import protocol  # noqa: PLC0415
   label = options.get("label", method)
   folder = options.get("hypernet")
   folder = None if folder == FRESH_HYPERNET else folder
   return protocol.make_editor(method, ctx.model, ctx.tokenizer, cell_settings(ctx, method, options, seed),
-                              hypernet=folder, where=f"methods.{label}.hypernet {folder}", mesh=ctx.mesh)
+                              hypernet=folder, codebook=codebook, where=f"methods.{label}.hypernet {folder}",
+                              mesh=ctx.mesh)
 
 
 def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):
@@ -182,6 +192,24 @@ def _codebook_fns(ctx: CellContext, state):
   return edited.logits, edited.generate if ctx.generate_fn else None
 
 
+def _codebook_save(ctx: CellContext, state, folder: str) -> None:
+  """The codebook folder (`codebook.persist`), with its capacity: a stream resumed from it runs the
+  same compiled programs on the same buffer shapes as the uninterrupted one."""
+  from horse_jax.editors.codebook import persist  # noqa: PLC0415
+  del ctx
+  editor, book = state
+  persist.save(folder, book, editor.config, extra={"capacity": book.capacity})
+
+
+def _codebook_load(method: str, ctx: CellContext, options, seed, folder: str):
+  from horse_jax.editors.codebook import persist  # noqa: PLC0415
+  _, extra = persist.load_settings(folder)
+  book, _ = persist.load(folder, capacity=int(extra["capacity"]))
+  editor = make_cell_editor(ctx, method, options, seed, codebook=book)
+  return editor, editor.init(jax.random.PRNGKey(seed))
+
+
 for _name in settings_lib.CODEBOOK:
-  register_sequential(_name, SequentialMethod(functools.partial(_codebook_start, _name), _codebook_edit,
-                                              _codebook_fns))
+  register_sequential(_name, SequentialMethod(
+      functools.partial(_codebook_start, _name), _codebook_edit, _codebook_fns, _codebook_save,
+      functools.partial(_codebook_load, _name)))

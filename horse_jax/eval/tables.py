@@ -97,8 +97,15 @@ def markdown(results: Mapping[str, Any]) -> str:
       cells += [r["overall_locality"] or "–", _fmt(r["seconds"], k)]
       lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+  sample = (results.get("settings") or {}).get("eval", {}).get("score_sample")
+  if sample:
+    lines += [f"Scored: cells of more than {sample} edits score a seeded random sample of {sample} of "
+              "them (`eval.score_sample`; `scored` in results.json and curve.jsonl, the sampled "
+              "positions in cells/); `immediate` cells score every edit once, right after it.", ""]
   if results.get("skipped"):
     lines += ["Skipped cells:", ""] + [f"- {s}" for s in results["skipped"]] + [""]
   if results.get("plots"):
     lines += ["Plots: " + ", ".join(f"[{p}]({p})" for p in results["plots"]), ""]
+  if results.get("curves"):
+    lines += ["Curves (seeds as bands): " + ", ".join(f"[{p}]({p})" for p in results["curves"]), ""]
   return "\n".join(lines)

@@ -13,6 +13,7 @@ Layout written under `out` (the shipped copy is `checkpoints/world/`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 import time
 from typing import Callable
 
+from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_json
 from horse_jax.world import generator, pretrain, tokenizer as world_tokenizer
 
@@ -158,3 +160,23 @@ def default_world_dir() -> str:
     return here
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   return os.path.join(repo, "checkpoints", "world")
+
+
+def load_world(folder: str) -> generator.World:
+  """The world a built folder was generated from (its `world.json` seed and sizes).
+
+  Args:
+    folder: a folder written by `build` (`horse-jax world build`).
+
+  Returns:
+    The `generator.World` (regenerated from the seed: the same facts, splits and edits).
+  """
+  path = os.path.join(folder, "world.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{path} does not exist (build it with `horse-jax world build --out {folder}`)") from None
+  except ValueError as err:
+    raise UserError(f"{path}: not valid JSON ({err})") from None
+  return generator.build_world(int(meta.get("seed", 0)), generator.WorldSpec(**meta.get("world", {})))

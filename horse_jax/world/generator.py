@@ -327,7 +327,8 @@ def unke_records(world: World, n: int = 50, n_sub: int = 3) -> list[dict[str, An
 # Many distinct edits (sequential-editing scale tests, e.g. 50,000 HoReN edits).
 
 
-def distinct_edits(world: World, n: int = 50_000) -> list[dict[str, str]]:
+def distinct_edits(world: World, n: int = 50_000, seed: int | None = None,
+                   progress: bool = False) -> list[dict[str, str]]:
   """`n` distinct edit requests about *new* subjects (not in the world), in a random order.
 
   Each new subject gets all five relations (n / 5 subjects, the last one partly), so no two
@@ -335,17 +336,20 @@ def distinct_edits(world: World, n: int = 50_000) -> list[dict[str, str]]:
   the targets are drawn from the relation's values. New subjects have no pre-trained fact:
   `ground_truth` is another drawn value (so the target is counterfactual to it), only to fill the
   field the formats need. Locality pairs are training-template questions about pool subjects (never
-  edited). The draws use their own generator (seeded from the world seed), so the world's other data
-  is unchanged.
+  edited). The draws use their own generator, seeded from (`seed`, `n`), so the world's other data
+  is unchanged; a stream of another length is another draw, not a prefix of this one.
 
   Args:
     world: the world (its names are avoided, its pool subjects give locality pairs).
     n: number of requests.
+    seed: the stream's seed (default the world's seed).
+    progress: a bar over the requests (drawn on a terminal only, `horse_jax.progress`).
 
   Returns:
     Edit dicts with the keys of `World.edits` (`to_zsre` / `to_counterfact` export them).
   """
-  rng = random.Random(f"distinct:{world.seed}:{n}")
+  from horse_jax import progress as progress_lib  # noqa: PLC0415
+  rng = random.Random(f"distinct:{world.seed if seed is None else int(seed)}:{n}")
   rels = relations()
   pool = [s for s in world.subjects if world.split_of[s] == "pool"]
   words = {w for rel in rels for v in rel.values for w in v.split()}
@@ -358,17 +362,19 @@ def distinct_edits(world: World, n: int = 50_000) -> list[dict[str, str]]:
     taken.add(name)
     subjects.append(name)
   out = []
-  for s in subjects:
-    for r in rels:
-      truth, new = rng.sample(r.values, 2)
-      loc_s, loc_r = rng.choice(pool), rng.choice(rels)
-      out.append(dict(
-          subject=s, relation=r.name,
-          prompt=rng.choice(r.train_templates).format(s=s),
-          rephrase=rng.choice(r.eval_templates).format(s=s),
-          target_new=new, ground_truth=truth,
-          loc_prompt=rng.choice(loc_r.train_templates).format(s=loc_s),
-          loc_answer=world.facts[loc_s][loc_r.name]))
+  with progress_lib.bar(total=n, desc="drawing edits", unit="edit", disable=not progress) as bar:
+    for s in subjects:
+      for r in rels:
+        truth, new = rng.sample(r.values, 2)
+        loc_s, loc_r = rng.choice(pool), rng.choice(rels)
+        out.append(dict(
+            subject=s, relation=r.name,
+            prompt=rng.choice(r.train_templates).format(s=s),
+            rephrase=rng.choice(r.eval_templates).format(s=s),
+            target_new=new, ground_truth=truth,
+            loc_prompt=rng.choice(loc_r.train_templates).format(s=loc_s),
+            loc_answer=world.facts[loc_s][loc_r.name]))
+      bar.update(min(len(out), n) - min(len(out) - len(rels), n))
   out = out[:n]
   rng.shuffle(out)
   return out
