@@ -229,7 +229,11 @@ def test_edits_match_a_torch_implementation_of_the_reference(tiny_world, batch_s
 def test_mesh_edit_equals_single_device(mesh_shape):
   model, tok = from_pretrained(WORLD), load_tokenizer(WORLD)
   records = load_records("checkpoints/world/data/zsre_test.json", limit=8)
-  overrides = ["editor.lr=1e-3", "editor.batch_size=4", "editor.batch_size_once=2"]
+  # MLP input projections: their ridge matrices are well conditioned on the world (condition ~5e3;
+  # the down_proj inputs reach ~1e6, where float32 solves differ by 1e-2 with the summation order).
+  mods = "[model.layers.0.mlp.gate_proj,model.layers.1.mlp.gate_proj,model.layers.2.mlp.up_proj]"
+  overrides = ["editor.lr=1e-3", "editor.batch_size=4", "editor.batch_size_once=2",
+               f"model.edit_modules={mods}"]
   one = make_editor("ultraedit", model, tok, resolve_settings("ultraedit", WORLD, model,
                                                                overrides=overrides))
   want, _ = one.edit(one.init(None), records)
