@@ -276,3 +276,24 @@ def test_reference_hparams_file_is_read_as_written(tmp_path):
     settings_lib.resolve("ultraedit", overrides=["editor.batch_size=3", "editor.batch_size_once=2"])
   with pytest.raises(UserError, match="expected one of mask"):
     settings_lib.resolve("ultraedit", overrides=["editor.token=ans"])
+
+
+@pytest.mark.slow
+def test_cli_edits_the_world_in_steps(tmp_path):
+  """`horse-jax edit --method ultraedit`: deltas, the edited checkpoint and metrics with provenance."""
+  import json
+
+  from horse_jax.cli.main import main
+  out = tmp_path / "ue"
+  assert main(["edit", "--method", "ultraedit", "--model", WORLD, "--data",
+               "checkpoints/world/data/zsre_test.json", "--n-edits", "6", "--out", str(out),
+               "--set", "editor.batch_size=4", "editor.batch_size_once=2"]) == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  eff = metrics["effective_settings"]
+  assert eff["editor.batch_size"] == {"value": 4, "source": "set"}
+  assert eff["editor.lr"]["source"] == "card" and eff["model.edit_modules"]["source"] == "card"
+  assert metrics["edit_steps"] == 2 and (out / "deltas.safetensors").is_file()
+  assert (out / "model" / "config.json").is_file()
+  with pytest.raises(UserError, match="--hypernet does not apply to --method ultraedit"):
+    main(["edit", "--method", "ultraedit", "--model", WORLD, "--data",
+          "checkpoints/world/data/zsre_test.json", "--out", str(tmp_path / "x"), "--hypernet", "init"])

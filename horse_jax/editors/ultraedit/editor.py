@@ -34,7 +34,6 @@ shifts by column over `model`, the statistics are replicated.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple, Sequence
 
@@ -49,13 +48,12 @@ from horse_jax.data.tokenize import IGNORE, EditBatch, bucket_length, padding_id
 from horse_jax.editors.hypernet import normalizer, packing, program
 from horse_jax.editors.hypernet import shifts as shifts_lib
 from horse_jax.editors.hypernet.config import HypernetConfig, module_shapes
+from horse_jax.editors.ultraedit.settings import UltraEditEditorSettings
 from horse_jax.errors import UserError
 from horse_jax.models import Model
 from horse_jax.models import names as names_lib
 from horse_jax.models.names import add_to_kernels
-from horse_jax.editors.ultraedit.settings import UltraEditEditorSettings
 
-HI = lax.Precision.HIGHEST
 
 
 def config_for(settings, model: Model) -> HypernetConfig:
@@ -96,12 +94,17 @@ class UltraEditState(NamedTuple):
   n_edits: int = 0
 
 
+def empty_norms(cfg: HypernetConfig, mesh=None) -> dict:
+  """Empty statistics per shape key (replicated with a mesh)."""
+  norms = {key: normalizer.init(k + v) for key, (k, v) in zip(cfg.shape_keys, cfg.shapes)}
+  return norms if mesh is None else jax.device_put(norms, NamedSharding(mesh, P()))
+
+
 def init(cfg: HypernetConfig, mesh=None) -> UltraEditState:
   """Empty statistics and zero shifts (shifts split by column over `model` with a mesh)."""
-  norms = {key: normalizer.init(k + v) for key, (k, v) in zip(cfg.shape_keys, cfg.shapes)}
+  norms = empty_norms(cfg, mesh)
   deltas = {m: jnp.zeros(s, jnp.float32) for m, s in zip(cfg.modules, cfg.shapes)}
   if mesh is not None:
-    norms = jax.device_put(norms, NamedSharding(mesh, P()))
     deltas = {m: jax.device_put(d, NamedSharding(mesh, program._shift_spec(mesh, d.shape[1])))
               for m, d in deltas.items()}
   return UltraEditState(norms, deltas, 0)
@@ -271,12 +274,12 @@ def edit(state: UltraEditState, model: Model, tokenizer, records: Sequence[EditR
   packer = packer or packing.Packer(cfg.chunk, 8 if mesh is None else max(8, mesh.shape["data"]))
   norms, deltas, done = state
   lr = jnp.float32(settings.lr)
-  fresh = init(cfg, mesh).norms if not settings.lifelong_normalizer else None
   for start in range(0, len(records), settings.batch_size):
     part = list(records[start:start + settings.batch_size])
     batches = request_batches(tokenizer, part, settings.batch_size_once, max_length)
     packed = program.put(packer("edits", batches, cfg.token, True), mesh)
-    step_norms = norms if fresh is None else jax.tree_util.tree_map(jnp.copy, fresh)
+    # The reference runner's reset: every step from empty statistics (they are donated: new ones).
+    step_norms = norms if settings.lifelong_normalizer else empty_norms(cfg, mesh)
     deltas, norms = edit_step(model, deltas, step_norms, packed, lr, cfg, mesh)
     done += len(part)
   return UltraEditState(norms, deltas, done)

@@ -19,7 +19,8 @@ from horse_jax.typed_config import DataSettings, ModelSettings, Settings, module
 class UltraEditEditorSettings(Settings):
   """`editor.*` of UltraEdit (the reference's hparams names)."""
 
-  lr: float = setting(1e-6, "scale of the value shifts v = -lr * sum(k^ * k^) * g^ (normalised key k^, gradient g^)")
+  lr: float = setting(
+      1e-6, "scale of the value shifts v = -lr * sum(k^ * k^) * g^ (normalised key k^, gradient g^)")
   token: Literal["mask"] = setting(
       "mask", "cached positions: every attended token, BOS included (the reference's only choice)")
   batch_size: int = setting(
