@@ -279,7 +279,7 @@ def test_reference_hparams_file_is_read_as_written(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_edits_the_world_in_steps(tmp_path):
+def test_cli_edits_the_world_in_steps(tmp_path, capsys):
   """`horse-jax edit --method ultraedit`: deltas, the edited checkpoint and metrics with provenance."""
   import json
 
@@ -294,6 +294,29 @@ def test_cli_edits_the_world_in_steps(tmp_path):
   assert eff["editor.lr"]["source"] == "card" and eff["model.edit_modules"]["source"] == "card"
   assert metrics["edit_steps"] == 2 and (out / "deltas.safetensors").is_file()
   assert (out / "model" / "config.json").is_file()
-  with pytest.raises(UserError, match="--hypernet does not apply to --method ultraedit"):
-    main(["edit", "--method", "ultraedit", "--model", WORLD, "--data",
-          "checkpoints/world/data/zsre_test.json", "--out", str(tmp_path / "x"), "--hypernet", "init"])
+  assert main(["edit", "--method", "ultraedit", "--model", WORLD, "--data",
+               "checkpoints/world/data/zsre_test.json", "--out", str(tmp_path / "x"), "--hypernet",
+               "init"]) == 2
+  assert "--hypernet does not apply to --method ultraedit" in capsys.readouterr().err
+
+
+def test_sweep_adapter_edits_through_the_protocol():
+  from horse_jax.eval import methods
+  model, tok = from_pretrained(WORLD), load_tokenizer(WORLD)
+  records = load_records("checkpoints/world/data/zsre_test.json", limit=3)
+  ctx = methods.CellContext(model=model, tokenizer=tok, score=None, logits_fn=None, generate_fn=None,
+                            model_path=WORLD)
+  adapter = methods.SEQUENTIAL["ultraedit"]
+  entry = {"name": "ultraedit", "settings": {"editor": {"batch_size": 2}}}
+  state = adapter.edit(ctx, adapter.start(ctx, entry, 0), records)
+  assert state[1].n_edits == 3 and float(state[1].norms["128x768"].n) > 0
+  logits_fn, gen = adapter.fns(ctx, state)
+  assert gen is None
+
+
+@pytest.mark.slow
+def test_plan_compiles_the_edit_step():
+  from horse_jax.plan import plan
+  result = plan(WORLD, "ultraedit", 10, make_mesh(2, 4))
+  stage = next(s for s in result["stages"] if s["name"] == "edit-step")
+  assert stage["peak"] > 0 and result["info"]["batch_size"] == 1
