@@ -16,6 +16,8 @@ needed. The stages are the programs the editors run:
   meta-step-memo  `hypernet.program.train_program_memo`: the step with its cache gathered from that
               memo
   edit        HoReN / GRACE: one block of `editor.edit_block` edits into an N-entry codebook
+  edit-step   UltraEdit: `ultraedit.editor.edit_step`, one step of `editor.batch_size` requests
+              (keys / value gradients, statistics, solves; N edits run N / batch_size of them)
 
 `horse-jax train` runs `memo-fill` + `meta-step-memo` when the memo of its training records fits
 `editor.memo_cache_mb` (replicated, per device), else `meta-step`; the plan does not know the
@@ -44,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from horse_jax.errors import UserError
 from horse_jax.models.hf_map import abstract_params
-from horse_jax.settings import CODEBOOK, HYPERNET
+from horse_jax.settings import CODEBOOK, HYPERNET, ULTRAEDIT
 
 GIB = 1024 ** 3
 # Per-chip memory (GiB) of the accelerators the plan compares against.
@@ -263,6 +265,34 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   return [_measure(st, compiled)], info
 
 
+def ultraedit_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                     seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """One UltraEdit step of `editor.batch_size` requests (the program every step runs; the
+  statistics and the accumulated shifts are its donated state)."""
+  from horse_jax.editors.protocol import resolve_settings
+  from horse_jax.editors.ultraedit import editor as ue
+
+  resolved = resolve_settings(method, model_path, model, overrides=list(overrides))
+  cfg = ue.config_for(resolved, model)
+  ed = resolved.typed.editor
+  state = jax.eval_shape(lambda: ue.init(cfg))
+  deltas = {m: jax.ShapeDtypeStruct(d.shape, d.dtype, sharding=NamedSharding(
+      mesh, P(None, "model") if d.shape[1] % mesh.shape["model"] == 0 else P()))
+      for m, d in state.deltas.items()}
+  norms = _replicated(state.norms, mesh)
+  n_step = min(ed.batch_size, n_edits)
+  packed, total = packed_abstract(n_step, seq_len, answer_tokens=seq_len // 2,
+                                  cached_per_seq=seq_len, lm_batch=ed.batch_size_once,
+                                  chunk=cfg.chunk, mesh=mesh, with_rows=True)
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+  st = Stage("edit-step", f"one step of {n_step} requests ({total} cached rows); {n_edits} edits "
+             f"run {-(-n_edits // n_step)} such steps", weights=_shard_bytes(model.params))
+  compiled = _compile(ue.edit_step, model, deltas, norms, packed, lr, cfg=cfg, mesh=mesh)
+  info = {"modules": list(cfg.modules), "batch_size": ed.batch_size, "cached_rows": total,
+          "seq_len": seq_len, "deltas_bytes_per_device": _shard_bytes(deltas)}
+  return [_measure(st, compiled)], info
+
+
 def load_stage(model) -> Stage:
   w = _shard_bytes(model.params)
   return Stage("load", "sharded weights (each device reads its own slices)", weights=w, arguments=w)
@@ -297,8 +327,9 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
 
   Args:
     model_path: folder with config.json (weights are never read), or a card name with a shipped config.
-    method: horse, malmen, mend, horen or grace.
-    n_edits: edits at once (hypernetworks) or codebook rows (HoReN / GRACE).
+    method: horse, malmen, mend, horen, grace or ultraedit.
+    n_edits: edits at once (hypernetworks), codebook rows (HoReN / GRACE) or edits in steps of
+      `editor.batch_size` (UltraEdit).
     mesh: the (data, model) mesh to compile for.
     dtype: LM dtype; default the card's, else float32.
     overrides: `--set KEY=VALUE` settings (editor.rank=..., data.batch_size=..., ...).
@@ -312,8 +343,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   """
   from horse_jax.models import Model, read_config
   from horse_jax.models import sharding
-  if method not in HYPERNET + CODEBOOK:
-    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK)}")
+  if method not in HYPERNET + CODEBOOK + ULTRAEDIT:
+    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK + ULTRAEDIT)}")
   if n_edits < 1:
     raise UserError("--n-edits must be at least 1")
   folder = resolve_model_path(model_path)
@@ -329,11 +360,13 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   if method in HYPERNET:
     more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
                                  seq_len)
+  elif method in ULTRAEDIT:
+    more, info = ultraedit_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   else:
     more, info = codebook_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   stages += more
   peak = max(stages, key=lambda s: s.peak)
-  groups = {"edit": [s for s in stages if s.name in ("load", "edit")],
+  groups = {"edit": [s for s in stages if s.name in ("load", "edit", "edit-step")],
             "meta-training step": [s for s in stages if s.name.startswith(("meta-step", "memo"))]}
   return {
       "model": model_path, "config": folder, "method": method, "n_edits": n_edits,

@@ -41,6 +41,7 @@ import yaml
 from horse_jax import typed_config
 from horse_jax.editors.codebook.settings import GraceSettings, HorenSettings
 from horse_jax.editors.hypernet.settings import HorseSettings, MalmenSettings, MendSettings
+from horse_jax.editors.ultraedit.settings import UltraEditSettings
 from horse_jax.errors import UserError
 from horse_jax.models.cards import card_for
 from horse_jax.typed_config import flatten, module_name  # noqa: F401  (public here too)
@@ -48,12 +49,14 @@ from horse_jax.typed_config import flatten, module_name  # noqa: F401  (public h
 # Method name -> its settings class. A new method adds one entry (and its editor module).
 SETTINGS_CLASSES: dict[str, type] = {
     "horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings,
-    "horen": HorenSettings, "grace": GraceSettings,
+    "horen": HorenSettings, "grace": GraceSettings, "ultraedit": UltraEditSettings,
 }
 METHODS = tuple(SETTINGS_CLASSES)
 # The two families, told apart by their settings classes (MALMEN's and MEND's derive from HORSE's).
 HYPERNET = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorseSettings))
 CODEBOOK = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorenSettings))
+# Training-free weight editors applied batch after batch (UltraEdit).
+ULTRAEDIT = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, UltraEditSettings))
 SOURCES = ("default", "card", "codebook", "config", "set", "run")
 
 
@@ -100,16 +103,28 @@ def describe(method: str | None = None) -> str:
   rows = ["| key | type | default | methods | meaning |", "|---|---|---|---|---|"]
   for key in (keys_for(method) if method else all_keys()):
     readers = methods_reading(key)
-    info = _info(readers[0])[key]
+    info = _info(method or readers[0])[key]
     kind = info.type_name + (f" ({' / '.join(map(str, info.choices))})" if info.choices else "")
     if method:
-      shown = default(key, method)
+      shown, meaning = default(key, method), info.help
     else:
-      values = {m: default(key, m) for m in readers}
-      shown = values[readers[0]] if len({repr(v) for v in values.values()}) == 1 else ", ".join(
-          f"{m}: {v}" for m, v in values.items())
-    rows.append(f"| `{key}` | {kind} | {shown} | {', '.join(readers)} | {info.help} |")
+      shown, meaning = (_per_method({m: f(m) for m in readers}) for f in (
+          lambda m: default(key, m), lambda m: _info(m)[key].help))
+    rows.append(f"| `{key}` | {kind} | {shown} | {', '.join(readers)} | {meaning} |")
   return "\n".join(rows)
+
+
+def _per_method(values: dict[str, Any]) -> str:
+  """One value when every method has it, else `method: value` for each (a key such as
+  `editor.batch_size` means what each method's reference calls it)."""
+  groups: dict[str, list[str]] = {}
+  shown: dict[str, Any] = {}
+  for m, v in values.items():
+    groups.setdefault(repr(v), []).append(m)
+    shown[repr(v)] = v
+  if len(groups) == 1:
+    return str(next(iter(values.values())))
+  return "; ".join(f"{', '.join(ms)}: {shown[r]}" for r, ms in groups.items())
 
 
 def _check_method(method: str) -> None:
@@ -157,12 +172,19 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 # Keys of the reference config files that are not settings of this project: each is understood
 # (mapped or checked) or knowingly ignored, with the reason. EasyEdit (flat HoReN hparams) first.
 RUN_KEYS: dict[str, str] = {
-    "alg_name": "checked: must name the --method (HOREN, GRACE, MEND, MALMEN, HORSE)",
+    "alg_name": "checked: must name the --method (HOREN, GRACE, MEND, MALMEN, HORSE, ULTRAEDIT)",
+    "alg": "ignored: a second spelling of alg_name (UltraEdit files)",
     "model_name": "ignored: the model is --model (its card is found by folder name)",
+    "model_class": "ignored: the architecture comes from config.json",
+    "tokenizer_class": "ignored: the tokenizer is --model's",
+    "tokenizer_name": "ignored: the tokenizer is --model's",
+    "no_grad_layers": "ignored: unused by the reference UltraEdit (a MEND leftover)",
+    "silent": "ignored: logging verbosity",
     "device": "ignored: JAX places arrays on the available devices (see --mesh)",
     "bf16": "understood: true -> model.dtype bfloat16, false -> float32",
     "fp16": "understood: true -> model.dtype float16",
-    "batch_size": "understood: HoReN/GRACE edit one request at a time, so it must be 1",
+    "batch_size": "understood: HoReN/GRACE edit one request at a time, so it must be 1; UltraEdit: "
+                  "-> editor.batch_size",
     "max_length": "understood: -> data.max_length",
     "inner_params": "understood: -> editor.layer (HoReN/GRACE) or model.edit_modules (hypernets)",
     "model_parallel": "ignored: sharding follows --mesh",
@@ -198,7 +220,8 @@ RUN_KEYS: dict[str, str] = {
     "name": "editor group: checked against --method; other groups: ignored",
     "name_or_path": "ignored: the model is --model",
     "class_name": "ignored: the architecture comes from config.json",
-    "half": "understood: true -> model.dtype bfloat16",
+    "half": "understood: true -> model.dtype bfloat16 (UltraEdit: float16, over bf16, as the "
+            "reference's model.half())",
     "path": "ignored: the records are --data",
     "train_path": "ignored: the records are --data",
     "valid_path": "ignored: validation records are --valid",
@@ -211,7 +234,8 @@ RUN_KEYS: dict[str, str] = {
     "defaults": "understood: the hydra groups to read from the sibling folders",
 }
 
-_EASYEDIT_ALG = {"horen": "HOREN", "grace": "GRACE", "mend": "MEND", "malmen": "MALMEN", "horse": "HORSE"}
+_EASYEDIT_ALG = {"horen": "HOREN", "grace": "GRACE", "mend": "MEND", "malmen": "MALMEN", "horse": "HORSE",
+                 "ultraedit": "ULTRAEDIT"}
 _HYDRA_GROUPS = ("editor", "model", "data")
 
 
@@ -253,10 +277,19 @@ def _run_key(method: str, key: str, value: Any, out: FileSettings, where: str, g
   elif key == "name" and group == "editor":
     if str(value).lower() != method:
       raise UserError(f"{where}: editor name {value!r} does not match --method {method}")
+  elif key == "half" and method in ULTRAEDIT:  # the reference calls model.half() after loading
+    if value:
+      out.values["model.dtype"] = "float16"
+    else:
+      out.values.setdefault("model.dtype", "float32")
+  elif key == "bf16" and method in ULTRAEDIT and out.values.get("model.dtype") == "float16":
+    pass  # `half: true` wins, whatever the order of the two keys
   elif key in ("bf16", "half"):
     out.values["model.dtype"] = "bfloat16" if value else "float32"
   elif key == "fp16" and value:
     out.values["model.dtype"] = "float16"
+  elif key == "batch_size" and method in ULTRAEDIT:
+    out.values["editor.batch_size"] = value
   elif key == "batch_size" and method in CODEBOOK:
     if int(value) != 1:
       raise UserError(f"{where}: batch_size={value}: {method} edits one request at a time (use 1)")
@@ -419,8 +452,9 @@ class Resolved:
 
 def card_values(method: str, card: Mapping[str, Any] | None) -> dict[str, Any]:
   """The settings a model card supplies for `method`: `dtype`, the hypernetworks' `edit_modules`,
-  and the codebook editors' section named after the method (`horen: {editor: {...}}`, reference
-  names, read like a nested --config file); GRACE also wraps the HoReN section's `editor.layer`.
+  and the section named after the method of the codebook editors and UltraEdit (`horen: {editor:
+  {...}}`, `ultraedit: {model: {edit_modules: [...]}, editor: {...}}`, reference names, read like a
+  nested --config file); GRACE also wraps the HoReN section's `editor.layer`.
   A card named "default" supplies none: its values are derived from the config, and the derivation
   is the settings class's default."""
   _check_method(method)
@@ -435,7 +469,7 @@ def card_values(method: str, card: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
   where = f"model card {card.get('name')} ({card.get('card_file', 'no file')})"
   layer = ((card.get("horen") or {}).get("editor") or {}).get("layer")
-  if layer:
+  if layer and method in CODEBOOK:
     out["editor.layer"] = layer
   section = card.get(method) or {}
   if not isinstance(section, Mapping):

@@ -229,7 +229,7 @@ def test_horse_hydra_groups(tmp_path):
     settings.resolve("horse", configs=[conf / "editor" / "typo.yaml"])
 
 
-@pytest.mark.parametrize("method", ["horse", "malmen", "mend", "horen", "grace"])
+@pytest.mark.parametrize("method", ["horse", "malmen", "mend", "horen", "grace", "ultraedit"])
 def test_cli_and_sweep_resolve_identical_settings(ws, method):
   """`horse-jax edit` and an eval sweep, given the same method, model and settings, resolve the same
   values from the same sources (the model folder matches the `world` card, so the card layer counts)."""
@@ -239,11 +239,12 @@ def test_cli_and_sweep_resolve_identical_settings(ws, method):
   from horse_jax.eval import methods
   root, model = ws
   given = ({"editor": {"rank": 8}, "data": {"batch_size": 4}} if method in settings.HYPERNET
+           else {"editor": {"batch_size": 4}, "data": {"max_length": 24}} if method == "ultraedit"
            else {"editor": {"n_iter": 3}, "data": {"max_length": 24}})
   cfg_file = root / f"{method}.nested.yaml"
   cfg_file.write_text(json.dumps(given))  # JSON is YAML
   folder = str(root / "world")
-  if method in settings.HYPERNET:
+  if method in settings.HYPERNET + settings.ULTRAEDIT:  # `edit --method ultraedit` resolves so too
     cli = edit_hypernet.resolve(method, folder, model.config, [str(cfg_file)], [])
   else:
     args = argparse.Namespace(method=method, model=folder, config=[str(cfg_file)], overrides=[], seed=3,

@@ -2,6 +2,7 @@
 
 horse / malmen / mend -> `edit_hypernet.run(args, mesh, fsdp)` (all edits at once)
 horen / grace         -> `edit_codebook.run(args, mesh, fsdp)` (edits one after another)
+ultraedit             -> `edit_ultraedit.run(args, mesh, fsdp)` (steps of editor.batch_size edits)
 UnKE data             -> `edit_unke.run(args, mesh, fsdp)`
 The mesh of --mesh/--fsdp is built here, once, and passed down.
 """
@@ -13,13 +14,16 @@ import importlib
 from horse_jax.errors import UserError
 
 from horse_jax.settings import CODEBOOK as CODEBOOK_METHODS, HYPERNET as HYPERNET_METHODS
+from horse_jax.settings import ULTRAEDIT as ULTRAEDIT_METHODS
 
 
 def register(sub) -> None:
-  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once) or HoReN/GRACE (sequentially)")
+  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once), HoReN/GRACE "
+                                   "(sequentially) or UltraEdit (batch after batch)")
   p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
   p.add_argument("--data", required=True, help="edit records (ZsRE/MEND, CounterFact, WikiBigEdit or generic JSON/JSONL)")
-  p.add_argument("--method", required=True, choices=HYPERNET_METHODS + CODEBOOK_METHODS)
+  p.add_argument("--method", required=True,
+                 choices=HYPERNET_METHODS + CODEBOOK_METHODS + ULTRAEDIT_METHODS)
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--n-edits", type=int, default=None, help="edit the first N records (file order); default all")
   p.add_argument("--hypernet", default=None, metavar="DIR|init",
@@ -80,13 +84,14 @@ def run(args) -> int:
   from horse_jax.cli.common import setup_devices
   from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
   unke = looks_like_unke(args.data)  # unstructured edits: chat prompts, long targets, text metrics
-  if unke and args.method in HYPERNET_METHODS:
+  if unke and args.method not in CODEBOOK_METHODS:
     raise UserError(f"--data {args.data}: UnKE (unstructured) records are edited with --method horen "
                     f"or grace, not {args.method}")
   check_choices(args)
   outputs.prepare_output(args.out, inputs=output_inputs(args), overwrite=args.overwrite)
   mesh, fsdp = setup_devices(args, args.model)
-  family = "edit_hypernet" if args.method in HYPERNET_METHODS else "edit_codebook"
+  family = ("edit_hypernet" if args.method in HYPERNET_METHODS else
+            "edit_ultraedit" if args.method in ULTRAEDIT_METHODS else "edit_codebook")
   if unke:
     family = "edit_unke"
   try:

@@ -1,6 +1,6 @@
 """One editor protocol for both families, in the style of optax: a NamedTuple of pure functions.
 
-  editor = make_editor("horse", model, tokenizer, settings)    # or "malmen", "mend", "horen", "grace"
+  editor = make_editor("horse", model, tokenizer, settings)    # or malmen, mend, horen, grace, ultraedit
   state = editor.init(jax.random.PRNGKey(0))
   state, info = editor.edit(state, records)                     # EditRecords; call again to add more
   edited = editor.apply(state)                                  # Edited, the same for every method:
@@ -11,10 +11,12 @@
 
 HORSE/MALMEN/MEND edit all the records of one `edit` call at once (their shifts are added to the
 kernels; a second call edits the already edited model and adds its shifts); HoReN/GRACE edit them
-one after another into the codebook. The state is explicit and the functions close over nothing
+one after another into the codebook; UltraEdit edits them in steps of `editor.batch_size` requests,
+each step's weight shifts computed on the model as edited by the steps before. The state is explicit and the functions close over nothing
 that changes: the same state gives the same edited model. One exception to reuse: a codebook state
 passed to `edit` is consumed (its device buffers are donated to the jitted edit step, so a codebook
-of 10^5 rows is never copied); keep the returned state, as with `codebook.apply_edit`. Sweeps
+of 10^5 rows is never copied), and so is an UltraEdit state (statistics and shifts); keep the
+returned state, as with `codebook.apply_edit`. Sweeps
 (`horse_jax.eval.methods`), the CLI and other projects drive every method through this protocol.
 """
 
@@ -70,13 +72,13 @@ class Editor(NamedTuple):
   """Any editing method as pure functions over an explicit state.
 
   Attributes:
-    method: horse | malmen | mend | horen | grace.
-    kind: "at_once" (hypernetwork methods) or "sequential" (codebook methods).
+    method: horse | malmen | mend | horen | grace | ultraedit.
+    kind: "at_once" (hypernetwork methods) or "sequential" (codebook methods, UltraEdit).
     settings: the resolved settings (`horse_jax.settings.Resolved`, with provenance).
     config: the static editor config (`HypernetConfig` or `CodebookSettings`).
     init: key -> state.
     edit: (state, records) -> (state, info); info is a list of per-edit dicts (codebook methods) or
-      {} (hypernetwork methods).
+      {} (hypernetwork methods, UltraEdit).
     apply: state -> Edited (the same result type for every method).
   """
 
@@ -154,6 +156,8 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
     return _hypernet_editor(method, model, tokenizer, settings, hypernet, where, mesh)
   if method in settings_lib.CODEBOOK:
     return _codebook_editor(method, model, tokenizer, settings, codebook, progress, mesh)
+  if method in settings_lib.ULTRAEDIT:
+    return _ultraedit_editor(method, model, tokenizer, settings, mesh)
   raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
 
 
@@ -228,5 +232,31 @@ def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) 
                "capacity": int(book.capacity)}
     return Edited(EditedModel(model, book, cfg), infer.logits_fn(model, book, cfg),
                   infer.generate_fn(model, book, cfg), book, metrics, model)
+
+  return Editor(method, "sequential", settings, cfg, init, edit, apply)
+
+
+def _ultraedit_editor(method, model, tokenizer, settings, mesh) -> Editor:
+  from horse_jax.editors.hypernet import packing  # noqa: PLC0415
+  from horse_jax.editors.ultraedit import editor as ue  # noqa: PLC0415
+  cfg = ue.config_for(settings, model)
+  typed = settings.typed.editor
+  max_length = settings["data.max_length"] or model.config.max_position_embeddings
+  # One packer for the editor's life: packed shapes only grow, so a run compiles its step a few times.
+  packer = packing.Packer(cfg.chunk, 8 if mesh is None else max(8, mesh.shape["data"]))
+
+  def init(key):
+    del key  # nothing random
+    return ue.init(cfg, mesh)
+
+  def edit(state, records):
+    state = state if isinstance(state, ue.UltraEditState) else ue.UltraEditState(*state)
+    return ue.edit(state, model, tokenizer, list(records), typed, cfg, mesh, max_length, packer), {}
+
+  def apply(state):
+    state = state if isinstance(state, ue.UltraEditState) else ue.UltraEditState(*state)
+    edited = ue.apply(model, state)
+    metrics = {"method": method, "n_edits": int(state.n_edits), "edit_modules": list(cfg.modules)}
+    return Edited(edited, model_logits(edited), model_generate(edited), state, metrics, model)
 
   return Editor(method, "sequential", settings, cfg, init, edit, apply)

@@ -4,14 +4,14 @@ Two kinds:
   batch       run(ctx, records, options, seed) -> scores        all edits applied at once, scored
               (horse, malmen, mend; `unedited` is the no-edit baseline: post = pre)
   sequential  SequentialMethod(start, edit, fns)                 edits one after another; the sweep
-              (horen, grace)                                     scores each edit right after it is
+              (horen, grace, ultraedit)                          scores each edit right after it is
                                                                  made ("immediate") and every edit so
                                                                  far at each checkpoint ("final")
 `ctx` is a `CellContext`: the model, tokenizer and a `score(records, logits_fn, generate_fn)` closure
 that already knows the pre-edit functions and the evaluation settings. `options` is the method's
 entry of the sweep YAML (e.g. {"name": "horse", "hypernet": DIR, "settings": {...}}).
 
-The five editing methods are thin adapters over the editor protocol (`horse_jax.editors.protocol`):
+The editing methods are thin adapters over the editor protocol (`horse_jax.editors.protocol`):
 their settings resolve exactly as `horse-jax edit` resolves them (`cell_settings`).
 """
 
@@ -174,21 +174,21 @@ for _name in settings_lib.HYPERNET:
   register_batch(_name, functools.partial(run_hypernet, _name))
 
 
-def _codebook_start(method: str, ctx: CellContext, options, seed):
+def _sequential_start(method: str, ctx: CellContext, options, seed):
   editor = make_cell_editor(ctx, method, options, seed)
   return editor, editor.init(jax.random.PRNGKey(seed))
 
 
-def _codebook_edit(ctx: CellContext, state, records: Sequence[EditRecord]):
+def _sequential_edit(ctx: CellContext, state, records: Sequence[EditRecord]):
   del ctx
-  editor, book = state
-  book, _ = editor.edit(book, list(records))
-  return editor, book
+  editor, inner = state
+  inner, _ = editor.edit(inner, list(records))
+  return editor, inner
 
 
-def _codebook_fns(ctx: CellContext, state):
-  editor, book = state
-  edited = editor.apply(book)
+def _sequential_fns(ctx: CellContext, state):
+  editor, inner = state
+  edited = editor.apply(inner)
   return edited.logits, edited.generate if ctx.generate_fn else None
 
 
@@ -209,7 +209,13 @@ def _codebook_load(method: str, ctx: CellContext, options, seed, folder: str):
   return editor, editor.init(jax.random.PRNGKey(seed))
 
 
+# HoReN / GRACE edit one request after another into a codebook, saved at each checkpoint so a killed
+# sweep resumes; UltraEdit edits steps of `editor.batch_size` requests (a sweep giving it fewer records
+# at a time makes shorter steps) and restarts its stream on resume (it has no save/load yet).
 for _name in settings_lib.CODEBOOK:
   register_sequential(_name, SequentialMethod(
-      functools.partial(_codebook_start, _name), _codebook_edit, _codebook_fns, _codebook_save,
+      functools.partial(_sequential_start, _name), _sequential_edit, _sequential_fns, _codebook_save,
       functools.partial(_codebook_load, _name)))
+for _name in settings_lib.ULTRAEDIT:
+  register_sequential(_name, SequentialMethod(functools.partial(_sequential_start, _name),
+                                              _sequential_edit, _sequential_fns))
