@@ -12,8 +12,9 @@ D_{l-1} and G_{l-1} are constants for differentiation (`stop_gradient`), as in t
 
 Memory: the hypernetwork runs under `lax.map` over chunks of `chunk` rows, so at most one chunk of
 [chunk, d_k + d_v] activations (x n_blocks, x rank) is alive at once; D is [R, d_v], K^T K is
-[d_k, d_k] (485 MB at d_k = 11008). Modules sharing a hypernetwork are stacked and solved by one
-`lax.scan` (`solve_stacked`), so one module's K^T K / factor is alive at a time.
+[d_k, d_k] (485 MB at d_k = 11008), split by row over the mesh's devices with a mesh (see "the
+ridge solve" below). Modules sharing a hypernetwork are stacked and solved by one `lax.scan`
+(`solve_stacked`), so one module's K^T K / factor is alive at a time.
 """
 
 from __future__ import annotations
