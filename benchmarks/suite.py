@@ -57,8 +57,8 @@ def bench_generate(world, reference=False):
 
 
 def bench_ridge_solve(world, reference=False):
-  """The closed-form shift S = (K^T K + e^lamda I)^{-1} K^T D (Cholesky, float32)."""
-  from horse_jax.editors.hypernet.shifts import ridge_solve
+  """The closed-form shift S = (K^T K + e^lamda I)^{-1} K^T D (Cholesky and refinement, float32)."""
+  from horse_jax.editors.hypernet.shifts import REFINE_STEPS, ridge_solve
   solve = jax.jit(ridge_solve)
   shapes = [(2048, 384, 128), (16384, 2048, 512)]
   if reference:
@@ -68,7 +68,9 @@ def bench_ridge_solve(world, reference=False):
     keys = jax.random.normal(jax.random.PRNGKey(0), (r, k), jnp.float32)
     diffs = jax.random.normal(jax.random.PRNGKey(1), (r, v), jnp.float32)
     first, best = _timed(lambda: solve(keys, diffs, jnp.float32(0.0)), repeats=2)
+    # gram, factor, K^T D and the first solve; per refinement the residual K^T (D - K X) and a solve
     flops = 2 * r * k * k + k ** 3 / 3 + 2 * r * k * v + 2 * k * k * v
+    flops += REFINE_STEPS * (4 * r * k * v + 2 * k * k * v)
     rows.append({"benchmark": "ridge_solve", "shape": f"rows={r} d_k={k} d_v={v}", "first_s": first,
                  "steady_s": best, "throughput": f"{flops / best / 1e9:,.1f} GFLOP/s"})
   return rows
@@ -174,8 +176,16 @@ def bench_horen_world_50k(world, reference=False):
   return codebook_bench.bench_world_distinct(os.path.dirname(world["model_path"]), n=50_000)
 
 
+def bench_horse_solve_meshes(world, reference=False):
+  """HORSE's 1,000-edit world shifts on 1x1, 1x8 and 2x4 against each other and a float64 solve
+  (needs 8 devices: JAX_NUM_CPU_DEVICES=8 on a CPU host; run it with --only)."""
+  import os
+  from benchmarks import solve
+  return solve.bench_mesh_agreement(os.path.dirname(world["model_path"]))
+
+
 # Benchmarks left out of a plain `horse-jax bench` (they take long): run them with --only.
-ON_REQUEST = ("horen_world_50k",)
+ON_REQUEST = ("horen_world_50k", "horse_solve_meshes")
 
 BENCHMARKS = {
     "forward": bench_forward,
@@ -189,6 +199,7 @@ BENCHMARKS = {
     "horen_edit": bench_horen_edit,
     "horen_llama8": bench_horen_llama8,
     "horen_world_50k": bench_horen_world_50k,
+    "horse_solve_meshes": bench_horse_solve_meshes,
 }
 
 

@@ -4,7 +4,7 @@ The LM loss is differentiated only with respect to the shifts S_l (M_l = dLoss/d
 matrix per module, summed over LM mini-batches), then pulled back to the hypernetwork without ever
 holding the whole graph:
 
-  X_l = (K^T K + e^lamda I)^{-1} M_l          (Cholesky solve)
+  X_l = (K^T K + e^lamda I)^{-1} M_l          (refined Cholesky solve, `shifts.ridge_resolve`)
   dLoss/dD_l = K_l X_l                        [R, d_v]
   HORSE: through D_l' = D_l - c(D_l) G_{l-1} (D_{l-1}, G_{l-1} constant), by `jax.vjp`
   hypernetwork params: sum over chunks of vjp(chunk -> D_chunk)(dLoss/dD_chunk)   (`lax.scan`)
@@ -46,7 +46,7 @@ def decoupled_grads_stacked(nets: dict, norms: dict, stacked, solved, dshifts: l
                             cfg: HypernetConfig, chunk: int, mesh=None) -> dict:
   """dLoss/d(hypernetwork params) from dLoss/dS, one `lax.scan` over the modules of each run.
 
-  Only one module's Cholesky factor (gathered from its row-split copy, or recomputed), solve and
+  Only one module's Cholesky factor (its row-split copy from the forward, or recomputed), solve and
   chunked hypernetwork backward are alive at a time.
 
   Args:
@@ -57,7 +57,7 @@ def decoupled_grads_stacked(nets: dict, norms: dict, stacked, solved, dshifts: l
     dshifts: per run [M, d_k, d_v] dLoss/dS (`shifts.stack_modules`).
     cfg: editor config.
     chunk: rows per chunk.
-    mesh: (`data`, `model`) Mesh or None: X is solved column-split over `model` like the shifts.
+    mesh: (`data`, `model`) Mesh or None: X is solved split by row over its devices.
 
   Returns:
     Gradients with the structure of `nets`.
@@ -88,12 +88,10 @@ def decoupled_grads_stacked(nets: dict, norms: dict, stacked, solved, dshifts: l
       acc, prev_dg = carry
       k, g, d, s, mm, m, has_prev, stored = xs
       lam = net["lamda"][m]
-      # The factor is a constant of the backward (lamda's own gradient is the closed form below).
-      if stored is None:
-        factor = lax.stop_gradient(shifts_lib.ridge_factor(k, lam, mesh)[0])
-      else:
-        factor = lax.stop_gradient(stored)
-      x = shifts_lib.solve_cols((factor, True), mm, mesh)
+      # The factor only preconditions the refined solve (lamda's own gradient is the closed form
+      # below).
+      factor = shifts_lib.ridge_factor(k, lam, mesh) if stored is None else stored
+      x = shifts_lib.ridge_resolve(factor, k, mm, lam, mesh)
       d_cot = jnp.matmul(k, x, precision=HI)
       if cfg.method == "malmen":
         acc = {**acc, "lamda": acc["lamda"].at[m].add(-jnp.exp(lam) * jnp.sum(x * s))}

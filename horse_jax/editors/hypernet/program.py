@@ -27,14 +27,14 @@ alive at once, whatever the number of edits.
 
 Sharding (`mesh`, a (`data`, `model`) Mesh, or None): packed rows are split over `data`; cached rows
 are split over `data` x `model` when their count divides (else over `data`), so the cache of many
-edits does not sit whole on each device of a `model`-only mesh (K^T K is then a sum of per-shard
-grams, which XLA all-reduces); the
-right-hand side K^T D, the solve and the shifts are split by output column over `model` (one Cholesky
-factor, replicated; columns solve independently, `shard_map`); hypernetwork state is replicated.
+edits does not sit whole on each device of a `model`-only mesh; the ridge solve splits K^T K, its
+Cholesky factor and the solutions by row over all devices (the gram reduce-scattered, the factor
+blocked, refined solves: `shifts.ridge_factor`), and the shifts come back split by output column
+over `model`; hypernetwork state is replicated.
 The cache is stacked by run of modules sharing a hypernetwork (`shifts.Stacked`), and the
 normalizer statistics, the solves and the meta backward each scan over the modules, so one
 module's temporaries (its [d_k, d_k] ridge factor above all) are alive at a time; the forward keeps
-each factor for the backward split by row over `model`.
+each factor for the backward, split by row over all devices.
 """
 
 from __future__ import annotations
