@@ -211,3 +211,75 @@ def test_train_refuses_different_out_folders(tmp_path):
   assert [p.returncode for p in procs] == [2, 2], logs
   assert all("--out must be the same folder on every process" in log for log in logs)
   assert not list(tmp_path.iterdir())
+
+
+def _tiny_world(tmp_path, n_records):
+  tok, vocab = tiny_tokenizer()
+  tok.save_pretrained(str(tmp_path / "tok"))
+  save_pretrained(random_model(tiny_llama_config(vocab_size=vocab, num_layers=3), seed=1),
+                  str(tmp_path / "llama"), tokenizer_src=str(tmp_path / "tok"))
+  (tmp_path / "edits.json").write_text(json.dumps(zsre_rows(np.random.default_rng(1), n_records)))
+  return ["edit", "--model", str(tmp_path / "llama"), "--data", str(tmp_path / "edits.json"), "--method", "horen"]
+
+
+def _start(command, i, port, n=2, extra=()):
+  return subprocess.Popen([sys.executable, "-m", "horse_jax.cli.main", *command, "--coordinator", f"127.0.0.1:{port}",
+                           "--num-processes", str(n), "--process-id", str(i), *extra],
+                          env=_cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _one_error_line(log):
+  lines = [line for line in log.splitlines() if line.strip()]
+  errors = [line for line in lines if "error" in line.lower() or "Traceback" in line or line.startswith(("F", "E1", "W1", "***", "    @"))]
+  assert len(errors) == 1 and errors[0].startswith("horse-jax: error: multi-host: "), log[-3000:]
+  return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_stops_the_other_within_60_s_with_one_line(tmp_path, victim):
+  import signal
+  import time
+  command = _tiny_world(tmp_path, 256)
+  port = _free_port()
+  procs = [_start([*command, "--out", str(tmp_path / f"out{i}")], i, port, extra=["--mesh", "2x4"]) for i in range(2)]
+  survivor = procs[1 - victim]
+  # Mid-edit: the model is loaded (process 0 prints the stage's time), the 256 edits are running.
+  seen = []
+  for line in procs[0].stdout:
+    seen.append(line)
+    if "loading model" in line:
+      break
+  assert any("loading model" in line for line in seen), "".join(seen)
+  time.sleep(2)
+  procs[victim].send_signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  log = "".join(seen) if survivor is procs[0] else ""
+  log += survivor.communicate(timeout=120)[0]
+  waited = time.monotonic() - killed_at
+  procs[victim].communicate()
+  assert survivor.returncode != 0 and waited < 60, (survivor.returncode, waited, log[-3000:])
+  line = _one_error_line(log)
+  assert ("lost process 1" in line) if victim == 1 else ("lost the coordinator" in line), line
+  print(f"survivor exit {survivor.returncode} after {waited:.1f} s: {line}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag,values", [("--num-processes", ("2", "3")), ("--mesh", ("2x4", "1x8"))])
+def test_processes_that_disagree_refuse_at_start(tmp_path, flag, values):
+  import time
+  command = _tiny_world(tmp_path, 8)
+  port = _free_port()
+  procs = []
+  for i, value in enumerate(values):
+    n = int(value) if flag == "--num-processes" else 2
+    mesh = [] if flag == "--num-processes" else ["--mesh", value]
+    procs.append(_start([*command, "--out", str(tmp_path / f"out{i}"), *mesh], i, port, n=n))
+  start = time.monotonic()
+  logs = [p.communicate(timeout=180)[0] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], logs
+  for log in logs:
+    line = _one_error_line(log)
+    assert "runs with other settings" in line and ("num_processes" in line or "mesh" in line), line
+  assert time.monotonic() - start < 60, logs
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
