@@ -283,3 +283,58 @@ def test_processes_that_disagree_refuse_at_start(tmp_path, flag, values):
     assert "runs with other settings" in line and ("num_processes" in line or "mesh" in line), line
   assert time.monotonic() - start < 60, logs
   assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_hosts_mesh_keeps_model_within_a_process():
+  import dataclasses
+  from horse_jax import meshes
+  from horse_jax.errors import UserError
+
+  @dataclasses.dataclass(frozen=True)
+  class Device:  # what the mesh reads of a device
+    id: int
+    process_index: int
+
+  mesh = meshes.hosts_mesh([Device(i, i // 4) for i in reversed(range(8))])  # 2 hosts x 4 devices
+  assert dict(mesh.shape) == {"data": 2, "model": 4}
+  assert [[d.process_index for d in row] for row in mesh.devices] == [[0] * 4, [1] * 4]
+  assert [d.id for d in mesh.devices[1]] == [4, 5, 6, 7]
+  with pytest.raises(UserError, match="different device counts"):
+    meshes.hosts_mesh([Device(0, 0), Device(1, 0), Device(2, 1)])
+
+
+def test_lost_process_filter_replaces_the_runtime_report_with_one_line():
+  import threading
+  from horse_jax.cli import lost_process
+  report = (b"horse-jax: loading model: 1.0 s\n"
+            b"E1206 00:29:08.926569   17708 coordination_service.cc:1549] [1] Use error polling to propagate "
+            b"the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped "
+            b"sending heartbeats):\n1\nThe tasks have crashed.\n"
+            b"F1206 00:29:08.930733   17719 client.h:80] Terminating process because the JAX distributed "
+            b"service detected fatal errors.\n*** Check failure stack trace: ***\n    @     0x7f2c  f()\n")
+  source_r, source_w = os.pipe()
+  sink_r, sink_w = os.pipe()
+  with os.fdopen(source_r, "rb", buffering=0) as source, os.fdopen(sink_w, "wb") as sink:
+    thread = threading.Thread(target=lost_process.run, args=("0", "h:1", source, sink))
+    thread.start()
+    os.write(source_w, report)
+    os.close(source_w)
+    thread.join(timeout=30)
+  with os.fdopen(sink_r, "rb") as out:
+    assert out.read().decode().splitlines() == [
+        "horse-jax: loading model: 1.0 s",
+        "horse-jax: error: multi-host: lost process 1 (it stopped sending heartbeats); stopping"]
+  assert "lost the coordinator (process 0 at h:1)" in lost_process.verdict(
+      b"E1 coordination_service_agent.cc:289] Polled an error\nUNAVAILABLE: Socket closed", "1", "h:1")
+
+
+def test_settings_fingerprint_names_the_first_difference():
+  from horse_jax import distributed
+  from horse_jax.cli.common import run_fingerprint
+  from horse_jax.cli.main import build_parser
+  args = lambda *extra: build_parser().parse_args(  # noqa: E731
+      ["edit", "--model", "m", "--data", "d", "--method", "horen", "--out", "o", *extra])
+  assert run_fingerprint(args("--process-id", "0")) == run_fingerprint(args("--process-id", "1", "--quiet"))
+  a, b = run_fingerprint(args("--mesh", "2x4")), run_fingerprint(args("--mesh", "1x8"))
+  assert distributed._first_difference(a, b) == "mesh '2x4' there, '1x8' here"  # noqa: SLF001
+  distributed.agree(a)  # one process: nothing to agree with
