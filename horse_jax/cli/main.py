@@ -191,11 +191,6 @@ def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> i
   except UserError as err:
     print(f"horse-jax: error: {err}", file=sys.stderr)
     return 2
-  except Exception as err:  # noqa: BLE001  (only a lost peer in a multi-host run is handled here)
-    if not (handle_signals and multihost):
-      raise
-    _leave_lost_peer(err)
-    raise
   except BrokenPipeError:  # stdout closed early (`horse-jax info ... | head`): not an error to report
     with open(os.devnull, "w") as devnull:
       os.dup2(devnull.fileno(), sys.stdout.fileno())
@@ -203,6 +198,11 @@ def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> i
   except KeyboardInterrupt:  # in-process callers without the handlers above
     print("horse-jax: interrupted", file=sys.stderr)
     return 130
+  except Exception as err:  # noqa: BLE001  (only a lost peer in a multi-host run is handled here)
+    if not (handle_signals and multihost):
+      raise
+    _leave_lost_peer(err)
+    raise
 
 
 if __name__ == "__main__":
