@@ -8,6 +8,7 @@ process per host with `--coordinator HOST:PORT --num-processes N --process-id I`
 `--distributed auto`).
 
   initialize(coordinator, num_processes, process_id, auto)   before anything touches a JAX backend
+  agree(fingerprint)                                         refuses unless all processes pass the same
   is_main() / main_print(...)                                process 0 only
   global_array(host_array, sharding)                         every process passes the same values
   to_host(array)                                             the full value on every process
@@ -21,7 +22,9 @@ The meshes themselves are `horse_jax.meshes`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import hashlib
+import json
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -29,6 +32,12 @@ import numpy as np
 from horse_jax.errors import UserError
 
 _STATE: dict[str, Any] = {"initialized": False}
+
+# Seconds without a heartbeat after which the coordination service declares a process lost and every
+# other process stops (JAX's default is 100 s; a lost process then held the others for minutes).
+HEARTBEAT_TIMEOUT_S = 30
+# Seconds a process waits for the others' `agree` fingerprints (they all start the command together).
+AGREE_TIMEOUT_S = 120
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -65,12 +74,65 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     pass
   kwargs = {} if auto else dict(coordinator_address=coordinator, num_processes=int(num_processes),
                                 process_id=int(process_id))
+  kwargs["heartbeat_timeout_seconds"] = HEARTBEAT_TIMEOUT_S
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as err:
     raise UserError(f"multi-host: jax.distributed.initialize failed: {str(err).splitlines()[0]}") from None
   _STATE["initialized"] = True
   return True
+
+
+def agree(fingerprint: Mapping[str, Any], timeout_s: float = AGREE_TIMEOUT_S) -> None:
+  """Refuses unless every process of the run passed the same `fingerprint` (no-op in one process).
+
+  Call right after `initialize`, before the backends start: a process that expects another process
+  count or mesh would otherwise wait minutes for devices that never come, or run other programs than
+  its peers and hang in a collective. The fingerprints go through the coordination service's
+  key-value store: process 0 compares every other process's with its own, every other process
+  compares process 0's, so each side of a mismatch refuses.
+
+  Args:
+    fingerprint: what must be equal on every process besides the process count (which is added),
+      e.g. {"mesh": "2x4", "method": ..., "settings": ...} (JSON-serializable).
+    timeout_s: how long to wait for the other processes' fingerprints.
+
+  Raises:
+    UserError: a process passed another fingerprint (naming the first differing key), or did not
+      pass one within `timeout_s`.
+  """
+  if not _STATE["initialized"]:
+    return
+  from jax._src import distributed as jax_distributed  # the coordination service's client
+  client = jax_distributed.global_state.client
+  me, n = int(jax_distributed.global_state.process_id), int(jax_distributed.global_state.num_processes)
+  mine = json.dumps({"num_processes": n, **fingerprint}, sort_keys=True, default=str)
+  client.key_value_set(f"horse-jax/agree/{me}", mine)
+  for other in (range(1, n) if me == 0 else [0]):
+    try:
+      theirs = client.blocking_key_value_get(f"horse-jax/agree/{other}", int(timeout_s * 1000))
+    except Exception:  # noqa: BLE001  (the runtime raises its own error types for a timeout)
+      raise UserError(f"multi-host: process {other} did not check in within {timeout_s:.0f} s "
+                      f"(was it started with the same --num-processes {n} and --coordinator?)") from None
+    if theirs != mine:
+      raise UserError(f"multi-host: process {other} runs with other settings than process {me}: "
+                      + _first_difference(json.loads(theirs), json.loads(mine)))
+
+
+def fingerprint_digest(values: Any) -> str:
+  """A short hash of a JSON-serializable value (e.g. the settings, or the files they come from)."""
+  return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _first_difference(theirs: dict, mine: dict) -> str:
+  """"KEY THEIRS there, MINE here" for the first differing key (nested dicts: the innermost key)."""
+  for key in sorted(set(theirs) | set(mine)):
+    a, b = theirs.get(key), mine.get(key)
+    if a != b:
+      if isinstance(a, dict) and isinstance(b, dict):
+        return _first_difference(a, b)
+      return f"{key} {a!r} there, {b!r} here"
+  return "fingerprints differ"
 
 
 def is_main() -> bool:

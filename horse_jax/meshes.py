@@ -1,6 +1,7 @@
 """Device meshes of a run: from `--mesh` / `--fsdp` and the model card, or for planning.
 
   mesh, fsdp = device_mesh("2x4", "auto", model_path)   what a run passes to loading and editors
+  hosts_mesh()                                          no --mesh across hosts: model within a host
   parse_mesh("2x4") -> (2, 4);  mesh_for("auto", card) -> Mesh
   planning_mesh("1x8")                                  a mesh to compile on (forced CPU devices)
 
@@ -29,7 +30,7 @@ def device_mesh(mesh: str | None = None, fsdp: str | bool | None = None,
 
   Args:
     mesh: "DATAxMODEL" (e.g. "2x4"), "auto" (the model card's `sharding.mesh`, else every device on
-      `model`), or None: one device in a single process, "auto" across processes.
+      `model`), or None: one device in a single process, `hosts_mesh` across processes.
     fsdp: True / False / "true" / "false" / "auto"; None: the card's `sharding.fsdp`, else "auto" (on
       when one tensor-parallel replica of the weights takes over half a device's memory).
     model_path: the checkpoint folder, for its model card and its size (optional).
@@ -45,7 +46,7 @@ def device_mesh(mesh: str | None = None, fsdp: str | bool | None = None,
   if mesh is None and jax.process_count() == 1:
     return None, False
   card = _card(model_path)
-  made = mesh_for(mesh, card, devices)
+  made = hosts_mesh(devices) if mesh is None else mesh_for(mesh, card, devices)
   setting = (card.get("sharding") or {}).get("fsdp", "auto") if fsdp is None else fsdp
   return made, _want_fsdp(setting, model_path, made, card.get("dtype") or "float32")
 
@@ -71,6 +72,37 @@ def _want_fsdp(setting, model_path: str | None, mesh, dtype: str) -> bool:
   from horse_jax.models import read_config
   from horse_jax.models.hf_map import abstract_params
   return sharding.want_fsdp("auto", abstract_params(read_config(model_path), dtype), mesh, device_bytes)
+
+
+def hosts_mesh(devices=None):
+  """The default mesh of a multi-host run: `model` over one host's devices, `data` over the hosts.
+
+  Tensor parallelism exchanges activations in every layer, so it stays on a host's fast links;
+  hosts only all-reduce over `data` (as MaxText lays out ICI and DCN axes). Row i of the mesh holds
+  process i's devices.
+
+  Args:
+    devices: the devices (default all of them); every process must hold as many.
+
+  Raises:
+    UserError: processes with different device counts.
+  """
+  import numpy as np
+  from horse_jax.models.sharding import DATA, MODEL
+  devices = list(jax.devices() if devices is None else devices)
+  by_process: dict[int, list] = {}
+  for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
+    by_process.setdefault(d.process_index, []).append(d)
+  counts = {len(v) for v in by_process.values()}
+  if len(counts) != 1:
+    raise UserError(f"multi-host: the processes hold different device counts ({sorted(counts)}); "
+                    "give --mesh DATAxMODEL")
+  grid = np.array([by_process[p] for p in sorted(by_process)], dtype=object)
+  try:
+    from jax.sharding import AxisType
+    return jax.sharding.Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto,) * 2)
+  except (ImportError, TypeError):  # older JAX: no axis types
+    return jax.sharding.Mesh(grid, (DATA, MODEL))
 
 
 def parse_mesh(text: str | None) -> tuple[int, int] | None:

@@ -2,6 +2,9 @@
 device; loading onto an explicit mesh; the FSDP decision and specs."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -161,3 +164,47 @@ def test_auto_fsdp_follows_the_weights_size_against_device_memory(ws, monkeypatc
   assert meshes.device_mesh("2x4", "auto", path)[1] is True
   assert meshes.device_mesh("2x4", None, path)[1] is True  # no card: auto
   assert meshes.device_mesh("1x8", "auto", path)[1] is False  # nothing to split over
+
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD = os.path.join(ROOT, "checkpoints", "world")
+# Scores the first N records of the demo world in a fresh process with 8 CPU devices: one JSON line.
+SCORE_ON_MESH = r"""
+import json, sys
+from horse_jax.data.loaders import load_records
+from horse_jax.eval.scoring import score_records
+from horse_jax.meshes import mesh_for
+from horse_jax.runtime import load_model, logits_fn
+model, tok = load_model(sys.argv[1], mesh=mesh_for(sys.argv[3]))
+scores = score_records(load_records(sys.argv[2], limit=int(sys.argv[4])), tok, logits_fn(model),
+                       logits_fn(model), progress=False)
+print(json.dumps(scores["records"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def world_scores_one_device():
+  from horse_jax.data.loaders import load_records
+  from horse_jax.eval.scoring import score_records
+  from horse_jax.runtime import load_model, logits_fn
+  model, tok = load_model(os.path.join(WORLD, "model"))
+  records = load_records(os.path.join(WORLD, "data", "zsre_test.json"), limit=1000)
+  return json.loads(json.dumps(score_records(records, tok, logits_fn(model), logits_fn(model),
+                                             progress=False)["records"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["2x4", "1x8"])
+def test_scoring_many_batches_on_a_mesh_equals_one_device(world_scores_one_device, mesh):
+  # 1,000 records: about 50 scoring batches of 64 pairs, three sharded programs each. Dispatched
+  # without a bound (before horse_jax.inflight), XLA's CPU client deadlocked in a collective and
+  # aborted the process after 40 s; the edit tests above score one batch and never see it.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+  run = subprocess.run([sys.executable, "-c", SCORE_ON_MESH, os.path.join(WORLD, "model"),
+                        os.path.join(WORLD, "data", "zsre_test.json"), mesh, "1000"],
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  sharded = json.loads(run.stdout.strip().splitlines()[-1])
+  assert len(sharded) == 1000 and sharded == world_scores_one_device

@@ -211,3 +211,130 @@ def test_train_refuses_different_out_folders(tmp_path):
   assert [p.returncode for p in procs] == [2, 2], logs
   assert all("--out must be the same folder on every process" in log for log in logs)
   assert not list(tmp_path.iterdir())
+
+
+def _tiny_world(tmp_path, n_records):
+  tok, vocab = tiny_tokenizer()
+  tok.save_pretrained(str(tmp_path / "tok"))
+  save_pretrained(random_model(tiny_llama_config(vocab_size=vocab, num_layers=3), seed=1),
+                  str(tmp_path / "llama"), tokenizer_src=str(tmp_path / "tok"))
+  (tmp_path / "edits.json").write_text(json.dumps(zsre_rows(np.random.default_rng(1), n_records)))
+  return ["edit", "--model", str(tmp_path / "llama"), "--data", str(tmp_path / "edits.json"), "--method", "horen"]
+
+
+def _start(command, i, port, n=2, extra=()):
+  return subprocess.Popen([sys.executable, "-m", "horse_jax.cli.main", *command, "--coordinator", f"127.0.0.1:{port}",
+                           "--num-processes", str(n), "--process-id", str(i), *extra],
+                          env=_cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _one_error_line(log):
+  lines = [line for line in log.splitlines() if line.strip()]
+  errors = [line for line in lines if "error" in line.lower() or "Traceback" in line or line.startswith(("F", "E1", "W1", "***", "    @"))]
+  assert len(errors) == 1 and errors[0].startswith("horse-jax: error: multi-host: "), log[-3000:]
+  return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_process_stops_the_other_within_60_s_with_one_line(tmp_path, victim):
+  import signal
+  import time
+  command = _tiny_world(tmp_path, 256)
+  port = _free_port()
+  procs = [_start([*command, "--out", str(tmp_path / f"out{i}")], i, port, extra=["--mesh", "2x4"]) for i in range(2)]
+  survivor = procs[1 - victim]
+  # Mid-edit: the model is loaded (process 0 prints the stage's time), the 256 edits are running.
+  seen = []
+  for line in procs[0].stdout:
+    seen.append(line)
+    if "loading model" in line:
+      break
+  assert any("loading model" in line for line in seen), "".join(seen)
+  time.sleep(2)
+  procs[victim].send_signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  log = "".join(seen) if survivor is procs[0] else ""
+  log += survivor.communicate(timeout=120)[0]
+  waited = time.monotonic() - killed_at
+  procs[victim].communicate()
+  assert survivor.returncode != 0 and waited < 60, (survivor.returncode, waited, log[-3000:])
+  line = _one_error_line(log)
+  assert ("lost process 1" in line) if victim == 1 else ("lost the coordinator" in line), line
+  print(f"survivor exit {survivor.returncode} after {waited:.1f} s: {line}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag,values", [("--num-processes", ("2", "3")), ("--mesh", ("2x4", "1x8"))])
+def test_processes_that_disagree_refuse_at_start(tmp_path, flag, values):
+  import time
+  command = _tiny_world(tmp_path, 8)
+  port = _free_port()
+  procs = []
+  for i, value in enumerate(values):
+    n = int(value) if flag == "--num-processes" else 2
+    mesh = [] if flag == "--num-processes" else ["--mesh", value]
+    procs.append(_start([*command, "--out", str(tmp_path / f"out{i}"), *mesh], i, port, n=n))
+  start = time.monotonic()
+  logs = [p.communicate(timeout=180)[0] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], logs
+  for log in logs:
+    line = _one_error_line(log)
+    assert "runs with other settings" in line and ("num_processes" in line or "mesh" in line), line
+  assert time.monotonic() - start < 60, logs
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_hosts_mesh_keeps_model_within_a_process():
+  import dataclasses
+  from horse_jax import meshes
+  from horse_jax.errors import UserError
+
+  @dataclasses.dataclass(frozen=True)
+  class Device:  # what the mesh reads of a device
+    id: int
+    process_index: int
+
+  mesh = meshes.hosts_mesh([Device(i, i // 4) for i in reversed(range(8))])  # 2 hosts x 4 devices
+  assert dict(mesh.shape) == {"data": 2, "model": 4}
+  assert [[d.process_index for d in row] for row in mesh.devices] == [[0] * 4, [1] * 4]
+  assert [d.id for d in mesh.devices[1]] == [4, 5, 6, 7]
+  with pytest.raises(UserError, match="different device counts"):
+    meshes.hosts_mesh([Device(0, 0), Device(1, 0), Device(2, 1)])
+
+
+def test_lost_process_filter_replaces_the_runtime_report_with_one_line():
+  import threading
+  from horse_jax.cli import lost_process
+  report = (b"horse-jax: loading model: 1.0 s\n"
+            b"E1206 00:29:08.926569   17708 coordination_service.cc:1549] [1] Use error polling to propagate "
+            b"the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped "
+            b"sending heartbeats):\n1\nThe tasks have crashed.\n"
+            b"F1206 00:29:08.930733   17719 client.h:80] Terminating process because the JAX distributed "
+            b"service detected fatal errors.\n*** Check failure stack trace: ***\n    @     0x7f2c  f()\n")
+  source_r, source_w = os.pipe()
+  sink_r, sink_w = os.pipe()
+  with os.fdopen(source_r, "rb", buffering=0) as source, os.fdopen(sink_w, "wb") as sink:
+    thread = threading.Thread(target=lost_process.run, args=("0", "h:1", source, sink))
+    thread.start()
+    os.write(source_w, report)
+    os.close(source_w)
+    thread.join(timeout=30)
+  with os.fdopen(sink_r, "rb") as out:
+    assert out.read().decode().splitlines() == [
+        "horse-jax: loading model: 1.0 s",
+        "horse-jax: error: multi-host: lost process 1 (it stopped sending heartbeats); stopping"]
+  assert "lost the coordinator (process 0 at h:1)" in lost_process.verdict(
+      b"E1 coordination_service_agent.cc:289] Polled an error\nUNAVAILABLE: Socket closed", "1", "h:1")
+
+
+def test_settings_fingerprint_names_the_first_difference():
+  from horse_jax import distributed
+  from horse_jax.cli.common import run_fingerprint
+  from horse_jax.cli.main import build_parser
+  args = lambda *extra: build_parser().parse_args(  # noqa: E731
+      ["edit", "--model", "m", "--data", "d", "--method", "horen", "--out", "o", *extra])
+  assert run_fingerprint(args("--process-id", "0")) == run_fingerprint(args("--process-id", "1", "--quiet"))
+  a, b = run_fingerprint(args("--mesh", "2x4")), run_fingerprint(args("--mesh", "1x8"))
+  assert distributed._first_difference(a, b) == "mesh '2x4' there, '1x8' here"  # noqa: SLF001
+  distributed.agree(a)  # one process: nothing to agree with

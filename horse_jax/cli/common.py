@@ -75,6 +75,27 @@ def setup_devices(args, model_path: str | None = None):
     (mesh, fsdp): the mesh, or None for one device (no --mesh in a single process), and whether the
     weights also split over `data`; the command passes both down.
   """
-  distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
-                         getattr(args, "process_id", None), getattr(args, "distributed", None) == "auto")
+  if distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                            getattr(args, "process_id", None), getattr(args, "distributed", None) == "auto"):
+    distributed.agree(run_fingerprint(args))
   return meshes.device_mesh(getattr(args, "mesh", None), getattr(args, "fsdp", None), model_path)
+
+
+# Arguments that may differ between the processes of one run: which process it is, how it shows
+# progress, and --out (only process 0 writes; `train` checks its own --out separately).
+PER_PROCESS_ARGS = ("process_id", "quiet", "out", "func")
+
+
+def run_fingerprint(args) -> dict[str, Any]:
+  """What every process of a multi-host run must agree on (`distributed.agree` adds the process
+  count each one joined with): the command line (mesh, method, settings, inputs) less
+  `PER_PROCESS_ARGS`, and the contents of the --config files."""
+  values = {k: v for k, v in sorted(vars(args).items()) if k not in PER_PROCESS_ARGS}
+  files = []
+  for path in getattr(args, "config", None) or ():
+    try:
+      with open(path, "rb") as f:
+        files.append(distributed.fingerprint_digest(f.read().decode("utf-8", "replace")))
+    except OSError:
+      files.append(None)  # reported by the command itself
+  return {"arguments": values, "config_files": files}

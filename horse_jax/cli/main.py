@@ -137,6 +137,22 @@ def install_signal_handlers() -> None:
   threading.Thread(target=_watch, args=(read_fd,), name="horse-jax-signals", daemon=True).start()
 
 
+def _leave_lost_peer(err: BaseException) -> None:
+  """A collective failed because a peer process went away: wait for the coordination service to
+  name it (`lost_process`), else say what failed in one line; exit without the interpreter's
+  teardown, whose distributed shutdown would wait minutes for the lost process. Returns when `err`
+  is another failure."""
+  from horse_jax import distributed, outputs  # noqa: PLC0415
+  from horse_jax.cli import lost_process  # noqa: PLC0415
+  line = lost_process.wait_for_verdict(err, distributed.HEARTBEAT_TIMEOUT_S + 15)
+  if line is None:
+    return
+  outputs.discard_pending()
+  sys.stdout.flush()
+  os.write(2, f"horse-jax: error: {line}\n".encode())
+  os._exit(1)
+
+
 def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> int:
   """Runs one command.
 
@@ -166,6 +182,10 @@ def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> i
     return 1
   from horse_jax import progress  # noqa: PLC0415
   progress.configure(quiet=getattr(args, "quiet", False))
+  multihost = bool(getattr(args, "coordinator", None) or getattr(args, "distributed", None))
+  if handle_signals and multihost:
+    from horse_jax.cli import lost_process  # noqa: PLC0415
+    lost_process.start(getattr(args, "process_id", None), getattr(args, "coordinator", None))
   try:
     return int(args.func(args) or 0)
   except UserError as err:
@@ -178,6 +198,11 @@ def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> i
   except KeyboardInterrupt:  # in-process callers without the handlers above
     print("horse-jax: interrupted", file=sys.stderr)
     return 130
+  except Exception as err:  # noqa: BLE001  (only a lost peer in a multi-host run is handled here)
+    if not (handle_signals and multihost):
+      raise
+    _leave_lost_peer(err)
+    raise
 
 
 if __name__ == "__main__":

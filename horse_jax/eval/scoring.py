@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from horse_jax.data.records import EditRecord
 from horse_jax.data.tokenize import IGNORE, EditBatch, bucket_length, tokenize_edit, tokenize_edits
+from horse_jax import inflight
 from horse_jax.eval import metrics
 from horse_jax.io import atomic_write_json
 
@@ -181,6 +182,7 @@ def _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cac
   for chunk, batch in tqdm(jobs, desc="scoring (pre-edit)", unit="batch",
                            disable=not progress, leave=False):
     results.append((chunk, batch.labels, _tf_pre_pass(pre_logits_fn(batch), batch.labels)))
+    inflight.settle(results)  # unbounded dispatch deadlocks XLA's CPU client on a mesh (see inflight)
   for chunk, labels, (acc, pred) in jax.device_get(results):
     for row, j in enumerate(chunk):
       cache.teacher[_pair_key(missing[j], max_length)] = (float(acc[row]), pred[row][labels[row] != IGNORE])
@@ -224,6 +226,7 @@ def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
         pre_acc[row] = acc
       post_acc, agree = _tf_post_with_pred(post, pre_pred, batch.labels)
       results.append((chunk, post_acc, pre_acc, agree))
+    inflight.settle(results)
   return _per_pair(results, len(pairs), pre_logits_fn is not None)
 
 
@@ -277,6 +280,7 @@ def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_
         desc="generation (pre-edit)", unit="batch", disable=not progress or not missing, leave=False):
       pre = _generate(pre_generate_fn, ids, mask, new)
       done.append((chunk, target_len, pre, metrics.generation_accuracy(pre, target, target_len)))
+      inflight.settle(done)
     for chunk, target_len, pre, acc in jax.device_get(done):
       for row, j in enumerate(chunk):
         cache.generated[_pair_key(missing[j], max_length)] = (float(acc[row]), pre[row, :target_len[row]])
@@ -300,6 +304,7 @@ def _generation(pairs, tokenizer, generate_fn, pre_generate_fn, batch_size, max_
         pre[row, :len(tokens)] = tokens
         pre_acc[row] = acc
       results.append((chunk, post_acc, pre_acc, metrics.generation_accuracy(post, pre, target_len)))
+    inflight.settle(results)
   return _per_pair(results, len(pairs), pre_generate_fn is not None)
 
 

@@ -56,6 +56,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from horse_jax import inflight
 from horse_jax.data.tokenize import IGNORE, EditBatch
 from horse_jax.editors.codebook import block_retrieval, grace
 from horse_jax.editors.codebook.adapter import new_output, put_edit
@@ -555,6 +556,7 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
     book, info = edit_block(model, book, ids[s:e], mask[s:e], labels[s:e], plen[s:e], keys[s:e],
                             valid[s:e], settings=settings, n_label=n_label, mesh=mesh)
     pending.append(info)
+    inflight.settle(pending)  # unbounded dispatch deadlocks XLA's CPU client on a mesh (see inflight)
     if len(pending) >= 2 * fetch_every:
       # The oldest blocks are long done: fetching them does not stall the blocks still queued.
       host.extend(jax.device_get(pending[:fetch_every]))
