@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-ROW_AXES = ("data", "model")  # mesh axes the rows are split over, major first
+ROW_AXES = ("data", "model")  # mesh axes the rows may be split over, major first
 NONE = jnp.iinfo(jnp.int32).max  # `Rows.first` where no row qualifies
 
 
@@ -94,8 +94,9 @@ class Rows(NamedTuple):
 
 
 def row_axes(mesh) -> tuple[str, ...]:
-  """The axes of `mesh` the codebook rows are split over (`ROW_AXES` it has)."""
-  return tuple(a for a in ROW_AXES if a in mesh.shape)
+  """The axes of `mesh` the codebook rows are split over: those of `ROW_AXES` it has with more than
+  one device (a 1-wide axis is left out, as XLA leaves it out of the shardings it hands back)."""
+  return tuple(a for a in ROW_AXES if a in mesh.shape and mesh.shape[a] > 1)
 
 
 def row_devices(mesh) -> int:

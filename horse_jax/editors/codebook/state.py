@@ -150,7 +150,7 @@ def specs(book: Codebook, mesh) -> Codebook:
   rows = row_axes(mesh)
 
   def spec(x):
-    return P(rows) if x.ndim and x.size else P()
+    return P(rows) if rows and x.ndim and x.size else P()
 
   return jax.tree_util.tree_map(spec, book)
 
