@@ -244,7 +244,8 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   settings = settings_lib.from_resolved(
       resolve_settings(method, model_path, model, overrides=list(overrides)), model.config)
   d_in, d_out = (int(n) for n in names.get_kernel(model.params, settings.layer).shape)
-  capacity = state_lib.planned_capacity(int(n_edits) + 1, settings.initial_capacity)
+  capacity = state_lib.mesh_capacity(
+      state_lib.planned_capacity(int(n_edits) + 1, settings.initial_capacity), mesh)
   settings = dataclasses.replace(settings, initial_capacity=capacity)
   book = jax.eval_shape(lambda: state_lib.init(settings, d_in, d_out))
   book = _with_sharding(book, state_lib.shardings(book, mesh))

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from horse_jax.data.tokenize import IGNORE
 from horse_jax.editors.codebook import edit, infer, state
+from horse_jax.editors.codebook import settings as settings_lib
 from horse_jax.editors.codebook.settings import CodebookSettings
 from horse_jax.models import make_mesh, shard_model
 from horse_jax.models.init import random_model, tiny_llama_config
@@ -132,13 +133,7 @@ def test_mesh_equals_one_device(model, shape):
     before = edit.compile_count()
     book, infos = run(sharded, st, batch, block=4, mesh=mesh, d=d)
     assert_same(single, (book, infos), tol=1e-4)
-    rows = "data" if shape[0] > 1 else None
-    assert book.values.sharding.spec == P(rows, "model")
-    assert (tuple(book.keys.sharding.spec) + (None,))[0] == rows  # keys: rows over data only
-    want = P(rows, "model")
-    assert book.values.sharding.mesh == mesh
-    assert len(book.values.addressable_shards) == 8
-    assert book.values.addressable_shards[0].data.shape[1] == d[1] // shape[1]  # not replicated
+    assert_rows_split(book, mesh)
     compiled = edit.compile_count() - before
     assert compiled <= 1
     # More edits into the same capacity: no new program.
@@ -146,7 +141,97 @@ def test_mesh_equals_one_device(model, shape):
     book, _ = edit.apply_edits(sharded, book, batch, st, block=4, progress=False, mesh=mesh,
                                rows=range(8))
     assert edit.compile_count() == before
-    assert book.values.sharding.spec == want
+    assert_rows_split(book, mesh)
+
+
+def assert_rows_split(book, mesh):
+  """Every buffer split by row over all 8 devices (`data` major), each device C / 8 whole rows."""
+  want = P(("data", "model")) if mesh.shape["data"] > 1 else P("model")
+  for name in ("keys", "values", "labels", "radius"):
+    buf = getattr(book, name)
+    assert buf.sharding.spec == want and buf.sharding.mesh == mesh, (name, buf.sharding)
+    shards = buf.addressable_shards
+    assert len(shards) == 8 and shards[0].data.shape == (book.capacity // 8,) + buf.shape[1:]
+
+
+def collective_shapes(compiled) -> list[str]:
+  """The result shapes of the collectives of a compiled program (its HLO text)."""
+  import re
+  ops = r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute"
+  return [m.group(1) for m in re.finditer(rf"= (\S+(?: \S+)*?) (?:{ops})(?:-start)?\(",
+                                           compiled.as_text())]
+
+
+@pytest.mark.slow  # about a minute: 40 edits on 1x1 and on 1x8 / 2x4, three settings
+@pytest.mark.parametrize("shape,make,block", [
+    ((1, 8), horen, 8),  # the block's matmul retrieval (one Hopfield step)
+    ((2, 4), lambda **kw: horen(hopfield_retrieval_max_iter=3, hopfield_retrieval_alpha=0.5, **kw),
+     4),  # edit-after-edit retrieval over the live rows, three Hopfield steps
+    ((1, 8), grace_settings, 4),
+], ids=["horen-1x8", "horen-3steps-2x4", "grace-1x8"])
+def test_rows_split_over_the_mesh_equal_one_device(model, shape, make, block, tmp_path):
+  """40 sequential edits with the codebook rows split over 8 devices make the decisions of one
+  device (rows added / reused, scores, keys) and the same edited logits; neither the edit block
+  nor inference moves the key matrix between devices; a saved sharded codebook loads back equal."""
+  from horse_jax.editors.codebook import persist
+  mesh = make_mesh(*shape)
+  sharded = shard_model(model, mesh)
+  batch = edits_with_collisions(n=36, seed=4)  # 40 edits
+  st = make(initial_capacity=256)  # keys f32[256, d_in]: a shape nothing else in the programs has
+  d = (64, 128) if st.method == "grace" else (128, 64)
+  single = run(model, st, batch, block=block, d=d)
+  book, infos = run(sharded, st, batch, block=block, mesh=mesh, d=d)
+  assert_same(single, (book, infos), tol=1e-4)
+  assert book.capacity == 256 and int(book.count) > 20
+  assert_rows_split(book, mesh)
+  ids, mask, plen = (jnp.asarray(x) for x in (batch.input_ids, batch.attention_mask,
+                                              batch.prompt_len))
+  want = np.asarray(infer.edited_logits(model, single[0], ids, mask, plen, settings=st))
+  got = np.asarray(infer.edited_logits(sharded, book, ids, mask, plen, settings=st))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert np.abs(want - np.asarray(infer.edited_logits(model, state.init(st, *d), ids, mask, plen,
+                                                      settings=st))).max() > 1e-2  # edits matter
+
+  # No collective of either program carries the keys (f32[256, d_in]): only per-query results.
+  hyper, key = settings_lib.hyper_of(st), settings_lib.jit_key(st)
+  programs = [
+      infer._edited_logits.lower(sharded, book, ids, mask, plen, hyper, settings=key,
+                                 mesh=mesh).compile(),
+      edit._edit_block_jit.lower(sharded, book, *(jnp.asarray(x[:block]) for x in (
+          batch.input_ids, batch.attention_mask, batch.labels, batch.prompt_len)),
+          jnp.zeros((block, 2), jnp.int32), jnp.ones((block,), bool), hyper, settings=key,
+          n_label=4, mesh=mesh).compile()]
+  for compiled in programs:
+    shapes = collective_shapes(compiled)
+    assert shapes and not [s for s in shapes if f"[{book.capacity},{d[0]}]" in s], shapes
+
+  # Save / load: the live rows come back, and placed on the mesh they give the same logits.
+  persist.save(tmp_path / "cb", book, st)
+  loaded, _ = persist.load(tmp_path / "cb")
+  n = int(book.count)
+  for name in ("keys", "values", "labels", "radius"):
+    np.testing.assert_array_equal(np.asarray(getattr(loaded, name))[:n],
+                                  np.asarray(getattr(book, name))[:n])
+  placed = state.place(loaded, mesh)
+  assert_rows_split(placed, mesh)
+  np.testing.assert_array_equal(
+      np.asarray(infer.edited_logits(sharded, placed, ids, mask, plen, settings=st)), got)
+
+
+def test_capacity_stays_a_multiple_of_the_devices():
+  """Placing a codebook grows its capacity to a multiple of the mesh's devices, and doubling keeps
+  it one, so the rows always split evenly (here 6 devices: 2x3)."""
+  st = horen(initial_capacity=4)
+  mesh = make_mesh(2, 3)
+  book = state.place(state.init(st, 128, 64), mesh)
+  assert book.capacity == 6 and book.keys.addressable_shards[0].data.shape == (1, 128)
+  assert state.planned_capacity(40, book.capacity) == 48
+  book = state.place(state.grow(book, state.planned_capacity(40, book.capacity)), mesh)
+  assert book.capacity == 48 and book.keys.sharding.spec == P(("data", "model"))
+  assert state.specs(book, make_mesh(1, 1)).keys == P()  # one device: nothing to split
+  assert state.place(state.init(st, 128, 64), make_mesh(1, 8)).capacity == 8
+  with pytest.raises(ValueError, match="multiple"):
+    state.specs(state.init(st, 128, 64), mesh)
 
 
 def test_retrieve_live_equals_retrieve():

@@ -18,19 +18,29 @@ from horse_jax.editors.codebook import grace
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of
+from horse_jax.editors.codebook.shards import Rows, on_rows
 from horse_jax.editors.codebook.state import Codebook
 
 
-def lookup(book: Codebook, settings: CodebookSettings, x_TxD: jax.Array, p: jax.Array,
-           start: jax.Array, hyper: RetrievalHyper | None = None) -> tuple[jax.Array, jax.Array]:
-  """(j*, match) for one sequence's module input x [T, d_in] (`hyper`: default `hyper_of(settings)`)."""
-  hyper = hyper_of(settings) if hyper is None else hyper
-  q = make_query(x_TxD, p, start, settings.query_selection_strategy, settings.normalize_codebook_keys)
+def _find(rows: Rows, book: Codebook, settings: CodebookSettings, q: jax.Array,
+          hyper: RetrievalHyper):
+  """The retrieval of one query over the book's rows (`rows`: one device's inside `on_rows`)."""
   if settings.method == "grace":
-    found = grace.lookup(q, book.keys, book.radius, book.count)
-  else:
-    found = retrieve(q, book.keys, book.count, **settings_kwargs(settings, hyper))
-  return found.index, found.match
+    return grace.lookup(q, book.keys, book.radius, book.count, rows)
+  return retrieve(q, book.keys, book.count, rows=rows, **settings_kwargs(settings, hyper))
+
+
+def entries(rows: Rows, book: Codebook, settings: CodebookSettings, q_BxD: jax.Array,
+            hyper: RetrievalHyper):
+  """(match [B], value [B, d_out], lora_a [B, r, d_out], lora_b [B, d_out, r]): each query's
+  retrieved entry, read from the device that holds its row (run through `shards.on_rows`)."""
+
+  def one(q):
+    found = _find(rows, book, settings, q, hyper)
+    return (found.match,) + tuple(rows.take(buf, found.index)
+                                  for buf in (book.values, book.lora_a, book.lora_b))
+
+  return jax.vmap(one)(q_BxD)
 
 
 def new_output(settings: CodebookSettings, y_p: jax.Array, match: jax.Array, value: jax.Array,
@@ -68,7 +78,7 @@ def put_edit(settings: CodebookSettings, y_BxTxD: jax.Array, p_B: jax.Array,
 
 
 def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
-                 start_B: jax.Array | None = None, hyper: RetrievalHyper | None = None):
+                 start_B: jax.Array | None = None, hyper: RetrievalHyper | None = None, mesh=None):
   """The codebook hook for a batch (use it in `Hooks(adapters={settings.layer: fn})`).
 
   Args:
@@ -77,6 +87,8 @@ def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
     p_B: edit position per sequence (last prompt token).
     start_B: first real token per sequence (left padding); default 0.
     hyper: the traced floats (inside a jitted program); default `hyper_of(settings)`.
+    mesh: the mesh the book's rows are split over (`state.place`): retrieval then runs on each
+      device's rows (`shards.on_rows`); None: the book as one array.
 
   Returns:
     fn(x_in [B, T, d_in], y_out [B, T, d_out]) -> y_out.
@@ -86,10 +98,14 @@ def make_adapter(book: Codebook, settings: CodebookSettings, p_B: jax.Array,
   hyper = hyper_of(settings) if hyper is None else hyper
 
   def fn(x_in, y_out):
-    index, match = jax.vmap(lambda x, p, s: lookup(book, settings, x, p, s, hyper))(x_in, p_B, start_B)
+    q_B = jax.vmap(lambda x, p, s: make_query(x, p, s, settings.query_selection_strategy,
+                                              settings.normalize_codebook_keys))(x_in, p_B, start_B)
+    match, value, lora_a, lora_b = on_rows(
+        lambda rows, bk, q, hy: entries(rows, bk, settings, q, hy), mesh, book, q_B, hyper,
+        returns=("replicated",))
     y_p = y_out[jnp.arange(y_out.shape[0]), p_B]
-    rows = jax.vmap(lambda y, m, j: new_output(settings, y, m, book.values[j], book.lora_a[j],
-                                               book.lora_b[j], hyper))(y_p, match, index)
+    rows = jax.vmap(lambda y, m, v, a, b: new_output(settings, y, m, v, a, b, hyper))(
+        y_p, match, value, lora_a, lora_b)
     return put_edit(settings, y_out, p_B, rows)
 
   return fn

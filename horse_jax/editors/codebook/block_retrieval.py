@@ -20,6 +20,11 @@ float summation order (~1e-7 of a score), and ties (within `retrieval.TIE`) go t
 exactly as there. More Hopfield steps do not stay linear (the second
 step's softmax needs K xi_1 for an xi_1 that depends on earlier decisions), so only `max_iter = 1`
 takes this path.
+
+On a mesh (`shards.on_rows`) each device holds C / n rows: S, G and the softmax partials of its own
+live rows are computed where they are; the partials (max, sum, weighted keys: [B] and [B, d]) are
+combined across devices once per block, and each edit's best pre-block row once per decision (a
+max and a first index), so only per-query numbers cross devices.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.query import l2_normalize
-from horse_jax.editors.codebook.retrieval import Retrieval, tie_floor
+from horse_jax.editors.codebook.retrieval import HIGHEST, Retrieval, tie_floor
+from horse_jax.editors.codebook.shards import NONE, Rows
 
 CHUNK = 1024  # pre-block rows per matmul pass (cost follows the live rows, not the capacity)
 
@@ -40,10 +46,11 @@ class PreBlock(NamedTuple):
 
   Attributes:
     sg_Cx2B: [S | G]: S[n, i] = k_n . q_i, G[n, i] = k_n . a_i for live rows n < count (rows beyond
-      are not written and never read).
-    m_B, z_B, a_BxD: online-softmax stats of beta * K q_i over the live rows (max, sum, weighted keys).
+      are not written and never read); the function's rows (one device's on a mesh).
+    m_B, z_B, a_BxD: online-softmax stats of beta * K q_i over all live rows (max, sum, weighted
+      keys; combined over the devices).
     keys_BxD: the block's queries (float32: what an appended key holds).
-    count: live rows before the block.
+    count: live rows before the block among those of sg_Cx2B (this device's on a mesh).
   """
 
   sg_Cx2B: jax.Array
@@ -65,7 +72,7 @@ def _chunk_rows(keys_CxD, count, i, chunk):
 
 
 def prepare(keys_CxD: jax.Array, count: jax.Array, q_BxD: jax.Array, *, beta: float,
-            chunk: int = CHUNK) -> PreBlock:
+            chunk: int = CHUNK, rows: Rows = Rows()) -> PreBlock:
   """Two passes over the live pre-block rows: S and the softmax stats, then G.
 
   Args:
@@ -74,6 +81,7 @@ def prepare(keys_CxD: jax.Array, count: jax.Array, q_BxD: jax.Array, *, beta: fl
     q_BxD: the block's queries (float32).
     beta: inverse temperature.
     chunk: rows per pass step.
+    rows: where keys_CxD's rows sit (one device's inside `shards.on_rows`).
 
   Returns:
     PreBlock.
@@ -81,27 +89,33 @@ def prepare(keys_CxD: jax.Array, count: jax.Array, q_BxD: jax.Array, *, beta: fl
   cap, d = keys_CxD.shape
   b = q_BxD.shape[0]
   chunk = min(int(chunk), cap)
+  count = jnp.clip(count - rows.start(cap), 0, cap)  # this device's live rows
   n_chunks = (count + chunk - 1) // chunk
   q_BxD = q_BxD.astype(jnp.float32)  # codebook keys are float32: an appended key is exactly q
 
   def stats(i, carry):
     s_all, m, z, a = carry
     start, block, ok, _ = _chunk_rows(keys_CxD, count, i, chunk)
-    s_chunk = block @ q_BxD.T  # [chunk, B]
+    s_chunk = jnp.matmul(block, q_BxD.T, precision=HIGHEST)  # [chunk, B]
     s_all = jax.lax.dynamic_update_slice(s_all, s_chunk, (start, 0))
     logits = jnp.where(ok[:, None], beta * s_chunk, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(logits, axis=0))
     e = jnp.where(ok[:, None], jnp.exp(logits - m_new[None]), 0.0)
     scale = jnp.where(jnp.isfinite(m), jnp.exp(m - m_new), 0.0)
-    return s_all, m_new, z * scale + jnp.sum(e, axis=0), a * scale[:, None] + e.T @ block
+    return s_all, m_new, z * scale + jnp.sum(e, axis=0), a * scale[:, None] + jnp.matmul(
+        e.T, block, precision=HIGHEST)
 
   init = (jnp.zeros((cap, b), jnp.float32), jnp.full((b,), -jnp.inf, jnp.float32),
           jnp.zeros((b,), jnp.float32), jnp.zeros((b, d), jnp.float32))
   s_all, m, z, a = jax.lax.fori_loop(0, n_chunks, stats, init)
+  # Each device's partials rescaled to the common max (a device without live rows adds 0).
+  scale = jnp.where(jnp.isfinite(m), jnp.exp(m - rows.max(m)), 0.0)
+  m, z, a = rows.max(m), rows.sum(z * scale), rows.sum(a * scale[:, None])
 
   def grams(i, g_all):
     start, block, _, _ = _chunk_rows(keys_CxD, count, i, chunk)
-    return jax.lax.dynamic_update_slice(g_all, block @ a.T, (start, 0))
+    return jax.lax.dynamic_update_slice(g_all, jnp.matmul(block, a.T, precision=HIGHEST),
+                                        (start, 0))
 
   g_all = jax.lax.fori_loop(0, n_chunks, grams, jnp.zeros((cap, b), jnp.float32))
   sg = jnp.concatenate([s_all, g_all], axis=1)
@@ -110,7 +124,7 @@ def prepare(keys_CxD: jax.Array, count: jax.Array, q_BxD: jax.Array, *, beta: fl
 
 def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.Array,
                       slot_B: jax.Array, *, alpha: float, beta: float, eps: float, threshold: float,
-                      normalize: bool, chunk: int = CHUNK) -> Retrieval:
+                      normalize: bool, chunk: int = CHUNK, rows: Rows = Rows()) -> Retrieval:
   """Edit i's one-step Hopfield retrieval over the pre-block rows and the visible in-block keys.
 
   Args:
@@ -121,18 +135,19 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
     slot_B: the codebook row of each appended key (read where visible).
     alpha, beta, eps, threshold, normalize: retrieval settings (one Hopfield step).
     chunk: rows per step of the final-score pass.
+    rows: where pre.sg_Cx2B's rows sit (one device's inside `shards.on_rows`).
 
   Returns:
-    Retrieval (index, score, match, scores: zeros [C], xi: refined query).
+    Retrieval (index: a global row, score, match, scores: zeros [C], xi: refined query).
   """
   b = pre.keys_BxD.shape[0]
   norm = l2_normalize if normalize else (lambda x: x)
-  in_logits = jnp.where(visible_B, beta * (pre.keys_BxD @ q), -jnp.inf)
+  in_logits = jnp.where(visible_B, beta * jnp.matmul(pre.keys_BxD, q, precision=HIGHEST), -jnp.inf)
   top = jnp.maximum(pre.m_B[i], jnp.max(in_logits))
   w_pre = jnp.exp(pre.m_B[i] - top)
   w_in = jnp.where(visible_B, jnp.exp(in_logits - top), 0.0)
   total = w_pre * pre.z_B[i] + jnp.sum(w_in)
-  r_raw = (w_pre * pre.a_BxD[i] + w_in @ pre.keys_BxD) / total
+  r_raw = (w_pre * pre.a_BxD[i] + jnp.matmul(w_in, pre.keys_BxD, precision=HIGHEST)) / total
   r = norm(r_raw)
   done = jnp.linalg.norm(r - q) < eps
   u = (1.0 - alpha) * q + alpha * r
@@ -154,9 +169,10 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
   def scores_of(k, buf):
     """Chunk k's pre-block scores written into buf ([C], -inf where not live), and their max."""
     start = jnp.minimum(k * chunk, cap - chunk)
-    rows = start + jnp.arange(chunk)
-    s = jax.lax.dynamic_slice(pre.sg_Cx2B, (start, 0), (chunk, 2 * b)) @ coef
-    fresh = (rows >= k * chunk) & (rows < pre.count)  # the last chunk may overlap the one before
+    idx = start + jnp.arange(chunk)
+    s = jnp.matmul(jax.lax.dynamic_slice(pre.sg_Cx2B, (start, 0), (chunk, 2 * b)), coef,
+                   precision=HIGHEST)
+    fresh = (idx >= k * chunk) & (idx < pre.count)  # the last chunk may overlap the one before
     s = jnp.where(fresh, s, jax.lax.dynamic_slice(buf, (start,), (chunk,)))
     return jax.lax.dynamic_update_slice(buf, s, (start,)), jnp.max(s)
 
@@ -165,7 +181,7 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
   # pre-block ones from the combination above, so even equal keys differ by rounding (~1e-7): the
   # margin keeps such a tie a tie, which is common (the same prompt edited again with a new target
   # appends a copy of its key).
-  s_in = jnp.where(visible_B, pre.keys_BxD @ xi, -jnp.inf)
+  s_in = jnp.where(visible_B, jnp.matmul(pre.keys_BxD, xi, precision=HIGHEST), -jnp.inf)
 
   def body(k, carry):
     buf, top = carry
@@ -174,10 +190,9 @@ def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.
 
   s_pre, top = jax.lax.fori_loop(0, n_chunks, body, (jnp.full((cap,), -jnp.inf, jnp.float32),
                                                      jnp.max(s_in)))
-  floor = tie_floor(top)
-  tied_pre = s_pre >= floor
-  j_pre, j_in = jnp.argmax(tied_pre), jnp.argmax(s_in >= floor)
-  take_in = ~tied_pre[j_pre]
-  score = jnp.where(take_in, s_in[j_in], s_pre[j_pre])
+  floor = tie_floor(rows.max(top))
+  j_pre, j_in = rows.first(s_pre >= floor), jnp.argmax(s_in >= floor)
+  take_in = j_pre == NONE  # no pre-block row on any device ties with the best
+  score = jnp.where(take_in, s_in[j_in], rows.take(s_pre, j_pre))
   index = jnp.where(take_in, slot_B[j_in], j_pre).astype(jnp.int32)
   return Retrieval(index, score, score > threshold, jnp.zeros((cap,), jnp.float32), xi)

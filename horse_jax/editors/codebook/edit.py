@@ -63,6 +63,7 @@ from horse_jax.editors.codebook.adapter import new_output, put_edit
 from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve_live, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of, jit_key
+from horse_jax.editors.codebook.shards import Rows, on_rows
 from horse_jax.editors.codebook.state import (Codebook, ensure_room, grow, label_key, place,
                                               planned_capacity, shardings)
 from horse_jax.models import Hooks, Model, hidden_before, layer_index
@@ -135,38 +136,35 @@ def writes_residual(model: Model, name: str) -> bool:
   return any(name.endswith("." + s) for s in arch(model.config).residual_writers)
 
 
-def _put(buf: jax.Array, row: jax.Array, value: jax.Array, when: jax.Array) -> jax.Array:
-  """buf with buf[row] = value where `when`, else unchanged (one dynamic row update)."""
-  return buf.at[row].set(jnp.where(when, value.astype(buf.dtype), buf[row]))
-
-
 def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y_p: jax.Array,
                 settings: CodebookSettings, lookup: Callable | None = None,
-                hyper: RetrievalHyper | None = None):
+                hyper: RetrievalHyper | None = None, rows: Rows = Rows()):
   """One edit's add/reuse decision and codebook update (nothing changes when `ok` is False).
 
   Args:
     lookup: optional HoReN retrieval fn(book, q, own) -> Retrieval, `own` = whether the edit's own
       key has been appended (`block_retrieval`); default: `retrieve_live` over the book's live rows.
     hyper: the traced floats; default `hyper_of(settings)`.
+    rows: where the book's rows sit (one device's inside `shards.on_rows`).
 
   Returns:
     (codebook, (added, j, first_score, match)).
   """
   hyper = hyper_of(settings) if hyper is None else hyper
   if lookup is None:
-    lookup = lambda bk, q_, own: retrieve_live(q_, bk.keys, bk.count,
+    lookup = lambda bk, q_, own: retrieve_live(q_, bk.keys, bk.count, rows=rows,
                                                **settings_kwargs(settings, hyper))
   slot = book.count
   radius = book.radius
   if settings.method == "grace":
-    dec = grace.decide(q, label, book.keys, book.radius, book.labels, book.count, hyper.grace_eps)
+    dec = grace.decide(q, label, book.keys, book.radius, book.labels, book.count, hyper.grace_eps,
+                       rows)
     reuse, first_score = dec.reuse, dec.distance
-    radius = _put(radius, dec.index, dec.new_radius_nearest, ok)
-    radius = _put(radius, slot, dec.new_key_radius, ~reuse & ok)
+    radius = rows.put(radius, dec.index, dec.new_radius_nearest, ok)
+    radius = rows.put(radius, slot, dec.new_key_radius, ~reuse & ok)
   else:
     first = lookup(book, q, jnp.asarray(False))
-    same_label = jnp.all(book.labels[first.index] == label) & (first.index != 0)
+    same_label = jnp.all(rows.take(book.labels, first.index) == label) & (first.index != 0)
     reuse, first_score = first.match & same_label, first.score
   add = ~reuse & ok
   rng_value, rng_lora = jax.random.split(
@@ -178,28 +176,29 @@ def _decide_one(book: Codebook, q: jax.Array, label: jax.Array, ok: jax.Array, y
     value0 = jnp.zeros((d_out,))  # LoRA mode learns A, B; the value row stays unused
   lora_a0 = 0.01 * jax.random.normal(rng_lora, book.lora_a.shape[1:])
   book = Codebook(
-      keys=_put(book.keys, slot, q, add),
-      values=_put(book.values, slot, value0, add),
-      labels=_put(book.labels, slot, label, add),
+      keys=rows.put(book.keys, slot, q, add),
+      values=rows.put(book.values, slot, value0, add),
+      labels=rows.put(book.labels, slot, label, add),
       radius=radius,
-      lora_a=_put(book.lora_a, slot, lora_a0, add),
-      lora_b=_put(book.lora_b, slot, jnp.zeros(book.lora_b.shape[1:]), add),
+      lora_a=rows.put(book.lora_a, slot, lora_a0, add),
+      lora_b=rows.put(book.lora_b, slot, jnp.zeros(book.lora_b.shape[1:]), add),
       count=book.count + add.astype(jnp.int32),
       n_edits=book.n_edits + ok.astype(jnp.int32),
   )
   # Retrieval with the updated codebook picks the row that the edit's forward pass will use.
   if settings.method == "grace":
-    found = grace.lookup(q, book.keys, book.radius, book.count)
+    found = grace.lookup(q, book.keys, book.radius, book.count, rows)
   else:
     found = lookup(book, q, add)
   return book, (add, found.index, first_score, found.match)
 
 
 def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: CodebookSettings,
-                  hyper: RetrievalHyper | None = None):
+                  hyper: RetrievalHyper | None = None, rows: Rows = Rows()):
   """The block's decisions in order (`_decide_one` per edit). HoReN with one Hopfield step and
   more than one edit retrieves against the pre-block rows through matmuls (`block_retrieval`):
-  the same decisions as the one-at-a-time path, which a block of one keeps.
+  the same decisions as the one-at-a-time path, which a block of one keeps. `rows`: where the
+  book's rows sit (one device's inside `shards.on_rows`; the per-edit inputs are whole).
 
   Returns:
     (codebook, (added [B], j [B], first_score [B], match [B])).
@@ -207,11 +206,13 @@ def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: Code
   b = q_B.shape[0]
   hyper = hyper_of(settings) if hyper is None else hyper
   if settings.method == "grace" or settings.hopfield_retrieval_max_iter != 1 or b == 1:
-    return jax.lax.scan(lambda bk, inp: _decide_one(bk, *inp, settings=settings, hyper=hyper), book,
+    return jax.lax.scan(lambda bk, inp: _decide_one(bk, *inp, settings=settings, hyper=hyper,
+                                                    rows=rows), book,
                         (q_B, label_Bx2, valid_B, y_p_B))
   kwargs = settings_kwargs(settings, hyper)
   del kwargs["max_iter"]
-  pre = block_retrieval.prepare(book.keys, book.count, q_B, beta=hyper.hopfield_retrieval_beta)
+  pre = block_retrieval.prepare(book.keys, book.count, q_B, beta=hyper.hopfield_retrieval_beta,
+                                rows=rows)
   own_B = jnp.arange(b)
 
   def body(carry, inp):
@@ -221,9 +222,9 @@ def _decide_block(book: Codebook, q_B, label_Bx2, valid_B, y_p_B, settings: Code
 
     def lookup(_, q_, own):
       return block_retrieval.retrieve_in_block(pre, i, q_, visible_B | ((own_B == i) & own), slot_B,
-                                               **kwargs)
+                                               rows=rows, **kwargs)
 
-    bk, out = _decide_one(bk, q, label, ok, y_p, settings, lookup, hyper)
+    bk, out = _decide_one(bk, q, label, ok, y_p, settings, lookup, hyper, rows)
     return (bk, visible_B | ((own_B == i) & out[0]), slot_B), out
 
   (book, _, _), out = jax.lax.scan(body, (book, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)),
@@ -302,8 +303,12 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
                                                                                           p_B)
   y_p = y_BxTxD[rows_B, p_B]
 
-  book, (added, j_B, first_score, match_B) = _decide_block(book, q_B, jnp.asarray(label_Bx2, jnp.int32),
-                                                           valid_B, y_p, settings, hyper)
+  # The decisions run where the codebook rows are (`shards.on_rows`); the block's queries, labels
+  # and outputs at p are small and seen whole by every device.
+  book, (added, j_B, first_score, match_B) = on_rows(
+      lambda rows, bk, q, lab, ok, y, hy: _decide_block(bk, q, lab, ok, y, settings, hy, rows),
+      mesh, book, q_B,
+      jnp.asarray(label_Bx2, jnp.int32), valid_B, y_p, hyper, returns=("book", "replicated"))
   wave_B, n_waves = _waves(j_B, valid_B)
 
   # Training runs only the window of W = n_label positions [p, p + W) (every label lies in it) through
@@ -373,7 +378,11 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
   def train_wave(w, carry):
     book, info = carry
     active = valid_B & (wave_B == w)
-    row0 = {"value": book.values[j_B], "a": book.lora_a[j_B], "b": book.lora_b[j_B]}
+    # Each trained row is read from, and written back to, the device that holds it.
+    row0 = on_rows(lambda rows, bk, j: {"value": jax.vmap(lambda i: rows.take(bk.values, i))(j),
+                                        "a": jax.vmap(lambda i: rows.take(bk.lora_a, i))(j),
+                                        "b": jax.vmap(lambda i: rows.take(bk.lora_b, i))(j)},
+                   mesh, book, j_B, returns=("replicated",))
     params = {"a": row0["a"], "b": row0["b"]} if settings.adapter_mode == "lora" else {
         "value": row0["value"]}
     params = batch_split(params)
@@ -391,12 +400,14 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
     (params, _), ce_NxB = jax.lax.scan(step, (params, opt.init(params)), None,
                                        length=settings.n_iter, unroll=unroll)
     logits = logits_of(params, row0)
-    target = jnp.where(active, j_B, book.values.shape[0])  # inactive rows: out of range, dropped
-    if "value" in params:
-      book = _replace(book, values=book.values.at[target].set(params["value"], mode="drop"))
-    else:
-      book = _replace(book, lora_a=book.lora_a.at[target].set(params["a"], mode="drop"),
-                      lora_b=book.lora_b.at[target].set(params["b"], mode="drop"))
+
+    def write(rows, bk, trained, j, when):
+      if "value" in trained:
+        return _replace(bk, values=rows.put_many(bk.values, j, trained["value"], when))
+      return _replace(bk, lora_a=rows.put_many(bk.lora_a, j, trained["a"], when),
+                      lora_b=rows.put_many(bk.lora_b, j, trained["b"], when))
+
+    book = on_rows(write, mesh, book, params, j_B, active)
     new = (ce_NxB[0], row_ce(logits, lab_BxW), row_acc(logits, lab_BxW))
     info = tuple(jnp.where(active, n, o) for n, o in zip(new, info))
     return book, info

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from horse_jax.editors.codebook.shards import Rows
+
 
 class GraceLookup(NamedTuple):
   index: jax.Array  # [] int32 nearest live key (0 if none)
@@ -26,15 +28,20 @@ class GraceLookup(NamedTuple):
   match: jax.Array  # [] bool, distance <= radius[index]
 
 
-def lookup(q: jax.Array, keys_CxD: jax.Array, radius_C: jax.Array, count: jax.Array) -> GraceLookup:
-  """Nearest key and whether q lies in its deferral ball (vmap over queries)."""
-  rows = jnp.arange(keys_CxD.shape[0])
-  live = (rows >= 1) & (rows < count)
+def lookup(q: jax.Array, keys_CxD: jax.Array, radius_C: jax.Array, count: jax.Array,
+           rows: Rows = Rows()) -> GraceLookup:
+  """Nearest key and whether q lies in its deferral ball (vmap over queries).
+
+  `keys_CxD` / `radius_C` are the rows `rows` describes (one device's inside `shards.on_rows`: the
+  smallest distance and its first row are then reduced over the devices).
+  """
+  idx = rows.index(keys_CxD.shape[0])
+  live = (idx >= 1) & (idx < count)
   dist = jnp.linalg.norm(keys_CxD.astype(jnp.float32) - q.astype(jnp.float32)[None, :], axis=-1)
   dist = jnp.where(live, dist, jnp.inf)
-  index = jnp.argmin(dist).astype(jnp.int32)
-  d = dist[index]
-  return GraceLookup(index, d, d <= radius_C[index])
+  d = rows.min(jnp.min(dist))
+  index = rows.first(dist == d)  # the first nearest row (row 0 when none is live: d = inf)
+  return GraceLookup(index, d, d <= rows.take(radius_C, index))
 
 
 class GraceDecision(NamedTuple):
@@ -47,14 +54,17 @@ class GraceDecision(NamedTuple):
 
 
 def decide(q: jax.Array, label: jax.Array, keys_CxD: jax.Array, radius_C: jax.Array,
-           labels_Cx2: jax.Array, count: jax.Array, eps: float) -> GraceDecision:
-  """GRACE's add / expand / split decision for one edit (see module docstring)."""
-  near = lookup(q, keys_CxD, radius_C, count)
+           labels_Cx2: jax.Array, count: jax.Array, eps: float,
+           rows: Rows = Rows()) -> GraceDecision:
+  """GRACE's add / expand / split decision for one edit (see module docstring; `rows` as in
+  `lookup`)."""
+  near = lookup(q, keys_CxD, radius_C, count, rows)
   j, d = near.index, near.distance
-  touches = d <= radius_C[j] + eps  # False when no key exists (d = inf)
-  same = jnp.all(labels_Cx2[j] == label)
+  r_j = rows.take(radius_C, j)
+  touches = d <= r_j + eps  # False when no key exists (d = inf)
+  same = jnp.all(rows.take(labels_Cx2, j) == label)
   reuse = touches & same
   split = touches & ~same
-  new_rj = jnp.where(reuse, jnp.maximum(radius_C[j], d), jnp.where(split, d / 2, radius_C[j]))
+  new_rj = jnp.where(reuse, jnp.maximum(r_j, d), jnp.where(split, d / 2, r_j))
   new_r = jnp.where(split, d / 2, eps)
   return GraceDecision(reuse, split, j, d, new_rj.astype(jnp.float32), new_r.astype(jnp.float32))

@@ -14,28 +14,34 @@ import jax.numpy as jnp
 
 from horse_jax.editors.codebook.adapter import make_adapter
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of, jit_key
-from horse_jax.editors.codebook.state import Codebook
+from horse_jax.editors.codebook.state import Codebook, mesh_of
 from horse_jax.models import Hooks, Model, apply
 
 
 def hooks_for(book: Codebook, settings: CodebookSettings, p_B, start_B=None,
-              hyper: RetrievalHyper | None = None) -> Hooks:
-  """Hooks that apply the codebook at position p_B (and prompt start start_B) of each row."""
-  return Hooks(adapters={settings.layer: make_adapter(book, settings, p_B, start_B, hyper)})
+              hyper: RetrievalHyper | None = None, mesh=None) -> Hooks:
+  """Hooks that apply the codebook at position p_B (and prompt start start_B) of each row; `mesh`:
+  the one its rows are split over (`make_adapter`)."""
+  return Hooks(adapters={settings.layer: make_adapter(book, settings, p_B, start_B, hyper, mesh)})
 
 
 def edited_logits(model: Model, book: Codebook, input_ids_BxT: jax.Array,
                   attention_mask_BxT: jax.Array, prompt_len_B: jax.Array, *,
                   settings: CodebookSettings) -> jax.Array:
-  """Logits [B, T, V] of the edited model on right-padded prompts (p = prompt_len - 1)."""
+  """Logits [B, T, V] of the edited model on right-padded prompts (p = prompt_len - 1).
+
+  A codebook placed on a mesh (`state.place`, as the editors leave it) is read where its rows are:
+  retrieval runs on each device's rows (`shards.on_rows`).
+  """
   return _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B,
-                        hyper_of(settings), settings=jit_key(settings))
+                        hyper_of(settings), settings=jit_key(settings), mesh=mesh_of(book))
 
 
-@functools.partial(jax.jit, static_argnames=("settings",))
+@functools.partial(jax.jit, static_argnames=("settings", "mesh"))
 def _edited_logits(model, book, input_ids_BxT, attention_mask_BxT, prompt_len_B, hyper, *,
-                   settings):
-  hooks = hooks_for(book, settings, jnp.asarray(prompt_len_B, jnp.int32) - 1, hyper=hyper)
+                   settings, mesh=None):
+  hooks = hooks_for(book, settings, jnp.asarray(prompt_len_B, jnp.int32) - 1, hyper=hyper,
+                    mesh=mesh)
   return apply(model, input_ids_BxT, attention_mask_BxT, hooks=hooks)
 
 
@@ -65,19 +71,21 @@ def edited_generate(model: Model, book: Codebook, input_ids_BxT: jax.Array,
   """Greedy tokens [B, max_new_tokens] of the edited model on left-padded prompts.
 
   The codebook is a traced argument here (the foundation's `generate` treats adapters as static,
-  compiled-in functions), so one program serves every codebook of the same capacity.
+  compiled-in functions), so one program serves every codebook of the same capacity. A codebook
+  placed on a mesh is read where its rows are, as in `edited_logits`.
   """
   return _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, hyper_of(settings),
-                          settings=jit_key(settings), max_new_tokens=max_new_tokens)
+                          settings=jit_key(settings), max_new_tokens=max_new_tokens,
+                          mesh=mesh_of(book))
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("settings", "max_new_tokens", "mesh"))
 def _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, hyper, *, settings,
-                     max_new_tokens):
+                     max_new_tokens, mesh=None):
   from horse_jax.models.generate import generate  # the foundation's KV-cache decoder
   p, start = left_padded_positions(attention_mask_BxT)
   return generate(model, input_ids_BxT, attention_mask_BxT, max_new_tokens,
-                  hooks=hooks_for(book, settings, p, start, hyper))
+                  hooks=hooks_for(book, settings, p, start, hyper, mesh))
 
 
 def generate_fn(model: Model, book: Codebook, settings: CodebookSettings):

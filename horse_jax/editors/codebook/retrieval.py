@@ -29,6 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.query import l2_normalize
+from horse_jax.editors.codebook.shards import Rows
+
+HIGHEST = jax.lax.Precision.HIGHEST
 
 TIE = 1e-5  # relative score margin within which the earlier row wins (module docstring)
 
@@ -39,33 +42,46 @@ def tie_floor(best: jax.Array) -> jax.Array:
 
 
 class Retrieval(NamedTuple):
-  index: jax.Array  # [] int32, j*
+  index: jax.Array  # [] int32, j* (a global row)
   score: jax.Array  # [] float32, s[j*]
   match: jax.Array  # [] bool, s[j*] > threshold
-  scores: jax.Array  # [C] float32 (-inf beyond count)
+  scores: jax.Array  # [C] float32 (-inf beyond count): the function's rows (one device's on a mesh)
   xi: jax.Array  # [d_in] refined query
 
 
+def _best(scores_C: jax.Array, rows: Rows, threshold) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(j*, s[j*], match): the first global row tied with the best score (`tie_floor`)."""
+  index = rows.first(scores_C >= tie_floor(rows.max(jnp.max(scores_C))))
+  score = rows.take(scores_C, index)
+  return index, score, score > threshold
+
+
 def retrieve(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
-             eps: float, max_iter: int, threshold: float, normalize: bool) -> Retrieval:
-  """Retrieval for one query q [d_in] (vmap it over queries)."""
-  live = jnp.arange(keys_CxD.shape[0]) < count
+             eps: float, max_iter: int, threshold: float, normalize: bool,
+             rows: Rows = Rows()) -> Retrieval:
+  """Retrieval for one query q [d_in] (vmap it over queries).
+
+  `keys_CxD` are the rows `rows` describes: the whole codebook, or one device's rows inside
+  `shards.on_rows` (the softmax max and sums and the best row are then reduced over the devices).
+  """
+  live = rows.index(keys_CxD.shape[0]) < count
   keys = keys_CxD.astype(jnp.float32)
   norm = l2_normalize if normalize else (lambda x: x)
 
   def step(_, carry):
     xi, done = carry
-    logits = jnp.where(live, beta * (keys @ xi), -jnp.inf)
-    r = norm(jax.nn.softmax(logits) @ keys)
+    logits = jnp.where(live, beta * jnp.matmul(keys, xi, precision=HIGHEST), -jnp.inf)
+    # softmax(logits) K with the max and the normaliser taken over every device's rows.
+    e = jnp.exp(logits - rows.max(jnp.max(logits)))
+    weights = e / rows.sum(jnp.sum(e))
+    r = norm(rows.sum(jnp.matmul(weights, keys, precision=HIGHEST)))
     done = done | (jnp.linalg.norm(r - xi) < eps)
     xi = jnp.where(done, xi, norm((1.0 - alpha) * xi + alpha * r))
     return xi, done
 
   xi, _ = jax.lax.fori_loop(0, max_iter, step, (q.astype(jnp.float32), jnp.asarray(False)))
-  scores = jnp.where(live, keys @ xi, -jnp.inf)
-  index = jnp.argmax(scores >= tie_floor(jnp.max(scores))).astype(jnp.int32)
-  score = scores[index]
-  return Retrieval(index, score, score > threshold, scores, xi)
+  scores = jnp.where(live, jnp.matmul(keys, xi, precision=HIGHEST), -jnp.inf)
+  return Retrieval(*_best(scores, rows, threshold), scores, xi)
 
 
 def retrieve_batch(q_BxD: jax.Array, keys_CxD: jax.Array, count: jax.Array, **kwargs) -> Retrieval:
@@ -82,40 +98,45 @@ def settings_kwargs(settings, hyper) -> dict:
 
 def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
                   eps: float, max_iter: int, threshold: float, normalize: bool,
-                  chunk: int = 1024) -> Retrieval:
+                  chunk: int = 1024, rows: Rows = Rows()) -> Retrieval:
   """`retrieve` that reads only the live rows: cost grows with `count`, not with the capacity.
 
   The rows are visited in chunks of `chunk` up to `count` (a dynamic loop), with the softmax
   accumulated online (running max, rescaled sums); the final scores are written into a [C]
-  vector (-inf beyond count) and the first row tied with the best is taken, as `retrieve` does. Mathematically `retrieve`; floats differ by the summation order
-  (~1e-7). The editor decides with it so that a codebook preallocated for a long run does not make
-  every early edit pay for the empty rows.
+  vector (-inf beyond count) and the first row tied with the best is taken, as `retrieve` does.
+  Mathematically `retrieve`; floats differ by the summation order (~1e-7). The editor decides with
+  it so that a codebook preallocated for a long run does not make every early edit pay for the
+  empty rows. On a mesh (`rows`) each device runs the loop over its own live rows and the online
+  partials (max, sum, weighted keys) are combined across devices once per Hopfield step.
   """
   cap, d = keys_CxD.shape
   chunk = min(int(chunk), cap)
-  n_chunks = (count + chunk - 1) // chunk
+  local = jnp.clip(count - rows.start(cap), 0, cap)  # this device's live rows
+  n_chunks = (local + chunk - 1) // chunk
   norm = l2_normalize if normalize else (lambda x: x)
 
   def rows_of(i):
     start = jnp.minimum(i * chunk, cap - chunk)  # the last chunk may overlap: mask rows seen before
-    rows = start + jnp.arange(chunk)
+    idx = start + jnp.arange(chunk)
     block = jax.lax.dynamic_slice(keys_CxD, (start, 0), (chunk, d)).astype(jnp.float32)
-    return block, (rows >= i * chunk) & (rows < count), rows
+    return block, (idx >= i * chunk) & (idx < local), idx
 
   def softmax_keys(xi):
     """softmax(beta * xi K^T) K over the live rows."""
     def body(i, carry):
       m, z, acc = carry
       block, ok, _ = rows_of(i)
-      logits = jnp.where(ok, beta * (block @ xi), -jnp.inf)
+      logits = jnp.where(ok, beta * jnp.matmul(block, xi, precision=HIGHEST), -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(logits))
       e = jnp.where(ok, jnp.exp(logits - m_new), 0.0)
-      scale = jnp.exp(m - m_new)
-      return m_new, z * scale + jnp.sum(e), acc * scale + e @ block
+      scale = jnp.where(jnp.isfinite(m), jnp.exp(m - m_new), 0.0)
+      return m_new, z * scale + jnp.sum(e), acc * scale + jnp.matmul(e, block, precision=HIGHEST)
     init = (jnp.asarray(-jnp.inf, jnp.float32), jnp.asarray(0.0, jnp.float32),
             jnp.zeros((d,), jnp.float32))
-    _, z, acc = jax.lax.fori_loop(0, n_chunks, body, init)
-    return acc / z
+    m, z, acc = jax.lax.fori_loop(0, n_chunks, body, init)
+    # Each device's partials rescaled to the common max (a device without live rows adds 0).
+    scale = jnp.where(jnp.isfinite(m), jnp.exp(m - rows.max(m)), 0.0)
+    return rows.sum(acc * scale) / rows.sum(z * scale)
 
   def step(_, carry):
     xi, done = carry
@@ -128,12 +149,11 @@ def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha:
 
   def scores_into(i, buf):
     """Chunk i's scores written into buf ([C], -inf where not live); the keys are read once."""
-    block, ok, rows = rows_of(i)
-    start = rows[0]
-    s = jnp.where(ok, block @ xi, jax.lax.dynamic_slice(buf, (start,), (chunk,)))
+    block, ok, idx = rows_of(i)
+    start = idx[0]
+    s = jnp.where(ok, jnp.matmul(block, xi, precision=HIGHEST),
+                  jax.lax.dynamic_slice(buf, (start,), (chunk,)))
     return jax.lax.dynamic_update_slice(buf, s, (start,))
 
   scores = jax.lax.fori_loop(0, n_chunks, scores_into, jnp.full((cap,), -jnp.inf, jnp.float32))
-  index = jnp.argmax(scores >= tie_floor(jnp.max(scores))).astype(jnp.int32)
-  score = scores[index]
-  return Retrieval(index, score, score > threshold, scores, xi)
+  return Retrieval(*_best(scores, rows, threshold), scores, xi)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from horse_jax.editors.codebook.settings import CodebookSettings
+from horse_jax.editors.codebook.shards import row_axes, row_devices
 
 
 @jax.tree_util.register_dataclass
@@ -131,32 +132,35 @@ def planned_capacity(rows: int, current: int) -> int:
 def specs(book: Codebook, mesh) -> Codebook:
   """PartitionSpecs of the codebook buffers on a (`data`, `model`) mesh.
 
-  Rows are split over `data` and the value width (d_out) over `model`, so values are never
-  replicated: each device holds capacity / data rows of d_out / model columns. Keys are split by
-  row only: retrieval needs whole key rows for its dot products. A dimension an axis does not divide
-  stays replicated along that axis. Scalars (count, n_edits) are replicated.
+  Every buffer is split along its rows (the capacity axis) over all devices of the mesh, `data`
+  major (`shards.ROW_AXES`): each device holds capacity / n whole rows of keys, values, labels,
+  radii and LoRA factors, and retrieval runs on them where they are (`shards.on_rows`), so no
+  device needs another's keys. Scalars (count, n_edits) are replicated, and so are zero-size
+  buffers (value mode's LoRA factors: the form XLA hands back, so an edit's output shardings equal
+  its input ones and the next edit does not recompile).
+
+  Raises:
+    ValueError: the capacity is not a multiple of the mesh's devices (`place` grows it to one).
   """
   from jax.sharding import PartitionSpec as P
-  shape = dict(mesh.shape)
+  n = row_devices(mesh)
+  if book.capacity % n:
+    raise ValueError(f"codebook capacity {book.capacity} is not a multiple of the {n} devices of "
+                     "the mesh: place it with state.place(book, mesh)")
+  rows = row_axes(mesh)
 
-  def axis(name: str, dim: int):
-    return name if name in shape and shape[name] > 1 and dim % shape[name] == 0 else None
+  def spec(x):
+    return P(rows) if rows and x.ndim and x.size else P()
 
-  cap, d_out = book.values.shape
-  rows, cols = axis("data", cap), axis("model", d_out)
+  return jax.tree_util.tree_map(spec, book)
 
-  def spec(x, *axes):
-    """Trailing replicated axes dropped and zero-size buffers replicated: the form XLA hands back,
-    so an edit's output shardings equal its input ones (no recompilation on the next edit)."""
-    axes = list(axes) if x.size else []
-    while axes and axes[-1] is None:
-      axes.pop()
-    return P(*axes)
 
-  return Codebook(keys=spec(book.keys, rows), values=spec(book.values, rows, cols),
-                  labels=spec(book.labels, rows), radius=spec(book.radius, rows),
-                  lora_a=spec(book.lora_a, rows, None, cols),
-                  lora_b=spec(book.lora_b, rows, cols), count=P(), n_edits=P())
+def mesh_capacity(capacity: int, mesh) -> int:
+  """The smallest multiple of the mesh's device count holding `capacity` rows (the capacity itself
+  without a mesh). Doubling keeps a multiple a multiple, so a codebook placed once stays
+  divisible as it grows."""
+  n = row_devices(mesh)
+  return -(-int(capacity) // n) * n
 
 
 def shardings(book: Codebook, mesh) -> Codebook:
@@ -167,10 +171,21 @@ def shardings(book: Codebook, mesh) -> Codebook:
 
 
 def place(book: Codebook, mesh) -> Codebook:
-  """The codebook on the mesh with its declared shardings (no-op placement when mesh is None)."""
+  """The codebook on the mesh with its declared shardings, its capacity first grown to a multiple
+  of the mesh's devices (`mesh_capacity`); unchanged when mesh is None."""
   if mesh is None:
     return book
+  book = grow(book, mesh_capacity(book.capacity, mesh))
   return jax.device_put(book, shardings(book, mesh))
+
+
+def mesh_of(book: Codebook):
+  """The mesh a codebook was placed on (`place`), or None for a codebook on one device."""
+  from jax.sharding import NamedSharding
+  sharding = getattr(book.keys, "sharding", None)
+  if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+    return sharding.mesh
+  return None
 
 
 def trimmed(book: Codebook) -> dict[str, np.ndarray]:
