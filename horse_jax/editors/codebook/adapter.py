@@ -19,6 +19,7 @@ from horse_jax.editors.codebook.query import make_query
 from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of
 from horse_jax.editors.codebook.state import Codebook
+from horse_jax.editors.precision import exact
 
 
 def lookup(book: Codebook, settings: CodebookSettings, x_TxD: jax.Array, p: jax.Array,
@@ -33,6 +34,7 @@ def lookup(book: Codebook, settings: CodebookSettings, x_TxD: jax.Array, p: jax.
   return found.index, found.match
 
 
+@exact  # the LoRA entry's products are the editor's own (horse_jax.editors.precision)
 def new_output(settings: CodebookSettings, y_p: jax.Array, match: jax.Array, value: jax.Array,
                lora_a: jax.Array, lora_b: jax.Array, hyper: RetrievalHyper | None = None) -> jax.Array:
   """The module output at p [d_out] after the codebook entry (value / A, B) is applied."""

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from horse_jax.editors.precision import exact
+
 
 class GraceLookup(NamedTuple):
   index: jax.Array  # [] int32 nearest live key (0 if none)
@@ -26,6 +28,7 @@ class GraceLookup(NamedTuple):
   match: jax.Array  # [] bool, distance <= radius[index]
 
 
+@exact  # distances meet radii (no product today; keeps any future one exact)
 def lookup(q: jax.Array, keys_CxD: jax.Array, radius_C: jax.Array, count: jax.Array) -> GraceLookup:
   """Nearest key and whether q lies in its deferral ball (vmap over queries)."""
   rows = jnp.arange(keys_CxD.shape[0])

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.query import l2_normalize
+from horse_jax.editors.precision import exact
 
 TIE = 1e-5  # relative score margin within which the earlier row wins (module docstring)
 
@@ -46,6 +47,7 @@ class Retrieval(NamedTuple):
   xi: jax.Array  # [d_in] refined query
 
 
+@exact  # scores meet a threshold and beta-scaled softmaxes: float32 products
 def retrieve(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
              eps: float, max_iter: int, threshold: float, normalize: bool) -> Retrieval:
   """Retrieval for one query q [d_in] (vmap it over queries)."""
@@ -80,6 +82,7 @@ def settings_kwargs(settings, hyper) -> dict:
               threshold=hyper.hopfield_key_match_threshold, normalize=settings.normalize_codebook_keys)
 
 
+@exact
 def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
                   eps: float, max_iter: int, threshold: float, normalize: bool,
                   chunk: int = 1024) -> Retrieval:

@@ -29,8 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet.config import HypernetConfig
 from horse_jax.editors.hypernet.network import apply_blocks
-
-HI = lax.Precision.HIGHEST
+from horse_jax.editors.precision import HIGHEST as HI, exact
 
 
 def pseudo(net: dict, norm: normalizer.NormState, m: int, keys_CxK: jax.Array, grads_CxV: jax.Array):
@@ -101,6 +100,7 @@ def spread_one(d_RxV: jax.Array, prev_d_RxV: jax.Array, prev_g_RxV: jax.Array, v
   return d_RxV - c * sub
 
 
+@exact  # the solves' products are float32 (horse_jax.editors.precision)
 def ridge_matrix(keys_RxK: jax.Array, lamda: jax.Array) -> jax.Array:
   """K^T K + e^lamda I [d_k, d_k] (float32)."""
   gram = jnp.matmul(keys_RxK.T, keys_RxK, precision=HI)
@@ -133,6 +133,7 @@ def solve_cols(factor, rhs_KxV: jax.Array, mesh=None) -> jax.Array:
   return fn(chol, rhs)
 
 
+@exact
 def ridge_solve(keys_RxK: jax.Array, diffs_RxV: jax.Array, lamda: jax.Array, mesh=None) -> jax.Array:
   """S = (K^T K + e^lamda I)^{-1} K^T D via Cholesky [d_k, d_v] (columns over `model` with a mesh)."""
   factor = ridge_factor(keys_RxK, lamda, mesh)
@@ -229,6 +230,7 @@ def store_factor(factor_KxK: jax.Array, mesh=None) -> jax.Array:
   return factor_KxK if spec is None else _constrain(factor_KxK, mesh, spec)
 
 
+@exact
 def solve_stacked(nets: dict, norms: dict, stacked: Stacked, cfg: HypernetConfig, chunk: int,
                   mesh=None) -> Solved:
   """All modules' shifts, one `lax.scan` over the modules of each run (differentiable end to end).
