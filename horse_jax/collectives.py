@@ -82,8 +82,15 @@ class Summary:
   largest: Op | None
   unknown_trip_loops: int = 0
 
+  def by_kind(self) -> dict[str, int]:
+    """Bytes x count summed per kind (per device, one run), largest first."""
+    out: dict[str, int] = {}
+    for op in self.ops:
+      out[op.kind] = out.get(op.kind, 0) + op.bytes * op.count
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
   def to_dict(self) -> dict[str, Any]:
-    return {"total_bytes": self.total_bytes, "n_ops": len(self.ops),
+    return {"total_bytes": self.total_bytes, "n_ops": len(self.ops), "by_kind": self.by_kind(),
             "largest": self.largest.to_dict() if self.largest else None,
             "unknown_trip_loops": self.unknown_trip_loops}
 

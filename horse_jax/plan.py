@@ -80,6 +80,7 @@ class Stage:
   flops: float = 0.0
   collective_bytes: int = 0  # per device, one run of the program (`horse_jax.collectives`)
   collective_ops: int = 0  # collective ops in the program text
+  collective_bytes_by_kind: dict[str, int] | None = None  # {kind: bytes}, per device, one run
   largest_collective: dict[str, Any] | None = None  # kind, shape, bytes, count, name
   unknown_trip_loops: int = 0  # loops with collectives whose trip count XLA did not record
 
@@ -136,6 +137,7 @@ def _measure(stage: Stage, compiled) -> Stage:
     found = collectives(text)
     stage.collective_bytes = found.total_bytes
     stage.collective_ops = len(found.ops)
+    stage.collective_bytes_by_kind = found.by_kind()
     stage.largest_collective = found.largest.to_dict() if found.largest else None
     stage.unknown_trip_loops = found.unknown_trip_loops
   return stage

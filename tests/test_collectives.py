@@ -61,6 +61,8 @@ def test_plain_collectives_by_hand():
   }
   assert s.total_bytes == 512 + 1024 + 512 + 64 + 512 + 768
   assert s.largest.name == "all-gather" and s.unknown_trip_loops == 0
+  assert s.by_kind() == {"all-reduce": 512 + 768, "all-gather": 1024, "reduce-scatter": 512,
+                         "collective-permute": 512, "all-to-all": 64}
 
 
 ASYNC = """\
