@@ -27,9 +27,19 @@ largest memo the budget allows. A program that cannot be lowered or compiled fai
 
 A stage's peak is arguments + outputs + temporaries - donated (aliased) bytes, plus `resident`: what
 the caller keeps alive across the stage without passing it (e.g. the Adam state during an edit).
-`peak_bytes_per_device` is the largest stage peak. When the mesh needs more devices than the host
-has and the platform is CPU, the CLI forces that many CPU devices (XLA's CPU compiler then stands in
-for the target: layouts and fusion differ a little from TPU/GPU).
+`peak_bytes_per_device` is the largest stage peak. Each compiled stage also lists its collectives
+(`horse_jax.collectives`, read from the compiled HLO: the largest one and the total bytes per
+device of one run, loop trip counts applied).
+
+Compiler: the mesh's devices compile the programs. When the host has fewer devices than the mesh
+(`meshes.planning_mesh`), that many CPU devices are forced and XLA's CPU compiler stands in for the
+target's: the SPMD partitioning (shardings, collectives) is XLA's own on every platform, but
+layouts, fusion, buffer reuse and the collectives' combining and async scheduling are the CPU
+backend's, so the bytes differ a little from TPU/GPU. `result["compiler"]` says which it was.
+
+Token shapes: one padded prompt + answer of `seq_len` tokens and `answer_tokens` cached rows per
+edit, given, or measured on a data file (`data_token_shapes`: the records `edit` would read, with
+the model's tokenizer), or the defaults 32 and 3 (ZsRE's mean).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from horse_jax.collectives import collectives
 from horse_jax.errors import UserError
 from horse_jax.models.hf_map import abstract_params
 from horse_jax.settings import CODEBOOK, HYPERNET, ULTRAEDIT
@@ -53,6 +64,7 @@ GIB = 1024 ** 3
 CHIPS: tuple[tuple[str, float], ...] = (("TPU v5e", 16), ("TPU v4", 32), ("TPU v5p", 95),
                                         ("H100", 80), ("H200", 141))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+SEQ_LEN, ANSWER_TOKENS = 32, 3  # token shapes without --data: a short edit, ZsRE's mean answer
 
 
 @dataclasses.dataclass
@@ -68,6 +80,11 @@ class Stage:
   aliased: int = 0
   resident: int = 0
   flops: float = 0.0
+  collective_bytes: int = 0  # per device, one run of the program (`horse_jax.collectives`)
+  collective_ops: int = 0  # collective ops in the program text
+  collective_bytes_by_kind: dict[str, int] | None = None  # {kind: bytes}, per device, one run
+  largest_collective: dict[str, Any] | None = None  # kind, shape, bytes, count, name
+  unknown_trip_loops: int = 0  # loops with collectives whose trip count XLA did not record
 
   @property
   def peak(self) -> int:
@@ -117,6 +134,14 @@ def _measure(stage: Stage, compiled) -> Stage:
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
     cost = cost[0] if cost else {}
   stage.flops = float((cost or {}).get("flops", 0.0))
+  text = compiled.as_text() if hasattr(compiled, "as_text") else None
+  if text:
+    found = collectives(text)
+    stage.collective_bytes = found.total_bytes
+    stage.collective_ops = len(found.ops)
+    stage.collective_bytes_by_kind = found.by_kind()
+    stage.largest_collective = found.largest.to_dict() if found.largest else None
+    stage.unknown_trip_loops = found.unknown_trip_loops
   return stage
 
 
@@ -322,9 +347,98 @@ def resolve_model_path(path_or_card: str) -> str:
                   "config (models/<card>/config.json)")
 
 
+def _has_tokenizer(folder: str) -> bool:
+  import os
+  return any(os.path.isfile(os.path.join(folder, f))
+             for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
+def data_token_shapes(data: str, tokenizer_folder: str, method: str, n_edits: int,
+                      max_length: int | None = None) -> dict[str, Any]:
+  """Token shapes of the records `horse-jax edit --data DATA --n-edits N` would edit.
+
+  Each record is tokenized as the editors do (`data.tokenize.tokenize_edit`: prompt, then " " +
+  target). seq_len is the longest (prompt + target) pair (for HORSE / MALMEN / MEND also the
+  rephrase and locality pairs their meta-training step packs), cut at `max_length`; answer_tokens is
+  the mean number of target tokens, rounded up (cached rows per edit).
+
+  Args:
+    data: an edit data file (any format `data.loaders.load_records` reads; UnKE is refused).
+    tokenizer_folder: a folder with the model's tokenizer.
+    method: the plan's method.
+    n_edits: the first N records are measured (file order, as `edit --n-edits` takes them).
+    max_length: the editors' truncation (`data.max_length`, else the context length), or None.
+
+  Returns:
+    {"seq_len", "answer_tokens", "mean_answer_tokens", "records", "data", "tokenizer"}.
+
+  Raises:
+    UserError: no tokenizer in the folder, an unreadable file, UnKE records.
+  """
+  from horse_jax.data.loaders import load_records
+  from horse_jax.data.tokenize import IGNORE, tokenize_edit
+  from horse_jax.data.unke import looks_like_unke
+  from horse_jax.models import load_tokenizer
+  if looks_like_unke(data):
+    raise UserError(f"--data {data}: UnKE (unstructured) records are not planned from data; give "
+                    "--seq-len and --answer-tokens")
+  if not _has_tokenizer(tokenizer_folder):
+    raise UserError(f"--data needs the model's tokenizer: {tokenizer_folder} has none (no "
+                    "tokenizer.json / tokenizer_config.json); give --tokenizer DIR, or --seq-len and "
+                    "--answer-tokens")
+  tokenizer = load_tokenizer(tokenizer_folder)
+  records = load_records(data, limit=n_edits)
+  longest, answers = 0, []
+  for r in records:
+    pairs = [(r.prompt, r.target)]
+    if method in HYPERNET:
+      pairs += [(p, a) for p, a in ((r.rephrase, r.target), (r.loc_prompt, r.loc_answer)) if p and a]
+    for i, (prompt, target) in enumerate(pairs):
+      ids, labels, _ = tokenize_edit(tokenizer, prompt, target)
+      longest = max(longest, len(ids))
+      if i == 0:
+        answers.append(sum(1 for x in labels if x != IGNORE))
+  if max_length:
+    longest = min(longest, int(max_length))
+  mean = float(np.mean(answers))
+  return {"seq_len": max(longest, 2), "answer_tokens": max(1, math.ceil(mean - 1e-9)),
+          "mean_answer_tokens": mean, "records": len(records), "data": data,
+          "tokenizer": tokenizer_folder}
+
+
+def compiler_info(mesh) -> dict[str, Any]:
+  """Which XLA compiler compiles for `mesh`, and whether it stands in for the target's.
+
+  Forced CPU devices (`meshes.planning_mesh` on a host with fewer devices than the mesh) stand in
+  for the accelerators the plan is for; the host's own accelerators, when it has enough, are the
+  target.
+  """
+  device = mesh.devices.flat[0]
+  platform = device.platform
+  host = jax.default_backend()
+  stand_in = platform == "cpu"
+  if not stand_in:
+    target = f"this host's {device.device_kind}"
+  elif host != "cpu":
+    target = f"{mesh.devices.size} x {jax.devices()[0].device_kind} (this host has {len(jax.devices())})"
+  else:
+    target = "the target's TPU / GPU chips (this host has none)"
+  name = {"cpu": "XLA:CPU", "gpu": "XLA:GPU", "cuda": "XLA:GPU", "rocm": "XLA:GPU", "tpu": "XLA:TPU"}
+  compiler = name.get(platform, f"XLA:{platform.upper()}")
+  if stand_in:
+    text = (f"compiled by {compiler} on {mesh.devices.size} forced CPU devices standing in for "
+            f"{target}: layouts, fusion and collective scheduling differ a little on the target")
+  else:
+    text = f"compiled by {compiler} for {mesh.devices.size} x {device.device_kind}, the target's compiler"
+  return {"compiler": compiler, "platform": platform, "device_kind": device.device_kind,
+          "devices": int(mesh.devices.size), "stand_in": stand_in, "target": target, "text": text}
+
+
 def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = None, overrides=(),
-         fsdp: bool = False, answer_tokens: int = 3, seq_len: int = 32) -> dict[str, Any]:
-  """Compiles every stage of `method` on abstract inputs and collects per-device memory and FLOPs.
+         fsdp: bool = False, answer_tokens: int | None = None, seq_len: int | None = None,
+         data: str | None = None, tokenizer: str | None = None) -> dict[str, Any]:
+  """Compiles every stage of `method` on abstract inputs and collects per-device memory, FLOPs and
+  collectives.
 
   Args:
     model_path: folder with config.json (weights are never read), or a card name with a shipped config.
@@ -335,12 +449,17 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
     dtype: LM dtype; default the card's, else float32.
     overrides: `--set KEY=VALUE` settings (editor.rank=..., data.batch_size=..., ...).
     fsdp: split weights over `data` too.
-    answer_tokens: cached rows per edit (answer tokens; ZsRE averages about 3).
-    seq_len: tokens of one padded prompt + answer.
+    answer_tokens: cached rows per edit; None: measured on `data`, else 3 (ZsRE's mean). A given
+      value wins over `data`.
+    seq_len: tokens of one padded prompt + answer; None: measured on `data`, else 32. A given value
+      wins over `data`.
+    data: an edit data file to measure the token shapes on (`data_token_shapes`).
+    tokenizer: the folder of the tokenizer for `data`; default the model folder.
 
   Returns:
-    {"model", "method", "n_edits", "mesh", "dtype", "fsdp", "stages": [...], "peak_bytes_per_device",
-     "peak_stage", "fits": {chip: bool}, "info": {...}}.
+    {"model", "method", "n_edits", "mesh", "dtype", "fsdp", "compiler": {...}, "token_shapes":
+     {...}, "stages": [...], "peak_bytes_per_device", "peak_stage", "fits": {chip: bool},
+     "info": {...}}.
   """
   from horse_jax.models import Model, read_config
   from horse_jax.models import sharding
@@ -354,9 +473,28 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   dtype = dtype or card.get("dtype") or "float32"
   if dtype not in DTYPES:
     raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+  if tokenizer is not None and data is None:
+    raise UserError("--tokenizer is for --data (it tokenizes the data file)")
   params = abstract_params(cfg, dtype)
   params = _with_sharding(params, sharding.param_shardings(params, mesh, fsdp))
   model = Model(params, cfg)
+  shapes = {"seq_len": seq_len, "answer_tokens": answer_tokens,
+            "seq_len_from": "--seq-len" if seq_len is not None else "default",
+            "answer_tokens_from": "--answer-tokens" if answer_tokens is not None else "default"}
+  if data is not None:
+    from horse_jax.editors.protocol import resolve_settings
+    max_length = (resolve_settings(method, folder, model, overrides=list(overrides)).tree()
+                  .get("data", {}).get("max_length")) or cfg.max_position_embeddings
+    measured = data_token_shapes(data, tokenizer or folder, method, n_edits, max_length)
+    shapes["data"] = measured
+    for key in ("seq_len", "answer_tokens"):
+      if shapes[key] is None:
+        shapes[key], shapes[f"{key}_from"] = measured[key], "--data"
+  seq_len = SEQ_LEN if shapes["seq_len"] is None else int(shapes["seq_len"])
+  answer_tokens = ANSWER_TOKENS if shapes["answer_tokens"] is None else int(shapes["answer_tokens"])
+  shapes.update(seq_len=seq_len, answer_tokens=answer_tokens)
+  if answer_tokens < 1 or seq_len < 2:
+    raise UserError("--answer-tokens must be >= 1 and --seq-len >= 2")
   stages = [load_stage(model)]
   if method in HYPERNET:
     more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
@@ -372,7 +510,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   return {
       "model": model_path, "config": folder, "method": method, "n_edits": n_edits,
       "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"]},
-      "platform": mesh.devices.flat[0].platform, "dtype": dtype, "fsdp": bool(fsdp),
+      "platform": mesh.devices.flat[0].platform, "compiler": compiler_info(mesh),
+      "dtype": dtype, "fsdp": bool(fsdp), "token_shapes": shapes,
       "stages": [s.to_dict() for s in stages],
       "peak_bytes_per_device": peak.peak, "peak_stage": peak.name,
       "peaks": {k: max(s.peak for s in v) for k, v in groups.items() if v},
@@ -394,19 +533,57 @@ def _flops(f: float) -> str:
   return f"{f / 1000 ** max(0, min(exp, 5)):.1f} {unit}"
 
 
+def _size(n: float) -> str:
+  for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    if n >= scale:
+      return f"{n / scale:.3g} {unit}"
+  return f"{int(n)} B"
+
+
+def _largest(s: dict[str, Any]) -> str:
+  op = s.get("largest_collective")
+  if not op:
+    return "-" if s["name"] != "load" else ""
+  times = f" x{op['count']}" if op["count"] > 1 else ""
+  shape = op["shape"]
+  if shape.startswith("(") and shape.count("[") > 2:  # a combined op: the JSON lists its buffers
+    shape = f"{shape.count('[')} buffers"
+  return f"{op['kind']} {shape} {_size(op['bytes'])}{times}"
+
+
+def _shapes_line(shapes: dict[str, Any]) -> str:
+  data = shapes.get("data") or {}
+  def source(key: str) -> str:
+    where = shapes[f"{key}_from"]
+    if where != "--data":
+      return where
+    if key == "seq_len":
+      return f"longest of {data['records']} records of {data['data']}"
+    return f"mean {data['mean_answer_tokens']:.2f} of {data['records']} records of {data['data']}, rounded up"
+  return (f"token shapes: {shapes['seq_len']} tokens per edit ({source('seq_len')}), "
+          f"{shapes['answer_tokens']} answer tokens per edit ({source('answer_tokens')})")
+
+
 def markdown(result: dict[str, Any]) -> str:
-  """The plan as a markdown table (GiB per device) plus the peak and the chips it fits."""
+  """The plan as a markdown table (GiB per device) plus the compiler, the token shapes, the peak
+  and the chips it fits."""
   m = result["mesh"]
   lines = [f"{result['method']} on {result['model']} ({result['dtype']}), {result['n_edits']} edits, "
            f"mesh {m['data']}x{m['model']} (data x model){', FSDP' if result['fsdp'] else ''}; "
            f"GiB per device",
+           result["compiler"]["text"],
+           _shapes_line(result["token_shapes"]),
            "",
-           "| stage | weights | arguments | outputs | temporaries | resident | peak | FLOPs | what |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "| stage | weights | arguments | outputs | temporaries | resident | peak | FLOPs | "
+           "collectives | largest collective | what |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
   for s in result["stages"]:
+    moved = "" if s["name"] == "load" else _gib(s["collective_bytes"])
     lines.append(f"| {s['name']} | {_gib(s['weights'])} | {_gib(s['arguments'])} | {_gib(s['outputs'])} | "
                  f"{_gib(s['temporaries'])} | {_gib(s['resident'])} | **{_gib(s['peak'])}** | "
-                 f"{_flops(s['flops'])} | {s['what']} |")
+                 f"{_flops(s['flops'])} | {moved} | {_largest(s)} | {s['what']} |")
+  if any(s.get("unknown_trip_loops") for s in result["stages"]):
+    lines += ["", "collectives inside loops of unknown trip count are counted once"]
   fits = [c for c, ok in result["fits"].items() if ok]
   lines += ["", f"peak {_gib(result['peak_bytes_per_device'])} GiB per device ({result['peak_stage']}); "
                 f"fits: {', '.join(fits) if fits else 'none of ' + ', '.join(c for c, _ in CHIPS)}"]

@@ -1,6 +1,7 @@
 """`horse-jax plan`: per-device numbers from compiled stages, with a config.json and no weights."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from horse_jax.cli.main import main
 from horse_jax.models import config_to_hf, make_mesh
 from horse_jax.models.init import tiny_llama_config
 from horse_jax import plan as plan_lib
+from horse_jax.collectives import KINDS
 
 # hidden 64, MLP 128, 4 heads of 16 (2 kv heads), vocab 128, 2 layers: every matrix dimension is a
 # multiple of 8, so every matrix splits over any mesh axis of the 8 test devices.
@@ -67,6 +69,8 @@ def test_plan_horse_json(folder, capsys):
   assert len(compiled) >= 2 and all(s["flops"] > 0 and s["arguments"] > 0 for s in compiled)
   assert out["fits"] == {c: True for c, _ in plan_lib.CHIPS}
   assert out["info"]["modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+  # Rows of K split over `data` (2): the ridge gram K^T K [I, I] is all-reduced in the edit.
+  assert all(s["collective_bytes"] >= I * I * 4 for s in compiled if s["name"] != "memo-fill")
 
 
 def test_plan_horen_codebook_and_table(folder, capsys):
@@ -81,8 +85,48 @@ def test_plan_horen_codebook_and_table(folder, capsys):
   # keys split by row over data (1 here), values by column over model (8).
   assert edit["arguments"] >= _bytes_by_hand(8) + 4096 * I * 4 + 4096 * H * 4 // 8
   assert edit["flops"] > 0
+  # Collectives of the compiled program (per device): the largest is one of them, all are counted.
+  big = edit["largest_collective"]
+  assert edit["collective_ops"] >= 1 and big["kind"] in KINDS
+  assert edit["collective_bytes"] >= big["bytes"] * big["count"] > 0
+  # The test's devices are CPU devices: XLA:CPU stands in for the target, and says so.
+  assert out["compiler"]["stand_in"] and out["compiler"]["compiler"] == "XLA:CPU"
+  assert out["token_shapes"]["seq_len"] == 32 and out["token_shapes"]["seq_len_from"] == "default"
   text = plan_lib.markdown(out)
   assert "| edit |" in text and "fits: TPU v5e" in text
+  assert "compiled by XLA:CPU on 8 forced CPU devices standing in for" in text
+  assert f"| {big['kind']} " in text and "token shapes: 32 tokens per edit (default)" in text
+
+
+WORLD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "world")
+
+
+def test_plan_token_shapes_from_data(folder, capsys):
+  """--data: the longest tokenized (prompt + target) pair and the mean answer tokens (rounded up) of
+  the first --n-edits records, with the model's tokenizer; a flag given too wins and is named."""
+  from horse_jax.data.loaders import load_records
+  from horse_jax.models import load_tokenizer
+  data, tok_dir = os.path.join(WORLD, "data", "zsre_test.json"), os.path.join(WORLD, "model")
+  n = 20
+  tok = load_tokenizer(tok_dir)
+  records = load_records(data, limit=n)
+  lengths = [len(tok(r.prompt)["input_ids"]) + len(tok(" " + r.target, add_special_tokens=False)["input_ids"]) - 1
+             for r in records]
+  answers = [len(tok(" " + r.target, add_special_tokens=False)["input_ids"]) for r in records]
+  args = ["plan", "--model", str(folder), "--method", "grace", "--n-edits", str(n), "--mesh", "1x1",
+          "--data", data, "--tokenizer", tok_dir, "--json"]
+  assert main(args) == 0
+  shapes = json.loads(capsys.readouterr().out)["token_shapes"]
+  assert shapes["seq_len"] == max(lengths) and shapes["seq_len_from"] == "--data"
+  assert shapes["answer_tokens"] == int(np.ceil(np.mean(answers))) and shapes["data"]["records"] == n
+  assert main(args[:-1] + ["--seq-len", "16"]) == 0
+  text = capsys.readouterr().out
+  assert "token shapes: 16 tokens per edit (--seq-len)" in text
+  assert f"answer tokens per edit (mean {np.mean(answers):.2f} of {n} records of {data}" in text
+  # No tokenizer in the model folder, or --tokenizer without --data: one line, exit 2.
+  assert main(args[:-3] + ["--json"]) == 2
+  assert "--data needs the model's tokenizer" in capsys.readouterr().err
+  assert main(args[:9] + ["--tokenizer", tok_dir]) == 2
 
 
 def test_plan_errors(folder):

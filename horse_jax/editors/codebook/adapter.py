@@ -20,6 +20,7 @@ from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of
 from horse_jax.editors.codebook.shards import Rows, on_rows
 from horse_jax.editors.codebook.state import Codebook
+from horse_jax.editors.precision import exact
 
 
 def _find(rows: Rows, book: Codebook, settings: CodebookSettings, q: jax.Array,
@@ -43,6 +44,7 @@ def entries(rows: Rows, book: Codebook, settings: CodebookSettings, q_BxD: jax.A
   return jax.vmap(one)(q_BxD)
 
 
+@exact  # the LoRA entry's products are the editor's own (horse_jax.editors.precision)
 def new_output(settings: CodebookSettings, y_p: jax.Array, match: jax.Array, value: jax.Array,
                lora_a: jax.Array, lora_b: jax.Array, hyper: RetrievalHyper | None = None) -> jax.Array:
   """The module output at p [d_out] after the codebook entry (value / A, B) is applied."""

@@ -35,8 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.query import l2_normalize
-from horse_jax.editors.codebook.retrieval import HIGHEST, Retrieval, tie_floor
+from horse_jax.editors.codebook.retrieval import Retrieval, tie_floor
 from horse_jax.editors.codebook.shards import NONE, Rows
+from horse_jax.editors.precision import HIGHEST, exact
 
 CHUNK = 1024  # pre-block rows per matmul pass (cost follows the live rows, not the capacity)
 
@@ -71,6 +72,7 @@ def _chunk_rows(keys_CxD, count, i, chunk):
   return start, block, (rows >= i * chunk) & (rows < count), rows
 
 
+@exact  # scores meet a threshold and beta-scaled softmaxes: float32 products
 def prepare(keys_CxD: jax.Array, count: jax.Array, q_BxD: jax.Array, *, beta: float,
             chunk: int = CHUNK, rows: Rows = Rows()) -> PreBlock:
   """Two passes over the live pre-block rows: S and the softmax stats, then G.
@@ -122,6 +124,7 @@ def prepare(keys_CxD: jax.Array, count: jax.Array, q_BxD: jax.Array, *, beta: fl
   return PreBlock(sg, m, z, a, q_BxD, count)
 
 
+@exact
 def retrieve_in_block(pre: PreBlock, i: jax.Array, q: jax.Array, visible_B: jax.Array,
                       slot_B: jax.Array, *, alpha: float, beta: float, eps: float, threshold: float,
                       normalize: bool, chunk: int = CHUNK, rows: Rows = Rows()) -> Retrieval:

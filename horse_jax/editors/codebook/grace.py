@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.shards import Rows
+from horse_jax.editors.precision import exact
 
 
 class GraceLookup(NamedTuple):
@@ -28,6 +29,7 @@ class GraceLookup(NamedTuple):
   match: jax.Array  # [] bool, distance <= radius[index]
 
 
+@exact  # distances meet radii (no product today; keeps any future one exact)
 def lookup(q: jax.Array, keys_CxD: jax.Array, radius_C: jax.Array, count: jax.Array,
            rows: Rows = Rows()) -> GraceLookup:
   """Nearest key and whether q lies in its deferral ball (vmap over queries).

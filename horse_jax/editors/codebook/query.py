@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from horse_jax.editors.codebook.settings import parse_strategy
+from horse_jax.editors.precision import exact
 
 
 def query_weights(t: int, p: jax.Array, start: jax.Array, strategy: str) -> jax.Array:
@@ -43,6 +44,7 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x / jnp.where(norm > 0, norm, 1.0)
 
 
+@exact  # the query is a codebook key: compared by cosine / distance
 def make_query(h_TxD: jax.Array, p: jax.Array, start: jax.Array, strategy: str,
                normalize: bool) -> jax.Array:
   """The query [d_in] (float32) of one sequence."""

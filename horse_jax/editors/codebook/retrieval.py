@@ -30,8 +30,7 @@ import jax.numpy as jnp
 
 from horse_jax.editors.codebook.query import l2_normalize
 from horse_jax.editors.codebook.shards import Rows
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from horse_jax.editors.precision import HIGHEST, exact
 
 TIE = 1e-5  # relative score margin within which the earlier row wins (module docstring)
 
@@ -56,6 +55,7 @@ def _best(scores_C: jax.Array, rows: Rows, threshold) -> tuple[jax.Array, jax.Ar
   return index, score, score > threshold
 
 
+@exact  # scores meet a threshold and beta-scaled softmaxes: float32 products
 def retrieve(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
              eps: float, max_iter: int, threshold: float, normalize: bool,
              rows: Rows = Rows()) -> Retrieval:
@@ -96,6 +96,7 @@ def settings_kwargs(settings, hyper) -> dict:
               threshold=hyper.hopfield_key_match_threshold, normalize=settings.normalize_codebook_keys)
 
 
+@exact
 def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float, beta: float,
                   eps: float, max_iter: int, threshold: float, normalize: bool,
                   chunk: int = 1024, rows: Rows = Rows()) -> Retrieval:

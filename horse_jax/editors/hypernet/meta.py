@@ -27,8 +27,7 @@ from jax import lax
 
 from horse_jax.editors.hypernet import shifts as shifts_lib
 from horse_jax.editors.hypernet.config import HypernetConfig
-
-HI = lax.Precision.HIGHEST
+from horse_jax.editors.precision import HIGHEST as HI, exact
 
 
 def _chunk_vjp(fn, net, xs, cot, acc):
@@ -42,6 +41,7 @@ def _chunk_vjp(fn, net, xs, cot, acc):
   return out
 
 
+@exact  # solves and the hypernetwork's backward: float32 products (horse_jax.editors.precision)
 def decoupled_grads_stacked(nets: dict, norms: dict, stacked, solved, dshifts: list,
                             cfg: HypernetConfig, chunk: int, mesh=None) -> dict:
   """dLoss/d(hypernetwork params) from dLoss/dS, one `lax.scan` over the modules of each run.

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from horse_jax.editors.precision import exact
+
 
 def init_net(key: jax.Array, width: int, rank: int, n_modules: int, n_blocks: int,
              lr: float) -> dict:
@@ -43,6 +45,7 @@ def init_net(key: jax.Array, width: int, rank: int, n_modules: int, n_blocks: in
           "lamda": jnp.zeros((n_modules,), jnp.float32)}
 
 
+@exact  # its outputs feed the ridge solve: float32 products (horse_jax.editors.precision)
 def apply_blocks(blocks: list[dict], h_CxW: jax.Array, m: int) -> jax.Array:
   """Runs the residual blocks for module index m over normalized rows h [C, W]."""
   for blk in blocks:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from horse_jax.editors.precision import HIGHEST, exact
+
 EPS = float(np.finfo(np.float32).eps)
 
 
@@ -34,6 +36,7 @@ def init(width: int) -> NormState:
                    jnp.zeros((width,), jnp.float32))
 
 
+@exact  # statistics: float32 products (horse_jax.editors.precision)
 def update(state: NormState, rows_RxW: jax.Array, valid_R: jax.Array | None = None) -> NormState:
   """Folds the valid rows of `rows_RxW` into the statistics (the reference `update`).
 
@@ -66,6 +69,7 @@ def merge(state: NormState, m: jax.Array, batch_mean: jax.Array, batch_var: jax.
                    jnp.where(keep, var, state.var))
 
 
+@exact
 def group_stats(rows_RxW: jax.Array, valid_R: jax.Array, group_R: jax.Array, n_groups: int):
   """Per-group (row count [G], mean [G, W], unbiased variance [G, W]) from two passes over the rows.
 
@@ -80,11 +84,10 @@ def group_stats(rows_RxW: jax.Array, valid_R: jax.Array, group_R: jax.Array, n_g
   # Group sums as a [G, R] x [R, W] matmul with a weighted one-hot matrix (a scatter-add would run
   # serially on CPU).
   onehot_GxR = (group_R[None, :] == jnp.arange(n_groups)[:, None]).astype(jnp.float32) * w[None, :]
-  hi = jax.lax.Precision.HIGHEST
   m_G = jnp.sum(onehot_GxR, axis=1)
-  mean_GxW = jnp.matmul(onehot_GxR, x, precision=hi) / jnp.maximum(m_G, 1.0)[:, None]
-  mean_RxW = jnp.matmul(onehot_GxR.T, mean_GxW, precision=hi)  # each row's own group mean
-  sq_GxW = jnp.matmul(onehot_GxR, jnp.square(x - mean_RxW), precision=hi)
+  mean_GxW = jnp.matmul(onehot_GxR, x, precision=HIGHEST) / jnp.maximum(m_G, 1.0)[:, None]
+  mean_RxW = jnp.matmul(onehot_GxR.T, mean_GxW, precision=HIGHEST)  # each row's own group mean
+  sq_GxW = jnp.matmul(onehot_GxR, jnp.square(x - mean_RxW), precision=HIGHEST)
   return m_G, mean_GxW, sq_GxW / jnp.maximum(m_G - 1.0, 1.0)[:, None]
 
 

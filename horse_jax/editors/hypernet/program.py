@@ -54,6 +54,7 @@ from horse_jax.editors.hypernet.config import HypernetConfig
 from horse_jax.editors.hypernet.meta import decoupled_grads_stacked
 from horse_jax.editors.hypernet.packing import Packed
 from horse_jax.editors.hypernet.state import optimizer
+from horse_jax.editors.precision import exact
 from horse_jax.models import Hooks, Model
 from horse_jax.models import layers as layers_lib
 from horse_jax.models.hooks import Tap
@@ -289,6 +290,7 @@ def cached_keys_grads(model: Model, packed: Packed, cfg: HypernetConfig, mesh=No
   return _scan(body, init, n, (jnp.arange(n),) + parts)
 
 
+@exact  # normalizer statistics (horse_jax.editors.precision)
 def stack_and_normalize(keys: dict, vgrads: dict, valid, row_batch, batch_rows, norms: dict,
                         cfg: HypernetConfig, mesh=None):
   """The stacked cache (padding rows zeroed) and the normalizers updated in reference order.

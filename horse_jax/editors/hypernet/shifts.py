@@ -31,8 +31,7 @@ from jax.sharding import PartitionSpec as P
 from horse_jax.editors.hypernet import normalizer
 from horse_jax.editors.hypernet.config import HypernetConfig
 from horse_jax.editors.hypernet.network import apply_blocks
-
-HI = lax.Precision.HIGHEST
+from horse_jax.editors.precision import HIGHEST as HI, exact
 
 
 def pseudo(net: dict, norm: normalizer.NormState, m: int, keys_CxK: jax.Array, grads_CxV: jax.Array):
@@ -324,6 +323,7 @@ def _sharded(fn, mesh, d_k: int, n_rows: int, n_keys_like: int, n_row_split: int
                        in_specs=specs, out_specs=row)
 
 
+@exact
 def ridge_factor(keys_RxK: jax.Array, lamda: jax.Array, mesh=None) -> jax.Array:
   """Lower Cholesky factor [d_k, d_k] of K^T K + e^lamda I: split by row over every device of
   `mesh` when their number divides d_k (gram reduce-scattered, blocked factorization), else whole.
@@ -336,6 +336,7 @@ def ridge_factor(keys_RxK: jax.Array, lamda: jax.Array, mesh=None) -> jax.Array:
   return lax.stop_gradient(fn(keys_RxK, lamda))
 
 
+@exact
 def ridge_resolve(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh=None) -> jax.Array:
   """X = (K^T K + e^lamda I)^{-1} M (the meta backward's solve), refined; split by row with a mesh."""
   r, d = keys_RxK.shape
@@ -343,6 +344,7 @@ def ridge_resolve(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh=None) -> jax.Array:
   return fn(keys_RxK, factor_KxK, rhs_KxV, lamda)
 
 
+@exact
 def _shift(mesh, keys_RxK, diffs_RxV, lamda, factor_KxK):
   r, d = keys_RxK.shape
   fn = _sharded(lambda ops, k, dd, l, lam: _refined_local(ops, l, k, lam, dd, None), mesh, d, r, 2,
@@ -360,6 +362,7 @@ def _ridge_shift_fwd(mesh, keys_RxK, diffs_RxV, lamda, factor_KxK):
   return s, (keys_RxK, diffs_RxV, lamda, factor_KxK, s)
 
 
+@exact
 def _ridge_shift_bwd(mesh, res, m_KxV):
   """With A = K^T K + e^lamda I, S = A^{-1} K^T D and X = A^{-1} M (refined, same factor):
   dD = K X, dK = D X^T - K (S X^T + X S^T), dlamda = -e^lamda <X, S>; the factor gets none."""
@@ -375,6 +378,7 @@ def _ridge_shift_bwd(mesh, res, m_KxV):
 _ridge_shift.defvjp(_ridge_shift_fwd, _ridge_shift_bwd)
 
 
+@exact
 def ridge_shift(keys_RxK, diffs_RxV, lamda, factor_KxK, mesh=None) -> jax.Array:
   """S = (K^T K + e^lamda I)^{-1} K^T D [d_k, d_v] given `ridge_factor`'s factor: one solve and
   `REFINE_STEPS` refinements (split by row with a mesh). Differentiable in K, D and lamda (a
@@ -382,6 +386,7 @@ def ridge_shift(keys_RxK, diffs_RxV, lamda, factor_KxK, mesh=None) -> jax.Array:
   return _ridge_shift(mesh, keys_RxK, diffs_RxV, lamda, factor_KxK)
 
 
+@exact
 def ridge_solve(keys_RxK: jax.Array, diffs_RxV: jax.Array, lamda: jax.Array, mesh=None) -> jax.Array:
   """S = (K^T K + e^lamda I)^{-1} K^T D [d_k, d_v]: `ridge_factor` then `ridge_shift`."""
   return ridge_shift(keys_RxK, diffs_RxV, lamda, ridge_factor(keys_RxK, lamda, mesh), mesh)
@@ -458,6 +463,7 @@ def run_inputs(cfg: HypernetConfig, run: tuple[int, ...]):
   return m, spread
 
 
+@exact
 def solve_stacked(nets: dict, norms: dict, stacked: Stacked, cfg: HypernetConfig, chunk: int,
                   mesh=None) -> Solved:
   """All modules' shifts, one `lax.scan` over the modules of each run (differentiable end to end).
