@@ -174,17 +174,19 @@ def test_codebook_inference_programs(method, mode):
 
 
 def test_the_check_fails_both_ways():
-  """An undecorated retrieval (editor products at the default) and an LM forward inside an exact
-  region (LM products at HIGHEST) are both reported."""
-  from horse_jax.editors.codebook import retrieval
-  keys, q = jnp.ones((8, 16)), jnp.ones((16,))
-  kwargs = dict(alpha=0.5, beta=20.0, eps=1e-3, max_iter=2, threshold=0.85, normalize=True)
-  plain = jax.jit(lambda q, k: retrieval.retrieve.__wrapped__(q, k, 3, **kwargs))
-  bad, counts = violations(plain.lower(q, keys).as_text(debug_info=True))
+  """An undecorated editor function (editor products at the default) and an LM forward inside an
+  exact region (LM products at HIGHEST) are both reported. (The hypernetwork's blocks write plain
+  `@` products and rely on their `exact` decorator, so without it they are at the default.)"""
+  from horse_jax.editors.hypernet import network
+  blocks = network.init_net(jax.random.PRNGKey(0), width=16, rank=4, n_modules=1, n_blocks=2,
+                            lr=1e-4)["blocks"]
+  h = jnp.ones((8, 16))
+  plain = jax.jit(lambda b, h: network.apply_blocks.__wrapped__(b, h, 0))
+  bad, counts = violations(plain.lower(blocks, h).as_text(debug_info=True))
   assert counts["editor"] >= 2 and len(bad) == counts["editor"], bad
   assert all("editor product at the default precision" in b for b in bad)
-  exact = jax.jit(lambda q, k: retrieval.retrieve(q, k, 3, **kwargs))
-  assert violations(exact.lower(q, keys).as_text(debug_info=True))[0] == []
+  exact = jax.jit(lambda b, h: network.apply_blocks(b, h, 0))
+  assert violations(exact.lower(blocks, h).as_text(debug_info=True))[0] == []
 
   model = random_model(tiny_llama_config(num_layers=1), seed=0)
   ids = np.ones((1, 4), np.int32)
