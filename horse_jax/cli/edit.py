@@ -2,6 +2,7 @@
 
 horse / malmen / mend -> `edit_hypernet.run(args, mesh, fsdp)` (all edits at once)
 horen / grace         -> `edit_codebook.run(args, mesh, fsdp)` (edits one after another)
+rome / memit / alphaedit -> `edit_locate.run(args, mesh, fsdp)` (weights, one edit after another)
 UnKE data             -> `edit_unke.run(args, mesh, fsdp)`
 The mesh of --mesh/--fsdp is built here, once, and passed down.
 """
@@ -13,19 +14,25 @@ import importlib
 from horse_jax.errors import UserError
 
 from horse_jax.settings import CODEBOOK as CODEBOOK_METHODS, HYPERNET as HYPERNET_METHODS
+from horse_jax.settings import LOCATE as LOCATE_METHODS
 
 
 def register(sub) -> None:
-  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once) or HoReN/GRACE (sequentially)")
+  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once), HoReN/GRACE or "
+                     "ROME/MEMIT/AlphaEdit (sequentially)")
   p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
   p.add_argument("--data", required=True, help="edit records (ZsRE/MEND, CounterFact, WikiBigEdit or generic JSON/JSONL)")
-  p.add_argument("--method", required=True, choices=HYPERNET_METHODS + CODEBOOK_METHODS)
+  p.add_argument("--method", required=True, choices=HYPERNET_METHODS + CODEBOOK_METHODS + LOCATE_METHODS)
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--n-edits", type=int, default=None, help="edit the first N records (file order); default all")
   p.add_argument("--hypernet", default=None, metavar="DIR|init",
                  help="(horse/malmen/mend, required) a trained hypernetwork folder (`horse-jax train` "
                       "writes OUT/hypernet), or `init` for a freshly initialised network seeded by --seed")
   p.add_argument("--codebook", default=None, help="(horen/grace) codebook folder to continue editing")
+  p.add_argument("--stats-corpus", default=None, metavar="PATH",
+                 help="(rome/memit/alphaedit) corpus of the second-moment statistics: a .txt (one text "
+                      "a line), .json/.jsonl (strings or {text}) or a saved `datasets` folder; default "
+                      "the world's pre-training text (cached under editor.stats_dir)")
   from horse_jax.cli.settings_args import add_settings_args
   add_settings_args(p, "editor.lr=1e-5 data.batch_size=16")
   p.add_argument("--eval", dest="eval_mode", choices=("teacher", "generate"), default="teacher",
@@ -49,6 +56,7 @@ METHOD_FLAGS = (
     ("--codebook", "codebook", CODEBOOK_METHODS),
     ("--eval-every", "eval_every", CODEBOOK_METHODS),
     ("--max-new-tokens", "max_new_tokens", CODEBOOK_METHODS),
+    ("--stats-corpus", "stats_corpus", LOCATE_METHODS),
 )
 
 HOW_TO_GET_A_HYPERNET = (
@@ -72,7 +80,7 @@ def check_choices(args) -> None:
 def output_inputs(args) -> dict:
   """{flag: path} of what `edit` reads, which --out may not overlap."""
   return {"--model": args.model, "--data": args.data, "--hypernet": args.hypernet,
-          "--codebook": args.codebook}
+          "--codebook": args.codebook, "--stats-corpus": getattr(args, "stats_corpus", None)}
 
 
 def run(args) -> int:
@@ -80,13 +88,14 @@ def run(args) -> int:
   from horse_jax.cli.common import setup_devices
   from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
   unke = looks_like_unke(args.data)  # unstructured edits: chat prompts, long targets, text metrics
-  if unke and args.method in HYPERNET_METHODS:
+  if unke and args.method not in CODEBOOK_METHODS:
     raise UserError(f"--data {args.data}: UnKE (unstructured) records are edited with --method horen "
                     f"or grace, not {args.method}")
   check_choices(args)
   outputs.prepare_output(args.out, inputs=output_inputs(args), overwrite=args.overwrite)
   mesh, fsdp = setup_devices(args, args.model)
-  family = "edit_hypernet" if args.method in HYPERNET_METHODS else "edit_codebook"
+  family = ("edit_hypernet" if args.method in HYPERNET_METHODS else
+            "edit_locate" if args.method in LOCATE_METHODS else "edit_codebook")
   if unke:
     family = "edit_unke"
   try:

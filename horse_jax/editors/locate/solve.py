@@ -67,7 +67,7 @@ def null_space_projector(cov, threshold):
   and how many there are (all of them: P is the identity)."""
   values, vectors = jnp.linalg.eigh(cov)
   keep = (values < threshold).astype(cov.dtype)
-  return jnp.matmul(vectors * keep, vectors.T, precision=_HI), jnp.sum(keep).astype(jnp.int32)
+  return jnp.matmul(vectors * keep[None, :], vectors.T, precision=_HI), jnp.sum(keep).astype(jnp.int32)
 
 
 def alphaedit_shift(keys, resid, projector, cache, l2):
