@@ -267,3 +267,64 @@ def test_edit_matches_torch_reference(method, tiny_hf, tmp_path):
     assert _rel(got, delta) < 1e-3, (layer, _rel(got, delta))
   # The statistics were cached: a second editor reads them instead of recomputing.
   assert list((tmp_path / "stats").rglob("*.npy"))
+
+
+# ---- the command line and the shipped reference settings ----
+
+
+def _edit(out, method, *extra):
+  return main(["edit", "--method", method, "--model", str(WORLD / "model"), "--data",
+               str(WORLD / "data" / "zsre_test.json"), "--n-edits", "2", "--out", str(out),
+               "--set", "editor.v_num_grad_steps=4", "editor.mom2_n_samples=500",
+               f"editor.stats_dir={out.parent / 'stats'}", *extra])
+
+
+def test_cli_rome_writes_deltas_metrics_and_reads_the_cached_statistics(tmp_path):
+  assert _edit(tmp_path / "a", "rome") == 0
+  metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+  assert metrics["edit_modules"] == ["model.layers.1.mlp.down_proj"]  # the world card
+  assert len(metrics["targets"]) == 2
+  assert (tmp_path / "a" / "deltas.safetensors").is_file()
+  assert len(list((tmp_path / "stats").rglob("*.npy"))) == 1
+  assert metrics["effective_settings"]["editor.layers"]["source"] == "card"
+
+
+def test_cli_locate_user_errors(tmp_path, capsys):
+  assert _edit(tmp_path / "b", "rome", "editor.layers=[9]") != 0
+  assert "layer 9 does not exist" in capsys.readouterr().err
+  assert _edit(tmp_path / "c", "memit", "--stats-corpus", str(tmp_path / "missing.txt")) != 0
+  assert "file not found" in capsys.readouterr().err
+  assert _edit(tmp_path / "d", "rome", "editor.v_lrr=1") != 0
+  assert "did you mean 'editor.v_lr'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,folder", [("rome", "ROME"), ("memit", "MEMIT"), ("alphaedit", "AlphaEdit")])
+def test_shipped_reference_hparams_read_as_written(method, folder):
+  from horse_jax import settings as settings_lib
+  path = Path(__file__).resolve().parents[1] / "eval" / "hparams" / folder / "llama3-8b.yaml"
+  resolved = settings_lib.resolve(method, configs=[path])
+  expected = {"rome": ((5,), 25, 0.5), "memit": ((4, 5, 6, 7, 8), 20, 0.5),
+              "alphaedit": ((4, 5, 6, 7, 8), 25, 0.1)}[method]
+  typed = resolved.typed.editor
+  assert (tuple(typed.layers), typed.v_num_grad_steps, typed.v_lr) == expected
+  assert resolved.sources["editor.v_lr"] == "config"
+  assert "mom2_dataset" in resolved.ignored and "model_name" in resolved.ignored
+  with pytest.raises(Exception, match="unknown setting 'v_lrr'"):
+    settings_lib.resolve(method, overrides=["v_lrr=1"])
+
+
+@pytest.mark.slow
+def test_rome_on_a_mesh_of_8_devices_equals_one_device(tmp_path):
+  from horse_jax import meshes, runtime
+  from horse_jax.data import load_records
+  records = load_records(str(WORLD / "data" / "zsre_test.json"), limit=2)
+  shifts = []
+  for spec in (None, "2x4"):
+    mesh, _ = meshes.device_mesh(spec, False, str(WORLD / "model"))
+    model, tok = runtime.load_model(WORLD / "model", mesh=mesh)
+    settings = resolve_settings("rome", str(WORLD / "model"), model, overrides=[
+        "editor.v_num_grad_steps=4", "editor.mom2_n_samples=500", f"editor.stats_dir={tmp_path}"])
+    editor = make_editor("rome", model, tok, settings, mesh=mesh)
+    state, _ = editor.edit(editor.init(jax.random.PRNGKey(0)), records)
+    shifts.append(np.asarray(state.shifts["model.layers.1.mlp.down_proj"]))
+  assert _rel(shifts[1], shifts[0]) < 1e-4

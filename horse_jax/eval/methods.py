@@ -4,7 +4,7 @@ Two kinds:
   batch       run(ctx, records, options, seed) -> scores        all edits applied at once, scored
               (horse, malmen, mend; `unedited` is the no-edit baseline: post = pre)
   sequential  SequentialMethod(start, edit, fns)                 edits one after another; the sweep
-              (horen, grace)                                     scores each edit right after it is
+              (horen, grace, rome, memit, alphaedit)                                     scores each edit right after it is
                                                                  made ("immediate") and every edit so
                                                                  far at each checkpoint ("final")
 `ctx` is a `CellContext`: the model, tokenizer and a `score(records, logits_fn, generate_fn)` closure
@@ -140,8 +140,10 @@ def make_cell_editor(ctx: CellContext, method: str, options: Mapping[str, Any], 
   label = options.get("label", method)
   folder = options.get("hypernet")
   folder = None if folder == FRESH_HYPERNET else folder
+  corpus = options.get("stats_corpus") if method in settings_lib.LOCATE else None
   return protocol.make_editor(method, ctx.model, ctx.tokenizer, cell_settings(ctx, method, options, seed),
-                              hypernet=folder, where=f"methods.{label}.hypernet {folder}", mesh=ctx.mesh)
+                              hypernet=folder, where=f"methods.{label}.hypernet {folder}", mesh=ctx.mesh,
+                              stats_corpus=corpus)
 
 
 def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):
@@ -182,6 +184,9 @@ def _codebook_fns(ctx: CellContext, state):
   return edited.logits, edited.generate if ctx.generate_fn else None
 
 
-for _name in settings_lib.CODEBOOK:
+# ROME / MEMIT / AlphaEdit run one request per step as in the HoReN reference (AlphaEdit's cache of
+# past keys carries over); their state is the accumulated weight shifts, so the same three functions
+# serve: an entry's `stats_corpus` names the corpus of C (default the world's pre-training text).
+for _name in settings_lib.CODEBOOK + settings_lib.LOCATE:
   register_sequential(_name, SequentialMethod(functools.partial(_codebook_start, _name), _codebook_edit,
                                               _codebook_fns))
