@@ -55,11 +55,14 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
                              manifest={"command": "edit", "method": args.method}) as out:
     bar = progress.bar(total=len(records), desc=f"{args.method} edits", unit="edit", disable=not main)
     t0 = time.time()
-    state, infos = editor.edit(state, records)
+    infos = []
+    for record in records:  # one request per step (the bar moves per edit)
+      state, info = editor.edit(state, [record])
+      infos += info
+      bar.update(1)
     edited = editor.apply(state)
     jax.block_until_ready(edited.model.params)
     edit_s = time.time() - t0
-    bar.update(len(records))
     bar.close()
     if not progress.bars_enabled():
       progress.log(f"{args.method}: {len(records)} sequential edits: {edit_s:.1f} s")
