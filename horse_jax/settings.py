@@ -42,6 +42,7 @@ from horse_jax import typed_config
 from horse_jax.editors.codebook.settings import GraceSettings, HorenSettings
 from horse_jax.editors.hypernet.settings import HorseSettings, MalmenSettings, MendSettings
 from horse_jax.editors.ultraedit.settings import UltraEditSettings
+from horse_jax.editors.locate.settings import AlphaEditSettings, MemitSettings, RomeSettings
 from horse_jax.errors import UserError
 from horse_jax.models.cards import card_for
 from horse_jax.typed_config import flatten, module_name  # noqa: F401  (public here too)
@@ -50,6 +51,7 @@ from horse_jax.typed_config import flatten, module_name  # noqa: F401  (public h
 SETTINGS_CLASSES: dict[str, type] = {
     "horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings,
     "horen": HorenSettings, "grace": GraceSettings, "ultraedit": UltraEditSettings,
+    "rome": RomeSettings, "memit": MemitSettings, "alphaedit": AlphaEditSettings,
 }
 METHODS = tuple(SETTINGS_CLASSES)
 # The two families, told apart by their settings classes (MALMEN's and MEND's derive from HORSE's).
@@ -57,6 +59,8 @@ HYPERNET = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorseSe
 CODEBOOK = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorenSettings))
 # Training-free weight editors applied batch after batch (UltraEdit).
 ULTRAEDIT = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, UltraEditSettings))
+# Locate-then-edit (ROME, MEMIT, AlphaEdit): MEMIT's and AlphaEdit's classes derive from ROME's.
+LOCATE = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, RomeSettings))
 SOURCES = ("default", "card", "codebook", "config", "set", "run")
 
 
@@ -172,7 +176,7 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 # Keys of the reference config files that are not settings of this project: each is understood
 # (mapped or checked) or knowingly ignored, with the reason. EasyEdit (flat HoReN hparams) first.
 RUN_KEYS: dict[str, str] = {
-    "alg_name": "checked: must name the --method (HOREN, GRACE, MEND, MALMEN, HORSE, ULTRAEDIT)",
+    "alg_name": "checked: must name the --method (HOREN, GRACE, MEND, MALMEN, HORSE, ULTRAEDIT, ROME, MEMIT, AlphaEdit)",
     "alg": "ignored: a second spelling of alg_name (UltraEdit files)",
     "model_name": "ignored: the model is --model (its card is found by folder name)",
     "model_class": "ignored: the architecture comes from config.json",
@@ -183,8 +187,8 @@ RUN_KEYS: dict[str, str] = {
     "device": "ignored: JAX places arrays on the available devices (see --mesh)",
     "bf16": "understood: true -> model.dtype bfloat16, false -> float32",
     "fp16": "understood: true -> model.dtype float16",
-    "batch_size": "understood: HoReN/GRACE edit one request at a time, so it must be 1; UltraEdit: "
-                  "-> editor.batch_size",
+    "batch_size": "understood: HoReN/GRACE/ROME/MEMIT/AlphaEdit edit one request at a time, so it must be 1; "
+                  "UltraEdit: -> editor.batch_size",
     "max_length": "understood: -> data.max_length",
     "inner_params": "understood: -> editor.layer (HoReN/GRACE) or model.edit_modules (hypernets)",
     "model_parallel": "ignored: sharding follows --mesh",
@@ -215,7 +219,24 @@ RUN_KEYS: dict[str, str] = {
     "replay": "ignored: WISE leftover",
     "use_chat_template": "ignored: ZsRE-style prompts are plain text; UnKE records use the chat template",
     "results_dir": "ignored: outputs go to --out",
-    "stats_dir": "ignored: no statistics files are read",
+    "stats_dir": "HoReN/GRACE: ignored (no statistics are read); ROME/MEMIT/AlphaEdit: editor.stats_dir",
+    # ROME / MEMIT / AlphaEdit (flat hparams files of the HoReN reference).
+    "mom2_dtype": "checked: must be float32 (the statistics accumulate in float32)",
+    "mom2_dataset": "ignored: the statistics corpus is --stats-corpus (default: the world's pre-training text)",
+    "mom2_adjustment": "MEMIT/AlphaEdit: ignored (their reference always uses C; ROME reads it)",
+    "mom2_update_weight": "AlphaEdit: ignored (its reference never reads it; P and L2 take its place)",
+    "context_template_length_params": "ignored: the reference samples context templates from the "
+                                      "model unseeded; here they are editor.context_templates",
+    "layer_selection": "ignored: the reference never reads it (every listed layer is edited)",
+    "layer_module_tmp": "ignored: z is added to the residual stream leaving the layer (the decoder layer output)",
+    "mlp_module_tmp": "ignored: the MLP output is the last term of its layer's residual stream",
+    "attn_module_tmp": "ignored: the reference never reads it",
+    "ln_f_module": "ignored: the architecture's final norm",
+    "lm_head_module": "ignored: the architecture's LM head",
+    "P_loc": "ignored: the projector is recomputed from the cached statistics (editor.stats_dir)",
+    "model_class": "ignored: the architecture comes from config.json",
+    "tokenizer_class": "ignored: the tokenizer is --model's",
+    "tokenizer_name": "ignored: the tokenizer is --model's",
     # HORSE reference (hydra groups and root).
     "name": "editor group: checked against --method; other groups: ignored",
     "name_or_path": "ignored: the model is --model",
@@ -235,7 +256,7 @@ RUN_KEYS: dict[str, str] = {
 }
 
 _EASYEDIT_ALG = {"horen": "HOREN", "grace": "GRACE", "mend": "MEND", "malmen": "MALMEN", "horse": "HORSE",
-                 "ultraedit": "ULTRAEDIT"}
+                 "ultraedit": "ULTRAEDIT", "rome": "ROME", "memit": "MEMIT", "alphaedit": "ALPHAEDIT"}
 _HYDRA_GROUPS = ("editor", "model", "data")
 
 
@@ -290,11 +311,16 @@ def _run_key(method: str, key: str, value: Any, out: FileSettings, where: str, g
     out.values["model.dtype"] = "float16"
   elif key == "batch_size" and method in ULTRAEDIT:
     out.values["editor.batch_size"] = value
-  elif key == "batch_size" and method in CODEBOOK:
+  elif key == "batch_size" and method in CODEBOOK + LOCATE:
     if int(value) != 1:
       raise UserError(f"{where}: batch_size={value}: {method} edits one request at a time (use 1)")
+  elif key == "mom2_dtype":
+    if str(value) != "float32":
+      raise UserError(f"{where}: mom2_dtype={value!r}: the statistics accumulate in float32 only")
   elif key == "max_length":
     out.values["data.max_length"] = value
+  elif key == "inner_params" and method in LOCATE:
+    raise UserError(f"{where}: inner_params: {method} edits editor.layers of editor.rewrite_module_tmp")
   elif key == "inner_params":
     mods = [module_name(p) for p in (value if isinstance(value, (list, tuple)) else [value])]
     if method in CODEBOOK:

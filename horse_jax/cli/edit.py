@@ -3,6 +3,7 @@
 horse / malmen / mend -> `edit_hypernet.run(args, mesh, fsdp)` (all edits at once)
 horen / grace         -> `edit_codebook.run(args, mesh, fsdp)` (edits one after another)
 ultraedit             -> `edit_ultraedit.run(args, mesh, fsdp)` (steps of editor.batch_size edits)
+rome / memit / alphaedit -> `edit_locate.run(args, mesh, fsdp)` (weights, one edit after another)
 UnKE data             -> `edit_unke.run(args, mesh, fsdp)`
 The mesh of --mesh/--fsdp is built here, once, and passed down.
 """
@@ -14,22 +15,27 @@ import importlib
 from horse_jax.errors import UserError
 
 from horse_jax.settings import CODEBOOK as CODEBOOK_METHODS, HYPERNET as HYPERNET_METHODS
+from horse_jax.settings import LOCATE as LOCATE_METHODS
 from horse_jax.settings import ULTRAEDIT as ULTRAEDIT_METHODS
 
 
 def register(sub) -> None:
-  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once), HoReN/GRACE "
-                                   "(sequentially) or UltraEdit (batch after batch)")
+  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once), HoReN/GRACE or "
+                     "ROME/MEMIT/AlphaEdit (sequentially) or UltraEdit (batch after batch)")
   p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
   p.add_argument("--data", required=True, help="edit records (ZsRE/MEND, CounterFact, WikiBigEdit or generic JSON/JSONL)")
   p.add_argument("--method", required=True,
-                 choices=HYPERNET_METHODS + CODEBOOK_METHODS + ULTRAEDIT_METHODS)
+                 choices=HYPERNET_METHODS + CODEBOOK_METHODS + ULTRAEDIT_METHODS + LOCATE_METHODS)
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--n-edits", type=int, default=None, help="edit the first N records (file order); default all")
   p.add_argument("--hypernet", default=None, metavar="DIR|init",
                  help="(horse/malmen/mend, required) a trained hypernetwork folder (`horse-jax train` "
                       "writes OUT/hypernet), or `init` for a freshly initialised network seeded by --seed")
   p.add_argument("--codebook", default=None, help="(horen/grace) codebook folder to continue editing")
+  p.add_argument("--stats-corpus", default=None, metavar="PATH",
+                 help="(rome/memit/alphaedit) corpus of the second-moment statistics: a .txt (one text "
+                      "a line), .json/.jsonl (strings or {text}) or a saved `datasets` folder; default "
+                      "the world's pre-training text (cached under editor.stats_dir)")
   from horse_jax.cli.settings_args import add_settings_args
   add_settings_args(p, "editor.lr=1e-5 data.batch_size=16")
   p.add_argument("--eval", dest="eval_mode", choices=("teacher", "generate"), default="teacher",
@@ -53,6 +59,7 @@ METHOD_FLAGS = (
     ("--codebook", "codebook", CODEBOOK_METHODS),
     ("--eval-every", "eval_every", CODEBOOK_METHODS),
     ("--max-new-tokens", "max_new_tokens", CODEBOOK_METHODS),
+    ("--stats-corpus", "stats_corpus", LOCATE_METHODS),
 )
 
 HOW_TO_GET_A_HYPERNET = (
@@ -76,7 +83,7 @@ def check_choices(args) -> None:
 def output_inputs(args) -> dict:
   """{flag: path} of what `edit` reads, which --out may not overlap."""
   return {"--model": args.model, "--data": args.data, "--hypernet": args.hypernet,
-          "--codebook": args.codebook}
+          "--codebook": args.codebook, "--stats-corpus": getattr(args, "stats_corpus", None)}
 
 
 def run(args) -> int:
@@ -91,7 +98,8 @@ def run(args) -> int:
   outputs.prepare_output(args.out, inputs=output_inputs(args), overwrite=args.overwrite)
   mesh, fsdp = setup_devices(args, args.model)
   family = ("edit_hypernet" if args.method in HYPERNET_METHODS else
-            "edit_ultraedit" if args.method in ULTRAEDIT_METHODS else "edit_codebook")
+            "edit_ultraedit" if args.method in ULTRAEDIT_METHODS else
+            "edit_locate" if args.method in LOCATE_METHODS else "edit_codebook")
   if unke:
     family = "edit_unke"
   try:

@@ -131,7 +131,7 @@ def with_seed(resolved: settings_lib.Resolved, seed: int) -> settings_lib.Resolv
 
 def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, *,
                 hypernet: str | None = None, codebook: Any = None, progress: bool = False,
-                where: str | None = None, mesh=None) -> Editor:
+                where: str | None = None, mesh=None, stats_corpus: str | None = None) -> Editor:
   """The Editor of `method` for `model`.
 
   Args:
@@ -145,7 +145,10 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
       edit is one compiled program, with no steps to show).
     where: what to name in errors about `hypernet` (default the folder).
     mesh: optional (`data`, `model`) mesh: the codebook's shardings, or the hypernetwork program's
-      (cached rows over `data`, shifts by column over `model`).
+      (cached rows over `data`, shifts by column over `model`); ROME/MEMIT/AlphaEdit keep C, their
+      shifts and cache replicated over it.
+    stats_corpus: ROME/MEMIT/AlphaEdit: the corpus of the second-moment statistics C (a text/JSON/
+      JSONL file or a saved `datasets` folder; None: the world's pre-training text).
 
   Returns:
     The Editor.
@@ -158,6 +161,8 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
     return _codebook_editor(method, model, tokenizer, settings, codebook, progress, mesh)
   if method in settings_lib.ULTRAEDIT:
     return _ultraedit_editor(method, model, tokenizer, settings, mesh)
+  if method in settings_lib.LOCATE:
+    return _locate_editor(method, model, tokenizer, settings, stats_corpus, progress, mesh)
   raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
 
 
@@ -260,3 +265,35 @@ def _ultraedit_editor(method, model, tokenizer, settings, mesh) -> Editor:
     return Edited(edited, model_logits(edited), model_generate(edited), state, metrics, model)
 
   return Editor(method, "sequential", settings, cfg, init, edit, apply)
+
+
+def _locate_editor(method, model, tokenizer, settings, stats_corpus, progress, mesh) -> Editor:
+  from horse_jax.editors.locate import editor as locate, stats  # noqa: PLC0415
+  cfg = settings.typed.editor
+  ctx_args = dict(max_length=settings["data.max_length"], mesh=mesh)
+  covs = {}
+  modules = locate.modules_of(cfg, model.config)
+  if locate.needs_covariance(cfg):
+    texts = stats.read_corpus(stats_corpus) if stats_corpus else stats.world_corpus()
+    covs = stats.layer_moments(model, tokenizer, texts[:cfg.mom2_n_samples], modules,
+                               stats_dir=cfg.stats_dir or None,
+                               corpus_name=stats_corpus or "the world's pre-training text",
+                               progress=progress)
+  ctx = locate.prepare(method, model, tokenizer, cfg, covs, **ctx_args)
+
+  def init(key):
+    del key  # deterministic: no random initialisation
+    return locate.init_state(ctx)
+
+  def edit(state, records):
+    return locate.edit(ctx, state, list(records), start_index=state.n_edits)
+
+  def apply(state):
+    state = state if isinstance(state, locate.LocateState) else locate.LocateState(*state)
+    edited = locate.apply_shifts(model, state.shifts)
+    metrics = {"method": method, "n_edits": int(state.n_edits), "edit_modules": list(ctx.modules)}
+    if ctx.null_dims:
+      metrics["null_space_dims"] = dict(ctx.null_dims)
+    return Edited(edited, model_logits(edited), model_generate(edited), state, metrics, model)
+
+  return Editor(method, "sequential", settings, ctx, init, edit, apply)

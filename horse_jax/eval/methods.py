@@ -4,7 +4,7 @@ Two kinds:
   batch       run(ctx, records, options, seed) -> scores        all edits applied at once, scored
               (horse, malmen, mend; `unedited` is the no-edit baseline: post = pre)
   sequential  SequentialMethod(start, edit, fns)                 edits one after another; the sweep
-              (horen, grace, ultraedit)                          scores each edit right after it is
+              (horen, grace, ultraedit, rome, memit, alphaedit)  scores each edit right after it is
                                                                  made ("immediate") and every edit so
                                                                  far at each checkpoint ("final")
 `ctx` is a `CellContext`: the model, tokenizer and a `score(records, logits_fn, generate_fn)` closure
@@ -149,9 +149,10 @@ def make_cell_editor(ctx: CellContext, method: str, options: Mapping[str, Any], 
   label = options.get("label", method)
   folder = options.get("hypernet")
   folder = None if folder == FRESH_HYPERNET else folder
+  corpus = options.get("stats_corpus") if method in settings_lib.LOCATE else None
   return protocol.make_editor(method, ctx.model, ctx.tokenizer, cell_settings(ctx, method, options, seed),
                               hypernet=folder, codebook=codebook, where=f"methods.{label}.hypernet {folder}",
-                              mesh=ctx.mesh)
+                              mesh=ctx.mesh, stats_corpus=corpus)
 
 
 def _hypernet_editor(hypernet, method: str, ctx: CellContext, options, seed):
@@ -216,6 +217,9 @@ for _name in settings_lib.CODEBOOK:
   register_sequential(_name, SequentialMethod(
       functools.partial(_sequential_start, _name), _sequential_edit, _sequential_fns, _codebook_save,
       functools.partial(_codebook_load, _name)))
-for _name in settings_lib.ULTRAEDIT:
+# ROME / MEMIT / AlphaEdit run one request per step as in the HoReN reference (AlphaEdit's cache of
+# past keys carries over); their state is the accumulated weight shifts; an entry's `stats_corpus`
+# names the corpus of C (default the world's pre-training text). They restart a stream on resume.
+for _name in settings_lib.ULTRAEDIT + settings_lib.LOCATE:
   register_sequential(_name, SequentialMethod(functools.partial(_sequential_start, _name),
                                               _sequential_edit, _sequential_fns))

@@ -81,8 +81,9 @@ class SweepSettings(Settings):
   sample: Literal["random", "first"] = setting(
       "random", "records per seed: a seeded shuffle (random) or file order (first)")
   methods: tuple[Any, ...] = setting(
-      ("unedited",), "method names, or mappings {name, label, hypernet, settings: {model, data, "
-      "editor, eval}} (settings as in `horse-jax settings --method NAME`)")
+      ("unedited",), "method names, or mappings {name, label, hypernet, stats_corpus, settings: {model, "
+      "data, editor, eval}} (settings as in `horse-jax settings --method NAME`; stats_corpus: "
+      "ROME/MEMIT/AlphaEdit's statistics corpus)")
   eval: SweepEval = SweepEval()
 
 
