@@ -16,6 +16,8 @@ needed. The stages are the programs the editors run:
   meta-step-memo  `hypernet.program.train_program_memo`: the step with its cache gathered from that
               memo
   edit        HoReN / GRACE: one block of `editor.edit_block` edits into an N-entry codebook
+  edit        DEFER / WISE: one edit (the program run once per record; `plan_program` of
+              `horse_jax.editors.defer` / `horse_jax.editors.wise`)
 
 `horse-jax train` runs `memo-fill` + `meta-step-memo` when the memo of its training records fits
 `editor.memo_cache_mb` (replicated, per device), else `meta-step`; the plan does not know the
@@ -44,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from horse_jax.errors import UserError
 from horse_jax.models.hf_map import abstract_params
-from horse_jax.settings import CODEBOOK, HYPERNET
+from horse_jax.settings import CODEBOOK, HYPERNET, WRAPPED
 
 GIB = 1024 ** 3
 # Per-chip memory (GiB) of the accelerators the plan compares against.
@@ -263,6 +265,20 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   return [_measure(st, compiled)], info
 
 
+def wrapped_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                   seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """One DEFER / WISE edit, compiled for abstract inputs (the editor module's `plan_program`)."""
+  from horse_jax.editors.protocol import resolve_settings
+  if method == "defer":
+    from horse_jax.editors import defer as module
+  else:
+    from horse_jax.editors.wise import plan as module
+  resolved = resolve_settings(method, model_path, model, overrides=list(overrides))
+  fn, args, kwargs, what, info = module.plan_program(model, resolved, mesh, seq_len, n_edits)
+  st = Stage("edit", what, weights=_shard_bytes(model.params))
+  return [_measure(st, _compile(fn, *args, **kwargs))], info
+
+
 def load_stage(model) -> Stage:
   w = _shard_bytes(model.params)
   return Stage("load", "sharded weights (each device reads its own slices)", weights=w, arguments=w)
@@ -312,8 +328,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   """
   from horse_jax.models import Model, read_config
   from horse_jax.models import sharding
-  if method not in HYPERNET + CODEBOOK:
-    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK)}")
+  if method not in HYPERNET + CODEBOOK + WRAPPED:
+    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK + WRAPPED)}")
   if n_edits < 1:
     raise UserError("--n-edits must be at least 1")
   folder = resolve_model_path(model_path)
@@ -329,6 +345,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   if method in HYPERNET:
     more, info = hypernet_stages(model, folder, method, n_edits, mesh, overrides, answer_tokens,
                                  seq_len)
+  elif method in WRAPPED:
+    more, info = wrapped_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   else:
     more, info = codebook_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   stages += more

@@ -40,6 +40,7 @@ import yaml
 
 from horse_jax import typed_config
 from horse_jax.editors.codebook.settings import GraceSettings, HorenSettings
+from horse_jax.editors.defer import DeferSettings
 from horse_jax.editors.hypernet.settings import HorseSettings, MalmenSettings, MendSettings
 from horse_jax.errors import UserError
 from horse_jax.models.cards import card_for
@@ -49,11 +50,14 @@ from horse_jax.typed_config import flatten, module_name  # noqa: F401  (public h
 SETTINGS_CLASSES: dict[str, type] = {
     "horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings,
     "horen": HorenSettings, "grace": GraceSettings,
+    "defer": DeferSettings,
 }
 METHODS = tuple(SETTINGS_CLASSES)
 # The two families, told apart by their settings classes (MALMEN's and MEND's derive from HORSE's).
 HYPERNET = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorseSettings))
 CODEBOOK = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorenSettings))
+# Sequential editors that wrap one module and decide from the whole sequence (DEFER, WISE).
+WRAPPED = tuple(m for m in ("defer", "wise") if m in SETTINGS_CLASSES)
 SOURCES = ("default", "card", "codebook", "config", "set", "run")
 
 
@@ -211,7 +215,8 @@ RUN_KEYS: dict[str, str] = {
     "defaults": "understood: the hydra groups to read from the sibling folders",
 }
 
-_EASYEDIT_ALG = {"horen": "HOREN", "grace": "GRACE", "mend": "MEND", "malmen": "MALMEN", "horse": "HORSE"}
+_EASYEDIT_ALG = {"horen": "HOREN", "grace": "GRACE", "mend": "MEND", "malmen": "MALMEN", "horse": "HORSE",
+                 "defer": "DEFER", "wise": "WISE"}
 _HYDRA_GROUPS = ("editor", "model", "data")
 
 
@@ -257,14 +262,14 @@ def _run_key(method: str, key: str, value: Any, out: FileSettings, where: str, g
     out.values["model.dtype"] = "bfloat16" if value else "float32"
   elif key == "fp16" and value:
     out.values["model.dtype"] = "float16"
-  elif key == "batch_size" and method in CODEBOOK:
+  elif key == "batch_size" and method in CODEBOOK + WRAPPED:
     if int(value) != 1:
       raise UserError(f"{where}: batch_size={value}: {method} edits one request at a time (use 1)")
   elif key == "max_length":
     out.values["data.max_length"] = value
   elif key == "inner_params":
     mods = [module_name(p) for p in (value if isinstance(value, (list, tuple)) else [value])]
-    if method in CODEBOOK:
+    if method in CODEBOOK + WRAPPED:
       if len(mods) != 1:
         raise UserError(f"{where}: inner_params: {method} wraps exactly one module, got {len(mods)}")
       out.values["editor.layer"] = mods[0]

@@ -2,6 +2,7 @@
 
 horse / malmen / mend -> `edit_hypernet.run(args, mesh, fsdp)` (all edits at once)
 horen / grace         -> `edit_codebook.run(args, mesh, fsdp)` (edits one after another)
+defer / wise          -> `edit_wrapped.run(args, mesh, fsdp)` (edits one after another)
 UnKE data             -> `edit_unke.run(args, mesh, fsdp)`
 The mesh of --mesh/--fsdp is built here, once, and passed down.
 """
@@ -13,13 +14,14 @@ import importlib
 from horse_jax.errors import UserError
 
 from horse_jax.settings import CODEBOOK as CODEBOOK_METHODS, HYPERNET as HYPERNET_METHODS
+from horse_jax.settings import WRAPPED as WRAPPED_METHODS
 
 
 def register(sub) -> None:
-  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once) or HoReN/GRACE (sequentially)")
+  p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once) or HoReN/GRACE/DEFER/WISE (sequentially)")
   p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
   p.add_argument("--data", required=True, help="edit records (ZsRE/MEND, CounterFact, WikiBigEdit or generic JSON/JSONL)")
-  p.add_argument("--method", required=True, choices=HYPERNET_METHODS + CODEBOOK_METHODS)
+  p.add_argument("--method", required=True, choices=HYPERNET_METHODS + CODEBOOK_METHODS + WRAPPED_METHODS)
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--n-edits", type=int, default=None, help="edit the first N records (file order); default all")
   p.add_argument("--hypernet", default=None, metavar="DIR|init",
@@ -33,7 +35,7 @@ def register(sub) -> None:
   p.add_argument("--max-new-tokens", type=int, default=None,
                  help="(UnKE data) greedy generation budget per prompt (default 512, cut to the context)")
   p.add_argument("--eval-every", type=int, default=None,
-                 help="(horen/grace) re-score all edits so far every K edits")
+                 help="(horen/grace/defer/wise) re-score all edits so far every K edits")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
   p.add_argument("--seed", type=int, default=0)
   from horse_jax.cli.common import add_device_args, add_dtype_arg, add_overwrite_arg
@@ -47,7 +49,7 @@ def register(sub) -> None:
 METHOD_FLAGS = (
     ("--hypernet", "hypernet", HYPERNET_METHODS),
     ("--codebook", "codebook", CODEBOOK_METHODS),
-    ("--eval-every", "eval_every", CODEBOOK_METHODS),
+    ("--eval-every", "eval_every", CODEBOOK_METHODS + WRAPPED_METHODS),
     ("--max-new-tokens", "max_new_tokens", CODEBOOK_METHODS),
 )
 
@@ -80,13 +82,15 @@ def run(args) -> int:
   from horse_jax.cli.common import setup_devices
   from horse_jax.data.unke import looks_like_unke  # noqa: PLC0415
   unke = looks_like_unke(args.data)  # unstructured edits: chat prompts, long targets, text metrics
-  if unke and args.method in HYPERNET_METHODS:
+  if unke and args.method not in CODEBOOK_METHODS:
     raise UserError(f"--data {args.data}: UnKE (unstructured) records are edited with --method horen "
                     f"or grace, not {args.method}")
   check_choices(args)
   outputs.prepare_output(args.out, inputs=output_inputs(args), overwrite=args.overwrite)
   mesh, fsdp = setup_devices(args, args.model)
   family = "edit_hypernet" if args.method in HYPERNET_METHODS else "edit_codebook"
+  if args.method in WRAPPED_METHODS:
+    family = "edit_wrapped"
   if unke:
     family = "edit_unke"
   try:

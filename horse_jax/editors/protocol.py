@@ -154,6 +154,8 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
     return _hypernet_editor(method, model, tokenizer, settings, hypernet, where, mesh)
   if method in settings_lib.CODEBOOK:
     return _codebook_editor(method, model, tokenizer, settings, codebook, progress, mesh)
+  if method == "defer":
+    return _defer_editor(model, tokenizer, settings, progress, mesh)
   raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
 
 
@@ -230,3 +232,41 @@ def _codebook_editor(method, model, tokenizer, settings, book0, progress, mesh) 
                   infer.generate_fn(model, book, cfg), book, metrics, model)
 
   return Editor(method, "sequential", settings, cfg, init, edit, apply)
+
+
+def _tokenized(tokenizer, records, max_length):
+  """One right-padded batch of the records, in order (UnKE records as chat prompts)."""
+  from horse_jax.data.tokenize import concat_batches, padding_id  # noqa: PLC0415
+  from horse_jax.data.unke import tokenize_record  # noqa: PLC0415
+  return concat_batches([tokenize_record(tokenizer, r, max_length) for r in records],
+                        padding_id(tokenizer))
+
+
+def _defer_editor(model, tokenizer, settings, progress, mesh) -> Editor:
+  """DEFER: a gate and an adapter at one module, edited one record at a time (`editors.defer`)."""
+  from horse_jax.editors import defer  # noqa: PLC0415
+  cfg = defer.from_resolved(settings, model.config)
+  d_in, d_out = defer.check_layer(model, cfg)
+  max_length = settings["data.max_length"] or model.config.max_position_embeddings
+
+  def init(key):
+    del key  # the arrays are initialised from editor.seed
+    sharding = None
+    if mesh is not None:  # the adapter's matrix is laid out as the wrapped kernel is
+      from horse_jax.models import names  # noqa: PLC0415
+      sharding = getattr(names.get_kernel(model.params, cfg.layer), "sharding", None)
+    return defer.init(cfg, d_in, d_out, sharding)
+
+  def edit(state, records):
+    records = list(records)
+    if not records:
+      return state, []
+    return defer.apply_edits(model, state, _tokenized(tokenizer, records, max_length), cfg,
+                             progress=progress)
+
+  def apply(state):
+    metrics = {"method": "defer", "n_edits": int(state.n_edits), "layer": cfg.layer}
+    edited = defer.DeferModel(model, state, cfg)
+    return Edited(edited, edited.logits, edited.generate, state, metrics, model)
+
+  return Editor("defer", "sequential", settings, cfg, init, edit, apply)

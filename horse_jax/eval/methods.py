@@ -4,7 +4,7 @@ Two kinds:
   batch       run(ctx, records, options, seed) -> scores        all edits applied at once, scored
               (horse, malmen, mend; `unedited` is the no-edit baseline: post = pre)
   sequential  SequentialMethod(start, edit, fns)                 edits one after another; the sweep
-              (horen, grace)                                     scores each edit right after it is
+              (horen, grace, defer, wise)                        scores each edit right after it is
                                                                  made ("immediate") and every edit so
                                                                  far at each checkpoint ("final")
 `ctx` is a `CellContext`: the model, tokenizer and a `score(records, logits_fn, generate_fn)` closure
@@ -182,6 +182,7 @@ def _codebook_fns(ctx: CellContext, state):
   return edited.logits, edited.generate if ctx.generate_fn else None
 
 
-for _name in settings_lib.CODEBOOK:
+# DEFER and WISE wrap one module and edit one record at a time, through the same protocol.
+for _name in settings_lib.CODEBOOK + settings_lib.WRAPPED:
   register_sequential(_name, SequentialMethod(functools.partial(_codebook_start, _name), _codebook_edit,
                                               _codebook_fns))
