@@ -41,6 +41,7 @@ import yaml
 from horse_jax import typed_config
 from horse_jax.editors.codebook.settings import GraceSettings, HorenSettings
 from horse_jax.editors.defer import DeferSettings
+from horse_jax.editors.wise.settings import WiseSettings
 from horse_jax.editors.hypernet.settings import HorseSettings, MalmenSettings, MendSettings
 from horse_jax.errors import UserError
 from horse_jax.models.cards import card_for
@@ -50,7 +51,7 @@ from horse_jax.typed_config import flatten, module_name  # noqa: F401  (public h
 SETTINGS_CLASSES: dict[str, type] = {
     "horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings,
     "horen": HorenSettings, "grace": GraceSettings,
-    "defer": DeferSettings,
+    "defer": DeferSettings, "wise": WiseSettings,
 }
 METHODS = tuple(SETTINGS_CLASSES)
 # The two families, told apart by their settings classes (MALMEN's and MEND's derive from HORSE's).

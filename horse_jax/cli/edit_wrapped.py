@@ -45,7 +45,8 @@ def _flat_arrays(tree, prefix="") -> dict[str, np.ndarray]:
   if isinstance(tree, dict):
     out = {}
     for k, v in tree.items():
-      out.update(_flat_arrays(v, f"{prefix}{k}."))
+      if k != "rng":  # WISE's numpy RandomState state: host bookkeeping, not an array
+        out.update(_flat_arrays(v, f"{prefix}{k}."))
     return out
   return {prefix[:-1]: np.asarray(jax.device_get(tree))}
 

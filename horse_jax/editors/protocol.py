@@ -156,6 +156,8 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
     return _codebook_editor(method, model, tokenizer, settings, codebook, progress, mesh)
   if method == "defer":
     return _defer_editor(model, tokenizer, settings, progress, mesh)
+  if method == "wise":
+    return _wise_editor(model, tokenizer, settings, progress, mesh)
   raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
 
 
@@ -270,3 +272,35 @@ def _defer_editor(model, tokenizer, settings, progress, mesh) -> Editor:
     return Edited(edited, edited.logits, edited.generate, state, metrics, model)
 
   return Editor("defer", "sequential", settings, cfg, init, edit, apply)
+
+
+def _wise_editor(model, tokenizer, settings, progress, mesh) -> Editor:
+  """WISE: a side memory of one module, routed by activation (`editors.wise`)."""
+  from horse_jax.editors import wise  # noqa: PLC0415
+  from horse_jax.models import names  # noqa: PLC0415
+  cfg = wise.from_resolved(settings, model.config)
+  names.check_module_names(model.config, (cfg.layer,))
+  kernel = names.get_kernel(model.params, cfg.layer)
+  templates = list(cfg.context_templates or wise.context_templates(model, tokenizer))
+
+  def init(key):
+    del key  # masks come from editor.seed
+    state = wise.init(kernel, cfg)
+    if mesh is not None and getattr(kernel, "sharding", None) is not None:
+      # The side memory and its mask are laid out as the wrapped kernel.
+      state = state._replace(side=jax.device_put(state.side, kernel.sharding),
+                             mask=jax.device_put(state.mask, kernel.sharding))
+    return state
+
+  def edit(state, records):
+    return wise.apply_edits(model, state, tokenizer, list(records), templates, cfg,
+                            progress=progress)
+
+  def apply(state):
+    metrics = {"method": "wise", "n_edits": int(state.n_edits), "layer": cfg.layer,
+               "memories": int(state.memories.shape[0]), "merges": int(state.merges),
+               "context_templates": templates}
+    edited = wise.WiseModel(model, state, cfg)
+    return Edited(edited, edited.logits, edited.generate, state, metrics, model)
+
+  return Editor("wise", "sequential", settings, cfg, init, edit, apply)
