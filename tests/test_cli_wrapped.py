@@ -27,6 +27,14 @@ def test_defer_hparams_file_as_written():
   assert r.sources["editor.threshold"] == "config" and "model_name" in r.ignored
 
 
+def test_wise_hparams_file_as_written():
+  r = settings_lib.resolve("wise", configs=[os.path.join(ROOT, "hparams/WISE/llama3-8b.yaml")])
+  assert r["editor.layer"] == "model.layers.29.mlp.down_proj" and r["model.dtype"] == "bfloat16"
+  assert r["editor.act_margin"] == [5.0, 20.0, 10.0] and r["editor.n_iter"] == 70
+  assert (r["editor.save_freq"], r["editor.merge_freq"], r["editor.densities"]) == (500, 1000, 0.53)
+  assert r.typed.editor.merge_num == 2 and "sequential_edit" in r.ignored
+
+
 def test_unknown_and_mismatched_keys_are_refused(tmp_path):
   bad = tmp_path / "x.yaml"
   bad.write_text("alg_name: DEFER\nthreshhold: 0.5\n")
@@ -38,6 +46,12 @@ def test_unknown_and_mismatched_keys_are_refused(tmp_path):
   bad.write_text("alg_name: DEFER\nbatch_size: 4\n")
   with pytest.raises(UserError, match="one request at a time"):
     settings_lib.resolve("defer", configs=[bad])
+  bad.write_text("alg_name: WISE\nmerge_freq: 700\nsave_freq: 500\n")
+  with pytest.raises(UserError, match="multiple of save_freq"):
+    settings_lib.resolve("wise", configs=[bad])
+  bad.write_text("alg_name: WISE\nretrieve: false\n")
+  with pytest.raises(UserError, match="not implemented"):
+    settings_lib.resolve("wise", configs=[bad])
 
 
 def test_defer_cli_outputs(ws):  # noqa: F811
@@ -65,8 +79,22 @@ def _same_metrics(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,extra", [("defer", ["editor.n_iter=3", "editor.edit_lr=1e-3"])])
+@pytest.mark.parametrize("method,extra", [
+    ("defer", ["editor.n_iter=3", "editor.edit_lr=1e-3"]),
+    ("wise", ["editor.n_iter=3", "editor.save_freq=1", "editor.merge_freq=2"])])
 def test_mesh_of_8_devices_equals_one_device(ws, method, extra):  # noqa: F811
   for name, mesh in (("one", []), ("mesh", ["--mesh", "2x4"])):
     assert _edit(ws, ws / f"{method}-{name}", method, "--n-edits", "4", "--set", *extra, *mesh) == 0
   _same_metrics(ws / f"{method}-one", ws / f"{method}-mesh")
+
+
+def test_wise_cli_outputs(ws):  # noqa: F811
+  out = ws / "wise"
+  assert _edit(ws, out, "wise", "--n-edits", "3", "--set", "editor.n_iter=3", "editor.save_freq=1",
+               "editor.merge_freq=2", "editor.context_templates=['{}', 'q {}']") == 0
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert metrics["method"] == "wise" and metrics["n_edits"] == 3
+  assert metrics["editor"]["memories"] == 2 and metrics["editor"]["merges"] == 1
+  assert metrics["editor"]["context_templates"] == ["{}", "q {}"]
+  state = np.load(out / "state.npz")
+  assert state["memories"].shape == (2, 128, 64) and "rng" not in state.files
