@@ -98,3 +98,13 @@ def test_wise_cli_outputs(ws):  # noqa: F811
   assert metrics["editor"]["context_templates"] == ["{}", "q {}"]
   state = np.load(out / "state.npz")
   assert state["memories"].shape == (2, 128, 64) and "rng" not in state.files
+
+
+@pytest.mark.parametrize("method", ["defer", "wise"])
+def test_plan_compiles_one_edit(method):
+  from horse_jax.models import make_mesh
+  from horse_jax.plan import plan
+  result = plan(os.path.join(ROOT, "checkpoints/world/model"), method, 10, make_mesh(1, 2),
+                overrides=["editor.n_iter=2"], seq_len=16)
+  edit = [s for s in result["stages"] if s["name"] == "edit"][0]
+  assert edit["flops"] > 0 and result["info"]["layer"].endswith("mlp.down_proj")
