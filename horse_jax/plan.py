@@ -18,6 +18,8 @@ needed. The stages are the programs the editors run:
   edit        HoReN / GRACE: one block of `editor.edit_block` edits into an N-entry codebook
   edit-step   UltraEdit: `ultraedit.editor.edit_step`, one step of `editor.batch_size` requests
               (keys / value gradients, statistics, solves; N edits run N / batch_size of them)
+  edit        DEFER / WISE: one edit (the program run once per record; `plan_program` of
+              `horse_jax.editors.defer` / `horse_jax.editors.wise`)
 
 `horse-jax train` runs `memo-fill` + `meta-step-memo` when the memo of its training records fits
 `editor.memo_cache_mb` (replicated, per device), else `meta-step`; the plan does not know the
@@ -57,7 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from horse_jax.collectives import collectives
 from horse_jax.errors import UserError
 from horse_jax.models.hf_map import abstract_params
-from horse_jax.settings import CODEBOOK, HYPERNET, ULTRAEDIT
+from horse_jax.settings import CODEBOOK, HYPERNET, ULTRAEDIT, WRAPPED
 
 GIB = 1024 ** 3
 # Per-chip memory (GiB) of the accelerators the plan compares against.
@@ -319,6 +321,20 @@ def ultraedit_stages(model, model_path: str, method: str, n_edits: int, mesh, ov
   return [_measure(st, compiled)], info
 
 
+def wrapped_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                   seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """One DEFER / WISE edit, compiled for abstract inputs (the editor module's `plan_program`)."""
+  from horse_jax.editors.protocol import resolve_settings
+  if method == "defer":
+    from horse_jax.editors import defer as module
+  else:
+    from horse_jax.editors.wise import plan as module
+  resolved = resolve_settings(method, model_path, model, overrides=list(overrides))
+  fn, args, kwargs, what, info = module.plan_program(model, resolved, mesh, seq_len, n_edits)
+  st = Stage("edit", what, weights=_shard_bytes(model.params))
+  return [_measure(st, _compile(fn, *args, **kwargs))], info
+
+
 def load_stage(model) -> Stage:
   w = _shard_bytes(model.params)
   return Stage("load", "sharded weights (each device reads its own slices)", weights=w, arguments=w)
@@ -463,8 +479,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   """
   from horse_jax.models import Model, read_config
   from horse_jax.models import sharding
-  if method not in HYPERNET + CODEBOOK + ULTRAEDIT:
-    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK + ULTRAEDIT)}")
+  if method not in HYPERNET + CODEBOOK + ULTRAEDIT + WRAPPED:
+    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK + ULTRAEDIT + WRAPPED)}")
   if n_edits < 1:
     raise UserError("--n-edits must be at least 1")
   folder = resolve_model_path(model_path)
@@ -501,6 +517,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
                                  seq_len)
   elif method in ULTRAEDIT:
     more, info = ultraedit_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
+  elif method in WRAPPED:
+    more, info = wrapped_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   else:
     more, info = codebook_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   stages += more

@@ -40,6 +40,8 @@ import yaml
 
 from horse_jax import typed_config
 from horse_jax.editors.codebook.settings import GraceSettings, HorenSettings
+from horse_jax.editors.defer import DeferSettings
+from horse_jax.editors.wise.settings import WiseSettings
 from horse_jax.editors.hypernet.settings import HorseSettings, MalmenSettings, MendSettings
 from horse_jax.editors.ultraedit.settings import UltraEditSettings
 from horse_jax.editors.locate.settings import AlphaEditSettings, MemitSettings, RomeSettings
@@ -52,6 +54,7 @@ SETTINGS_CLASSES: dict[str, type] = {
     "horse": HorseSettings, "malmen": MalmenSettings, "mend": MendSettings,
     "horen": HorenSettings, "grace": GraceSettings, "ultraedit": UltraEditSettings,
     "rome": RomeSettings, "memit": MemitSettings, "alphaedit": AlphaEditSettings,
+    "defer": DeferSettings, "wise": WiseSettings,
 }
 METHODS = tuple(SETTINGS_CLASSES)
 # The two families, told apart by their settings classes (MALMEN's and MEND's derive from HORSE's).
@@ -61,6 +64,8 @@ CODEBOOK = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, HorenSe
 ULTRAEDIT = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, UltraEditSettings))
 # Locate-then-edit (ROME, MEMIT, AlphaEdit): MEMIT's and AlphaEdit's classes derive from ROME's.
 LOCATE = tuple(m for m, c in SETTINGS_CLASSES.items() if issubclass(c, RomeSettings))
+# Sequential editors that wrap one module and decide from the whole sequence (DEFER, WISE).
+WRAPPED = tuple(m for m in ("defer", "wise") if m in SETTINGS_CLASSES)
 SOURCES = ("default", "card", "codebook", "config", "set", "run")
 
 
@@ -176,7 +181,7 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 # Keys of the reference config files that are not settings of this project: each is understood
 # (mapped or checked) or knowingly ignored, with the reason. EasyEdit (flat HoReN hparams) first.
 RUN_KEYS: dict[str, str] = {
-    "alg_name": "checked: must name the --method (HOREN, GRACE, MEND, MALMEN, HORSE, ULTRAEDIT, ROME, MEMIT, AlphaEdit)",
+    "alg_name": "checked: must name the --method (HOREN, GRACE, MEND, MALMEN, HORSE, ULTRAEDIT, ROME, MEMIT, AlphaEdit, DEFER, WISE)",
     "alg": "ignored: a second spelling of alg_name (UltraEdit files)",
     "model_name": "ignored: the model is --model (its card is found by folder name)",
     "model_class": "ignored: the architecture comes from config.json",
@@ -256,7 +261,8 @@ RUN_KEYS: dict[str, str] = {
 }
 
 _EASYEDIT_ALG = {"horen": "HOREN", "grace": "GRACE", "mend": "MEND", "malmen": "MALMEN", "horse": "HORSE",
-                 "ultraedit": "ULTRAEDIT", "rome": "ROME", "memit": "MEMIT", "alphaedit": "ALPHAEDIT"}
+                 "ultraedit": "ULTRAEDIT", "rome": "ROME", "memit": "MEMIT", "alphaedit": "ALPHAEDIT",
+                 "defer": "DEFER", "wise": "WISE"}
 _HYDRA_GROUPS = ("editor", "model", "data")
 
 
@@ -311,7 +317,7 @@ def _run_key(method: str, key: str, value: Any, out: FileSettings, where: str, g
     out.values["model.dtype"] = "float16"
   elif key == "batch_size" and method in ULTRAEDIT:
     out.values["editor.batch_size"] = value
-  elif key == "batch_size" and method in CODEBOOK + LOCATE:
+  elif key == "batch_size" and method in CODEBOOK + LOCATE + WRAPPED:
     if int(value) != 1:
       raise UserError(f"{where}: batch_size={value}: {method} edits one request at a time (use 1)")
   elif key == "mom2_dtype":
@@ -323,7 +329,7 @@ def _run_key(method: str, key: str, value: Any, out: FileSettings, where: str, g
     raise UserError(f"{where}: inner_params: {method} edits editor.layers of editor.rewrite_module_tmp")
   elif key == "inner_params":
     mods = [module_name(p) for p in (value if isinstance(value, (list, tuple)) else [value])]
-    if method in CODEBOOK:
+    if method in CODEBOOK + WRAPPED:
       if len(mods) != 1:
         raise UserError(f"{where}: inner_params: {method} wraps exactly one module, got {len(mods)}")
       out.values["editor.layer"] = mods[0]

@@ -4,6 +4,7 @@ horse / malmen / mend -> `edit_hypernet.run(args, mesh, fsdp)` (all edits at onc
 horen / grace         -> `edit_codebook.run(args, mesh, fsdp)` (edits one after another)
 ultraedit             -> `edit_ultraedit.run(args, mesh, fsdp)` (steps of editor.batch_size edits)
 rome / memit / alphaedit -> `edit_locate.run(args, mesh, fsdp)` (weights, one edit after another)
+defer / wise          -> `edit_wrapped.run(args, mesh, fsdp)` (edits one after another)
 UnKE data             -> `edit_unke.run(args, mesh, fsdp)`
 The mesh of --mesh/--fsdp is built here, once, and passed down.
 """
@@ -17,15 +18,17 @@ from horse_jax.errors import UserError
 from horse_jax.settings import CODEBOOK as CODEBOOK_METHODS, HYPERNET as HYPERNET_METHODS
 from horse_jax.settings import LOCATE as LOCATE_METHODS
 from horse_jax.settings import ULTRAEDIT as ULTRAEDIT_METHODS
+from horse_jax.settings import WRAPPED as WRAPPED_METHODS
 
 
 def register(sub) -> None:
   p = sub.add_parser("edit", help="edit a model with HORSE/MALMEN/MEND (at once), HoReN/GRACE or "
-                     "ROME/MEMIT/AlphaEdit (sequentially) or UltraEdit (batch after batch)")
+                     "ROME/MEMIT/AlphaEdit/DEFER/WISE (sequentially) or UltraEdit (batch after batch)")
   p.add_argument("--model", required=True, help="Hugging Face checkpoint folder")
   p.add_argument("--data", required=True, help="edit records (ZsRE/MEND, CounterFact, WikiBigEdit or generic JSON/JSONL)")
   p.add_argument("--method", required=True,
-                 choices=HYPERNET_METHODS + CODEBOOK_METHODS + ULTRAEDIT_METHODS + LOCATE_METHODS)
+                 choices=HYPERNET_METHODS + CODEBOOK_METHODS + ULTRAEDIT_METHODS + LOCATE_METHODS
+                 + WRAPPED_METHODS)
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--n-edits", type=int, default=None, help="edit the first N records (file order); default all")
   p.add_argument("--hypernet", default=None, metavar="DIR|init",
@@ -43,7 +46,7 @@ def register(sub) -> None:
   p.add_argument("--max-new-tokens", type=int, default=None,
                  help="(UnKE data) greedy generation budget per prompt (default 512, cut to the context)")
   p.add_argument("--eval-every", type=int, default=None,
-                 help="(horen/grace) re-score all edits so far every K edits")
+                 help="(horen/grace/defer/wise) re-score all edits so far every K edits")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
   p.add_argument("--seed", type=int, default=0)
   from horse_jax.cli.common import add_device_args, add_dtype_arg, add_overwrite_arg
@@ -57,7 +60,7 @@ def register(sub) -> None:
 METHOD_FLAGS = (
     ("--hypernet", "hypernet", HYPERNET_METHODS),
     ("--codebook", "codebook", CODEBOOK_METHODS),
-    ("--eval-every", "eval_every", CODEBOOK_METHODS),
+    ("--eval-every", "eval_every", CODEBOOK_METHODS + WRAPPED_METHODS),
     ("--max-new-tokens", "max_new_tokens", CODEBOOK_METHODS),
     ("--stats-corpus", "stats_corpus", LOCATE_METHODS),
 )
@@ -99,7 +102,8 @@ def run(args) -> int:
   mesh, fsdp = setup_devices(args, args.model)
   family = ("edit_hypernet" if args.method in HYPERNET_METHODS else
             "edit_ultraedit" if args.method in ULTRAEDIT_METHODS else
-            "edit_locate" if args.method in LOCATE_METHODS else "edit_codebook")
+            "edit_locate" if args.method in LOCATE_METHODS else
+            "edit_wrapped" if args.method in WRAPPED_METHODS else "edit_codebook")
   if unke:
     family = "edit_unke"
   try:

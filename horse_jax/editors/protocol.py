@@ -163,6 +163,10 @@ def make_editor(method: str, model, tokenizer, settings: settings_lib.Resolved, 
     return _ultraedit_editor(method, model, tokenizer, settings, mesh)
   if method in settings_lib.LOCATE:
     return _locate_editor(method, model, tokenizer, settings, stats_corpus, progress, mesh)
+  if method == "defer":
+    return _defer_editor(model, tokenizer, settings, progress, mesh)
+  if method == "wise":
+    return _wise_editor(model, tokenizer, settings, progress, mesh)
   raise UserError(f"unknown method {method!r} (one of {', '.join(settings_lib.METHODS)})")
 
 
@@ -297,3 +301,73 @@ def _locate_editor(method, model, tokenizer, settings, stats_corpus, progress, m
     return Edited(edited, model_logits(edited), model_generate(edited), state, metrics, model)
 
   return Editor(method, "sequential", settings, ctx, init, edit, apply)
+
+
+def _tokenized(tokenizer, records, max_length):
+  """One right-padded batch of the records, in order (UnKE records as chat prompts)."""
+  from horse_jax.data.tokenize import concat_batches, padding_id  # noqa: PLC0415
+  from horse_jax.data.unke import tokenize_record  # noqa: PLC0415
+  return concat_batches([tokenize_record(tokenizer, r, max_length) for r in records],
+                        padding_id(tokenizer))
+
+
+def _defer_editor(model, tokenizer, settings, progress, mesh) -> Editor:
+  """DEFER: a gate and an adapter at one module, edited one record at a time (`editors.defer`)."""
+  from horse_jax.editors import defer  # noqa: PLC0415
+  cfg = defer.from_resolved(settings, model.config)
+  d_in, d_out = defer.check_layer(model, cfg)
+  max_length = settings["data.max_length"] or model.config.max_position_embeddings
+
+  def init(key):
+    del key  # the arrays are initialised from editor.seed
+    sharding = None
+    if mesh is not None:  # the adapter's matrix is laid out as the wrapped kernel is
+      from horse_jax.models import names  # noqa: PLC0415
+      sharding = getattr(names.get_kernel(model.params, cfg.layer), "sharding", None)
+    return defer.init(cfg, d_in, d_out, sharding)
+
+  def edit(state, records):
+    records = list(records)
+    if not records:
+      return state, []
+    return defer.apply_edits(model, state, _tokenized(tokenizer, records, max_length), cfg,
+                             progress=progress)
+
+  def apply(state):
+    metrics = {"method": "defer", "n_edits": int(state.n_edits), "layer": cfg.layer}
+    edited = defer.DeferModel(model, state, cfg)
+    return Edited(edited, edited.logits, edited.generate, state, metrics, model)
+
+  return Editor("defer", "sequential", settings, cfg, init, edit, apply)
+
+
+def _wise_editor(model, tokenizer, settings, progress, mesh) -> Editor:
+  """WISE: a side memory of one module, routed by activation (`editors.wise`)."""
+  from horse_jax.editors import wise  # noqa: PLC0415
+  from horse_jax.models import names  # noqa: PLC0415
+  cfg = wise.from_resolved(settings, model.config)
+  names.check_module_names(model.config, (cfg.layer,))
+  kernel = names.get_kernel(model.params, cfg.layer)
+  templates = list(cfg.context_templates or wise.context_templates(model, tokenizer))
+
+  def init(key):
+    del key  # masks come from editor.seed
+    state = wise.init(kernel, cfg)
+    if mesh is not None and getattr(kernel, "sharding", None) is not None:
+      # The side memory and its mask are laid out as the wrapped kernel.
+      state = state._replace(side=jax.device_put(state.side, kernel.sharding),
+                             mask=jax.device_put(state.mask, kernel.sharding))
+    return state
+
+  def edit(state, records):
+    return wise.apply_edits(model, state, tokenizer, list(records), templates, cfg,
+                            progress=progress)
+
+  def apply(state):
+    metrics = {"method": "wise", "n_edits": int(state.n_edits), "layer": cfg.layer,
+               "memories": int(state.memories.shape[0]), "merges": int(state.merges),
+               "context_templates": templates}
+    edited = wise.WiseModel(model, state, cfg)
+    return Edited(edited, edited.logits, edited.generate, state, metrics, model)
+
+  return Editor("wise", "sequential", settings, cfg, init, edit, apply)

@@ -4,8 +4,8 @@ Two kinds:
   batch       run(ctx, records, options, seed) -> scores        all edits applied at once, scored
               (horse, malmen, mend; `unedited` is the no-edit baseline: post = pre)
   sequential  SequentialMethod(start, edit, fns)                 edits one after another; the sweep
-              (horen, grace, ultraedit, rome, memit, alphaedit)  scores each edit right after it is
-                                                                 made ("immediate") and every edit so
+              (horen, grace, ultraedit, rome, memit, alphaedit,  scores each edit right after it is
+               defer, wise)                                      made ("immediate") and every edit so
                                                                  far at each checkpoint ("final")
 `ctx` is a `CellContext`: the model, tokenizer and a `score(records, logits_fn, generate_fn)` closure
 that already knows the pre-edit functions and the evaluation settings. `options` is the method's
@@ -220,6 +220,7 @@ for _name in settings_lib.CODEBOOK:
 # ROME / MEMIT / AlphaEdit run one request per step as in the HoReN reference (AlphaEdit's cache of
 # past keys carries over); their state is the accumulated weight shifts; an entry's `stats_corpus`
 # names the corpus of C (default the world's pre-training text). They restart a stream on resume.
-for _name in settings_lib.ULTRAEDIT + settings_lib.LOCATE:
+# DEFER and WISE wrap one module and edit one record at a time, through the same protocol.
+for _name in settings_lib.ULTRAEDIT + settings_lib.LOCATE + settings_lib.WRAPPED:
   register_sequential(_name, SequentialMethod(functools.partial(_sequential_start, _name),
                                               _sequential_edit, _sequential_fns))
