@@ -109,6 +109,31 @@ def row_devices(mesh) -> int:
   return n
 
 
+def specs(book, mesh):
+  """PartitionSpecs of the codebook buffers on a (`data`, `model`) mesh.
+
+  Every buffer is split along its rows (the capacity axis) over all devices of the mesh, `data`
+  major (`ROW_AXES`): each device holds capacity / n whole rows of keys, values, labels,
+  radii and LoRA factors, and retrieval runs on them where they are (`on_rows`), so no
+  device needs another's keys. Scalars (count, n_edits) are replicated, and so are zero-size
+  buffers (value mode's LoRA factors: the form XLA hands back, so an edit's output shardings equal
+  its input ones and the next edit does not recompile).
+
+  Raises:
+    ValueError: the capacity is not a multiple of the mesh's devices (`place` grows it to one).
+  """
+  n = row_devices(mesh)
+  if book.capacity % n:
+    raise ValueError(f"codebook capacity {book.capacity} is not a multiple of the {n} devices of "
+                     "the mesh: place it with state.place(book, mesh)")
+  rows = row_axes(mesh)
+
+  def spec(x):
+    return P(rows) if rows and x.ndim and x.size else P()
+
+  return jax.tree_util.tree_map(spec, book)
+
+
 def on_rows(fn: Callable, mesh, book, *args, returns: tuple[str, ...] = ("book",)):
   """fn(rows, book, *args) on each device's codebook rows, or on the whole codebook without a mesh.
 
@@ -127,7 +152,6 @@ def on_rows(fn: Callable, mesh, book, *args, returns: tuple[str, ...] = ("book",
   """
   if mesh is None:
     return fn(Rows(), book, *args)
-  from horse_jax.editors.codebook.state import specs
   book_specs = specs(book, mesh)
   outs = tuple(book_specs if r == "book" else P() for r in returns)
   body = lambda book_, *args_: fn(Rows(row_axes(mesh)), book_, *args_)

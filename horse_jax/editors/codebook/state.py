@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from horse_jax.editors.codebook.settings import CodebookSettings
-from horse_jax.editors.codebook.shards import row_axes, row_devices
+from horse_jax.editors.codebook.shards import row_devices, specs  # noqa: F401  (specs: re-exported)
 
 
 @jax.tree_util.register_dataclass
@@ -127,32 +127,6 @@ def planned_capacity(rows: int, current: int) -> int:
   while cap < rows:
     cap *= 2
   return cap
-
-
-def specs(book: Codebook, mesh) -> Codebook:
-  """PartitionSpecs of the codebook buffers on a (`data`, `model`) mesh.
-
-  Every buffer is split along its rows (the capacity axis) over all devices of the mesh, `data`
-  major (`shards.ROW_AXES`): each device holds capacity / n whole rows of keys, values, labels,
-  radii and LoRA factors, and retrieval runs on them where they are (`shards.on_rows`), so no
-  device needs another's keys. Scalars (count, n_edits) are replicated, and so are zero-size
-  buffers (value mode's LoRA factors: the form XLA hands back, so an edit's output shardings equal
-  its input ones and the next edit does not recompile).
-
-  Raises:
-    ValueError: the capacity is not a multiple of the mesh's devices (`place` grows it to one).
-  """
-  from jax.sharding import PartitionSpec as P
-  n = row_devices(mesh)
-  if book.capacity % n:
-    raise ValueError(f"codebook capacity {book.capacity} is not a multiple of the {n} devices of "
-                     "the mesh: place it with state.place(book, mesh)")
-  rows = row_axes(mesh)
-
-  def spec(x):
-    return P(rows) if rows and x.ndim and x.size else P()
-
-  return jax.tree_util.tree_map(spec, book)
 
 
 def mesh_capacity(capacity: int, mesh) -> int:
