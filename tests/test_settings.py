@@ -235,7 +235,7 @@ def test_cli_and_sweep_resolve_identical_settings(ws, method):
   values from the same sources (the model folder matches the `world` card, so the card layer counts)."""
   import argparse
 
-  from horse_jax.cli import edit_codebook, edit_hypernet
+  from horse_jax.cli import edit_common
   from horse_jax.eval import methods
   root, model = ws
   given = ({"editor": {"rank": 8}, "data": {"batch_size": 4}} if method in settings.HYPERNET
@@ -244,12 +244,9 @@ def test_cli_and_sweep_resolve_identical_settings(ws, method):
   cfg_file = root / f"{method}.nested.yaml"
   cfg_file.write_text(json.dumps(given))  # JSON is YAML
   folder = str(root / "world")
-  if method in settings.HYPERNET + settings.ULTRAEDIT:  # `edit --method ultraedit` resolves so too
-    cli = edit_hypernet.resolve(method, folder, model.config, [str(cfg_file)], [])
-  else:
-    args = argparse.Namespace(method=method, model=folder, config=[str(cfg_file)], overrides=[], seed=3,
-                              dtype=None)
-    cli = edit_codebook.resolve(args, model.config)
+  args = argparse.Namespace(method=method, model=folder, config=[str(cfg_file)], overrides=[], seed=3,
+                            dtype=None)
+  cli = edit_common.resolve(args, model.config)
   ctx = methods.CellContext(model=model, tokenizer=None, score=None, logits_fn=None, generate_fn=None,
                             model_path=folder)
   sweep = methods.cell_settings(ctx, method, {"name": method, "settings": given}, 3)

@@ -17,28 +17,19 @@ import time
 
 import jax
 
-from horse_jax.errors import UserError
 
 
 def run(args, mesh=None, fsdp: bool = False) -> int:
   """Edits, writes and scores; `mesh`/`fsdp` come from `common.setup_devices` (None: one device)."""
   from horse_jax import distributed, export, outputs, progress, runtime
-  from horse_jax.cli.edit_hypernet import resolve
-  from horse_jax.data.loaders import load_records
+  from horse_jax.cli import edit_common
   from horse_jax.editors import protocol
-  from horse_jax.eval.scoring import score_records, write_metrics
+  from horse_jax.eval.scoring import write_metrics
   from horse_jax.models import read_config
 
-  if not os.path.isdir(args.model):
-    raise UserError(f"--model {args.model!r}: folder not found")
-  resolved = resolve(args.method, args.model, read_config(args.model), args.config or (),
-                     args.overrides, args.dtype)
-  with progress.stage("loading model"):
-    model, tokenizer = runtime.load_model(args.model, dtype=resolved["model.dtype"], mesh=mesh,
-                                          fsdp=fsdp)
-  records = load_records(args.data, skip_invalid=args.skip_invalid, limit=args.n_edits)
-  if not records:
-    raise UserError(f"{args.data}: no records")
+  edit_common.require_model(args.model)
+  resolved = edit_common.resolve(args, read_config(args.model))
+  model, tokenizer, records = edit_common.load(args, resolved, mesh, fsdp)
   main = distributed.is_main()  # multi-host: every process computes, process 0 writes and prints
   editor = protocol.make_editor(args.method, model, tokenizer, resolved, mesh=mesh)
   cfg = editor.config
@@ -63,24 +54,14 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
 
     with progress.stage("writing the edited model"):  # every process: the gather is collective
       export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model)
-
-    gen = pre_gen = None
-    if args.eval_mode == "generate":
-      gen, pre_gen = runtime.generate_fn(edited), runtime.generate_fn(model)
-    with progress.stage(f"scoring {len(records)} edits"):
-      scores = score_records(records, tokenizer, runtime.logits_fn(edited), runtime.logits_fn(model),
-                             generate_fn=gen, pre_generate_fn=pre_gen,
-                             max_length=model.config.max_position_embeddings,
-                             progress=main and progress.bars_enabled())
+    gen = runtime.generate_fn(edited) if args.eval_mode == "generate" else None
+    scores = edit_common.score(records, tokenizer, model, runtime.logits_fn(edited), gen, main=main)
     if not main:
       return 0
     write_metrics(os.path.join(out, "metrics.json"), args.method, len(records), scores,
                   extra={"scoring": {"summary": "all edits scored on the final model"},
-                         "settings": resolved.tree(), "effective_settings": resolved.effective(),
-                         "ignored_settings": resolved.ignored, "edit_seconds": edit_s,
+                         **edit_common.settings_extra(resolved), "edit_seconds": edit_s,
                          "edit_steps": n_steps, "edit_modules": list(cfg.modules)})
-  s = scores["summary"]
-  print(f"{args.method}: {len(records)} edits in {n_steps} steps ({edit_s:.1f} s)  ES "
-        f"{s.get('edit_acc')}  GS {s.get('rephrase_acc')}  loc_acc {s.get('loc_acc')}  loc_agree "
-        f"{s.get('loc_agree')}  -> {args.out}")
+  print(edit_common.summary_line(args.method, len(records), scores,
+                                 f"{n_steps} steps, {edit_s:.1f} s", args.out))
   return 0

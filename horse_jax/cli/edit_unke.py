@@ -33,7 +33,7 @@ from horse_jax.eval import unke as unke_eval
 def run(args, mesh=None, fsdp: bool = False) -> int:
   """Edits UnKE records in sequence, writes and scores; `mesh`/`fsdp` from `common.setup_devices`."""
   from horse_jax import distributed, export, runtime  # noqa: PLC0415
-  from horse_jax.cli.edit_codebook import resolve  # noqa: PLC0415
+  from horse_jax.cli.edit_common import resolve  # noqa: PLC0415
   from horse_jax.editors import protocol  # noqa: PLC0415
   from horse_jax.eval.scoring import write_metrics  # noqa: PLC0415
   from horse_jax.models import read_config  # noqa: PLC0415

@@ -24,7 +24,7 @@ import numpy as np
 
 from horse_jax import distributed, runtime
 from horse_jax import progress as progress_lib
-from horse_jax.cli.edit_hypernet import resolve
+from horse_jax.cli.edit_common import resolve
 from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
 from horse_jax.editors.hypernet import memo as memo_lib
@@ -167,8 +167,7 @@ def train(args, mesh=None, fsdp: bool = False) -> int:
   if not os.path.isdir(args.model):
     raise UserError(f"--model {args.model!r}: folder not found")
   from horse_jax.models import read_config
-  resolved = resolve(args.method, args.model, read_config(args.model), args.config or (), args.overrides,
-                     getattr(args, "dtype", None))
+  resolved = resolve(args, read_config(args.model))
   identity = {"method": args.method, "model": args.model, "data": args.data, "valid": args.valid,
               "seed": args.seed, "effective_settings": resolved.effective()}
   with _train_folder(args, identity, main) as out:
