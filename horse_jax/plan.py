@@ -16,6 +16,8 @@ needed. The stages are the programs the editors run:
   meta-step-memo  `hypernet.program.train_program_memo`: the step with its cache gathered from that
               memo
   edit        HoReN / GRACE: one block of `editor.edit_block` edits into an N-entry codebook
+  inference   HoReN / GRACE: the edited LM's logits on `eval.batch_size` prompts read through that
+              codebook (`codebook.infer`: what scoring and serving run)
   edit-step   UltraEdit: `ultraedit.editor.edit_step`, one step of `editor.batch_size` requests
               (keys / value gradients, statistics, solves; N edits run N / batch_size of them)
   edit        DEFER / WISE: one edit (the program run once per record; `plan_program` of
@@ -262,6 +264,7 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   """One block of `editor.edit_block` HoReN / GRACE edits (the program sequential editing runs)
   into a codebook of `n_edits` rows."""
   from horse_jax.editors.codebook import edit as edit_lib
+  from horse_jax.editors.codebook import infer
   from horse_jax.editors.codebook import settings as settings_lib
   from horse_jax.editors.codebook import state as state_lib
   from horse_jax.editors.protocol import resolve_settings
@@ -288,9 +291,19 @@ def codebook_stages(model, model_path: str, method: str, n_edits: int, mesh, ove
   compiled = _compile(edit_lib._edit_block_jit, model, book, tok, tok, tok, one, label, valid,
                       settings_lib.hyper_of(settings), settings=settings_lib.jit_key(settings),
                       n_label=8, mesh=mesh)
+  edit_stage = _measure(st, compiled)
+  # Scoring and serving run the LM with the codebook read at each prompt's last token: one batch of
+  # eval.batch_size right-padded prompts (the program `horse_jax.eval.scoring` runs per batch).
+  n_eval = int(resolve_settings(method, model_path, model, overrides=list(overrides))["eval.batch_size"])
+  ids = jax.ShapeDtypeStruct((n_eval, seq_len), jnp.int32, sharding=rep)
+  lens = jax.ShapeDtypeStruct((n_eval,), jnp.int32, sharding=rep)
+  inf = Stage("inference", f"logits of {n_eval} prompts (eval.batch_size) read through the codebook",
+              weights=weights)
+  compiled = _compile(infer._edited_logits, model, book, ids, ids, lens, settings_lib.hyper_of(settings),
+                      settings=settings_lib.jit_key(settings), mesh=mesh)
   info = {"layer": settings.layer, "codebook_rows": capacity, "codebook_bytes_per_device": _shard_bytes(book),
-          "seq_len": seq_len, "edit_block": b}
-  return [_measure(st, compiled)], info
+          "seq_len": seq_len, "edit_block": b, "eval_batch_size": n_eval}
+  return [edit_stage, _measure(inf, compiled)], info
 
 
 def ultraedit_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
@@ -524,7 +537,8 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   stages += more
   peak = max(stages, key=lambda s: s.peak)
   groups = {"edit": [s for s in stages if s.name in ("load", "edit", "edit-step")],
-            "meta-training step": [s for s in stages if s.name.startswith(("meta-step", "memo"))]}
+            "meta-training step": [s for s in stages if s.name.startswith(("meta-step", "memo"))],
+            "inference": [s for s in stages if s.name == "inference"]}
   return {
       "model": model_path, "config": folder, "method": method, "n_edits": n_edits,
       "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"]},

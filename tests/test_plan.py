@@ -78,7 +78,7 @@ def test_plan_horen_codebook_and_table(folder, capsys):
   assert main(["plan", "--model", str(folder), "--method", "horen", "--n-edits", str(n),
                "--mesh", "1x8", "--json"]) == 0
   out = json.loads(capsys.readouterr().out)
-  assert [s["name"] for s in out["stages"]] == ["load", "edit"]
+  assert [s["name"] for s in out["stages"]] == ["load", "edit", "inference"]
   assert out["info"]["codebook_rows"] == 4096  # 64 doubled until it holds n + 1 rows
   # Keys [rows, 128] and values [rows, 64] float32 (plus labels, radius) are arguments of the edit.
   edit = out["stages"][1]
@@ -97,6 +97,17 @@ def test_plan_horen_codebook_and_table(folder, capsys):
   assert "| edit |" in text and "fits: TPU v5e" in text
   assert "compiled by XLA:CPU on 8 forced CPU devices standing in for" in text
   assert f"| {big['kind']} " in text and "token shapes: 32 tokens per edit (default)" in text
+  # Inference reads the same row-split codebook: an eighth of its keys per device, logits
+  # [eval.batch_size, 32, vocab] float32 as the output, and no collective of the keys' size.
+  inf = out["stages"][2]
+  n_eval = out["info"]["eval_batch_size"]
+  assert _bytes_by_hand(8) + rows_share <= inf["arguments"] < _bytes_by_hand(8) + 4096 * I * 4
+  assert inf["outputs"] >= n_eval * 32 * V * 4 // 8
+  # What crosses devices is activation-sized (the LM's tensor-parallel all-reduces of [batch,
+  # tokens, hidden]), never a gather of the codebook's 4,096 rows.
+  big_inf = inf["largest_collective"]
+  assert "4096" not in big_inf["shape"] and big_inf["bytes"] <= 2 * n_eval * 32 * H * 4, big_inf
+  assert "| inference |" in text
 
 
 WORLD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "world")
