@@ -89,8 +89,26 @@ class Summary:
       out[op.kind] = out.get(op.kind, 0) + op.bytes * op.count
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
+  def heaviest(self, n: int = 5) -> list[dict[str, Any]]:
+    """The n (kind, shape) groups that move the most bytes in one run, largest first: where a total
+    comes from when it is many small ops in loops (e.g. a tensor-parallel LM's per-layer
+    all-reduces) rather than one large one.
+
+    Returns:
+      [{"kind", "shape", "bytes" (of one execution), "count" (executions of all ops of the
+      group), "total_bytes"}].
+    """
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for op in self.ops:
+      g = groups.setdefault((op.kind, op.shape), {"kind": op.kind, "shape": op.shape, "bytes": op.bytes,
+                                                  "count": 0, "total_bytes": 0})
+      g["count"] += op.count
+      g["total_bytes"] += op.bytes * op.count
+    return sorted(groups.values(), key=lambda g: -g["total_bytes"])[:n]
+
   def to_dict(self) -> dict[str, Any]:
     return {"total_bytes": self.total_bytes, "n_ops": len(self.ops), "by_kind": self.by_kind(),
+            "heaviest": self.heaviest(),
             "largest": self.largest.to_dict() if self.largest else None,
             "unknown_trip_loops": self.unknown_trip_loops}
 

@@ -88,6 +88,7 @@ class Stage:
   collective_ops: int = 0  # collective ops in the program text
   collective_bytes_by_kind: dict[str, int] | None = None  # {kind: bytes}, per device, one run
   largest_collective: dict[str, Any] | None = None  # kind, shape, bytes, count, name
+  heaviest_collectives: list[dict[str, Any]] | None = None  # (kind, shape) groups moving the most bytes
   unknown_trip_loops: int = 0  # loops with collectives whose trip count XLA did not record
 
   @property
@@ -145,6 +146,7 @@ def _measure(stage: Stage, compiled) -> Stage:
     stage.collective_ops = len(found.ops)
     stage.collective_bytes_by_kind = found.by_kind()
     stage.largest_collective = found.largest.to_dict() if found.largest else None
+    stage.heaviest_collectives = found.heaviest()
     stage.unknown_trip_loops = found.unknown_trip_loops
   return stage
 

@@ -63,6 +63,9 @@ def test_plain_collectives_by_hand():
   assert s.largest.name == "all-gather" and s.unknown_trip_loops == 0
   assert s.by_kind() == {"all-reduce": 512 + 768, "all-gather": 1024, "reduce-scatter": 512,
                          "collective-permute": 512, "all-to-all": 64}
+  heavy = s.heaviest(2)
+  assert [(g["kind"], g["shape"], g["total_bytes"]) for g in heavy] == [
+      ("all-gather", "bf16[16,32]", 1024), ("all-reduce", "(f32[8,16], bf16[4,32])", 768)]
 
 
 ASYNC = """\
@@ -155,6 +158,9 @@ def test_loops_multiply_by_known_trip_counts():
   s = collectives(LOOPS)
   ops = {op.name: op for op in s.ops}
   assert ops["ag.outer"].count == 6 and ops["ag.outer"].bytes == 256
+  # Grouped by (kind, shape), heaviest first: 6 x 256 before 6 x 128.
+  assert [(g["kind"], g["count"], g["total_bytes"]) for g in s.heaviest()] == [
+      ("all-gather", 6, 6 * 256), ("all-reduce", 6, 6 * 128)]
   # The inner loop has no recorded trip count: once per outer iteration, and reported.
   assert ops["ar.inner"].count == 6 and ops["ar.inner"].bytes == 128
   assert s.unknown_trip_loops == 1
