@@ -22,6 +22,9 @@ needed. The stages are the programs the editors run:
               (keys / value gradients, statistics, solves; N edits run N / batch_size of them)
   edit        DEFER / WISE: one edit (the program run once per record; `plan_program` of
               `horse_jax.editors.defer` / `horse_jax.editors.wise`)
+  statistics, target, solve   ROME / MEMIT / AlphaEdit (`horse_jax.editors.locate.plan`): one
+              corpus batch of the second-moment statistics, one request's target optimisation, one
+              module's closed form; each with the run's C and shifts as `resident`
 
 `horse-jax train` runs `memo-fill` + `meta-step-memo` when the memo of its training records fits
 `editor.memo_cache_mb` (replicated, per device), else `meta-step`; the plan does not know the
@@ -61,7 +64,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from horse_jax.collectives import collectives
 from horse_jax.errors import UserError
 from horse_jax.models.hf_map import abstract_params
-from horse_jax.settings import CODEBOOK, HYPERNET, ULTRAEDIT, WRAPPED
+from horse_jax.settings import CODEBOOK, HYPERNET, LOCATE, ULTRAEDIT, WRAPPED
 
 GIB = 1024 ** 3
 # Per-chip memory (GiB) of the accelerators the plan compares against.
@@ -350,6 +353,28 @@ def wrapped_stages(model, model_path: str, method: str, n_edits: int, mesh, over
   return [_measure(st, _compile(fn, *args, **kwargs))], info
 
 
+def locate_stages(model, model_path: str, method: str, n_edits: int, mesh, overrides,
+                  seq_len: int) -> tuple[list[Stage], dict[str, Any]]:
+  """ROME / MEMIT / AlphaEdit: the statistics batch, one request's target optimisation and one
+  module's closed form (`horse_jax.editors.locate.plan`); each holds the run's resident C, shifts
+  (and AlphaEdit's projector and cache) besides its own arguments."""
+  from horse_jax.editors.locate import plan as locate_plan
+  from horse_jax.editors.protocol import resolve_settings
+  resolved = resolve_settings(method, model_path, model, overrides=list(overrides))
+  progs, info = locate_plan.programs(model, method, resolved, mesh, seq_len)
+  weights = _shard_bytes(model.params)
+  stages = []
+  for name, fn, args, kwargs, what in progs:
+    st = _measure(Stage(name, what, weights=weights), _compile(fn, *args, **kwargs))
+    # Alive beside each program: the running sums while the statistics accumulate (laid out as one
+    # batch's sums, the program's outputs); afterwards the run's replicated state (the solve's own
+    # C / cache arguments are part of it).
+    st.resident = (st.outputs if name == "statistics" else
+                   max(0, info["resident_bytes"] - (st.arguments if name == "solve" else 0)))
+    stages.append(st)
+  return stages, info
+
+
 def load_stage(model) -> Stage:
   w = _shard_bytes(model.params)
   return Stage("load", "sharded weights (each device reads its own slices)", weights=w, arguments=w)
@@ -494,8 +519,9 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
   """
   from horse_jax.models import Model, read_config
   from horse_jax.models import sharding
-  if method not in HYPERNET + CODEBOOK + ULTRAEDIT + WRAPPED:
-    raise UserError(f"--method must be one of {', '.join(HYPERNET + CODEBOOK + ULTRAEDIT + WRAPPED)}")
+  methods = HYPERNET + CODEBOOK + ULTRAEDIT + LOCATE + WRAPPED
+  if method not in methods:
+    raise UserError(f"--method must be one of {', '.join(methods)}")
   if n_edits < 1:
     raise UserError("--n-edits must be at least 1")
   folder = resolve_model_path(model_path)
@@ -534,11 +560,14 @@ def plan(model_path: str, method: str, n_edits: int, mesh, dtype: str | None = N
     more, info = ultraedit_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   elif method in WRAPPED:
     more, info = wrapped_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
+  elif method in LOCATE:
+    more, info = locate_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   else:
     more, info = codebook_stages(model, folder, method, n_edits, mesh, overrides, seq_len)
   stages += more
   peak = max(stages, key=lambda s: s.peak)
-  groups = {"edit": [s for s in stages if s.name in ("load", "edit", "edit-step")],
+  groups = {"edit": [s for s in stages if s.name in ("load", "edit", "edit-step", "target", "solve")],
+            "statistics": [s for s in stages if s.name == "statistics"],
             "meta-training step": [s for s in stages if s.name.startswith(("meta-step", "memo"))],
             "inference": [s for s in stages if s.name == "inference"]}
   return {

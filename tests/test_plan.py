@@ -226,3 +226,32 @@ def test_llama3_8b_horse_8000_fits_16gib_per_device_on_1x8(capsys):
   assert peak["edit"] <= 16 and peak["meta-step"] <= 16, peak
   assert out["peak_stage"] == "meta-step"
   assert out["fits"]["TPU v5e"], out["peak_bytes_per_device"] / 2 ** 30
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "rome"])
+def test_plan_locate_statistics_target_and_solve(folder, capsys, method):
+  """ROME / MEMIT / AlphaEdit: the statistics batch, one request's target optimisation and one
+  module's closed form, with the run's C, shifts (AlphaEdit: P and cache) resident, by hand."""
+  layers = "[1]" if method == "rome" else "[0,1]"
+  assert main(["plan", "--model", str(folder), "--method", method, "--n-edits", "10", "--mesh", "1x8",
+               "--set", f"editor.layers={layers}", "--set", "editor.v_loss_layer=1", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  stages = {s["name"]: s for s in out["stages"]}
+  assert list(stages) == ["load", "statistics", "target", "solve"]
+  n_mod = 1 if method == "rome" else 2
+  cov = I * I * 4  # C of a down_proj: its input is the MLP's [I]
+  # The sums of one batch (at least an eighth of every module's [I, I] per device) and the running
+  # sums beside them, laid out alike.
+  assert stages["statistics"]["outputs"] >= n_mod * cov // 8
+  assert stages["statistics"]["resident"] == stages["statistics"]["outputs"]
+  per_module = cov * (1 + 2 * (method == "alphaedit")) + I * H * 4  # C (+ P, cache) and the shift
+  assert stages["target"]["resident"] == n_mod * per_module
+  assert stages["solve"]["arguments"] >= cov * (2 if method == "alphaedit" else 1)
+  assert stages["target"]["flops"] > 0 and out["info"]["modules"] == [
+      f"model.layers.{i}.mlp.down_proj" for i in ([1] if method == "rome" else [0, 1])]
+  if method == "rome":  # without C, no statistics and nothing but the shift resident
+    assert main(["plan", "--model", str(folder), "--method", "rome", "--n-edits", "1", "--set",
+                 "editor.layers=[1]", "--set", "editor.mom2_adjustment=false", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in out["stages"]] == ["load", "target", "solve"]
+    assert out["stages"][1]["resident"] == I * H * 4
