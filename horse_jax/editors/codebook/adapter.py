@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from horse_jax.editors.codebook import grace
 from horse_jax.editors.codebook.query import make_query
-from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
+from horse_jax.editors.codebook.retrieval import retrieve, retrieve_found, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of
 from horse_jax.editors.codebook.shards import Rows, on_rows
 from horse_jax.editors.codebook.state import Codebook
@@ -36,12 +36,12 @@ def entries(rows: Rows, book: Codebook, settings: CodebookSettings, q_BxD: jax.A
   """(match [B], value [B, d_out], lora_a [B, r, d_out], lora_b [B, d_out, r]): each query's
   retrieved entry, read from the device that holds its row (run through `shards.on_rows`)."""
 
-  def one(q):
-    found = _find(rows, book, settings, q, hyper)
-    return (found.match,) + tuple(rows.take(buf, found.index)
-                                  for buf in (book.values, book.lora_a, book.lora_b))
-
-  return jax.vmap(one)(q_BxD)
+  if settings.method == "grace":
+    found = jax.vmap(lambda q: _find(rows, book, settings, q, hyper))(q_BxD)
+  else:  # the batch at once: batched products, the final scores on candidate rows
+    found = retrieve_found(q_BxD, book.keys, book.count, rows=rows, **settings_kwargs(settings, hyper))
+  return (found.match,) + tuple(jax.vmap(lambda j, buf=buf: rows.take(buf, j))(found.index)
+                                for buf in (book.values, book.lora_a, book.lora_b))
 
 
 @exact  # the LoRA entry's products are the editor's own (horse_jax.editors.precision)
