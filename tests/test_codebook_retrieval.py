@@ -177,3 +177,26 @@ def test_found_keeps_the_first_of_tied_rows():
   for candidates in (1, 2, 8):
     got = retrieve_found(jnp.asarray(q), jnp.asarray(keys), 7, candidates=candidates, **kw)
     assert int(got.index[0]) == int(retrieve(jnp.asarray(q[0]), jnp.asarray(keys), 7, **kw).index) == 2
+
+
+def test_fitted_book_keeps_live_rows_and_retrievals():
+  """`state.fitted` cuts a preallocated codebook to its live rows rounded up to capacity / parts;
+  retrieval over the cut book is the same."""
+  import dataclasses
+  from horse_jax.editors.codebook import state
+  from horse_jax.editors.codebook.settings import CodebookSettings
+  rng = np.random.default_rng(7)
+  settings = CodebookSettings(layer="model.layers.0.mlp.down_proj", initial_capacity=64)
+  book = state.init(settings, 6, 3)
+  keys = rng.normal(size=(64, 6)).astype(np.float32)
+  keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  book = dataclasses.replace(book, keys=jnp.asarray(keys), count=jnp.asarray(19, jnp.int32))
+  cut = state.fitted(book, parts=16)
+  assert cut.capacity == 20 and cut.values.shape == (20, 3) and int(cut.count) == 19
+  assert state.fitted(dataclasses.replace(book, count=jnp.asarray(61, jnp.int32))).capacity == 64
+  qs = jnp.asarray(keys[:5] + 0.1 * rng.normal(size=(5, 6)).astype(np.float32))
+  kw = dict(alpha=0.1, beta=20.0, eps=1e-5, max_iter=1, threshold=0.5, normalize=True)
+  a = retrieve_found(qs, book.keys, book.count, **kw)
+  b = retrieve_found(qs, cut.keys, cut.count, **kw)
+  np.testing.assert_array_equal(np.asarray(a.index), np.asarray(b.index))
+  np.testing.assert_allclose(np.asarray(a.score), np.asarray(b.score), rtol=1e-6)

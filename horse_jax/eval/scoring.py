@@ -253,6 +253,16 @@ def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size,
   return tuple(None if x is None else x[inverse] for x in scores)
 
 
+def teacher_forced_batches(records: Sequence[EditRecord], tokenizer, *, batch_size: int = 64,
+                           max_length: int | None = None) -> dict[int, int]:
+  """{padded length: number of batches} of `score_records`' teacher-forced pass over `records` (each
+  batch runs the post-edit logits function once, and the pre-edit one when given): with a compiled
+  program's cost per batch shape this gives the FLOPs of the whole pass."""
+  distinct, _ = _distinct_pairs(record_pairs(records), max_length)
+  buckets = bucket_lengths(_table(distinct, tokenizer, max_length, warn=False).lengths)
+  return {int(n): int(-(-np.count_nonzero(buckets == n) // batch_size)) for n in np.unique(buckets)}
+
+
 def _gen_inputs(pairs, tokenizer, max_length):
   prompts, answers = [], []
   for p in pairs:
