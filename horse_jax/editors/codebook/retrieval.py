@@ -175,7 +175,7 @@ CANDIDATE_MARGIN = 10 * TIE
 @exact
 def retrieve_found(q_BxD: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float,
                    beta: float, eps: float, max_iter: int, threshold: float, normalize: bool,
-                   rows: Rows = Rows(), candidates: int = 128) -> Found:
+                   rows: Rows = Rows(), candidates: int = 32) -> Found:
   """`retrieve` of a batch of queries (j*, s[j*], match), with the final score pass on candidates.
 
   The Hopfield steps run as batched products over the rows ([B, C] logits, [B, d] weighted key
@@ -231,7 +231,9 @@ def retrieve_found(q_BxD: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, a
   bound = jnp.where(live[None, :], c1[:, None] * t + (c2 * r_norm)[:, None] * k_norm[None, :],
                     -jnp.inf)
   k = min(int(candidates), c_rows)
-  top_bound, top = jax.lax.top_k(bound, k)  # [B, k]
+  # The bounds are read back by index: consuming top_k's values output makes XLA:CPU sort whole rows.
+  top = jax.lax.top_k(bound, k)[1]  # [B, k]
+  top_bound = jnp.take_along_axis(bound, top, axis=1)
   exact_k = jnp.where(jnp.isfinite(top_bound),
                       jnp.einsum("bkd,bd->bk", keys[top], xi, precision=HIGHEST), -jnp.inf)
   best = rows.max(jnp.max(exact_k, axis=1))  # [B]: the best candidate over every device
