@@ -27,12 +27,21 @@ def test_table_equals_pair_by_pair(max_length):
   table = tokenize_table(tok, prompts, targets, max_length=max_length, rows_per_step=7)
   limit = max_length or 10**9
   assert table.truncated == sum(len(tokenize_edit(tok, p, t)[0]) > limit for p, t in zip(prompts, targets))
+  width = table.input_ids.shape[1]
   for i, (p, t) in enumerate(zip(prompts, targets)):
-    want = tokenize_edits(tok, [p], [t], max_length=max_length, pad_to=table.input_ids.shape[1])
-    got = table.batch(np.asarray([i]), table.input_ids.shape[1])
-    for name in ("input_ids", "attention_mask", "labels", "prompt_len"):
-      np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"{name} of {i}")
-    assert table.lengths[i] == want.attention_mask.sum()
+    ids, labels, plen = tokenize_edit(tok, p, t)  # the per-pair reference, truncated by hand
+    cut = max(len(ids) - limit, 0)
+    ids, labels, plen = ids[cut:], labels[cut:], max(plen - cut, 1)
+    got = table.batch(np.asarray([i]), width + 3)  # wider than the table: padded further
+    want_ids = ids + [tok.pad_token_id] * (width + 3 - len(ids))
+    assert got.input_ids[0].tolist() == want_ids
+    assert got.labels[0].tolist() == labels + [IGNORE] * (width + 3 - len(ids))
+    assert got.attention_mask[0].tolist() == [1] * len(ids) + [0] * (width + 3 - len(ids))
+    assert got.prompt_len[0] == plen
+    assert table.lengths[i] == len(ids)
+  batch = tokenize_edits(tok, prompts, targets, max_length=max_length)  # built on the table
+  np.testing.assert_array_equal(batch.input_ids, table.input_ids)
+  np.testing.assert_array_equal(batch.labels, table.labels)
 
 
 def test_batch_drops_filler_labels():

@@ -57,6 +57,7 @@ class TokenTable(NamedTuple):
     lengths: [N], tokens of each pair after truncation (its attended positions).
     prompt_len: [N], prompt tokens after truncation (at least 1).
     truncated: how many pairs were longer than max_length (their prompt start dropped).
+    pad_id: the id at padded positions.
   """
 
   input_ids: np.ndarray
@@ -64,15 +65,21 @@ class TokenTable(NamedTuple):
   lengths: np.ndarray
   prompt_len: np.ndarray
   truncated: int
+  pad_id: int
 
   def batch(self, rows: np.ndarray, length: int, scored: int | None = None) -> EditBatch:
     """EditBatch of `rows` padded to `length` columns; rows from position `scored` on get no labels
     (filler rows of a short chunk)."""
-    labels = self.labels[rows, :length].copy()
+    extra = max(length - self.input_ids.shape[1], 0)  # columns beyond the table's width: padding
+    ids = self.input_ids[rows, :length]  # indexing by an array copies: the table stays as it is
+    labels = self.labels[rows, :length]
+    if extra:
+      ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=self.pad_id)
+      labels = np.pad(labels, ((0, 0), (0, extra)), constant_values=IGNORE)
     if scored is not None:
       labels[scored:] = IGNORE
     mask = (np.arange(length)[None, :] < self.lengths[rows, None]).astype(np.int32)
-    return EditBatch(self.input_ids[rows, :length], mask, labels, self.prompt_len[rows])
+    return EditBatch(ids, mask, labels, self.prompt_len[rows])
 
 
 def _ragged(lists) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,7 +149,7 @@ def tokenize_table(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
     scored = live & (col + 1 >= pl)
     labels[sl] = np.where(scored, token_at(np.where(scored, col + 1, 0)), IGNORE)
   return TokenTable(ids, labels, lengths.astype(np.int32),
-                    np.maximum(plen - cut, 1).astype(np.int32), int(np.count_nonzero(cut)))
+                    np.maximum(plen - cut, 1).astype(np.int32), int(np.count_nonzero(cut)), pad_id)
 
 
 def tokenize_edit(tokenizer, prompt: str, target: str, target_prefix: str = " "):
@@ -173,30 +180,13 @@ def tokenize_edits(tokenizer, prompts: Sequence[str], targets: Sequence[str], *,
   Returns:
     EditBatch of int32 arrays.
   """
-  rows = [tokenize_edit(tokenizer, p, t, target_prefix) for p, t in zip(prompts, targets)]
-  if max_length is not None:
-    clipped = []
-    for ids, labels, plen in rows:
-      cut = max(len(ids) - max_length, 0)
-      clipped.append((ids[cut:], labels[cut:], max(plen - cut, 1)))
-    rows = clipped
-  longest = max(len(ids) for ids, _, _ in rows)
+  table = tokenize_table(tokenizer, prompts, targets, max_length=max_length,
+                         target_prefix=target_prefix, pad_id=pad_id)
+  longest = int(table.lengths.max())
   length = pad_to if pad_to is not None else bucket_length(longest)
   if longest > length:
     raise ValueError(f"pair of {longest} tokens does not fit pad_to={length}")
-  if pad_id is None:
-    pad_id = padding_id(tokenizer)
-  b = len(rows)
-  input_ids = np.full((b, length), pad_id, np.int32)
-  mask = np.zeros((b, length), np.int32)
-  labels = np.full((b, length), IGNORE, np.int32)
-  prompt_len = np.zeros((b,), np.int32)
-  for i, (ids, lab, plen) in enumerate(rows):
-    input_ids[i, :len(ids)] = ids
-    mask[i, :len(ids)] = 1
-    labels[i, :len(lab)] = lab
-    prompt_len[i] = plen
-  return EditBatch(input_ids, mask, labels, prompt_len)
+  return table.batch(np.arange(len(table.lengths)), length)
 
 
 def padding_id(tokenizer) -> int:
