@@ -212,7 +212,7 @@ def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,
   """
   from horse_jax.data.loaders import convert_rows
   from horse_jax.data.tokenize import tokenize_edits
-  from horse_jax.eval.scoring import score_records
+  from horse_jax.eval.scoring import score_records, teacher_forced_batches
   from horse_jax.models import apply, from_pretrained, load_tokenizer
   from horse_jax.world import generator
   from horse_jax.world.build import default_world_dir, load_world
@@ -241,20 +241,60 @@ def bench_world_distinct(world_dir: str | None = None, n: int = 50_000,
                          lambda b: pre(model, jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask)),
                          batch_size=batch_size, progress=progress,
                          max_length=model.config.max_position_embeddings)
+  score_s = time.perf_counter() - t1
   s = scores["summary"]
   keys = int(book.count)
+  shapes = teacher_forced_batches(records, tok, batch_size=batch_size,
+                                  max_length=model.config.max_position_embeddings)
+  flops = scoring_flops(model, book, settings, shapes, batch_size)
+  floor_s = flops / cpu_peak_flops()
   return [{
       "benchmark": "horen_world_distinct", "shape": f"{n} distinct world edits, block {block}",
       "first_s": edit_s, "steady_s": edit_s / n, "edit_s": edit_s, "edits_per_s": n / edit_s,
       "compiles": compiles, "codebook_rows": keys, "capacity": book.capacity,
       "codebook_mb": book.nbytes() / 2**20, "peak_rss_mb": peak_rss_mb(), "load": load,
-      "score_s": time.perf_counter() - t1, "settings": settings.to_editor_dict(),
+      "score_s": score_s, "scored_records_per_s": n / score_s, "score_batches": sum(shapes.values()),
+      "score_gflop": flops / 1e9, "score_floor_s": floor_s, "score_floor_share": floor_s / score_s,
+      "settings": settings.to_editor_dict(),
       "immediate_edit_acc": float(np.mean([x["edit_acc"] for x in infos])),
       "summary": s,
       "throughput": f"{n / edit_s:,.1f} edits/s ({compiles} compile(s), {keys} keys, "
                     f"{book.nbytes() / 2**20:,.0f} MiB codebook, peak RSS {peak_rss_mb():,.0f} MiB); "
                     f"ES {s.get('edit_acc')} GS {s.get('rephrase_acc')} loc_acc {s.get('loc_acc')} "
-                    f"loc_agree {s.get('loc_agree')}; load {load:.1f}"}]
+                    f"loc_agree {s.get('loc_agree')}; scoring {score_s:,.0f} s = {n / score_s:,.0f} "
+                    f"records/s, {sum(shapes.values())} batches of {flops / 1e9:,.0f} GFLOP in all: "
+                    f"{floor_s:,.0f} s at the nominal peak ({floor_s / score_s:.0%} of it); "
+                    f"load {load:.1f}"}]
+
+
+def scoring_flops(model, book, settings: CodebookSettings, shapes: dict[int, int],
+                  batch_size: int) -> float:
+  """FLOPs of a teacher-forced scoring pass (XLA cost analysis): per batch shape, the edited
+  model's logits program, the unedited model's and the metric kernel, times the batches of that
+  shape (`scoring.teacher_forced_batches`). The retrieval's Hopfield loop runs its body once at
+  the card's max_iter 1, as the analysis counts it."""
+  from horse_jax.editors.codebook.settings import hyper_of, jit_key
+  from horse_jax.eval.scoring import _tf_scores_both
+
+  def cost(compiled):
+    c = compiled.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    return float((c or {}).get("flops", 0.0))
+
+  book_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                       state.fitted(book))  # the rows `infer.logits_fn` reads
+  v = model.config.vocab_size
+  total = 0.0
+  for length, n_batches in shapes.items():
+    ids = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+    plen = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    logits = jax.ShapeDtypeStruct((batch_size, length, v), jnp.float32)
+    post = infer._edited_logits.lower(model, book_shapes, ids, ids, plen, hyper_of(settings),
+                                      settings=jit_key(settings), mesh=None).compile()
+    pre = jax.jit(apply).lower(model, ids, ids).compile()
+    kernel = _tf_scores_both.lower(logits, logits, ids).compile()
+    total += n_batches * (cost(post) + cost(pre) + cost(kernel))
+  return total
 
 
 def demo_scores(model, book, settings, batch: EditBatch, unrelated: EditBatch, chunk: int = 64):

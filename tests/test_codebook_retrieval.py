@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from horse_jax.editors.codebook.query import make_query
-from horse_jax.editors.codebook.retrieval import retrieve, retrieve_batch
+from horse_jax.editors.codebook.retrieval import retrieve, retrieve_batch, retrieve_found
 
 # Jitted once per static configuration; the float settings stay traced (keeps the test fast).
 jit_retrieve = jax.jit(retrieve, static_argnames=("max_iter", "normalize"))
@@ -133,3 +133,70 @@ def test_batch_equals_single_and_jits():
     one = retrieve(jnp.asarray(qs[i]), jnp.asarray(keys), 7, **kw)
     assert int(batch.index[i]) == int(one.index)
     np.testing.assert_allclose(float(batch.score[i]), float(one.score), rtol=1e-6)
+
+
+jit_found = jax.jit(retrieve_found, static_argnames=("max_iter", "normalize", "candidates"))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("candidates", [1, 64])
+def test_found_matches_numpy(case, normalize, candidates):
+  """The batched inference retrieval (final scores on candidate rows, else the full product) gives
+  the NumPy reference's j*, s[j*] and match; candidates=1 forces the full product on most queries."""
+  rng = np.random.default_rng(5)
+  d, cap, count = 8, 16, 11
+  keys = rng.normal(size=(cap, d))
+  if normalize:
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  else:
+    keys *= 0.3
+  keys[count:] = 100.0  # rows beyond count must not take part
+  qs = np.concatenate([keys[:5] + 0.05 * rng.normal(size=(5, d)), rng.normal(size=(3, d))])
+  qs = qs / np.linalg.norm(qs, axis=1, keepdims=True) if normalize else qs * 0.3
+  for threshold in (0.0, 0.9):
+    got = jit_found(jnp.asarray(qs, jnp.float32), jnp.asarray(keys, jnp.float32), count,
+                    threshold=threshold, normalize=normalize, candidates=candidates, **case)
+    for i, q in enumerate(qs):
+      j, s, match, _ = np_retrieve(q, keys, count, threshold=threshold, normalize=normalize, **case)
+      assert int(got.index[i]) == j
+      np.testing.assert_allclose(float(got.score[i]), s, rtol=1e-4, atol=1e-5)
+      if abs(s - threshold) > 1e-4:
+        assert bool(got.match[i]) == match
+
+
+def test_found_keeps_the_first_of_tied_rows():
+  """A key appended twice (the same prompt edited again): the earlier row wins, as in `retrieve`,
+  also when only one candidate is scored exactly."""
+  rng = np.random.default_rng(6)
+  keys = rng.normal(size=(8, 6)).astype(np.float32)
+  keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  keys[5] = keys[2]
+  q = keys[2:3] + np.float32(1e-3)
+  kw = dict(alpha=0.1, beta=20.0, eps=1e-5, max_iter=1, threshold=0.5, normalize=True)
+  for candidates in (1, 2, 8):
+    got = retrieve_found(jnp.asarray(q), jnp.asarray(keys), 7, candidates=candidates, **kw)
+    assert int(got.index[0]) == int(retrieve(jnp.asarray(q[0]), jnp.asarray(keys), 7, **kw).index) == 2
+
+
+def test_fitted_book_keeps_live_rows_and_retrievals():
+  """`state.fitted` cuts a preallocated codebook to its live rows rounded up to capacity / parts;
+  retrieval over the cut book is the same."""
+  import dataclasses
+  from horse_jax.editors.codebook import state
+  from horse_jax.editors.codebook.settings import CodebookSettings
+  rng = np.random.default_rng(7)
+  settings = CodebookSettings(layer="model.layers.0.mlp.down_proj", initial_capacity=64)
+  book = state.init(settings, 6, 3)
+  keys = rng.normal(size=(64, 6)).astype(np.float32)
+  keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+  book = dataclasses.replace(book, keys=jnp.asarray(keys), count=jnp.asarray(19, jnp.int32))
+  cut = state.fitted(book, parts=16)
+  assert cut.capacity == 20 and cut.values.shape == (20, 3) and int(cut.count) == 19
+  assert state.fitted(dataclasses.replace(book, count=jnp.asarray(61, jnp.int32))).capacity == 64
+  qs = jnp.asarray(keys[:5] + 0.1 * rng.normal(size=(5, 6)).astype(np.float32))
+  kw = dict(alpha=0.1, beta=20.0, eps=1e-5, max_iter=1, threshold=0.5, normalize=True)
+  a = retrieve_found(qs, book.keys, book.count, **kw)
+  b = retrieve_found(qs, cut.keys, cut.count, **kw)
+  np.testing.assert_array_equal(np.asarray(a.index), np.asarray(b.index))
+  np.testing.assert_allclose(np.asarray(a.score), np.asarray(b.score), rtol=1e-6)

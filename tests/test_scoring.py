@@ -217,3 +217,23 @@ def test_summary_whole_answer_shares():
   assert s["rephrase_exact"] == pytest.approx(1 / 2) and s["counts"]["rephrase_exact"] == 2
   assert s["pre_edit_exact"] == 0.0
   assert "loc_exact" not in s and "pre_rephrase_exact" not in s
+
+
+def test_shared_pairs_are_scored_once(setup):
+  """Records that share a (prompt, answer) pair (the same locality prompt) get the same scores as
+  the per-pair reference, and the shared pair takes one row of one batch."""
+  tok, pre, post = setup
+  recs = [EditRecord(f"sky colour is {w}", "rome", loc_prompt="who wrote hamlet", loc_answer="shakespeare")
+          for w in ("a", "b", "c")]
+  rows_seen = []
+  fn = bigram_logits_fn(post)
+
+  def spy(batch):
+    rows_seen.extend(map(tuple, batch.input_ids[batch.labels.max(axis=1) >= 0]))
+    return fn(batch)
+
+  out = score_records(recs, tok, spy, bigram_logits_fn(pre), batch_size=8, progress=False)
+  assert len(rows_seen) == 4  # three edit prompts and the one shared locality pair
+  for r, row in zip(recs, out["records"]):
+    assert row["edit_acc"] == pytest.approx(reference_tf(tok, post, r.prompt, r.target))
+    assert row["loc_agree"] == pytest.approx(reference_agree(tok, pre, post, r.loc_prompt, r.loc_answer))

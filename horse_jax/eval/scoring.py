@@ -32,7 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from horse_jax.data.records import EditRecord
-from horse_jax.data.tokenize import IGNORE, EditBatch, bucket_length, tokenize_edit, tokenize_edits
+from horse_jax.data.tokenize import (IGNORE, EditBatch, TokenTable, bucket_length, bucket_lengths,
+                                     tokenize_table)
 from horse_jax import inflight
 from horse_jax.eval import metrics
 from horse_jax.io import atomic_write_json
@@ -124,30 +125,37 @@ def _pair_key(pair: PromptPair, max_length) -> tuple:
   return (pair.prompt, pair.answer, max_length)
 
 
-def _tf_jobs(pairs, tokenizer, batch_size, max_length, warn=True):
-  """(chunk of pair indices, right-padded EditBatch) in length buckets; filler rows have no labels."""
-  lengths = []
-  too_long = 0
-  for p in pairs:
-    ids, _, _ = tokenize_edit(tokenizer, p.prompt, p.answer)
-    if max_length is not None and len(ids) > max_length:
-      too_long += 1
-    lengths.append(min(len(ids), max_length) if max_length is not None else len(ids))
-  if too_long and warn:
-    warnings.warn(f"{too_long} prompt+answer pair(s) longer than max_length={max_length} tokens were "
-                  "truncated on the left (prompt start dropped)", stacklevel=4)
-  buckets: dict[int, list[int]] = {}
-  for j, n in enumerate(lengths):
-    buckets.setdefault(bucket_length(n), []).append(j)
-  pad_id = padding_id(tokenizer)
-  for length, idx in sorted(buckets.items()):
-    for chunk in _chunks(idx, batch_size):
-      rows = _fill(chunk, batch_size)
-      batch = tokenize_edits(tokenizer, [pairs[j].prompt for j in rows], [pairs[j].answer for j in rows],
-                             pad_to=length, max_length=max_length, pad_id=pad_id)
-      labels = batch.labels.copy()
-      labels[len(chunk):] = IGNORE  # filler rows score nothing
-      yield chunk, batch._replace(labels=labels)
+def _distinct_pairs(pairs, max_length) -> tuple[list, np.ndarray]:
+  """(distinct pairs in first-seen order, index of each pair among them). Pairs with the same prompt
+  and answer score the same (a row's logits depend on that row only), so each is scored once."""
+  index: dict[tuple, int] = {}
+  inverse = np.fromiter((index.setdefault(_pair_key(p, max_length), len(index)) for p in pairs),
+                        np.int64, len(pairs))
+  first = np.full(len(index), -1, np.int64)
+  first[inverse[::-1]] = np.arange(len(pairs))[::-1]  # the first pair of each key
+  return [pairs[j] for j in first], inverse
+
+
+def _table(pairs, tokenizer, max_length, warn=True) -> TokenTable:
+  """All pairs tokenized at once (`tokenize_table`), warning once about truncated ones."""
+  table = tokenize_table(tokenizer, [p.prompt for p in pairs], [p.answer for p in pairs],
+                         max_length=max_length, pad_id=padding_id(tokenizer))
+  if table.truncated and warn:
+    warnings.warn(f"{table.truncated} prompt+answer pair(s) longer than max_length={max_length} tokens "
+                  "were truncated on the left (prompt start dropped)", stacklevel=5)
+  return table
+
+
+def _tf_jobs(table: TokenTable, batch_size):
+  """(chunk of pair indices, padded rows, bucket length) per call, in length buckets (ascending) and
+  pair order within a bucket; short chunks are filled by repeating their first row."""
+  buckets = bucket_lengths(table.lengths)
+  for length in np.unique(buckets):
+    idx = np.flatnonzero(buckets == length)
+    for start in range(0, len(idx), batch_size):
+      chunk = idx[start:start + batch_size]
+      rows = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[0])])
+      yield chunk, rows, int(length)
 
 
 @jax.jit
@@ -177,15 +185,27 @@ def _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cac
   missing = _uncached(pairs, cache.teacher, max_length)
   if not missing:
     return
+  table = _table(missing, tokenizer, max_length, warn=False)
   results = []
-  jobs = list(_tf_jobs(missing, tokenizer, batch_size, max_length, warn=False))
-  for chunk, batch in tqdm(jobs, desc="scoring (pre-edit)", unit="batch",
-                           disable=not progress, leave=False):
+  for chunk, rows, length in tqdm(list(_tf_jobs(table, batch_size)), desc="scoring (pre-edit)",
+                                  unit="batch", disable=not progress, leave=False):
+    batch = table.batch(rows, length, scored=len(chunk))
     results.append((chunk, batch.labels, _tf_pre_pass(pre_logits_fn(batch), batch.labels)))
     inflight.settle(results)  # unbounded dispatch deadlocks XLA's CPU client on a mesh (see inflight)
   for chunk, labels, (acc, pred) in jax.device_get(results):
     for row, j in enumerate(chunk):
       cache.teacher[_pair_key(missing[j], max_length)] = (float(acc[row]), pred[row][labels[row] != IGNORE])
+
+
+def _cached_pre(pairs, table: TokenTable, cache: PreCache, max_length):
+  """(pre-edit accuracy [N], pre-edit answer predictions [N, W], -1 off the labels) of every pair
+  from the cache, aligned with `table`'s rows (one lookup per pair, before the scoring loop)."""
+  acc = np.full(len(pairs), np.nan, np.float32)
+  pred = np.full(table.labels.shape, -1, np.int32)
+  answer = table.labels != IGNORE
+  for j, p in enumerate(pairs):
+    acc[j], pred[j, answer[j]] = cache.teacher[_pair_key(p, max_length)]
+  return acc, pred
 
 
 def _per_pair(results, n: int, with_pre: bool):
@@ -205,29 +225,42 @@ def _per_pair(results, n: int, with_pre: bool):
 
 def _teacher_forced(pairs, tokenizer, post_logits_fn, pre_logits_fn, batch_size, max_length, progress,
                     cache: PreCache | None = None):
-  """Per-pair (post_acc, pre_acc or None, agree or None) as NumPy float arrays."""
+  """Per-pair (post_acc, pre_acc or None, agree or None) as NumPy float arrays.
+
+  Each distinct (prompt, answer) pair is tokenized and scored once (`_distinct_pairs`); the host
+  work is a few bulk NumPy steps, and the loop only slices rows and dispatches device programs.
+  """
+  distinct, inverse = _distinct_pairs(pairs, max_length)
   if pre_logits_fn is not None and cache is not None:
-    _fill_pre_cache(pairs, tokenizer, pre_logits_fn, batch_size, max_length, cache, progress)
+    _fill_pre_cache(distinct, tokenizer, pre_logits_fn, batch_size, max_length, cache, progress)
+  table = _table(distinct, tokenizer, max_length)
+  if pre_logits_fn is not None and cache is not None:
+    pre_acc_all, pre_pred_all = _cached_pre(distinct, table, cache, max_length)
   results = []
-  jobs = list(_tf_jobs(pairs, tokenizer, batch_size, max_length))
-  for chunk, batch in tqdm(jobs, desc="scoring (teacher-forced)", unit="batch",
-                           disable=not progress, leave=False):
+  for chunk, rows, length in tqdm(list(_tf_jobs(table, batch_size)), desc="scoring (teacher-forced)",
+                                  unit="batch", disable=not progress, leave=False):
+    batch = table.batch(rows, length, scored=len(chunk))
     post = post_logits_fn(batch)
     if pre_logits_fn is None:
       results.append((chunk, _tf_scores_post(post, batch.labels), None, None))
     elif cache is None:
       results.append((chunk, *_tf_scores_both(post, pre_logits_fn(batch), batch.labels)))
     else:
-      pre_pred = np.full(batch.labels.shape, -1, np.int32)
-      pre_acc = np.full(batch.labels.shape[0], np.nan, np.float32)
-      for row, j in enumerate(chunk):
-        acc, pred = cache.teacher[_pair_key(pairs[j], max_length)]
-        pre_pred[row, batch.labels[row] != IGNORE] = pred
-        pre_acc[row] = acc
-      post_acc, agree = _tf_post_with_pred(post, pre_pred, batch.labels)
-      results.append((chunk, post_acc, pre_acc, agree))
+      post_acc, agree = _tf_post_with_pred(post, pre_pred_all[rows, :length], batch.labels)
+      results.append((chunk, post_acc, pre_acc_all[rows], agree))
     inflight.settle(results)
-  return _per_pair(results, len(pairs), pre_logits_fn is not None)
+  scores = _per_pair(results, len(distinct), pre_logits_fn is not None)
+  return tuple(None if x is None else x[inverse] for x in scores)
+
+
+def teacher_forced_batches(records: Sequence[EditRecord], tokenizer, *, batch_size: int = 64,
+                           max_length: int | None = None) -> dict[int, int]:
+  """{padded length: number of batches} of `score_records`' teacher-forced pass over `records` (each
+  batch runs the post-edit logits function once, and the pre-edit one when given): with a compiled
+  program's cost per batch shape this gives the FLOPs of the whole pass."""
+  distinct, _ = _distinct_pairs(record_pairs(records), max_length)
+  buckets = bucket_lengths(_table(distinct, tokenizer, max_length, warn=False).lengths)
+  return {int(n): int(-(-np.count_nonzero(buckets == n) // batch_size)) for n in np.unique(buckets)}
 
 
 def _gen_inputs(pairs, tokenizer, max_length):
@@ -315,12 +348,15 @@ def _to_float(x) -> float | None:
 
 def _collect(per_record: list[dict[str, Any]], pairs: Sequence[PromptPair], values, key_for_kind: Mapping[str, str]):
   """Writes the per-pair `values` into per-record dicts (mean over a record's pairs of one kind)."""
-  sums: dict[tuple[int, str], list[float]] = {}
-  for pair, v in zip(pairs, values):
-    if pair.kind in key_for_kind and not np.isnan(v):
-      sums.setdefault((pair.record, key_for_kind[pair.kind]), []).append(float(v))
-  for (i, key), vs in sums.items():
-    per_record[i][key] = float(np.mean(vs))
+  values = np.asarray(values, np.float64)
+  record = np.fromiter((p.record for p in pairs), np.int64, len(pairs))
+  kind = np.asarray([p.kind for p in pairs])
+  for k, key in key_for_kind.items():
+    sel = (kind == k) & ~np.isnan(values)
+    count = np.bincount(record[sel], minlength=len(per_record))
+    total = np.bincount(record[sel], weights=values[sel], minlength=len(per_record))
+    for i in np.flatnonzero(count):
+      per_record[i][key] = float(total[i] / count[i])
 
 
 def _collect_pass(per_record, pairs, scores, keys: Mapping[str, tuple[str, str]], agree_key: str):

@@ -16,32 +16,25 @@ import jax.numpy as jnp
 
 from horse_jax.editors.codebook import grace
 from horse_jax.editors.codebook.query import make_query
-from horse_jax.editors.codebook.retrieval import retrieve, settings_kwargs
+from horse_jax.editors.codebook.retrieval import retrieve_found, settings_kwargs
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of
 from horse_jax.editors.codebook.shards import Rows, on_rows
 from horse_jax.editors.codebook.state import Codebook
 from horse_jax.editors.precision import exact
 
 
-def _find(rows: Rows, book: Codebook, settings: CodebookSettings, q: jax.Array,
-          hyper: RetrievalHyper):
-  """The retrieval of one query over the book's rows (`rows`: one device's inside `on_rows`)."""
-  if settings.method == "grace":
-    return grace.lookup(q, book.keys, book.radius, book.count, rows)
-  return retrieve(q, book.keys, book.count, rows=rows, **settings_kwargs(settings, hyper))
-
-
 def entries(rows: Rows, book: Codebook, settings: CodebookSettings, q_BxD: jax.Array,
             hyper: RetrievalHyper):
   """(match [B], value [B, d_out], lora_a [B, r, d_out], lora_b [B, d_out, r]): each query's
-  retrieved entry, read from the device that holds its row (run through `shards.on_rows`)."""
-
-  def one(q):
-    found = _find(rows, book, settings, q, hyper)
-    return (found.match,) + tuple(rows.take(buf, found.index)
-                                  for buf in (book.values, book.lora_a, book.lora_b))
-
-  return jax.vmap(one)(q_BxD)
+  retrieved entry, read from the device that holds its row (run through `shards.on_rows`).
+  HoReN retrieves the whole batch at once (`retrieve_found`: batched products, the final scores on
+  candidate rows); GRACE query by query."""
+  if settings.method == "grace":
+    found = jax.vmap(lambda q: grace.lookup(q, book.keys, book.radius, book.count, rows))(q_BxD)
+  else:
+    found = retrieve_found(q_BxD, book.keys, book.count, rows=rows, **settings_kwargs(settings, hyper))
+  return (found.match,) + tuple(jax.vmap(lambda j, buf=buf: rows.take(buf, j))(found.index)
+                                for buf in (book.values, book.lora_a, book.lora_b))
 
 
 @exact  # the LoRA entry's products are the editor's own (horse_jax.editors.precision)

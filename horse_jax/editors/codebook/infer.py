@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from horse_jax.editors.codebook.adapter import make_adapter
 from horse_jax.editors.codebook.settings import CodebookSettings, RetrievalHyper, hyper_of, jit_key
-from horse_jax.editors.codebook.state import Codebook, mesh_of
+from horse_jax.editors.codebook.state import Codebook, fitted, mesh_of
 from horse_jax.models import Hooks, Model, apply
 
 
@@ -55,7 +55,11 @@ def left_padded_positions(attention_mask_BxT: jax.Array) -> tuple[jax.Array, jax
 
 
 def logits_fn(model: Model, book: Codebook, settings: CodebookSettings):
-  """A `post_logits_fn` for `horse_jax.eval.scoring`: EditBatch -> logits [B, T, V]."""
+  """A `post_logits_fn` for `horse_jax.eval.scoring`: EditBatch -> logits [B, T, V].
+
+  It reads the book cut to its live rows (`state.fitted`): the same outputs, fewer products.
+  """
+  book = fitted(book, mesh_of(book))
 
   def fn(batch):
     return edited_logits(model, book, jnp.asarray(batch.input_ids),
@@ -89,7 +93,9 @@ def _edited_generate(model, book, input_ids_BxT, attention_mask_BxT, hyper, *, s
 
 
 def generate_fn(model: Model, book: Codebook, settings: CodebookSettings):
-  """A `generate_fn` for scoring: (left-padded ids, mask, max_new_tokens) -> tokens [B, N]."""
+  """A `generate_fn` for scoring: (left-padded ids, mask, max_new_tokens) -> tokens [B, N], on the
+  book cut to its live rows (`state.fitted`)."""
+  book = fitted(book, mesh_of(book))
 
   def fn(input_ids_BxT, attention_mask_BxT, max_new_tokens):
     return edited_generate(model, book, jnp.asarray(input_ids_BxT), jnp.asarray(attention_mask_BxT),

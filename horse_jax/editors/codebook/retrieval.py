@@ -158,3 +158,97 @@ def retrieve_live(q: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha:
 
   scores = jax.lax.fori_loop(0, n_chunks, scores_into, jnp.full((cap,), -jnp.inf, jnp.float32))
   return Retrieval(*_best(scores, rows, threshold), scores, xi)
+
+
+class Found(NamedTuple):
+  """What inference needs of a batch of retrievals (`retrieve_found`)."""
+  index: jax.Array  # [B] int32, j* (a global row)
+  score: jax.Array  # [B] float32, s[j*]
+  match: jax.Array  # [B] bool, s[j*] > threshold
+
+
+# Relative margin below the best candidate score within which a row outside the candidates forces the
+# full final pass: ten times the tie margin, far above float32 rounding of the scores (~1e-7).
+CANDIDATE_MARGIN = 10 * TIE
+
+
+@exact
+def retrieve_found(q_BxD: jax.Array, keys_CxD: jax.Array, count: jax.Array, *, alpha: float,
+                   beta: float, eps: float, max_iter: int, threshold: float, normalize: bool,
+                   rows: Rows = Rows(), candidates: int = 32) -> Found:
+  """`retrieve` of a batch of queries (j*, s[j*], match), with the final score pass on candidates.
+
+  The Hopfield steps run as batched products over the rows ([B, C] logits, [B, d] weighted key
+  sums). The final scores s_j = k_j . xi need not be a third full product: the last step's
+  xi = c1 xi' + c2 r (c1, c2 >= 0 from the damping and the normalization; c1 = 1, c2 = 0 for a
+  query that stopped) with xi' the query whose scores t_j = k_j . xi' that step already computed,
+  so s_j <= c1 t_j + c2 |k_j| |r| (Cauchy-Schwarz). The `candidates` rows with the highest bound
+  get exact scores; every other row's bound is below the best candidate's exact score minus
+  `CANDIDATE_MARGIN` (relative) in the usual case, so it can neither be j* nor tie with it, and the
+  result is `retrieve`'s (floats up to summation order). When that fails for any query of the
+  batch (on any device), the batch takes the full final product instead.
+
+  Args:
+    q_BxD: queries.
+    keys_CxD, count, alpha, beta, eps, max_iter, threshold, normalize, rows: as in `retrieve`.
+    candidates: rows per query (per device on a mesh) scored exactly in the final pass.
+
+  Returns:
+    Found with [B] fields.
+  """
+  c_rows, _ = keys_CxD.shape
+  live = rows.index(c_rows) < count  # [C]
+  keys = keys_CxD.astype(jnp.float32)
+  q = q_BxD.astype(jnp.float32)
+  norm = l2_normalize if normalize else (lambda x: x)
+
+  def dots(x_BxD):
+    return jnp.where(live[None, :], jnp.matmul(x_BxD, keys.T, precision=HIGHEST), -jnp.inf)
+
+  def step(_, carry):
+    xi, done, _, _, _, _ = carry
+    t = dots(xi)  # scores of the current xi: the final scores' bound if this is the last step
+    logits = beta * t
+    e = jnp.exp(logits - rows.max(jnp.max(logits, axis=1, keepdims=True)))
+    weights = e / rows.sum(jnp.sum(e, axis=1, keepdims=True))
+    r = norm(rows.sum(jnp.matmul(weights, keys, precision=HIGHEST)))
+    done = done | (jnp.linalg.norm(r - xi, axis=1) < eps)
+    mixed = (1.0 - alpha) * xi + alpha * r
+    scale = (1.0 / jnp.linalg.norm(mixed, axis=1)) if normalize else jnp.ones(q.shape[:1])
+    c1 = jnp.where(done, 1.0, (1.0 - alpha) * scale)
+    c2 = jnp.where(done, 0.0, alpha * scale)
+    new = jnp.where(done[:, None], xi, norm(mixed))
+    return new, done, t, c1, c2, jnp.linalg.norm(r, axis=1)
+
+  b = q.shape[0]
+  zeros = jnp.zeros((b,), jnp.float32)
+  if max_iter == 0:
+    t, c1, c2, r_norm, xi = dots(q), zeros + 1.0, zeros, zeros, q
+  else:
+    init = (q, jnp.zeros((b,), bool), jnp.zeros((b, c_rows), jnp.float32), zeros, zeros, zeros)
+    xi, _, t, c1, c2, r_norm = jax.lax.fori_loop(0, max_iter, step, init)
+  k_norm = jnp.linalg.norm(keys, axis=1)  # [C]
+  bound = jnp.where(live[None, :], c1[:, None] * t + (c2 * r_norm)[:, None] * k_norm[None, :],
+                    -jnp.inf)
+  k = min(int(candidates), c_rows)
+  # The bounds are read back by index: consuming top_k's values output makes XLA:CPU sort whole rows.
+  top = jax.lax.top_k(bound, k)[1]  # [B, k]
+  top_bound = jnp.take_along_axis(bound, top, axis=1)
+  exact_k = jnp.where(jnp.isfinite(top_bound),
+                      jnp.einsum("bkd,bd->bk", keys[top], xi, precision=HIGHEST), -jnp.inf)
+  best = rows.max(jnp.max(exact_k, axis=1))  # [B]: the best candidate over every device
+  # The rows beyond the k-th candidate have bounds <= its bound; outside the margin they lose.
+  left_out = top_bound[:, -1] >= best - CANDIDATE_MARGIN * jnp.maximum(1.0, jnp.abs(best))
+  # The bound needs c1 >= 0 (alpha <= 1); a larger alpha takes the full product.
+  left_out = (left_out & jnp.isfinite(top_bound[:, -1])) | (c1 < 0)
+  full = rows.max(jnp.any(left_out).astype(jnp.int32)) > 0
+
+  def candidate_scores():
+    # Exact scores at the candidate rows, -inf elsewhere: `_best` then sees what `retrieve` sees
+    # near the top (every row that can be or tie with j*).
+    buf = jnp.full((b, c_rows), -jnp.inf, jnp.float32)
+    return buf.at[jnp.arange(b)[:, None], top].set(exact_k)
+
+  scores = jax.lax.cond(full, lambda: dots(xi), candidate_scores)
+  index, score, match = jax.vmap(lambda s: _best(s, rows, threshold))(scores)
+  return Found(index, score, match)

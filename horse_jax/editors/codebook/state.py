@@ -153,6 +153,28 @@ def place(book: Codebook, mesh) -> Codebook:
   return jax.device_put(book, shardings(book, mesh))
 
 
+def fitted(book: Codebook, mesh=None, parts: int = 16) -> Codebook:
+  """The codebook cut to its live rows, rounded up to a multiple of capacity / `parts` (and of the
+  mesh's devices), for inference: retrieval reads every row of the buffers it is given, and rows
+  beyond the count never match, so a book preallocated for a long run (count just above a power of
+  two: up to half its rows empty) costs up to twice the products it needs. Rounding keeps the
+  programs compiled for it to a few shapes per capacity. One host read of the count.
+
+  Args:
+    book: the codebook.
+    mesh: the mesh it is placed on (`mesh_of`), or None.
+    parts: the rounding step is capacity / parts rows.
+
+  Returns:
+    The cut codebook (the same object when no row would be dropped).
+  """
+  step = mesh_capacity(max(book.capacity // parts, 1), mesh)
+  rows = min(book.capacity, -(-int(book.count) // step) * step)
+  if rows >= book.capacity:
+    return book
+  return place(jax.tree_util.tree_map(lambda x: x[:rows] if x.ndim else x, book), mesh)
+
+
 def mesh_of(book: Codebook):
   """The mesh a codebook was placed on (`place`), or None for a codebook on one device."""
   from jax.sharding import NamedSharding
