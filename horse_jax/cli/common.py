@@ -99,3 +99,9 @@ def run_fingerprint(args) -> dict[str, Any]:
     except OSError:
       files.append(None)  # reported by the command itself
   return {"arguments": values, "config_files": files}
+
+
+def max_shard_size(args) -> int | str:
+  """`edit --max-shard-size`, else transformers' default (`models.hf_io.DEFAULT_MAX_SHARD_SIZE`)."""
+  from horse_jax.models.hf_io import DEFAULT_MAX_SHARD_SIZE
+  return getattr(args, "max_shard_size", None) or DEFAULT_MAX_SHARD_SIZE

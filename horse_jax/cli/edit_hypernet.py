@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from horse_jax.cli.common import max_shard_size
 from horse_jax.errors import UserError
 
 
@@ -78,7 +79,8 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
       edit_s = time.time() - t0
 
     with progress.stage("writing the edited model"):  # every process: the gather is collective
-      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model)
+      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model,
+                       max_shard_size=max_shard_size(args))
 
     gen = pre_gen = None
     if args.eval_mode == "generate":

@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from horse_jax.cli.common import max_shard_size
 from horse_jax.errors import UserError
 
 
@@ -71,7 +72,8 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
       raise UserError(f"{args.data}: record {bad[0]}: the target loss became {infos[bad[0]]['z_loss']} "
                       "(lower editor.v_lr)")
     with progress.stage("writing the edited model"):
-      export.save_edit(out, model, edited.model, list(editor.config.modules), tokenizer_src=args.model)
+      export.save_edit(out, model, edited.model, list(editor.config.modules), tokenizer_src=args.model,
+                       max_shard_size=max_shard_size(args))
     gen = pre_gen = None
     if args.eval_mode == "generate":
       gen, pre_gen = runtime.generate_fn(edited.model), runtime.generate_fn(model)

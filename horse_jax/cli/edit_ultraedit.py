@@ -17,6 +17,7 @@ import time
 
 import jax
 
+from horse_jax.cli.common import max_shard_size
 from horse_jax.errors import UserError
 
 
@@ -62,7 +63,8 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
       progress.log(f"{args.method}: {len(records)} edits in {n_steps} steps: {edit_s:.1f} s")
 
     with progress.stage("writing the edited model"):  # every process: the gather is collective
-      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model)
+      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model,
+                       max_shard_size=max_shard_size(args))
 
     gen = pre_gen = None
     if args.eval_mode == "generate":

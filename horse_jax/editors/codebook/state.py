@@ -189,7 +189,7 @@ def stored_array(book: Codebook, name: str, n: int) -> np.ndarray:
 
 
 def from_arrays(arrays: dict[str, np.ndarray], capacity: int | None = None) -> Codebook:
-  """Rebuilds a codebook from the arrays of `stored_specs`, padded to `capacity` (default: next power of two)."""
+  """Rebuilds a codebook from `stored_specs` arrays, padded to `capacity` (default: next power of two)."""
   n = int(np.asarray(arrays["count"]).reshape(-1)[0])
   d_out = np.asarray(arrays["values"]).shape[1]
   # Zero-size LoRA factors (value mode) are not stored: orbax refuses zero-size arrays.
