@@ -78,7 +78,7 @@ def save_edit(out: str, original, edited, modules, *, tokenizer_src: str | None 
   the whole model, nor all the deltas, at once.
 
   Args:
-    out: output folder (created).
+    out: output folder (created), read on process 0 only (other processes may pass None).
     original: the unedited Model.
     edited: the edited Model.
     modules: the edited module names.
@@ -88,12 +88,13 @@ def save_edit(out: str, original, edited, modules, *, tokenizer_src: str | None 
   from horse_jax.models import save_pretrained
   entries = _delta_entries(original, modules)
   specs = [(e.hf_name, np.float32, e.hf_shape) for e in entries]
-  if distributed.is_main():
+  main = distributed.is_main()
+  if main:
     os.makedirs(out, exist_ok=True)
-  stream_safetensors(os.path.join(out, DELTAS_FILE) if distributed.is_main() else None, specs,
+  stream_safetensors(os.path.join(out, DELTAS_FILE) if main else None, specs,
                      lambda i: _delta(original, edited, entries[i]))
-  save_pretrained(edited, os.path.join(out, MODEL_FOLDER), tokenizer_src=tokenizer_src,
-                  max_shard_size=max_shard_size)
+  save_pretrained(edited, os.path.join(out, MODEL_FOLDER) if main else None,
+                  tokenizer_src=tokenizer_src, max_shard_size=max_shard_size)
 
 
 def save_codebook(folder: str, book, settings, *, extra: dict | None = None) -> None:

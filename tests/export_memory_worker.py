@@ -1,6 +1,7 @@
 """One process of `test_export_memory`'s multi-host export: loads a checkpoint sharded over a
 (data, model) mesh that spans every process, builds a codebook on the same mesh, exports both with
-tracemalloc running and prints {"model_peak", "codebook_peak"} (bytes) as one JSON line.
+tracemalloc running (`export.save_edit`: deltas + checkpoint; `export.save_codebook`) and prints
+{"model_peak", "codebook_peak"} (bytes) as one JSON line.
 
   python tests/export_memory_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID MODEL OUT MAX_SHARD_SIZE
 """
@@ -10,6 +11,9 @@ import sys
 import tracemalloc
 
 from horse_jax import distributed
+
+
+MODULES = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj"]  # deltas: zeros
 
 
 def codebook_arrays(rows: int = 1000, d_in: int = 512, d_out: int = 512):
@@ -48,8 +52,9 @@ def main(argv: list[str]) -> None:
   book = state.place(state.from_arrays(codebook_arrays(), capacity=2048), mesh)
   settings = CodebookSettings(layer="model.layers.1.mlp.down_proj")
   peaks = {
-      "model_peak": peak_bytes(lambda: save_pretrained(
-          model, os.path.join(out, "model"), max_shard_size=int(max_shard_size))),
+      # Only process 0 needs a folder (as the CLI passes it).
+      "model_peak": peak_bytes(lambda: export.save_edit(
+          out if int(pid) == 0 else None, model, model, MODULES, max_shard_size=int(max_shard_size))),
       "codebook_peak": peak_bytes(lambda: export.save_codebook(
           os.path.join(out, "codebook"), book, settings)),
   }

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from export_memory_worker import codebook_arrays, peak_bytes
+from export_memory_worker import MODULES, codebook_arrays, peak_bytes
 from horse_jax import export
 from horse_jax.editors.codebook import persist, state
 from horse_jax.editors.codebook.settings import CodebookSettings
@@ -145,6 +145,10 @@ def test_two_processes_export_one_tensor_at_a_time(checkpoint, tmp_path):
     assert p["codebook_peak"] <= book_largest + SLACK
   assert not (tmp_path / "out1").exists()  # process 1 wrote nothing
   assert_sharded_export(tmp_path / "out0" / "model", source)
+  deltas = read_folder(tmp_path / "out0")  # save_edit's deltas.safetensors (edited = original)
+  assert sorted(deltas) == sorted(f"{m}.weight" for m in MODULES)
+  for name, value in deltas.items():
+    np.testing.assert_array_equal(value, np.zeros_like(source[name], np.float32))
   saved = read_folder(tmp_path / "out0" / "codebook")
   for name, value in codebook_arrays().items():
     np.testing.assert_array_equal(saved[name], value)

@@ -263,7 +263,7 @@ def _hf_tensor(model: Model, entry: hf_map.Entry, np_dtype: Any) -> np.ndarray:
   return np.asarray(value, dtype=np_dtype, order="C")
 
 
-def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_src: Any = None,
+def save_pretrained(model: Model, path: str | os.PathLike | None, tokenizer_src: Any = None,
                     dtype: Any = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
   """Writes a Hugging Face checkpoint folder atomically (the folder is replaced whole on success).
 
@@ -275,7 +275,7 @@ def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_src: Any = 
 
   Args:
     model: the model (its params may be sharded over a mesh, on one or several processes).
-    path: output folder.
+    path: output folder, used by process 0 only (other processes may pass None).
     tokenizer_src: a folder to copy tokenizer files (and generation_config.json) from, or a
       tokenizer object with `save_pretrained`; None writes no tokenizer.
     dtype: tensor dtype in the file; default the dtype the original config.json declared (so an
