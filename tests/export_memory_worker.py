@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
   from horse_jax import export
   from horse_jax.editors.codebook import state
   from horse_jax.editors.codebook.settings import CodebookSettings
-  from horse_jax.models import from_pretrained, save_pretrained
+  from horse_jax.models import from_pretrained
   from horse_jax.models.sharding import make_mesh
   mesh = make_mesh(int(n), None)  # data across processes, model within each
   model = from_pretrained(model_path, mesh=mesh, fsdp=True)

@@ -135,8 +135,8 @@ def run_convert(args) -> int:
   import jax.numpy as jnp
   from horse_jax.models import from_pretrained, save_pretrained
   from horse_jax.models.hf_io import TOKENIZER_FILES
-  from horse_jax.models.hf_io import shard_size_bytes
-  limit = shard_size_bytes(args.max_shard_size)  # a bad size fails before the model loads
+  from horse_jax.cli.common import max_shard_size_arg
+  limit = max_shard_size_arg(args.max_shard_size)  # a bad size fails before the model loads
   model = from_pretrained(args.model, dtype=args.dtype or jnp.float32)
   has_tokenizer = any((Path(args.model) / name).is_file() for name in TOKENIZER_FILES)
   save_pretrained(model, args.out, tokenizer_src=args.model if has_tokenizer else None,

@@ -87,12 +87,8 @@ def check_choices(args) -> None:
   if args.n_edits is not None and args.n_edits < 1:
     raise UserError(f"--n-edits must be at least 1, got {args.n_edits}")
   if getattr(args, "max_shard_size", None) is not None:  # a bad size fails before the edit, not after
-    from horse_jax.models.hf_io import shard_size_bytes
-    try:
-      shard_size_bytes(args.max_shard_size)
-    except UserError:
-      raise UserError(f"--max-shard-size {args.max_shard_size!r}: expected a size like 5GB, 500MB "
-                      "or 2GiB") from None
+    from horse_jax.cli.common import max_shard_size_arg
+    max_shard_size_arg(args.max_shard_size)
 
 
 def output_inputs(args) -> dict:
