@@ -158,11 +158,19 @@ def global_array(host_array: Any, sharding) -> jax.Array:
 
 
 def to_host(x: Any) -> np.ndarray:
-  """The full value of an array as NumPy on every process (gathers what other processes hold)."""
-  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+  """The full value of an array as NumPy on every process (gathers what other processes hold).
+
+  The value is read from a fresh device copy: `np.asarray` on a JAX array caches the host copy on
+  that array for as long as it lives, so reading a model's weights one by one for export would
+  otherwise leave the whole model on the host (the copy here is freed once the result is).
+  """
+  if not isinstance(x, jax.Array):
     return np.asarray(x)
-  if x.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
+  import jax.numpy as jnp
+  if x.is_fully_replicated:  # any local copy holds the value (no collective)
+    return np.asarray(jnp.copy(x.addressable_data(0)))
+  if x.is_fully_addressable:
+    return np.asarray(jnp.copy(x))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

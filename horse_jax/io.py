@@ -2,6 +2,7 @@
 
 Files and folders get the modes a plain open()/mkdir() would give under the process umask (0644 /
 0755 under umask 022), not the private 0600 / 0700 of the temp files they are built from.
+`stream_safetensors` writes a safetensors file one tensor at a time (bounded host memory).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 _UMASK_LOCK = threading.Lock()
 
@@ -54,21 +57,8 @@ def apply_umask_tree(root: str) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
   """Writes `data` to a temp file beside `path`, fsyncs, then renames over `path`."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    apply_umask(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
+  with _atomic_file(path) as f:
+    f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -101,3 +91,105 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.replace(tmp, path)
+
+
+# safetensors dtype codes (the format's header names) of the NumPy dtypes we write.
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+                       "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
+                       "bool": "BOOL"}
+
+
+def safetensors_header(specs: Sequence[tuple[str, Any, Sequence[int]]],
+                       metadata: Mapping[str, str] | None = None) -> bytes:
+  """The header of a safetensors file whose tensors are stored in `specs` order.
+
+  The layout is the format's: an 8-byte little-endian header length, a JSON header
+  {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}} padded with spaces
+  to a multiple of 8 bytes (so every tensor's data stays 8-byte aligned for memory-mapped readers),
+  then the tensors' raw little-endian C-order bytes back to back.
+
+  Args:
+    specs: (name, NumPy dtype, shape) of each tensor, in file order.
+    metadata: string -> string metadata (transformers reads {"format": "pt"}).
+
+  Returns:
+    The bytes that precede the first tensor's data.
+  """
+  header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+  offset = 0
+  for name, dtype, shape in specs:
+    dtype = np.dtype(dtype)
+    if dtype.name not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{name}: dtype {dtype.name} has no safetensors code")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": [int(s) for s in shape],
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  return len(text).to_bytes(8, "little") + text
+
+
+def stream_safetensors(path: str | os.PathLike | None,
+                       specs: Sequence[tuple[str, Any, Sequence[int]]],
+                       produce: Callable[[int], np.ndarray],
+                       metadata: Mapping[str, str] | None = None) -> int:
+  """Writes a safetensors file one tensor at a time: at most one produced tensor is alive.
+
+  `safetensors.numpy.save_file` needs every tensor of the file in memory at once; here the header
+  is written from `specs` first and each tensor is appended as soon as `produce` returns it. With
+  `path` None nothing is written but `produce` is still called for every tensor in order: the
+  processes of a multi-host run that do not write still take part in each tensor's gather.
+
+  Args:
+    path: the file (replaced atomically, see `atomic_write_bytes`), or None to only produce.
+    specs: (name, NumPy dtype, shape) of each tensor, in file order.
+    produce: i -> the i-th tensor, a NumPy array of exactly that dtype and shape.
+    metadata: string -> string header metadata.
+
+  Returns:
+    The bytes of tensor data (the file size minus the header).
+
+  Raises:
+    ValueError: a produced tensor does not match its spec.
+  """
+  header = safetensors_header(specs, metadata)
+  total = 0
+  with contextlib.ExitStack() as stack:
+    f = stack.enter_context(_atomic_file(path)) if path is not None else None
+    if f is not None:
+      f.write(header)
+    for i, (name, dtype, shape) in enumerate(specs):
+      value = produce(i)
+      if value.dtype != np.dtype(dtype) or tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: produced {value.dtype}{list(value.shape)}, declared "
+                         f"{np.dtype(dtype)}{list(shape)}")
+      if f is not None:
+        if value.dtype.byteorder == ">":  # the format is little-endian
+          value = value.astype(value.dtype.newbyteorder("<"))
+        # A byte view of the array: no copy when it is already C-contiguous.
+        f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+      total += value.nbytes
+      del value
+  return total
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[Any]:
+  """An open binary file at a temp path beside `path`, fsynced and renamed over it on success."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    apply_umask(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise

@@ -228,7 +228,11 @@ def test_explicit_choices(ws):
                  "--hypernet", "--method grace")
   one_error_line(cli(*edit_args(ws, "mend", ws / "e4", "--hypernet", "init", "--eval-every", "2")),
                  "--eval-every", "--method mend")
-  assert not any((ws / name).exists() for name in ("e1", "e2", "e3", "e4"))
+  one_error_line(cli(*edit_args(ws, "horen", ws / "e5", "--max-shard-size", "1GB")),
+                 "--max-shard-size", "--method horen")
+  one_error_line(cli(*edit_args(ws, "mend", ws / "e6", "--hypernet", "init", "--max-shard-size", "lots")),
+                 "--max-shard-size 'lots'", "5GB")
+  assert not any((ws / name).exists() for name in ("e1", "e2", "e3", "e4", "e5", "e6"))
 
 
 # 5. Progress: bars with rate and ETA on a terminal; --quiet draws nothing (off a terminal:

@@ -92,7 +92,7 @@ def test_edit_writes_deltas_model_and_metrics(workspace):
   out = workspace / "edit"
   rc = main(["edit", "--model", str(workspace / "llama"), "--data", str(workspace / "valid.json"),
              "--method", "malmen", "--hypernet", "init", "--out", str(out), "--n-edits", "6",
-             "--set", "editor.rank=8",
+             "--max-shard-size", "20KB", "--set", "editor.rank=8",
              "--set", "editor.lr=1e-2", "--set", "data.batch_size=4",
              "--set", "model.edit_modules=[model.layers.2.mlp.down_proj]"])
   assert rc == 0
@@ -101,6 +101,8 @@ def test_edit_writes_deltas_model_and_metrics(workspace):
   assert list(deltas) == ["model.layers.2.mlp.down_proj.weight"]
   base = from_pretrained(str(workspace / "llama"))
   edited = from_pretrained(str(out / "model"))
+  index = json.loads((out / "model" / "model.safetensors.index.json").read_text())  # --max-shard-size
+  assert len(set(index["weight_map"].values())) > 1
   d = deltas["model.layers.2.mlp.down_proj.weight"]
   assert d.dtype == np.float32 and np.abs(d).max() > 0
   k0 = np.asarray(base.params["model"]["layers"]["2"]["mlp"]["down_proj"]["kernel"])

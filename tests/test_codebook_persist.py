@@ -1,6 +1,8 @@
 """Save/load of a codebook: identical outputs, identical continued edits, plain safetensors export;
 and inference paths (right-padded scoring vs left-padded generation) agree."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,12 +57,18 @@ def test_save_load_identical(model, tmp_path):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
-  # Without the orbax state the safetensors file alone restores the same codebook.
-  import shutil
-  shutil.rmtree(tmp_path / "cb" / persist.ORBAX)
-  st_only, _ = persist.load(tmp_path / "cb")
-  np.testing.assert_array_equal(np.asarray(st_only.keys)[:4], raw["keys"])  # (`again` was consumed)
-  assert int(st_only.n_edits) == 3
+  assert sorted(os.listdir(tmp_path / "cb")) == [persist.SAFETENSORS, persist.SETTINGS]
+
+  # A folder written by earlier versions (an orbax copy of the same arrays in state/) still loads
+  # from its orbax state (the safetensors file is removed here to prove which one is read).
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "cb" / persist.ORBAX), raw)
+    ckptr.wait_until_finished()
+  os.remove(tmp_path / "cb" / persist.SAFETENSORS)
+  legacy, _ = persist.load(tmp_path / "cb")
+  np.testing.assert_array_equal(np.asarray(legacy.keys)[:4], raw["keys"])  # (`again` was consumed)
+  assert int(legacy.n_edits) == 3
 
 
 def test_lora_codebook_roundtrip(model, tmp_path):

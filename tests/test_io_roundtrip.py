@@ -76,7 +76,7 @@ def test_sharded_index_written_by_hand_loads_the_same(tiny_hf, tmp_path):
 def test_export_shards_above_the_limit(tiny_hf, tmp_path):
   _, folder = tiny_hf("gpt2")
   model = from_pretrained(folder)
-  save_pretrained(model, tmp_path / "out", max_shard_bytes=20_000)
+  save_pretrained(model, tmp_path / "out", max_shard_size=20_000)
   files = sorted(os.listdir(tmp_path / "out"))
   assert "model.safetensors.index.json" in files and "model.safetensors" not in files
   assert sum(f.endswith(".safetensors") for f in files) > 2
@@ -152,7 +152,7 @@ def test_failed_export_leaves_the_old_folder_intact(tiny_hf, tmp_path, monkeypat
   def boom(*args, **kwargs):
     raise RuntimeError("disk full")
 
-  monkeypatch.setattr(hf_io, "save_file", boom)
+  monkeypatch.setattr(hf_io, "stream_safetensors", boom)
   with pytest.raises(RuntimeError):
     save_pretrained(model, tmp_path / "out")
   assert (tmp_path / "out" / "model.safetensors").read_bytes() == before

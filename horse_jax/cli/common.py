@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from horse_jax import distributed, meshes
@@ -99,3 +98,23 @@ def run_fingerprint(args) -> dict[str, Any]:
     except OSError:
       files.append(None)  # reported by the command itself
   return {"arguments": values, "config_files": files}
+
+
+def max_shard_size(args) -> int | str:
+  """`edit --max-shard-size`, else transformers' default (`models.hf_io.DEFAULT_MAX_SHARD_SIZE`)."""
+  from horse_jax.models.hf_io import DEFAULT_MAX_SHARD_SIZE
+  return getattr(args, "max_shard_size", None) or DEFAULT_MAX_SHARD_SIZE
+
+
+def max_shard_size_arg(text: str) -> int:
+  """--max-shard-size in bytes (`models.hf_io.shard_size_bytes`).
+
+  Raises:
+    UserError: naming the flag, when the text is not a size.
+  """
+  from horse_jax.errors import UserError
+  from horse_jax.models.hf_io import shard_size_bytes
+  try:
+    return shard_size_bytes(text)
+  except UserError:
+    raise UserError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB") from None

@@ -7,7 +7,6 @@ a check that horse-jax reads a checkpoint completely, and a way to change its dt
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from horse_jax.errors import UserError
@@ -30,14 +29,6 @@ def register(sub) -> None:
   p.add_argument("--max-shard-size", default="5GB",
                  help="split the weights into files of at most this size, e.g. 2GB, 500MB")
   p.set_defaults(func=run_convert)
-
-
-def _bytes(text: str) -> int:
-  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
-  if not match:
-    raise UserError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
-  scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[match[2]]
-  return int(float(match[1]) * scale)
 
 
 # Files that mark a horse-jax output folder (as opposed to a checkpoint).
@@ -144,10 +135,11 @@ def run_convert(args) -> int:
   import jax.numpy as jnp
   from horse_jax.models import from_pretrained, save_pretrained
   from horse_jax.models.hf_io import TOKENIZER_FILES
-  limit = _bytes(args.max_shard_size)
+  from horse_jax.cli.common import max_shard_size_arg
+  limit = max_shard_size_arg(args.max_shard_size)  # a bad size fails before the model loads
   model = from_pretrained(args.model, dtype=args.dtype or jnp.float32)
   has_tokenizer = any((Path(args.model) / name).is_file() for name in TOKENIZER_FILES)
   save_pretrained(model, args.out, tokenizer_src=args.model if has_tokenizer else None,
-                  dtype=args.dtype, max_shard_bytes=limit)
+                  dtype=args.dtype, max_shard_size=limit)
   print(f"wrote {args.out}")
   return 0

@@ -48,6 +48,10 @@ def register(sub) -> None:
   p.add_argument("--eval-every", type=int, default=None,
                  help="(horen/grace/defer/wise) re-score all edits so far every K edits")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
+  p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                 help="(methods that write OUT/model) split the edited checkpoint into safetensors files "
+                      "of at most this size, e.g. 2GB, 500MB, 2GiB, plus model.safetensors.index.json "
+                      "(transformers' max_shard_size) [5GB]")
   p.add_argument("--seed", type=int, default=0)
   from horse_jax.cli.common import add_device_args, add_dtype_arg, add_overwrite_arg
   add_dtype_arg(p)
@@ -63,6 +67,7 @@ METHOD_FLAGS = (
     ("--eval-every", "eval_every", CODEBOOK_METHODS + WRAPPED_METHODS),
     ("--max-new-tokens", "max_new_tokens", CODEBOOK_METHODS),
     ("--stats-corpus", "stats_corpus", LOCATE_METHODS),
+    ("--max-shard-size", "max_shard_size", HYPERNET_METHODS + ULTRAEDIT_METHODS + LOCATE_METHODS),
 )
 
 HOW_TO_GET_A_HYPERNET = (
@@ -81,6 +86,9 @@ def check_choices(args) -> None:
                     + HOW_TO_GET_A_HYPERNET.format(method=args.method))
   if args.n_edits is not None and args.n_edits < 1:
     raise UserError(f"--n-edits must be at least 1, got {args.n_edits}")
+  if getattr(args, "max_shard_size", None) is not None:  # a bad size fails before the edit, not after
+    from horse_jax.cli.common import max_shard_size_arg
+    max_shard_size_arg(args.max_shard_size)
 
 
 def output_inputs(args) -> dict:

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from horse_jax.cli.common import max_shard_size
 from horse_jax.errors import UserError
 
 
@@ -58,7 +59,8 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
       edit_s = time.time() - t0
 
     with progress.stage("writing the edited model"):  # every process: the gather is collective
-      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model)
+      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model,
+                       max_shard_size=max_shard_size(args))
     gen = runtime.generate_fn(edited) if args.eval_mode == "generate" else None
     scores = edit_common.score(records, tokenizer, model, runtime.logits_fn(edited), gen, main=main)
     if not main:

@@ -16,6 +16,8 @@ import os
 
 import jax
 
+from horse_jax.cli.common import max_shard_size
+
 
 def run(args, mesh=None, fsdp: bool = False) -> int:
   """Edits in sequence, writes and scores; `mesh`/`fsdp` come from `common.setup_devices`."""
@@ -47,7 +49,8 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
     edited = editor.apply(state)
     jax.block_until_ready(edited.model.params)
     with progress.stage("writing the edited model"):
-      export.save_edit(out, model, edited.model, list(editor.config.modules), tokenizer_src=args.model)
+      export.save_edit(out, model, edited.model, list(editor.config.modules), tokenizer_src=args.model,
+                       max_shard_size=max_shard_size(args))
     gen = runtime.generate_fn(edited.model) if args.eval_mode == "generate" else None
     scores = edit_common.score(records, tokenizer, model, edited.logits, gen,
                                resolved["eval.batch_size"], main)

@@ -17,6 +17,8 @@ import time
 
 import jax
 
+from horse_jax.cli.common import max_shard_size
+
 
 
 def run(args, mesh=None, fsdp: bool = False) -> int:
@@ -53,7 +55,8 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
       progress.log(f"{args.method}: {len(records)} edits in {n_steps} steps: {edit_s:.1f} s")
 
     with progress.stage("writing the edited model"):  # every process: the gather is collective
-      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model)
+      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model,
+                       max_shard_size=max_shard_size(args))
     gen = runtime.generate_fn(edited) if args.eval_mode == "generate" else None
     scores = edit_common.score(records, tokenizer, model, runtime.logits_fn(edited), gen, main=main)
     if not main:

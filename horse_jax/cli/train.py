@@ -20,7 +20,6 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from horse_jax import distributed, runtime
 from horse_jax import progress as progress_lib

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from horse_jax import distributed
 from horse_jax.errors import UserError
-from horse_jax.io import atomic_directory
+from horse_jax.io import atomic_directory, stream_safetensors
 from horse_jax.models import hf_map, mxfp4
 from horse_jax.models.config import ModelConfig, config_from_hf, config_to_hf
 from horse_jax.models.transformer import Model
@@ -34,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default
 
 
 def dtype_name(dtype: Any) -> str:
@@ -223,52 +224,97 @@ def _copy_tokenizer(tokenizer_src: Any, out: str) -> None:
     raise UserError(f"{src}: no tokenizer files found (looked for {', '.join(TOKENIZER_FILES[:6])})")
 
 
-def save_pretrained(model: Model, path: str | os.PathLike, tokenizer_src: Any = None,
-                    dtype: Any = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+def shard_size_bytes(max_shard_size: int | str) -> int:
+  """transformers' `max_shard_size` in bytes: an int, or a string such as "5GB", "500MB", "2GiB".
+
+  Raises:
+    UserError: the text is not a size.
+  """
+  if isinstance(max_shard_size, (int, np.integer)) and not isinstance(max_shard_size, bool):
+    size = int(max_shard_size)
+  else:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B?)?\s*", str(max_shard_size).upper())
+    if not match:
+      raise UserError(f"max_shard_size {max_shard_size!r}: expected a size like 5GB, 500MB or 2GiB")
+    unit = match[2] or "B"
+    scale = {"B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}.get(unit)
+    if scale is None:
+      raise UserError(f"max_shard_size {max_shard_size!r}: unknown unit {unit!r}")
+    size = int(float(match[1]) * scale)
+  if size <= 0:
+    raise UserError(f"max_shard_size {max_shard_size!r}: must be positive")
+  return size
+
+
+def _hf_tensor(model: Model, entry: hf_map.Entry, np_dtype: Any) -> np.ndarray:
+  """One weight in HF layout and file dtype, gathered from wherever it lives (see `save_pretrained`).
+
+  Every process of a multi-host run must call this for the same entries in the same order (a
+  weight split over processes is gathered collectively). At most the gathered value and its
+  converted copy are alive at once.
+  """
+  value = distributed.to_host(hf_map.get_path(model.params, entry.path))
+  if tuple(value.shape) != entry.shape:
+    raise UserError(f"param {entry.path!r} has shape {list(value.shape)}, expected {list(entry.shape)}")
+  if entry.kind == hf_map.LINEAR:
+    value = value.T
+  # One copy at most: the transpose, the dtype cast and C order are done together.
+  return np.asarray(value, dtype=np_dtype, order="C")
+
+
+def save_pretrained(model: Model, path: str | os.PathLike | None, tokenizer_src: Any = None,
+                    dtype: Any = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
   """Writes a Hugging Face checkpoint folder atomically (the folder is replaced whole on success).
 
+  Tensors are gathered and written one at a time (`horse_jax.io.stream_safetensors`): the host
+  holds at most one weight as gathered plus its converted copy, never a whole file shard or the
+  whole model, on a mesh or across processes alike. In a multi-host run every process must call
+  this (each weight split over processes is gathered collectively, one weight at a time, with
+  `jax.experimental.multihost_utils.process_allgather`) and process 0 alone writes.
+
   Args:
-    model: the model.
-    path: output folder.
+    model: the model (its params may be sharded over a mesh, on one or several processes).
+    path: output folder, used by process 0 only (other processes may pass None).
     tokenizer_src: a folder to copy tokenizer files (and generation_config.json) from, or a
       tokenizer object with `save_pretrained`; None writes no tokenizer.
     dtype: tensor dtype in the file; default the dtype the original config.json declared (so an
       edit made in float32 on a bfloat16 checkpoint exports as bfloat16), else the model's dtype.
-    max_shard_bytes: above this, tensors are split over several files plus an index, as HF does.
+    max_shard_size: transformers' setting of that name: files of at most this many bytes (an int,
+      or "5GB", "500MB", "2GiB"); above it the weights are split over several files
+      model-0000i-of-0000n.safetensors plus model.safetensors.index.json, whole tensors per file
+      in HF order (a tensor larger than the limit gets a file of its own).
   """
   cfg = model.config
   out_dtype = dtype_name(dtype) if dtype is not None else (_declared_dtype(cfg) or
                                                            dtype_name(model.dtype))
   np_dtype = _DTYPES[out_dtype]
+  limit = shard_size_bytes(max_shard_size)
   entries = hf_map.entries(cfg)
-  # Group tensors into shards of at most max_shard_bytes (whole tensors; in HF order).
+  # Group tensors into shards of at most `limit` bytes (whole tensors; in HF order).
   shards: list[list[hf_map.Entry]] = [[]]
   size = 0
   for entry in entries:
     nbytes = int(np.prod(entry.shape)) * np.dtype(np_dtype).itemsize
-    if shards[-1] and size + nbytes > max_shard_bytes:
+    if shards[-1] and size + nbytes > limit:
       shards.append([])
       size = 0
     shards[-1].append(entry)
     size += nbytes
-  with atomic_directory(path) as tmp:
+  names = [SINGLE_FILE] if len(shards) == 1 else [
+      f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  with contextlib.ExitStack() as stack:
+    # Only process 0 writes; the others take part in each weight's gather (tmp None).
+    tmp = stack.enter_context(atomic_directory(path)) if distributed.is_main() else None
     weight_map, total = {}, 0
-    for i, group in enumerate(shards):
-      filename = (SINGLE_FILE if len(shards) == 1
-                  else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-      tensors = {}
-      for entry in group:
-        value = np.asarray(jax.device_get(hf_map.get_path(model.params, entry.path)))
-        if tuple(value.shape) != entry.shape:
-          raise UserError(f"param {entry.path!r} has shape {list(value.shape)}, expected "
-                          f"{list(entry.shape)}")
-        if entry.kind == hf_map.LINEAR:
-          value = value.T
-        tensors[entry.hf_name] = np.ascontiguousarray(value.astype(np_dtype, copy=False))
-        weight_map[entry.hf_name] = filename
-        total += tensors[entry.hf_name].nbytes
-      save_file(tensors, os.path.join(tmp, filename), metadata={"format": "pt"})
-      del tensors
+    for filename, group in zip(names, shards):
+      specs = [(e.hf_name, np_dtype, e.hf_shape) for e in group]
+      total += stream_safetensors(
+          os.path.join(tmp, filename) if tmp else None, specs,
+          lambda i, group=group: _hf_tensor(model, group[i], np_dtype), metadata={"format": "pt"})
+      weight_map.update({e.hf_name: filename for e in group})
+    if tmp is None:
+      return
     if len(shards) > 1:
       with open(os.path.join(tmp, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

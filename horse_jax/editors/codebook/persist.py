@@ -1,60 +1,57 @@
 """Saving and loading a codebook; "edited model = base checkpoint + codebook".
 
 A codebook folder holds:
-  state/                 orbax checkpoint of the live rows (keys, values, labels, radius, lora_a,
-                         lora_b, count, n_edits)
-  codebook.safetensors   the same arrays as plain safetensors (readable without JAX)
+  codebook.safetensors   the live rows (keys, values, labels, radius, lora_a, lora_b) and count,
+                         n_edits (`state.stored_specs`), plain safetensors (readable without JAX)
   settings.json          {"method", "editor": {reference-named settings}, "model": {...}}
-The folder is written atomically (temp folder + rename). Loading prefers the orbax state and falls
-back to the safetensors file.
+The folder is written atomically (temp folder + rename), one array at a time: the host holds at most
+one array (gathered whole, at the codebook's capacity) while saving, never the whole codebook.
+Folders written before this layout also hold `state/`, an orbax copy of the same arrays, which
+loading still prefers when present.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
+from horse_jax import distributed
 from horse_jax.editors.codebook import state as state_lib
 from horse_jax.editors.codebook.settings import CodebookSettings, from_editor_dict
 from horse_jax.errors import UserError
-from horse_jax.io import atomic_directory, atomic_write_json
+from horse_jax.io import atomic_directory, atomic_write_json, stream_safetensors
 
 SAFETENSORS = "codebook.safetensors"
 SETTINGS = "settings.json"
-ORBAX = "state"
+ORBAX = "state"  # written by earlier versions; read when present
 
 
 def save(path: str | os.PathLike, book: state_lib.Codebook, settings: CodebookSettings,
          extra: dict[str, Any] | None = None) -> None:
   """Writes a codebook folder (replacing any folder already at `path`, atomically).
 
+  In a multi-host run every process calls this (a codebook split over processes is gathered one
+  array at a time, collectively) and process 0 alone writes.
+
   Args:
     path: the folder.
-    book: the codebook.
+    book: the codebook (on the host, one device or a mesh).
     settings: its editor settings.
     extra: more JSON-able metadata (e.g. the base model path), stored under "extra".
   """
-  import orbax.checkpoint as ocp
-  from safetensors.numpy import save_file
-
-  arrays = state_lib.trimmed(book)
-  with atomic_directory(path) as tmp:
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-              os.path.join(tmp, SAFETENSORS))
-    options = {}
-    if jax.process_count() > 1:  # multi-host: the calling process (process 0) writes alone
-      me = jax.process_index()
-      options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
-          primary_host=me, active_processes={me})
-    with ocp.StandardCheckpointer(**options) as ckptr:
-      ckptr.save(os.path.join(os.path.abspath(tmp), ORBAX), arrays)
-      ckptr.wait_until_finished()
-    atomic_write_json(os.path.join(tmp, SETTINGS), {
-        "method": settings.method, "editor": settings.to_editor_dict(), "extra": extra or {}})
+  specs = state_lib.stored_specs(book)
+  n = specs[0][2][0]  # the live rows (keys come first)
+  with contextlib.ExitStack() as stack:
+    tmp = stack.enter_context(atomic_directory(path)) if distributed.is_main() else None
+    stream_safetensors(os.path.join(tmp, SAFETENSORS) if tmp else None, specs,
+                       lambda i: state_lib.stored_array(book, specs[i][0], n))
+    if tmp:
+      atomic_write_json(os.path.join(tmp, SETTINGS), {
+          "method": settings.method, "editor": settings.to_editor_dict(), "extra": extra or {}})
 
 
 def load_settings(path: str | os.PathLike) -> tuple[CodebookSettings, dict[str, Any]]:

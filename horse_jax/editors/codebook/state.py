@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from horse_jax import distributed
 from horse_jax.editors.codebook.settings import CodebookSettings
 from horse_jax.editors.codebook.shards import row_devices, specs  # noqa: F401  (specs: re-exported)
 
@@ -184,19 +185,33 @@ def mesh_of(book: Codebook):
   return None
 
 
-def trimmed(book: Codebook) -> dict[str, np.ndarray]:
-  """Live rows as NumPy arrays (for export); zero-size LoRA factors (value mode) are left out."""
-  n = int(book.count)
-  out = {name: np.asarray(getattr(book, name))[:n]
-         for name in ("keys", "values", "labels", "radius", "lora_a", "lora_b")}
-  out = {k: v for k, v in out.items() if v.size or k not in ("lora_a", "lora_b")}
-  out["count"] = np.asarray([n], np.int64)
-  out["n_edits"] = np.asarray([int(book.n_edits)], np.int64)
-  return out
+ROW_ARRAYS = ("keys", "values", "labels", "radius", "lora_a", "lora_b")  # one row per codebook entry
+
+
+def stored_specs(book: Codebook) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+  """(name, dtype, shape) of each array a saved codebook holds, in file order: the live rows of
+  `ROW_ARRAYS` (zero-size LoRA factors, value mode, are left out), then "count" and "n_edits" as
+  int64 [1]. Reads only the scalar `count` from the device."""
+  n = int(distributed.to_host(book.count))
+  out = []
+  for name in ROW_ARRAYS:
+    array = getattr(book, name)
+    shape = (n, *array.shape[1:])
+    if int(np.prod(shape)) or name not in ("lora_a", "lora_b"):
+      out.append((name, np.dtype(array.dtype), shape))
+  return out + [("count", np.dtype(np.int64), (1,)), ("n_edits", np.dtype(np.int64), (1,))]
+
+
+def stored_array(book: Codebook, name: str, n: int) -> np.ndarray:
+  """One array of `stored_specs` on the host: the first `n` rows of a row array (gathered alone,
+  collectively across processes), or "count" / "n_edits" as int64 [1]."""
+  if name in ("count", "n_edits"):
+    return np.asarray([int(distributed.to_host(getattr(book, name)))], np.int64)
+  return distributed.to_host(getattr(book, name))[:n]
 
 
 def from_arrays(arrays: dict[str, np.ndarray], capacity: int | None = None) -> Codebook:
-  """Rebuilds a codebook from `trimmed` arrays, padded to `capacity` (default: next power of two)."""
+  """Rebuilds a codebook from `stored_specs` arrays, padded to `capacity` (default: next power of two)."""
   n = int(np.asarray(arrays["count"]).reshape(-1)[0])
   d_out = np.asarray(arrays["values"]).shape[1]
   # Zero-size LoRA factors (value mode) are not stored: orbax refuses zero-size arrays.
