@@ -537,6 +537,18 @@ def _n_tokens(labels_NxT: np.ndarray, block: int, width: int) -> int | None:
   return None if k >= block * width else k
 
 
+def window_shape(labels_NxT: np.ndarray, prompt_len_N: np.ndarray, block: int,
+                 mesh=None) -> tuple[int, int | None]:
+  """(n_label, n_tokens) of `edit_block` for these edits run `block` at a time (`_n_label`,
+  `_n_tokens`). Gathering the label positions mixes a block's rows, so it stays off when the
+  block's training is split over a `data` axis of the mesh."""
+  if not len(labels_NxT):
+    return 1, None
+  width = _n_label(labels_NxT, prompt_len_N)
+  split = mesh is not None and mesh.shape.get("data", 1) > 1
+  return width, None if split else _n_tokens(labels_NxT, block, width)
+
+
 def apply_edit(model: Model, book: Codebook, batch: EditBatch, row: int,
                settings: CodebookSettings, *, mesh=None) -> tuple[Codebook, EditInfo]:
   """Applies row `row` of a tokenized batch as one edit (grows the codebook first if full).
@@ -614,10 +626,7 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
   plen = np.asarray(batch.prompt_len, np.int32)[rows]
   keys = np.stack([label_key(labels[i], int(mask[i].sum()), settings.label_match)
                    for i in range(n)]) if n else np.zeros((0, 2), np.int32)
-  n_label = _n_label(labels, plen) if n else 1
-  # Packing the label positions mixes the block's rows: kept off when training is split over `data`.
-  split = mesh is not None and mesh.shape.get("data", 1) > 1
-  n_tokens = None if split or not n else _n_tokens(labels, block, n_label)
+  n_label, n_tokens = window_shape(labels, plen, block, mesh)
   pad = (-n) % block
 
   def padded(x):
