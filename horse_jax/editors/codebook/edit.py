@@ -402,22 +402,25 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
           y_p, match_B, value, a, bb)
       delta = new_p.astype(jnp.float32) - y_p.astype(jnp.float32)
       h = h + jnp.where(changed_W[None, :, None], delta[:, None, :], 0.0).astype(h.dtype)
-    return jax.vmap(run_window)(h, pos_win, bias_win, p_B, prefix, match_B, value, a, bb)
+    with jax.named_scope("window_layers"):
+      return jax.vmap(run_window)(h, pos_win, bias_win, p_B, prefix, match_B, value, a, bb)
 
   if n_tokens is None:
     def scores(h_BxWxD):
       """(per-edit CE [B], per-edit token accuracy [B]) of the window's logits."""
-      logits = mod.head(model.params, cfg, h_BxWxD, Tap(None))
-      return row_ce(logits, lab_BxW), row_acc(logits, lab_BxW)
+      with jax.named_scope("head_loss"):
+        logits = mod.head(model.params, cfg, h_BxWxD, Tap(None))
+        return row_ce(logits, lab_BxW), row_acc(logits, lab_BxW)
   else:
     idx_K, lab_K = label_slots(lab_BxW, n_tokens)
 
     def scores(h_BxWxD):
       """The same from the head run on the K gathered label positions only."""
-      h_K = h_BxWxD.reshape((b * w,) + h_BxWxD.shape[2:])[idx_K]
-      logits_Kx1xV = mod.head(model.params, cfg, h_K[:, None], Tap(None))
-      return (per_row(row_ce(logits_Kx1xV, lab_K[:, None]), idx_K // w, lab_BxW),
-              per_row(row_acc(logits_Kx1xV, lab_K[:, None]), idx_K // w, lab_BxW))
+      with jax.named_scope("head_loss"):
+        h_K = h_BxWxD.reshape((b * w,) + h_BxWxD.shape[2:])[idx_K]
+        logits_Kx1xV = mod.head(model.params, cfg, h_K[:, None], Tap(None))
+        return (per_row(row_ce(logits_Kx1xV, lab_K[:, None]), idx_K // w, lab_BxW),
+                per_row(row_acc(logits_Kx1xV, lab_K[:, None]), idx_K // w, lab_BxW))
 
   # The learning rate is a traced hyperparameter: a sweep over edit_lr reuses this program.
   opt = optax.inject_hyperparams(optax.adam)(learning_rate=hyper.edit_lr)
