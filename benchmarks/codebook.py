@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +88,12 @@ def llama8_model(seed: int = 0):
   return random_model(cfg, seed=seed)
 
 
-def zsre_like_edits(n: int, vocab: int, seed: int, t: int = 24) -> EditBatch:
-  """n ZsRE-shaped random edits: BOS + 9-19 prompt tokens, a 1-3 token target, padded to t."""
+def zsre_like_edits(n: int, vocab: int, seed: int, t: int = 24,
+                    targets: tuple[int, int] = (1, 3)) -> EditBatch:
+  """n ZsRE-shaped random edits: BOS + 9-19 prompt tokens, a target of `targets` = (fewest, most)
+  tokens (uniform), padded to t (at least 20 + most - 1)."""
+  lo, hi = targets
+  t = max(t, 20 + hi - 1)
   rng = np.random.default_rng(seed)
   ids = np.zeros((n, t), np.int32)
   mask = np.zeros((n, t), np.int32)
@@ -96,7 +101,7 @@ def zsre_like_edits(n: int, vocab: int, seed: int, t: int = 24) -> EditBatch:
   plen = np.zeros((n,), np.int32)
   for i in range(n):
     p = int(rng.integers(10, 21))
-    y = rng.integers(4, vocab, rng.integers(1, 4))
+    y = rng.integers(4, vocab, rng.integers(lo, hi + 1))
     seq = np.concatenate([[1], rng.integers(4, vocab, p - 1), y[:-1]])
     ids[i, :len(seq)] = seq
     mask[i, :len(seq)] = 1
@@ -105,13 +110,23 @@ def zsre_like_edits(n: int, vocab: int, seed: int, t: int = 24) -> EditBatch:
   return EditBatch(ids, mask, labels, plen)
 
 
-def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block: int) -> float:
+def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block: int,
+                rows=None, shape: tuple[int, int | None] | None = None) -> float:
   """FLOPs of one block program (XLA cost analysis). The analysis counts a loop body once, so the
   program is compiled with n_iter 1 and with n_iter 2 unrolled: total = f1 + (n_iter - 1)(f2 - f1)
-  (one wave, the case without shared rows)."""
+  (one wave, the case without shared rows).
+
+  Args:
+    rows: the edits of the timed `apply_edits` call (default all): the program's window shape is
+      theirs (`edit.window_shape`).
+    shape: instead, this (n_label, n_tokens).
+  """
   from horse_jax.editors.codebook.settings import hyper_of, jit_key
   sl = slice(0, block)
   labels = np.asarray(batch.labels[sl])
+  rows = np.arange(batch.labels.shape[0]) if rows is None else np.asarray(list(rows))
+  n_label, n_tokens = shape or edit.window_shape(np.asarray(batch.labels)[rows],
+                                                 np.asarray(batch.prompt_len)[rows], block)
 
   def flops(n_iter):
     with_iter = dataclasses.replace(settings, n_iter=n_iter)
@@ -120,8 +135,7 @@ def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block
         model, shapes, batch.input_ids[sl], batch.attention_mask[sl], labels,
         batch.prompt_len[sl], np.zeros((block, 2), np.int32), np.ones((block,), bool),
         hyper_of(with_iter), settings=jit_key(with_iter),
-        n_label=edit._n_label(labels, batch.prompt_len[sl]), mesh=None,
-        unroll=n_iter).compile()
+        n_label=n_label, n_tokens=n_tokens, mesh=None, unroll=n_iter).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", 0.0))
@@ -130,25 +144,54 @@ def block_flops(model, book, batch: EditBatch, settings: CodebookSettings, block
   return f1 + (settings.n_iter - 1) * (f2 - f1)
 
 
-def bench_llama8(n_steady: int = 400, n_long: int = 10000, block: int = edit.DEFAULT_BLOCK,
-                 progress: bool = False) -> list[dict]:
-  """HoReN speed on `llama8_model` (wrapped model.layers.6.mlp.down_proj, 50 Adam steps, cold
-  values, threshold 0.85, default query strategy), ZsRE-shaped edits.
+# PyTorch reference HoReN (github ha11ucin8/HoReN, its editor on CPU, torch float32) per edit on
+# `llama8_model` saved in Hugging Face format, by target tokens (fewest, most): see
+# docs/performance.md for the command and the box's load when each was timed.
+REFERENCE_MS = {(1, 3): 400.0}
 
-  Rows: steady state (edits n/2+1..n of an n-edit run, compilation excluded; block `block` and the
-  one-at-a-time reference path, block 1), and an n_long-edit run timed whole (compilation
-  included). Compile time = first block's time minus a steady block's. FLOPs from XLA's cost
-  analysis (`block_flops`), share of `cpu_peak_flops`. The load average is reported because the
-  CPU may be shared.
+
+def reference_figure(targets: tuple[int, int]) -> float | None:
+  """The default `reference_ms` hook of `bench_llama8`: a figure of `REFERENCE_MS`, or None."""
+  return REFERENCE_MS.get(tuple(targets))
+
+
+def bench_llama8(n_steady: int = 400, n_long: int = 10000, block: int = edit.DEFAULT_BLOCK,
+                 progress: bool = False, targets: tuple[int, int] = (1, 3),
+                 reference_ms: Callable[[tuple[int, int]], float | None] | None = reference_figure,
+                 one_at_a_time: bool = True) -> list[dict]:
+  """HoReN speed on `llama8_model` (wrapped model.layers.6.mlp.down_proj, 50 Adam steps, cold
+  values, threshold 0.85, default query strategy), ZsRE-shaped edits with `targets` = (fewest,
+  most) target tokens.
+
+  Rows: steady state (edits n/2+1..n of an n-edit run, compilation excluded; block `block` and,
+  with `one_at_a_time`, the one-at-a-time reference path, block 1), and an n_long-edit run timed
+  whole (compilation included). Compile time = first block's time minus a steady block's. FLOPs
+  from XLA's cost analysis (`block_flops`), share of `cpu_peak_flops`. The load average is reported
+  because the CPU may be shared.
+
+  Args:
+    reference_ms: optional fn(targets) -> the reference's ms per edit for that shape, or None; rows
+      then carry `reference_ms` and `ratio` (reference time / ours). Default: `REFERENCE_MS`.
   """
+  name = "horen_llama8" if tuple(targets) == (1, 3) else f"horen_llama8_t{targets[0]}-{targets[1]}"
+  ref = reference_ms(tuple(targets)) if reference_ms is not None else None
+  tgt = f"targets {targets[0]}-{targets[1]} tokens" if targets[0] != targets[1] else \
+      f"targets {targets[0]} token{'s' if targets[0] > 1 else ''}"
+
+  def versus(row, per_edit_s):
+    if ref is not None:
+      row.update(reference_ms=ref, ratio=ref / (per_edit_s * 1e3))
+      row["throughput"] += f"; reference {ref:,.0f} ms/edit: {row['ratio']:,.0f}x"
+    return row
+
   model = llama8_model()
   settings = CodebookSettings(layer="model.layers.6.mlp.down_proj", n_iter=50,
                               hopfield_key_match_threshold=0.85)
   d_in, d_out = model.config.intermediate_size, model.config.hidden_size
   peak = cpu_peak_flops()
   rows = []
-  batch = zsre_like_edits(max(n_steady, n_long), model.config.vocab_size, seed=1)
-  for blk in (block, 1):
+  batch = zsre_like_edits(max(n_steady, n_long), model.config.vocab_size, seed=1, targets=targets)
+  for blk in (block, 1) if one_at_a_time else (block,):
     book = state.init(settings, d_in, d_out)
     book = state.ensure_room(book, n_steady, count=1)  # the run's size is known: one capacity
     half = n_steady // 2
@@ -166,17 +209,17 @@ def bench_llama8(n_steady: int = 400, n_long: int = 10000, block: int = edit.DEF
                                    block=blk, progress=False)
     jax.block_until_ready(book)
     per_edit = (time.perf_counter() - t1) / (n_steady - half)
-    flops = block_flops(model, book, batch, settings, blk) / blk
-    rows.append({
-        "benchmark": "horen_llama8", "shape": f"edits {half + 1}-{n_steady} of {n_steady}, "
-                                              f"block {blk}{' (reference path)' if blk == 1 else ''}",
+    flops = block_flops(model, book, batch, settings, blk, rows=range(half, n_steady)) / blk
+    rows.append(versus({
+        "benchmark": name, "shape": f"{tgt}, edits {half + 1}-{n_steady} of {n_steady}, "
+                                    f"block {blk}{' (reference path)' if blk == 1 else ''}",
         "first_s": first, "compile_s": max(first - blk * per_edit, 0.0), "steady_s": per_edit,
         "flops": flops, "gflops_per_s": flops / per_edit / 1e9,
         "peak_share": flops / per_edit / peak, "load": load,
         "edit_acc": float(np.mean([x["edit_acc"] for x in infos])),
         "throughput": f"{per_edit * 1e3:.1f} ms/edit, {flops / 1e6:,.0f} MFLOP/edit = "
                       f"{flops / per_edit / 1e9:.1f} GFLOP/s, {100 * flops / per_edit / peak:.1f}% "
-                      f"of {peak / 1e9:,.0f} GFLOP/s peak; load {load:.1f}"})
+                      f"of {peak / 1e9:,.0f} GFLOP/s peak; load {load:.1f}"}, per_edit))
   if n_long:
     book = state.init(settings, d_in, d_out)
     compiles0 = edit.compile_count()
@@ -187,13 +230,25 @@ def bench_llama8(n_steady: int = 400, n_long: int = 10000, block: int = edit.DEF
     jax.block_until_ready(book)
     total = time.perf_counter() - t0
     compiles = edit.compile_count() - compiles0
-    rows.append({
-        "benchmark": "horen_llama8", "shape": f"{n_long} edits, block {block}, compilation included",
+    rows.append(versus({
+        "benchmark": name, "shape": f"{tgt}, {n_long} edits, block {block}, compilation included",
         "first_s": total, "steady_s": total / n_long, "compiles": compiles, "load": load,
         "capacity": book.capacity, "edit_acc": float(np.mean([x["edit_acc"] for x in infos])),
         "throughput": f"{total / n_long * 1e3:.1f} ms/edit incl. {compiles} compile(s) "
-                      f"(capacity {book.capacity}); load {load:.1f}"})
+                      f"(capacity {book.capacity}); load {load:.1f}"}, total / n_long))
   return rows
+
+
+# Target lengths of `bench_llama8_targets`: one token, the world's ZsRE records under a Llama
+# tokenizer (~6 tokens, 3-12), and twelve.
+TARGET_SHAPES = ((1, 1), (3, 12), (12, 12))
+
+
+def bench_llama8_targets(shapes=TARGET_SHAPES, n_long: int = 10000, **kw) -> list[dict]:
+  """`bench_llama8` at several target lengths (block path only; `horen_llama8` has the 1-3 token
+  shape and the one-at-a-time path)."""
+  return [r for targets in shapes
+          for r in bench_llama8(n_long=n_long, targets=targets, one_at_a_time=False, **kw)]
 
 
 def world_settings(model_path: str, model) -> CodebookSettings:
@@ -338,6 +393,8 @@ def main(argv=None) -> int:
   parser.add_argument("--llama8", action="store_true",
                       help="instead: the 8-layer speed case (steady state at 400 edits, and "
                            "--edits edits with compilation included)")
+  parser.add_argument("--targets", default="1-3", metavar="LO-HI",
+                      help="with --llama8: target tokens per edit, uniform in [LO, HI]")
   parser.add_argument("--block", type=int, default=None,
                       help="edits per program [editor.edit_block: the world card's, else 16]")
   parser.add_argument("--unrelated", type=int, default=200)
@@ -347,8 +404,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.world_distinct or args.llama8:
     import json
+    lo, _, hi = args.targets.partition("-")
     rows = (bench_world_distinct(n=args.world_distinct, block=args.block) if args.world_distinct
-            else bench_llama8(n_long=args.edits, block=args.block or edit.DEFAULT_BLOCK))
+            else bench_llama8(n_long=args.edits, block=args.block or edit.DEFAULT_BLOCK,
+                              targets=(int(lo), int(hi or lo))))
     for r in rows:
       print(json.dumps(r))
     return 0

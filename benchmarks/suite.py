@@ -167,6 +167,14 @@ def bench_horen_llama8(world, reference=False):
   return codebook_bench.bench_llama8()
 
 
+def bench_horen_llama8_targets(world, reference=False):
+  """The same at 1, 3-12 (the world's ZsRE records under a Llama tokenizer) and 12 target tokens
+  (block path; steady state and 10,000 edits with compilation), with the reference's ms per edit
+  and the ratio where `benchmarks.codebook.REFERENCE_MS` has that shape."""
+  from benchmarks import codebook as codebook_bench
+  return codebook_bench.bench_llama8_targets()
+
+
 def bench_horen_world_50k(world, reference=False):
   """HoReN over 50,000 distinct world edits in sequence, then ES/GS/locality of all of them
   (long: run it with --only; `python -m benchmarks.codebook --world-distinct N`
@@ -198,6 +206,7 @@ BENCHMARKS = {
     "horse_edit_1000": bench_horse_edit_1000,
     "horen_edit": bench_horen_edit,
     "horen_llama8": bench_horen_llama8,
+    "horen_llama8_targets": bench_horen_llama8_targets,
     "horen_world_50k": bench_horen_world_50k,
     "horse_solve_meshes": bench_horse_solve_meshes,
 }
@@ -229,12 +238,19 @@ def load_world(world_dir: str | None = None, n_records: int = 1000, *, mesh=None
 
 def markdown(rows: list[dict[str, Any]], device: str) -> str:
   """Rows as a markdown table (seconds to 4 significant digits)."""
+  # Reference columns only when a row has a reference figure (ms per edit of the PyTorch code).
+  ref = any("reference_ms" in r for r in rows)
   lines = [f"Device: {device}", "",
-           "| benchmark | shape | first call (s, incl. compile) | steady (s) | throughput |",
-           "|---|---|---|---|---|"]
+           "| benchmark | shape | first call (s, incl. compile) | steady (s) | throughput |"
+           + (" reference_ms | ratio |" if ref else ""),
+           "|---|---|---|---|---|" + ("---|---|" if ref else "")]
   for r in rows:
+    extra = ""
+    if ref:
+      extra = (f" {r['reference_ms']:.4g} | {r['ratio']:.1f}x |" if "reference_ms" in r
+               else " | |")
     lines.append(f"| {r['benchmark']} | {r['shape']} | {r['first_s']:.4g} | {r['steady_s']:.4g} | "
-                 f"{r['throughput']} |")
+                 f"{r['throughput']} |" + extra)
   return "\n".join(lines) + "\n"
 
 

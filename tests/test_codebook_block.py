@@ -324,3 +324,55 @@ def test_edit_block_setting_sets_the_block(model, monkeypatch):
   from horse_jax.editors.codebook.settings import from_resolved
   resolved = settings_lib.resolve("horen", overrides=["editor.edit_block=2"])
   assert from_resolved(resolved, model.config).edit_block == 2
+
+
+def test_label_slots_and_per_row_hand_computed():
+  labels = np.full((3, 4), IGNORE, np.int32)
+  labels[0, :2] = [5, 6]
+  labels[2, 1:4] = [7, 8, 9]
+  idx, lab = edit.label_slots(jnp.asarray(labels), 7)
+  np.testing.assert_array_equal(np.asarray(idx)[:5], [0, 1, 9, 10, 11])
+  np.testing.assert_array_equal(np.asarray(lab), [5, 6, 7, 8, 9, IGNORE, IGNORE])
+  token = jnp.asarray([1.0, 3.0, 2.0, 4.0, 6.0, 0.0, 0.0])
+  np.testing.assert_allclose(np.asarray(edit.per_row(token, idx // 4, jnp.asarray(labels))),
+                             [2.0, 0.0, 4.0])
+
+
+def test_n_tokens_holds_every_block():
+  labels = np.full((5, 8), IGNORE, np.int32)
+  for i, n in enumerate([1, 4, 2, 3, 3]):
+    labels[i, :n] = 1
+  # Blocks of 2 (the last padded): 5, 5, 3 label positions; grain 2 * 4 / 8 = 1.
+  assert edit._n_tokens(labels, 2, 4) == 5
+  full = np.where(np.arange(8) < 4, 1, IGNORE)[None].repeat(5, axis=0)
+  assert edit._n_tokens(full, 2, 4) is None  # 8 >= 2 x 4: nothing to gain
+  assert edit._n_tokens(labels, 4, 4) == 10  # 10 in the first block, grain 2
+  assert edit._n_tokens(labels, 1, 4) is None
+
+
+@pytest.mark.parametrize("make", [horen, grace_settings])
+def test_gathered_head_equals_whole_window(model, make):
+  """The head and loss on the gathered label positions (n_tokens) give the block program's results
+  of the head on the whole [B, W] window, through the residual fast path (HoReN down_proj) and the
+  adapter path (GRACE up_proj)."""
+  st = make(n_iter=3)
+  d = (128, 64) if st.method == "horen" else (64, 128)
+  batch = edits_with_collisions(n=8, seed=4)
+  sl = slice(0, 8)
+  width = edit._n_label(batch.labels[sl], batch.prompt_len[sl])
+  k = edit._n_tokens(batch.labels[sl], 8, width)
+  assert k is not None and k < 8 * width
+  keys = np.stack([state.label_key(batch.labels[i], int(batch.attention_mask[i].sum()),
+                                   st.label_match) for i in range(8)])
+  out = []
+  for n_tokens in (None, k):
+    book = state.ensure_room(state.init(st, *d), 8)
+    out.append(edit.edit_block(model, book, batch.input_ids[sl], batch.attention_mask[sl],
+                               batch.labels[sl], batch.prompt_len[sl], keys, np.ones(8, bool),
+                               settings=st, n_label=width, n_tokens=n_tokens))
+  (book_a, info_a), (book_b, info_b) = out
+  for x, y in zip(info_a, info_b):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(np.asarray(book_a.values), np.asarray(book_b.values), atol=2e-3)
+  np.testing.assert_allclose(np.asarray(book_a.lora_b), np.asarray(book_b.lora_b), atol=2e-3)

@@ -128,6 +128,29 @@ def row_acc(logits_BxTxV: jax.Array, labels_BxT: jax.Array) -> jax.Array:
   return jnp.sum(hit, axis=-1) / jnp.maximum(row_tokens(labels_BxT), 1.0)
 
 
+def label_slots(labels_BxW: jax.Array, n_tokens: int) -> tuple[jax.Array, jax.Array]:
+  """The label positions of a [B, W] label window, gathered into a static K = n_tokens.
+
+  Args:
+    labels_BxW: labels (IGNORE where none); at most n_tokens are not IGNORE.
+    n_tokens: K.
+
+  Returns:
+    (flat indices [K] into B W, row-major; labels [K], IGNORE on the slots past the last label).
+  """
+  flat = labels_BxW.reshape(-1)
+  idx_K = jnp.nonzero(flat != IGNORE, size=n_tokens, fill_value=0)[0]
+  used_K = jnp.arange(n_tokens) < jnp.sum(flat != IGNORE)
+  return idx_K, jnp.where(used_K, flat[idx_K], IGNORE)
+
+
+def per_row(token_K: jax.Array, row_K: jax.Array, labels_BxW: jax.Array) -> jax.Array:
+  """Per-row mean [B] of per-token values [K] (0 on unused slots) over each row's label positions."""
+  b = labels_BxW.shape[0]
+  total = jax.ops.segment_sum(token_K, row_K, num_segments=b)
+  return total / jnp.maximum(row_tokens(labels_BxW), 1.0)
+
+
 def writes_residual(model: Model, name: str) -> bool:
   """Whether module `name`'s output is its layer's last addition to the residual stream (fast path).
 
@@ -243,7 +266,8 @@ def _waves(j_B: jax.Array, valid_B: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def edit_block(model: Model, book: Codebook, input_ids_BxT, attention_mask_BxT, labels_BxT,
                prompt_len_B, label_Bx2, valid_B, *, settings: CodebookSettings, n_label: int,
-               mesh=None, unroll: int = 1) -> tuple[Codebook, EditInfo]:
+               n_tokens: int | None = None, mesh=None,
+               unroll: int = 1) -> tuple[Codebook, EditInfo]:
   """Applies B edits in order (see module docstring); invalid rows (block padding) do nothing.
 
   Args:
@@ -255,6 +279,11 @@ def edit_block(model: Model, book: Codebook, input_ids_BxT, attention_mask_BxT, 
     valid_B: which rows are edits (False rows pad the last block).
     settings: editor settings.
     n_label: window width W: every row's labels lie in [p, p + W) (`_n_label`).
+    n_tokens: None, or K >= the block's label positions (`_n_tokens`): the final norm, the head
+      and the loss run on the K label positions gathered from the [B, W] window instead of on all
+      B W positions (the head is most of an Adam step's FLOPs on a small model with a large
+      vocabulary, and a window padded to the longest target holds mostly non-label positions).
+      Same losses up to the order of the float sums.
     mesh: optional (`data`, `model`) mesh: the codebook keeps `state.shardings` and the block's
       edits are split over `data` for training.
     unroll: Adam steps unrolled per loop iteration (XLA's cost analysis counts a loop body once:
@@ -265,13 +294,14 @@ def edit_block(model: Model, book: Codebook, input_ids_BxT, attention_mask_BxT, 
   """
   return _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, prompt_len_B,
                          label_Bx2, valid_B, hyper_of(settings), settings=jit_key(settings),
-                         n_label=int(n_label), mesh=mesh, unroll=int(unroll))
+                         n_label=int(n_label), n_tokens=None if n_tokens is None else int(n_tokens),
+                         mesh=mesh, unroll=int(unroll))
 
 
-@functools.partial(jax.jit, static_argnames=("settings", "n_label", "mesh", "unroll"),
+@functools.partial(jax.jit, static_argnames=("settings", "n_label", "n_tokens", "mesh", "unroll"),
                    donate_argnames=("book",))
 def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, prompt_len_B,
-                    label_Bx2, valid_B, hyper, *, settings, n_label, mesh, unroll=1):
+                    label_Bx2, valid_B, hyper, *, settings, n_label, mesh, unroll=1, n_tokens=None):
   cfg, name = model.config, settings.layer
   layer = layer_index(name)
   b, t = input_ids_BxT.shape
@@ -288,15 +318,16 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
     from jax.sharding import NamedSharding, PartitionSpec as P
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
 
-  h0 = batch_split(hidden_before(model, layer, input_ids_BxT, mask))
   seen = {}
 
   def grab(x_in, y_out):
     seen["x"], seen["y"] = x_in, y_out
     return y_out
 
-  h_next = run_layers(model, h0, mask, positions, Tap(Hooks(adapters={name: grab})), layer,
-                      layer + 1)
+  with jax.named_scope("layers_below"):  # the named scopes let a profile attribute every XLA op
+    h0 = batch_split(hidden_before(model, layer, input_ids_BxT, mask))
+    h_next = run_layers(model, h0, mask, positions, Tap(Hooks(adapters={name: grab})), layer,
+                        layer + 1)
   x_BxTxD, y_BxTxD = seen["x"], seen["y"]
   q_B = jax.vmap(lambda x, p: make_query(x, p, 0, settings.query_selection_strategy,
                                                  settings.normalize_codebook_keys))(x_BxTxD,
@@ -305,10 +336,11 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
 
   # The decisions run where the codebook rows are (`shards.on_rows`); the block's queries, labels
   # and outputs at p are small and seen whole by every device.
-  book, (added, j_B, first_score, match_B) = on_rows(
-      lambda rows, bk, q, lab, ok, y, hy: _decide_block(bk, q, lab, ok, y, settings, hy, rows),
-      mesh, book, q_B,
-      jnp.asarray(label_Bx2, jnp.int32), valid_B, y_p, hyper, returns=("book", "replicated"))
+  with jax.named_scope("decide"):
+    book, (added, j_B, first_score, match_B) = on_rows(
+        lambda rows, bk, q, lab, ok, y, hy: _decide_block(bk, q, lab, ok, y, settings, hy, rows),
+        mesh, book, q_B,
+        jnp.asarray(label_Bx2, jnp.int32), valid_B, y_p, hyper, returns=("book", "replicated"))
   wave_B, n_waves = _waves(j_B, valid_B)
 
   # Training runs only the window of W = n_label positions [p, p + W) (every label lies in it) through
@@ -328,10 +360,11 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
                             cfg.sliding_window)
   prefix = []
   h = h_start
-  for i in above:
-    h, kv = mod.block(mod.layer_params(model.params, i), cfg, h, positions, bias_all, Tap(None), i,
-                      cache=(*caches[i], 0))
-    prefix.append(kv)
+  with jax.named_scope("prefix_cache"):
+    for i in above:
+      h, kv = mod.block(mod.layer_params(model.params, i), cfg, h, positions, bias_all, Tap(None),
+                        i, cache=(*caches[i], 0))
+      prefix.append(kv)
   win_BxW = p_B[:, None] + jnp.arange(w)[None, :]
   pad = lambda x, fill: jnp.concatenate([x, jnp.full((b, w) + x.shape[2:], fill, x.dtype)], axis=1)
   take = lambda x: jnp.take_along_axis(x, win_BxW.reshape(win_BxW.shape + (1,) * (x.ndim - 2)),
@@ -359,8 +392,8 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
                        tap, i, cache=(k[None], vv[None], start))
     return h[0]
 
-  def logits_of(params, row0):
-    """Logits [B, W, V] of the window with each edit's trained entry applied."""
+  def hidden_of(params, row0):
+    """Last layer's output [B, W, D] over the window with each edit's trained entry applied."""
     value = params.get("value", row0["value"])
     a, bb = params.get("a", row0["a"]), params.get("b", row0["b"])
     h = h_win
@@ -369,8 +402,25 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
           y_p, match_B, value, a, bb)
       delta = new_p.astype(jnp.float32) - y_p.astype(jnp.float32)
       h = h + jnp.where(changed_W[None, :, None], delta[:, None, :], 0.0).astype(h.dtype)
-    h = jax.vmap(run_window)(h, pos_win, bias_win, p_B, prefix, match_B, value, a, bb)
-    return mod.head(model.params, cfg, h, Tap(None))
+    with jax.named_scope("window_layers"):
+      return jax.vmap(run_window)(h, pos_win, bias_win, p_B, prefix, match_B, value, a, bb)
+
+  if n_tokens is None:
+    def scores(h_BxWxD):
+      """(per-edit CE [B], per-edit token accuracy [B]) of the window's logits."""
+      with jax.named_scope("head_loss"):
+        logits = mod.head(model.params, cfg, h_BxWxD, Tap(None))
+        return row_ce(logits, lab_BxW), row_acc(logits, lab_BxW)
+  else:
+    idx_K, lab_K = label_slots(lab_BxW, n_tokens)
+
+    def scores(h_BxWxD):
+      """The same from the head run on the K gathered label positions only."""
+      with jax.named_scope("head_loss"):
+        h_K = h_BxWxD.reshape((b * w,) + h_BxWxD.shape[2:])[idx_K]
+        logits_Kx1xV = mod.head(model.params, cfg, h_K[:, None], Tap(None))
+        return (per_row(row_ce(logits_Kx1xV, lab_K[:, None]), idx_K // w, lab_BxW),
+                per_row(row_acc(logits_Kx1xV, lab_K[:, None]), idx_K // w, lab_BxW))
 
   # The learning rate is a traced hyperparameter: a sweep over edit_lr reuses this program.
   opt = optax.inject_hyperparams(optax.adam)(learning_rate=hyper.edit_lr)
@@ -388,7 +438,7 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
     params = batch_split(params)
 
     def loss_fn(params):
-      ce_B = row_ce(logits_of(params, row0), lab_BxW)
+      ce_B, _ = scores(hidden_of(params, row0))
       return jnp.sum(ce_B), ce_B  # edits are independent: d(sum)/d(entry_i) = d(ce_i)/d(entry_i)
 
     def step(carry, _):
@@ -397,9 +447,11 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
       updates, opt_state = opt.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), ce_B
 
-    (params, _), ce_NxB = jax.lax.scan(step, (params, opt.init(params)), None,
-                                       length=settings.n_iter, unroll=unroll)
-    logits = logits_of(params, row0)
+    with jax.named_scope("adam_steps"):
+      (params, _), ce_NxB = jax.lax.scan(step, (params, opt.init(params)), None,
+                                         length=settings.n_iter, unroll=unroll)
+    with jax.named_scope("final_score"):
+      ce_last, acc_last = scores(hidden_of(params, row0))
 
     def write(rows, bk, trained, j, when):
       if "value" in trained:
@@ -408,7 +460,7 @@ def _edit_block_jit(model, book, input_ids_BxT, attention_mask_BxT, labels_BxT, 
                       lora_b=rows.put_many(bk.lora_b, j, trained["b"], when))
 
     book = on_rows(write, mesh, book, params, j_B, active)
-    new = (ce_NxB[0], row_ce(logits, lab_BxW), row_acc(logits, lab_BxW))
+    new = (ce_NxB[0], ce_last, acc_last)
     info = tuple(jnp.where(active, n, o) for n, o in zip(new, info))
     return book, info
 
@@ -461,16 +513,43 @@ def compile_count() -> int:
 
 def _n_label(labels_NxT: np.ndarray, prompt_len_N: np.ndarray) -> int:
   """Window width of a batch: the most positions from p = prompt_len - 1 to a row's last label,
-  rounded up to a power of two, so calls with similar targets share one program. (Labels start at
-  p, as `tokenize_edits` writes them; a label before p would not be trained.)"""
+  rounded up to 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and their 1.5 multiples: calls with
+  similar targets share one program, and a window is at most a third wider than its longest
+  target). (Labels start at p, as `tokenize_edits` writes them; a label before p would not be
+  trained.)"""
   labels = np.asarray(labels_NxT)
   t = labels.shape[1]
   last = np.where(labels != IGNORE, np.arange(t)[None, :], -1).max(axis=1, initial=-1)
   most = int(max(1, (last - (np.asarray(prompt_len_N) - 1) + 1).max(initial=1)))
-  width = 1
-  while width < most:
-    width *= 2
-  return width
+  power = 1 << (most - 1).bit_length()
+  return power * 3 // 4 if power >= 4 and power * 3 // 4 >= most else power
+
+
+def _n_tokens(labels_NxT: np.ndarray, block: int, width: int) -> int | None:
+  """Label positions gathered per block program (`edit_block`'s n_tokens), or None to run the head
+  on the whole [block, width] window: the most label positions of any block of `block` rows,
+  rounded up to a multiple of block * width / 8 (at most 8 programs per window shape). None for a
+  block of one (one edit's padding is at most a third of its window) or when nothing is saved."""
+  if block == 1:
+    return None
+  counts = np.sum(np.asarray(labels_NxT) != IGNORE, axis=1)
+  counts = np.concatenate([counts, np.zeros((-len(counts)) % block, counts.dtype)])
+  most = int(counts.reshape(-1, block).sum(axis=1).max(initial=1))
+  grain = max(1, block * width // 8)
+  k = -(-max(most, 1) // grain) * grain
+  return None if k >= block * width else k
+
+
+def window_shape(labels_NxT: np.ndarray, prompt_len_N: np.ndarray, block: int,
+                 mesh=None) -> tuple[int, int | None]:
+  """(n_label, n_tokens) of `edit_block` for these edits run `block` at a time (`_n_label`,
+  `_n_tokens`). Gathering the label positions mixes a block's rows, so it stays off when the
+  block's training is split over a `data` axis of the mesh."""
+  if not len(labels_NxT):
+    return 1, None
+  width = _n_label(labels_NxT, prompt_len_N)
+  split = mesh is not None and mesh.shape.get("data", 1) > 1
+  return width, None if split else _n_tokens(labels_NxT, block, width)
 
 
 def apply_edit(model: Model, book: Codebook, batch: EditBatch, row: int,
@@ -550,7 +629,7 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
   plen = np.asarray(batch.prompt_len, np.int32)[rows]
   keys = np.stack([label_key(labels[i], int(mask[i].sum()), settings.label_match)
                    for i in range(n)]) if n else np.zeros((0, 2), np.int32)
-  n_label = _n_label(labels, plen) if n else 1
+  n_label, n_tokens = window_shape(labels, plen, block, mesh)
   pad = (-n) % block
 
   def padded(x):
@@ -565,7 +644,8 @@ def apply_edits(model: Model, book: Codebook, batch: EditBatch, settings: Codebo
   for s in range(0, n + pad, block):
     e = s + block
     book, info = edit_block(model, book, ids[s:e], mask[s:e], labels[s:e], plen[s:e], keys[s:e],
-                            valid[s:e], settings=settings, n_label=n_label, mesh=mesh)
+                            valid[s:e], settings=settings, n_label=n_label, n_tokens=n_tokens,
+                            mesh=mesh)
     pending.append(info)
     inflight.settle(pending)  # unbounded dispatch deadlocks XLA's CPU client on a mesh (see inflight)
     if len(pending) >= 2 * fetch_every:
