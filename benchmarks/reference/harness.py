@@ -78,6 +78,11 @@ SPECS: dict[str, Spec] = {
                   "models.horen.horen_hparams", "HORENHyperParams"),
 }
 HPARAMS_FILE = "llama3-8b.yaml"
+# Values of the reference's files that its own code cannot run with, given as the same value of the
+# type it needs (ours reads the files as written): GRACE's `eps: 1` is read as an int, its
+# epsilons become an integer tensor, and the first key whose radius is split (two labels within
+# one ball) fails in an index put of a float into it.
+REFERENCE_FIXES = {"grace": {"eps": 1.0}}
 # The reference name of each side's iteration count (what `steps` may reduce), per method.
 STEP_KEYS = {"rome": "v_num_grad_steps", "memit": "v_num_grad_steps",
              "alphaedit": "v_num_grad_steps", "wise": "n_iter", "defer": "n_iter",
@@ -184,6 +189,7 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
       fixed = {"model_name": model_dir, "device": 0, "bf16": False, "half": False,
                "model_parallel": False, "stats_dir": os.path.join(work, "reference-stats"),
                "P_loc": os.path.join(work, "null_space_project.pt")}
+      fixed.update(REFERENCE_FIXES.get(method, {}))
       for key, value in list(fixed.items()) + list(steps.items()):
         if hasattr(hparams, key):
           setattr(hparams, key, value)
