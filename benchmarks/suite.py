@@ -281,8 +281,13 @@ def run(names, world_dir=None, reference=False, progress=True, *, mesh=None,
   world = load_world(world_dir, mesh=mesh, fsdp=fsdp)
   world["reference_options"] = dict(reference_options or {})
   rows: list[dict[str, Any]] = []
-  for name in tqdm(names, desc="benchmarks", disable=not progress):
-    rows += BENCHMARKS[name](world, reference)
+  try:
+    for name in tqdm(names, desc="benchmarks", disable=not progress):
+      rows += BENCHMARKS[name](world, reference)
+  finally:
+    if "reference_work" in world:  # the reference benchmarks' model and statistics
+      import shutil  # noqa: PLC0415
+      shutil.rmtree(world["reference_work"], ignore_errors=True)
   return rows
 
 

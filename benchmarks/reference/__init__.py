@@ -16,6 +16,7 @@ Needs torch and transformers (the `[torch]` extra); nothing here runs without a 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 from benchmarks.reference.harness import SPECS, STEP_KEYS, per_edit_seconds  # noqa: F401
@@ -46,7 +47,7 @@ def rows(world: dict, methods: Sequence[str], checkout: str | None, *, n_edits: 
     n_warm: untimed leading edits per side.
     steps: a reduced iteration count for every method (its `STEP_KEYS` name), the same on both
       sides; None: the hparams files' counts.
-    progress: print a line per method.
+    progress: print a line per edit to stderr and one per method.
   """
   if not checkout:
     return [needs(m, f"needs --reference-code DIR (a checkout of github ha11ucin8/HoReN; or "
@@ -70,8 +71,9 @@ def rows(world: dict, methods: Sequence[str], checkout: str | None, *, n_edits: 
   out = []
   for method in methods:
     step = {STEP_KEYS[method]: steps} if steps and method in STEP_KEYS else {}
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     r = per_edit_seconds(method, folder, records, code_dir=checkout, n_warm=n_warm, steps=step,
-                         work=os.path.join(work, method))
+                         work=os.path.join(work, method), log=log)
     row = {"benchmark": f"reference_{method}", "method": method, "ours_ms": 1e3 * r["ours_s"],
            "reference_ms": 1e3 * r["reference_s"], "ratio": r["ratio"], "shape":
            model_lib.shape() + ", 1 request per call", "edits": r["edits"],

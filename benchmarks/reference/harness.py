@@ -161,7 +161,7 @@ def _resolve_apply(module, name: str):
 
 def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code_dir: str,
                     n_warm: int = 1, steps: Mapping[str, Any] | None = None,
-                    work: str | None = None, quiet: bool = True) -> list[float]:
+                    work: str | None = None, quiet: bool = True, log=None) -> list[float]:
   """Seconds of each timed call of the reference's apply function (records[n_warm:]).
 
   Args:
@@ -173,6 +173,7 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
     steps: reduced iteration counts by reference name (also given to ours).
     work: a folder for the statistics cache and AlphaEdit's projector file.
     quiet: silence the reference's prints.
+    log: called with a line after each edit (None: nothing).
   """
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
@@ -204,6 +205,8 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
               keep_original_weight=False)
         if i >= n_warm:
           times.append(time.perf_counter() - start)
+        if log:
+          log(f"reference {method}: edit {i + 1}/{len(records)} {time.perf_counter() - start:.2f} s")
   finally:
     if sink:
       sink.close()
@@ -212,7 +215,7 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
 
 def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: int = 1,
               steps: Mapping[str, Any] | None = None, work: str | None = None,
-              code_dir: str = "") -> list[float]:
+              code_dir: str = "", log=None) -> list[float]:
   """Seconds of each timed `edit` call of our editor (records[n_warm:]), one record per call."""
   import jax  # noqa: PLC0415
   from horse_jax.editors.protocol import make_editor, resolve_settings  # noqa: PLC0415
@@ -232,12 +235,14 @@ def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: in
     jax.block_until_ready(state)
     if i >= n_warm:
       times.append(time.perf_counter() - start)
+    if log:
+      log(f"ours {method}: edit {i + 1}/{len(records)} {time.perf_counter() - start:.2f} s")
   return times
 
 
 def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, code_dir: str,
                      n_warm: int = 1, steps: Mapping[str, Any] | None = None,
-                     work: str | None = None, quiet: bool = True) -> dict[str, Any]:
+                     work: str | None = None, quiet: bool = True, log=None) -> dict[str, Any]:
   """Mean seconds per edit of the reference and of ours, one after the other, same model and records.
 
   Args:
@@ -249,6 +254,7 @@ def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, cod
     steps: reduced iteration counts by reference name, the same on both sides (e.g. {"n_iter": 10}).
     work: folder for statistics caches (default: a new temporary folder).
     quiet: silence the reference's prints.
+    log: called with a line after each edit of either side (None: nothing).
 
   Returns:
     {"method", "reference_s", "ours_s" (mean seconds per timed edit), "ratio" (reference / ours),
@@ -262,9 +268,9 @@ def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, cod
     covs, n_samples = _stats(method, model_dir, steps, work, code_dir)
     write_reference_stats(os.path.join(work, "reference-stats"), model_dir, covs, n_samples)
   theirs = reference_times(method, model_dir, records, code_dir=code_dir, n_warm=n_warm,
-                           steps=steps, work=work, quiet=quiet)
+                           steps=steps, work=work, quiet=quiet, log=log)
   ours = our_times(method, model_dir, records, n_warm=n_warm, steps=steps, work=work,
-                   code_dir=code_dir)
+                   code_dir=code_dir, log=log)
   ref_s, our_s = sum(theirs) / len(theirs), sum(ours) / len(ours)
   return {"method": method, "reference_s": ref_s, "ours_s": our_s, "ratio": ref_s / our_s,
           "edits": len(ours), "reference_times": theirs, "ours_times": ours, "steps": steps,
