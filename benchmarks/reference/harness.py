@@ -191,9 +191,13 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
                "model_parallel": False, "stats_dir": os.path.join(work, "reference-stats"),
                "P_loc": os.path.join(work, "null_space_project.pt")}
       fixed.update(REFERENCE_FIXES.get(method, {}))
-      for key, value in list(fixed.items()) + list(steps.items()):
+      for key, value in fixed.items():  # run keys: only those this method's class has
         if hasattr(hparams, key):
           setattr(hparams, key, value)
+      for key, value in steps.items():  # never silently ignored: ours is given the same
+        if not hasattr(hparams, key):
+          raise ValueError(f"the reference's {spec.hparams_class} has no {key!r} to reduce")
+        setattr(hparams, key, value)
       model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
       tok = transformers.AutoTokenizer.from_pretrained(model_dir)
       tok.pad_token_id = tok.eos_token_id  # as the reference's BaseEditor does for Llama
