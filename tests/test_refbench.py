@@ -173,3 +173,16 @@ def test_every_method_has_a_suite_entry_and_a_step_key():
   # our copies of the reference's hparams files exist for the six methods
   for method in ("ultraedit", "alphaedit", "memit", "rome", "wise", "defer"):
     assert os.path.isfile(harness.hparams_paths(method, "/nowhere")[1])
+
+
+def test_ours_reads_the_reference_file_less_only_the_keys_it_refuses(tmp_path):
+  import yaml
+  folder = tmp_path / "HoReN" / "hparams" / "HOREN"
+  folder.mkdir(parents=True)
+  (folder / "llama3-8b.yaml").write_text("alg_name: HOREN\nn_iter: 50\nlora_edit_lr: 0.001\n"
+                                         "adapter_mode: value\n")
+  path = harness.our_config("horen", str(tmp_path / "HoReN"), str(tmp_path / "work"))
+  with open(path) as f:
+    assert yaml.safe_load(f) == {"alg_name": "HOREN", "n_iter": 50, "adapter_mode": "value"}
+  # a method without refused keys reads the file itself
+  assert harness.our_config("rome", "/nowhere", str(tmp_path)) == harness.hparams_paths("rome", "")[1]

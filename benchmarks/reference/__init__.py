@@ -72,8 +72,12 @@ def rows(world: dict, methods: Sequence[str], checkout: str | None, *, n_edits: 
   for method in methods:
     step = {STEP_KEYS[method]: steps} if steps and method in STEP_KEYS else {}
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
-    r = per_edit_seconds(method, folder, records, code_dir=checkout, n_warm=n_warm, steps=step,
-                         work=os.path.join(work, method), log=log)
+    try:
+      r = per_edit_seconds(method, folder, records, code_dir=checkout, n_warm=n_warm, steps=step,
+                           work=os.path.join(work, method), log=log)
+    except Exception as err:  # noqa: BLE001  (either side failing leaves the other rows)
+      out.append(needs(method, f"failed: {type(err).__name__}: {str(err).splitlines()[0]}"))
+      continue
     row = {"benchmark": f"reference_{method}", "method": method, "ours_ms": 1e3 * r["ours_s"],
            "reference_ms": 1e3 * r["reference_s"], "ratio": r["ratio"], "shape":
            model_lib.shape() + ", 1 request per call", "edits": r["edits"],

@@ -83,6 +83,10 @@ HPARAMS_FILE = "llama3-8b.yaml"
 # epsilons become an integer tensor, and the first key whose radius is split (two labels within
 # one ball) fails in an index put of a float into it.
 REFERENCE_FIXES = {"grace": {"eps": 1.0}}
+# Keys of a reference file that our settings reader refuses and that the file's own settings do
+# not use: ours reads a copy without them (HOREN's `lora_edit_lr` is the learning rate of the
+# LoRA adapter mode; the file edits in `adapter_mode: value`).
+OURS_WITHOUT = {"horen": ("lora_edit_lr",)}
 # The reference name of each side's iteration count (what `steps` may reduce), per method.
 STEP_KEYS = {"rome": "v_num_grad_steps", "memit": "v_num_grad_steps",
              "alphaedit": "v_num_grad_steps", "wise": "n_iter", "defer": "n_iter",
@@ -102,6 +106,24 @@ def hparams_paths(method: str, code_dir: str) -> tuple[str, str]:
   theirs = os.path.join(code_dir, "hparams", spec.folder, HPARAMS_FILE)
   ours = os.path.join(REPO, "hparams", spec.folder, HPARAMS_FILE)
   return theirs, ours if os.path.isfile(ours) else theirs
+
+
+def our_config(method: str, code_dir: str, work: str) -> str:
+  """The hparams file ours reads: `hparams_paths`'s, or a copy under `work` without the keys of
+  `OURS_WITHOUT` (the only change)."""
+  import yaml  # noqa: PLC0415
+  path = hparams_paths(method, code_dir)[1]
+  if method not in OURS_WITHOUT:
+    return path
+  with open(path, encoding="utf-8") as f:
+    tree = yaml.safe_load(f)
+  for key in OURS_WITHOUT[method]:
+    tree.pop(key, None)
+  os.makedirs(work, exist_ok=True)
+  copy = os.path.join(work, f"{method}-{HPARAMS_FILE}")
+  with open(copy, "w", encoding="utf-8") as f:
+    yaml.safe_dump(tree, f)
+  return copy
 
 
 def request_of(record) -> dict[str, Any]:
@@ -136,7 +158,7 @@ def _stats(method: str, model_dir: str, steps: Mapping[str, Any], work: str, cod
   from horse_jax.editors.protocol import resolve_settings  # noqa: PLC0415
   from horse_jax.runtime import load_model  # noqa: PLC0415
   model, tok = load_model(model_dir)
-  settings = resolve_settings(method, model_dir, model, configs=[hparams_paths(method, code_dir)[1]],
+  settings = resolve_settings(method, model_dir, model, configs=[our_config(method, code_dir, work)],
                               overrides=_our_overrides(method, steps, work))
   cfg = settings.typed.editor
   modules = locate.modules_of(cfg, model.config)
@@ -227,8 +249,7 @@ def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: in
   steps = dict(steps or {})
   work = work or tempfile.mkdtemp(prefix="refbench-")
   model, tok = load_model(model_dir)
-  _, ours = hparams_paths(method, code_dir)
-  settings = resolve_settings(method, model_dir, model, configs=[ours],
+  settings = resolve_settings(method, model_dir, model, configs=[our_config(method, code_dir, work)],
                               overrides=_our_overrides(method, steps, work))
   editor = make_editor(spec_of(method).ours, model, tok, settings)
   state = editor.init(jax.random.PRNGKey(0))
