@@ -185,4 +185,5 @@ def test_ours_reads_the_reference_file_less_only_the_keys_it_refuses(tmp_path):
   with open(path) as f:
     assert yaml.safe_load(f) == {"alg_name": "HOREN", "n_iter": 50, "adapter_mode": "value"}
   # a method without refused keys reads the file itself
-  assert harness.our_config("rome", "/nowhere", str(tmp_path)) == harness.hparams_paths("rome", "")[1]
+  ours = harness.hparams_paths("rome", "")[1]
+  assert harness.our_config("rome", "/nowhere", str(tmp_path)) == ours

@@ -78,11 +78,13 @@ def rows(world: dict, methods: Sequence[str], checkout: str | None, *, n_edits: 
     except Exception as err:  # noqa: BLE001  (either side failing leaves the other rows)
       out.append(needs(method, f"failed: {type(err).__name__}: {str(err).splitlines()[0]}"))
       continue
+    shape = f"{model_lib.shape()}, 1 request per call, torch threads {r['torch_threads']}"
     row = {"benchmark": f"reference_{method}", "method": method, "ours_ms": 1e3 * r["ours_s"],
-           "reference_ms": 1e3 * r["reference_s"], "ratio": r["ratio"], "shape":
-           model_lib.shape() + ", 1 request per call", "edits": r["edits"],
+           "reference_ms": 1e3 * r["reference_s"], "ratio": r["ratio"], "shape": shape,
+           "edits": r["edits"],
            "steps": ", ".join(f"{k}={v}" for k, v in step.items()) or "as the hparams file",
-           "load_average": r["load_average"], "reference_times_s": r["reference_times"],
+           "torch_threads": r["torch_threads"], "load_average": r["load_average"],
+           "reference_times_s": r["reference_times"],
            "ours_times_s": r["ours_times"]}
     if progress:
       print(f"{method}: ours {row['ours_ms']:.1f} ms/edit, reference {row['reference_ms']:.1f} "

@@ -1,4 +1,4 @@
-"""Per-edit seconds of one method, the HoReN reference code's and ours, on the same model and records.
+"""Per-edit seconds of one method, the HoReN reference code's and ours, same model and records.
 
 Both sides edit the same records of the same checkpoint one request per call, as the reference's
 sequential runner does (`BaseEditor.edit_requests(sequential_edit=True)` calls the method's apply
@@ -7,14 +7,16 @@ first, under torch on the CPU (`shim.cpu`), then ours through the editor protoco
 `n_warm` edits of each side are not timed (our compilation; the reference's context templates and
 statistics file reads); the next ones are, each call on its own (ours waits for its arrays).
 
-Hparams: the reference reads its own `hparams/<DIR>/llama3-8b.yaml` from the checkout, ours reads this
-repository's copy of the same file (`hparams/<DIR>/llama3-8b.yaml`; HoReN and GRACE, which have no
-copy here, read the checkout's), both as written, with the same changes on both sides:
-  - the model is the one given (`model_name`, `device` of the file name the reference's own);
+Hparams: the reference reads its own `hparams/<DIR>/llama3-8b.yaml` from the checkout, ours reads
+this repository's copy of the same file (HoReN and GRACE, which have no copy here, the checkout's),
+both as written, with the same changes on both sides:
+  - the model is the one given (the files' `model_name` and `device` name the reference's own);
   - float32 on both sides (`bf16`/`half` of the files are GPU choices; fp16 matmuls on a CPU are
     not what either side would run there);
   - `steps`: reduced iteration counts, given by their reference names (`n_iter`,
     `v_num_grad_steps`), applied to both sides alike.
+Besides: GRACE's `eps: 1` reaches the reference as 1.0 (`REFERENCE_FIXES`), ours reads HoReN's file
+without `lora_edit_lr` (`OURS_WITHOUT`), and torch runs one intra-op thread (`TORCH_THREADS`).
 ROME/MEMIT/AlphaEdit use one second-moment matrix C per edited module on both sides: ours computes
 it (`horse_jax.editors.locate.stats`, the world's pre-training text) and the same matrix is written
 into the reference's statistics cache (its `layer_stats` npz layout), so neither side times it.
@@ -59,8 +61,8 @@ class Spec:
 
 SPECS: dict[str, Spec] = {
     "ultraedit": Spec("ultraedit", "ULTRAEDIT", "models.ultraedit.ultraedit_main",
-                      "UltraEditRewriteExecutor.apply_to_model", "models.ultraedit.ultraedit_hparams",
-                      "UltraEditHyperParams"),
+                      "UltraEditRewriteExecutor.apply_to_model",
+                      "models.ultraedit.ultraedit_hparams", "UltraEditHyperParams"),
     "alphaedit": Spec("alphaedit", "AlphaEdit", "models.alphaedit.AlphaEdit_main",
                       "apply_AlphaEdit_to_model", "models.alphaedit.AlphaEdit_hparams",
                       "AlphaEditHyperParams", locate=True, left_pad=False),
@@ -91,6 +93,10 @@ OURS_WITHOUT = {"horen": ("lora_edit_lr",)}
 STEP_KEYS = {"rome": "v_num_grad_steps", "memit": "v_num_grad_steps",
              "alphaedit": "v_num_grad_steps", "wise": "n_iter", "defer": "n_iter",
              "grace": "n_iter", "horen": "n_iter"}
+# torch's intra-op threads for the reference: at these sizes one thread is faster, and on a shared
+# CPU OpenMP workers waiting for each other at every operation made a forward and backward of the
+# 32-layer model 7-17x slower with two threads than with one (0.84 s vs 6.3-14.8 s, load 19).
+TORCH_THREADS = 1
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -143,7 +149,8 @@ def write_reference_stats(stats_dir: str, model_dir: str, covs: Mapping[str, Any
   state (`mom2.mom2` = C with `mom2.count` = 1, so its moment() is C) and `sample_size`, at
   `<stats_dir>/<model folder name>/<dataset>_stats/<module>_float32_mom2_<n>.npz`."""
   import numpy as np  # noqa: PLC0415
-  folder = os.path.join(stats_dir, os.path.basename(os.path.normpath(model_dir)), f"{dataset}_stats")
+  name = os.path.basename(os.path.normpath(model_dir))
+  folder = os.path.join(stats_dir, name, f"{dataset}_stats")
   os.makedirs(folder, exist_ok=True)
   for module, cov in covs.items():
     np.savez(os.path.join(folder, f"{module}_float32_mom2_{n_samples}.npz"),
@@ -158,7 +165,8 @@ def _stats(method: str, model_dir: str, steps: Mapping[str, Any], work: str, cod
   from horse_jax.editors.protocol import resolve_settings  # noqa: PLC0415
   from horse_jax.runtime import load_model  # noqa: PLC0415
   model, tok = load_model(model_dir)
-  settings = resolve_settings(method, model_dir, model, configs=[our_config(method, code_dir, work)],
+  config = our_config(method, code_dir, work)
+  settings = resolve_settings(method, model_dir, model, configs=[config],
                               overrides=_our_overrides(method, steps, work))
   cfg = settings.typed.editor
   modules = locate.modules_of(cfg, model.config)
@@ -183,7 +191,8 @@ def _resolve_apply(module, name: str):
 
 def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code_dir: str,
                     n_warm: int = 1, steps: Mapping[str, Any] | None = None,
-                    work: str | None = None, quiet: bool = True, log=None) -> list[float]:
+                    work: str | None = None, quiet: bool = True, log=None,
+                    torch_threads: int | None = TORCH_THREADS) -> list[float]:
   """Seconds of each timed call of the reference's apply function (records[n_warm:]).
 
   Args:
@@ -196,6 +205,7 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
     work: a folder for the statistics cache and AlphaEdit's projector file.
     quiet: silence the reference's prints.
     log: called with a line after each edit (None: nothing).
+    torch_threads: torch's intra-op threads while the reference runs (None: torch's default).
   """
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
@@ -205,10 +215,14 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
   theirs, _ = hparams_paths(method, code_dir)
   sink = open(os.devnull, "w") if quiet else None  # noqa: SIM115
   times = []
+  threads = torch.get_num_threads()
+  if torch_threads:
+    torch.set_num_threads(torch_threads)
   try:
     with shim.cpu(), (contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext()):
       module = shim.load(code_dir, spec.module)
-      hparams = getattr(shim.load(code_dir, spec.hparams_module), spec.hparams_class).from_hparams(theirs)
+      hparams_cls = getattr(shim.load(code_dir, spec.hparams_module), spec.hparams_class)
+      hparams = hparams_cls.from_hparams(theirs)
       fixed = {"model_name": model_dir, "device": 0, "bf16": False, "half": False,
                "model_parallel": False, "stats_dir": os.path.join(work, "reference-stats"),
                "P_loc": os.path.join(work, "null_space_project.pt")}
@@ -220,7 +234,8 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
         if not hasattr(hparams, key):
           raise ValueError(f"the reference's {spec.hparams_class} has no {key!r} to reduce")
         setattr(hparams, key, value)
-      model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+      model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+      model.eval()
       tok = transformers.AutoTokenizer.from_pretrained(model_dir)
       tok.pad_token_id = tok.eos_token_id  # as the reference's BaseEditor does for Llama
       tok.padding_side = "left" if spec.left_pad else "right"
@@ -232,8 +247,10 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
         if i >= n_warm:
           times.append(time.perf_counter() - start)
         if log:
-          log(f"reference {method}: edit {i + 1}/{len(records)} {time.perf_counter() - start:.2f} s")
+          seconds = time.perf_counter() - start
+          log(f"reference {method}: edit {i + 1}/{len(records)} {seconds:.2f} s")
   finally:
+    torch.set_num_threads(threads)
     if sink:
       sink.close()
   return times
@@ -249,7 +266,8 @@ def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: in
   steps = dict(steps or {})
   work = work or tempfile.mkdtemp(prefix="refbench-")
   model, tok = load_model(model_dir)
-  settings = resolve_settings(method, model_dir, model, configs=[our_config(method, code_dir, work)],
+  config = our_config(method, code_dir, work)
+  settings = resolve_settings(method, model_dir, model, configs=[config],
                               overrides=_our_overrides(method, steps, work))
   editor = make_editor(spec_of(method).ours, model, tok, settings)
   state = editor.init(jax.random.PRNGKey(0))
@@ -267,8 +285,9 @@ def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: in
 
 def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, code_dir: str,
                      n_warm: int = 1, steps: Mapping[str, Any] | None = None,
-                     work: str | None = None, quiet: bool = True, log=None) -> dict[str, Any]:
-  """Mean seconds per edit of the reference and of ours, one after the other, same model and records.
+                     work: str | None = None, quiet: bool = True, log=None,
+                     torch_threads: int | None = TORCH_THREADS) -> dict[str, Any]:
+  """Mean seconds per edit of the reference and of ours, one after the other, same model/records.
 
   Args:
     method: ultraedit | alphaedit | memit | rome | wise | defer | grace | horen.
@@ -280,10 +299,12 @@ def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, cod
     work: folder for statistics caches (default: a new temporary folder).
     quiet: silence the reference's prints.
     log: called with a line after each edit of either side (None: nothing).
+    torch_threads: torch's intra-op threads for the reference (None: torch's default).
 
   Returns:
     {"method", "reference_s", "ours_s" (mean seconds per timed edit), "ratio" (reference / ours),
-     "edits" (timed per side), "reference_times", "ours_times", "steps", "load_average"}.
+     "edits" (timed per side), "reference_times", "ours_times", "steps", "torch_threads",
+     "load_average"}.
   """
   if len(records) <= n_warm:
     raise ValueError(f"{len(records)} records leave none to time after {n_warm} warm-up edits")
@@ -293,10 +314,11 @@ def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, cod
     covs, n_samples = _stats(method, model_dir, steps, work, code_dir)
     write_reference_stats(os.path.join(work, "reference-stats"), model_dir, covs, n_samples)
   theirs = reference_times(method, model_dir, records, code_dir=code_dir, n_warm=n_warm,
-                           steps=steps, work=work, quiet=quiet, log=log)
+                           steps=steps, work=work, quiet=quiet, log=log,
+                           torch_threads=torch_threads)
   ours = our_times(method, model_dir, records, n_warm=n_warm, steps=steps, work=work,
                    code_dir=code_dir, log=log)
   ref_s, our_s = sum(theirs) / len(theirs), sum(ours) / len(ours)
   return {"method": method, "reference_s": ref_s, "ours_s": our_s, "ratio": ref_s / our_s,
           "edits": len(ours), "reference_times": theirs, "ours_times": ours, "steps": steps,
-          "load_average": os.getloadavg()[0]}
+          "torch_threads": torch_threads, "load_average": os.getloadavg()[0]}
