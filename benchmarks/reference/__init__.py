@@ -74,7 +74,8 @@ def rows(world: dict, methods: Sequence[str], checkout: str | None, *, n_edits: 
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
     try:
       r = per_edit_seconds(method, folder, records, code_dir=checkout, n_warm=n_warm, steps=step,
-                           work=os.path.join(work, method), log=log)
+                           work=os.path.join(work, method), log=log,
+                           stats_dir=os.path.join(work, "stats"))
     except Exception as err:  # noqa: BLE001  (either side failing leaves the other rows)
       out.append(needs(method, f"failed: {type(err).__name__}: {str(err).splitlines()[0]}"))
       continue

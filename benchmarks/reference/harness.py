@@ -158,27 +158,29 @@ def write_reference_stats(stats_dir: str, model_dir: str, covs: Mapping[str, Any
                 "sample_size": np.int64(n_samples)})
 
 
-def _stats(method: str, model_dir: str, steps: Mapping[str, Any], work: str, code_dir: str):
-  """Our C of the method's edited modules (computed once, cached under `work`), and the number of
-  corpus texts it covers (`mom2_n_samples`)."""
+def _stats(method: str, model_dir: str, steps: Mapping[str, Any], work: str, code_dir: str,
+           stats_dir: str):
+  """Our C of the method's edited modules (computed once, cached under `stats_dir`: shared by
+  methods that edit the same modules, MEMIT's and AlphaEdit's), and the number of corpus texts it
+  covers (`mom2_n_samples`)."""
   from horse_jax.editors.locate import editor as locate, stats  # noqa: PLC0415
   from horse_jax.editors.protocol import resolve_settings  # noqa: PLC0415
   from horse_jax.runtime import load_model  # noqa: PLC0415
   model, tok = load_model(model_dir)
   config = our_config(method, code_dir, work)
   settings = resolve_settings(method, model_dir, model, configs=[config],
-                              overrides=_our_overrides(method, steps, work))
+                              overrides=_our_overrides(method, steps, stats_dir))
   cfg = settings.typed.editor
   modules = locate.modules_of(cfg, model.config)
   texts = stats.world_corpus()[:cfg.mom2_n_samples]
-  return stats.layer_moments(model, tok, texts, modules, stats_dir=work,
+  return stats.layer_moments(model, tok, texts, modules, stats_dir=stats_dir,
                              corpus_name="the world's pre-training text"), cfg.mom2_n_samples
 
 
-def _our_overrides(method: str, steps: Mapping[str, Any], work: str) -> list[str]:
+def _our_overrides(method: str, steps: Mapping[str, Any], stats_dir: str) -> list[str]:
   out = ["model.dtype=float32"] + [f"editor.{k}={v}" for k, v in steps.items()]
   if spec_of(method).locate:
-    out.append(f"editor.stats_dir={work}")
+    out.append(f"editor.stats_dir={stats_dir}")
   return out
 
 
@@ -258,7 +260,7 @@ def reference_times(method: str, model_dir: str, records: Sequence[Any], *, code
 
 def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: int = 1,
               steps: Mapping[str, Any] | None = None, work: str | None = None,
-              code_dir: str = "", log=None) -> list[float]:
+              code_dir: str = "", log=None, stats_dir: str | None = None) -> list[float]:
   """Seconds of each timed `edit` call of our editor (records[n_warm:]), one record per call."""
   import jax  # noqa: PLC0415
   from horse_jax.editors.protocol import make_editor, resolve_settings  # noqa: PLC0415
@@ -268,7 +270,7 @@ def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: in
   model, tok = load_model(model_dir)
   config = our_config(method, code_dir, work)
   settings = resolve_settings(method, model_dir, model, configs=[config],
-                              overrides=_our_overrides(method, steps, work))
+                              overrides=_our_overrides(method, steps, stats_dir or work))
   editor = make_editor(spec_of(method).ours, model, tok, settings)
   state = editor.init(jax.random.PRNGKey(0))
   times = []
@@ -286,7 +288,8 @@ def our_times(method: str, model_dir: str, records: Sequence[Any], *, n_warm: in
 def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, code_dir: str,
                      n_warm: int = 1, steps: Mapping[str, Any] | None = None,
                      work: str | None = None, quiet: bool = True, log=None,
-                     torch_threads: int | None = TORCH_THREADS) -> dict[str, Any]:
+                     torch_threads: int | None = TORCH_THREADS,
+                     stats_dir: str | None = None) -> dict[str, Any]:
   """Mean seconds per edit of the reference and of ours, one after the other, same model/records.
 
   Args:
@@ -300,6 +303,7 @@ def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, cod
     quiet: silence the reference's prints.
     log: called with a line after each edit of either side (None: nothing).
     torch_threads: torch's intra-op threads for the reference (None: torch's default).
+    stats_dir: our statistics cache (default `work`; share one between methods).
 
   Returns:
     {"method", "reference_s", "ours_s" (mean seconds per timed edit), "ratio" (reference / ours),
@@ -310,14 +314,15 @@ def per_edit_seconds(method: str, model_dir: str, records: Sequence[Any], *, cod
     raise ValueError(f"{len(records)} records leave none to time after {n_warm} warm-up edits")
   steps = dict(steps or {})
   work = work or tempfile.mkdtemp(prefix="refbench-")
+  stats_dir = stats_dir or work
   if spec_of(method).locate:
-    covs, n_samples = _stats(method, model_dir, steps, work, code_dir)
+    covs, n_samples = _stats(method, model_dir, steps, work, code_dir, stats_dir)
     write_reference_stats(os.path.join(work, "reference-stats"), model_dir, covs, n_samples)
   theirs = reference_times(method, model_dir, records, code_dir=code_dir, n_warm=n_warm,
                            steps=steps, work=work, quiet=quiet, log=log,
                            torch_threads=torch_threads)
   ours = our_times(method, model_dir, records, n_warm=n_warm, steps=steps, work=work,
-                   code_dir=code_dir, log=log)
+                   code_dir=code_dir, log=log, stats_dir=stats_dir)
   ref_s, our_s = sum(theirs) / len(theirs), sum(ours) / len(ours)
   return {"method": method, "reference_s": ref_s, "ours_s": our_s, "ratio": ref_s / our_s,
           "edits": len(ours), "reference_times": theirs, "ours_times": ours, "steps": steps,
