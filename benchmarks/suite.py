@@ -192,8 +192,23 @@ def bench_horse_solve_meshes(world, reference=False):
   return solve.bench_mesh_agreement(os.path.dirname(world["model_path"]))
 
 
+def _reference_bench(method: str):
+  def bench(world, reference=False):
+    from benchmarks import reference as ref  # noqa: PLC0415
+    opts = world.get("reference_options", {})
+    return ref.rows(world, [method], opts.get("code_dir"), n_edits=opts.get("edits", 5),
+                    steps=opts.get("steps"))
+  bench.__doc__ = (f"{method}: ms per edit, ours vs the HoReN reference code on the same CPU and "
+                   "model (needs --reference-code DIR)")
+  return bench
+
+
 # Benchmarks left out of a plain `horse-jax bench` (they take long): run them with --only.
 ON_REQUEST = ("horen_world_50k", "horse_solve_meshes")
+# Ours against the reference code, one per method (`benchmarks.reference`); a plain
+# `horse-jax bench` runs them only with --reference-code.
+REFERENCE = tuple(f"reference_{m}" for m in ("ultraedit", "alphaedit", "memit", "rome", "wise",
+                                            "defer", "grace", "horen"))
 
 BENCHMARKS = {
     "forward": bench_forward,
@@ -209,6 +224,7 @@ BENCHMARKS = {
     "horen_llama8_targets": bench_horen_llama8_targets,
     "horen_world_50k": bench_horen_world_50k,
     "horse_solve_meshes": bench_horse_solve_meshes,
+    **{name: _reference_bench(name[len("reference_"):]) for name in REFERENCE},
 }
 
 
@@ -237,25 +253,32 @@ def load_world(world_dir: str | None = None, n_records: int = 1000, *, mesh=None
 
 
 def markdown(rows: list[dict[str, Any]], device: str) -> str:
-  """Rows as a markdown table (seconds to 4 significant digits)."""
-  # Reference columns only when a row has a reference figure (ms per edit of the PyTorch code).
-  ref = any("reference_ms" in r for r in rows)
-  lines = [f"Device: {device}", "",
-           "| benchmark | shape | first call (s, incl. compile) | steady (s) | throughput |"
-           + (" reference_ms | ratio |" if ref else ""),
-           "|---|---|---|---|---|" + ("---|---|" if ref else "")]
-  for r in rows:
-    extra = ""
-    if ref:
-      extra = (f" {r['reference_ms']:.4g} | {r['ratio']:.1f}x |" if "reference_ms" in r
-               else " | |")
-    lines.append(f"| {r['benchmark']} | {r['shape']} | {r['first_s']:.4g} | {r['steady_s']:.4g} | "
-                 f"{r['throughput']} |" + extra)
+  """Rows as markdown tables (seconds to 4 significant digits); the reference rows in their own."""
+  own = [r for r in rows if not r["benchmark"].startswith("reference_")]
+  lines = [f"Device: {device}", ""]
+  if own:
+    # Reference columns only when a row carries a reference figure (ms per edit of the PyTorch code).
+    ref = any("reference_ms" in r for r in own)
+    lines += ["| benchmark | shape | first call (s, incl. compile) | steady (s) | throughput |"
+              + (" reference_ms | ratio |" if ref else ""),
+              "|---|---|---|---|---|" + ("---|---|" if ref else "")]
+    for r in own:
+      extra = ""
+      if ref:
+        extra = (f" {r['reference_ms']:.4g} | {r['ratio']:.1f}x |" if "reference_ms" in r
+                 else " | |")
+      lines.append(f"| {r['benchmark']} | {r['shape']} | {r['first_s']:.4g} | {r['steady_s']:.4g} | "
+                   f"{r['throughput']} |" + extra)
+  refs = [r for r in rows if r["benchmark"].startswith("reference_")]
+  if refs:
+    from benchmarks import reference  # noqa: PLC0415
+    lines += (["", "Ours against the reference code (same CPU, model and records, one after the "
+               "other):", ""] if own else []) + [reference.markdown(refs).rstrip("\n")]
   return "\n".join(lines) + "\n"
 
 
 def run(names, world_dir=None, reference=False, progress=True, *, mesh=None,
-        fsdp: bool = False) -> list[dict[str, Any]]:
+        fsdp: bool = False, reference_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """Runs the named benchmarks on the world model.
 
   Args:
@@ -264,15 +287,23 @@ def run(names, world_dir=None, reference=False, progress=True, *, mesh=None,
     reference: also time reference-scale shapes (needs an accelerator).
     progress: show a progress bar.
     mesh, fsdp: how the world model is placed (`load_world`).
+    reference_options: the `reference_*` benchmarks' {"code_dir": the reference checkout or None,
+      "edits": edits timed per side, "steps": a reduced iteration count or None}.
 
   Returns:
     The benchmarks' rows (dicts with benchmark, shape, first_s, steady_s, throughput, ...).
   """
   from tqdm import tqdm
   world = load_world(world_dir, mesh=mesh, fsdp=fsdp)
+  world["reference_options"] = dict(reference_options or {})
   rows: list[dict[str, Any]] = []
-  for name in tqdm(names, desc="benchmarks", disable=not progress):
-    rows += BENCHMARKS[name](world, reference)
+  try:
+    for name in tqdm(names, desc="benchmarks", disable=not progress):
+      rows += BENCHMARKS[name](world, reference)
+  finally:
+    if "reference_work" in world:  # the reference benchmarks' model and statistics
+      import shutil  # noqa: PLC0415
+      shutil.rmtree(world["reference_work"], ignore_errors=True)
   return rows
 
 

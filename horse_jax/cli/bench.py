@@ -48,6 +48,15 @@ def register(sub) -> None:
   p.add_argument("--world", default=None, help="world folder [checkpoints/world]")
   p.add_argument("--reference", action="store_true",
                  help="add reference-scale shapes (needs an accelerator's memory and speed)")
+  p.add_argument("--reference-code", default=None, metavar="DIR",
+                 help="a checkout of the HoReN reference repository (github ha11ucin8/HoReN; or "
+                      "HORSE_JAX_REFERENCE_CODE): the reference_* benchmarks time its editors "
+                      "against ours (needs torch); without it their rows say they need it")
+  p.add_argument("--reference-edits", type=int, default=5, metavar="N",
+                 help="reference_*: edits timed per side, after one untimed [5]")
+  p.add_argument("--reference-steps", type=int, default=None, metavar="N",
+                 help="reference_*: a reduced iteration count (n_iter, v_num_grad_steps) for both "
+                      "sides alike [the hparams files']")
   from horse_jax.cli.common import add_mesh_args, add_overwrite_arg
   add_overwrite_arg(p)
   add_mesh_args(p)
@@ -60,12 +69,27 @@ def run(args) -> int:
   from horse_jax.cli.common import setup_devices
   outputs.prepare_output(args.out, inputs={"--world": args.world}, overwrite=args.overwrite)
   bench = load_suite()
+  from benchmarks import reference  # noqa: PLC0415  (importable once the suite is)
+  from benchmarks.reference import shim  # noqa: PLC0415
+  code_dir = reference.code_dir(args.reference_code)
+  if code_dir:
+    try:
+      shim.check_checkout(code_dir)
+    except FileNotFoundError as err:
+      raise UserError(f"--reference-code: {err}") from None
+  if args.reference_edits < 1:
+    raise UserError(f"--reference-edits {args.reference_edits}: at least 1")
+  if args.reference_steps is not None and args.reference_steps < 1:
+    raise UserError(f"--reference-steps {args.reference_steps}: at least 1")
+  # Without a checkout the reference_* rows only say that they need one.
   names = args.only or [n for n in bench.BENCHMARKS if n not in bench.ON_REQUEST]
   unknown = [n for n in names if n not in bench.BENCHMARKS]
   if unknown:
     raise UserError(f"unknown benchmark {unknown[0]!r} (known: {', '.join(bench.BENCHMARKS)})")
   mesh, fsdp = setup_devices(args, args.world and os.path.join(args.world, "model"))
-  rows = bench.run(names, args.world, args.reference, mesh=mesh, fsdp=fsdp)
+  rows = bench.run(names, args.world, args.reference, mesh=mesh, fsdp=fsdp,
+                   reference_options={"code_dir": code_dir, "edits": args.reference_edits,
+                                      "steps": args.reference_steps})
   device = bench.device_description()
   table = bench.markdown(rows, device)
   with outputs.output_folder(args.out, overwrite=args.overwrite, manifest={"command": "bench"}) as out:
