@@ -129,10 +129,6 @@ def test_stream_resumes(world, tmp_path, monkeypatch, method):
   _stop_resume_equals_whole(world, tmp_path, monkeypatch, method)
 
 
-class Inner(tuple):
-  pass
-
-
 def test_pytree_roundtrip_keeps_values_types_and_grown_shapes(tmp_path):
   rng = np.random.RandomState(3).get_state()
   tree = {"a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "flag": jnp.bool_(True),

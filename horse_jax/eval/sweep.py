@@ -285,13 +285,18 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
   if not write:
     results["plots"] = []
     return results
+  _write_tables(results, out)
+  shutil.rmtree(os.path.join(out, STREAMS), ignore_errors=True)  # resume state: a finished sweep needs none
+  return results
+
+
+def _write_tables(results: dict[str, Any], out: str) -> None:
+  """plots/, curves/, results.md, table.md and results.json of `results` (aggregated) in `out`."""
   results["plots"] = [os.path.relpath(p, out) for p in plots.plot_sweep(results["aggregate"], os.path.join(out, "plots"))]
   results["curves"] = [os.path.relpath(p, out) for p in plots.plot_curves(results["cells"], os.path.join(out, "curves"))]
   atomic_write_text(os.path.join(out, "results.md"), tables.markdown(results))
   atomic_write_text(os.path.join(out, "table.md"), tables.paper_table(results))
   atomic_write_json(os.path.join(out, "results.json"), json_safe(results))
-  shutil.rmtree(os.path.join(out, STREAMS), ignore_errors=True)  # resume state: a finished sweep needs none
-  return results
 
 
 def report(settings: Mapping[str, Any], out: str) -> dict[str, Any]:
@@ -315,11 +320,7 @@ def report(settings: Mapping[str, Any], out: str) -> dict[str, Any]:
   results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
                              "cells": store.cells(), "skipped": [], "effective_settings": []}
   results["aggregate"] = tables.aggregate(results["cells"])
-  results["plots"] = [os.path.relpath(p, out) for p in plots.plot_sweep(results["aggregate"], os.path.join(out, "plots"))]
-  results["curves"] = [os.path.relpath(p, out) for p in plots.plot_curves(results["cells"], os.path.join(out, "curves"))]
-  atomic_write_text(os.path.join(out, "results.md"), tables.markdown(results))
-  atomic_write_text(os.path.join(out, "table.md"), tables.paper_table(results))
-  atomic_write_json(os.path.join(out, "results.json"), json_safe(results))
+  _write_tables(results, out)
   return results
 
 
