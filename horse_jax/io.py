@@ -170,6 +170,8 @@ def load_pytree(folder: str | os.PathLike, like: Any) -> Any:
     seen.add(key)
     if key in arrays:
       value = arrays[key]
+      if getattr(leaf, "shape", None) == () and value.shape == (1,):
+        value = value.reshape(())  # safetensors stores a scalar as one element
       if isinstance(leaf, jax.Array):
         value = (jax.device_put(value, leaf.sharding) if value.shape == leaf.shape
                  else jnp.asarray(value))

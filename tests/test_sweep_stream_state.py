@@ -139,7 +139,8 @@ def test_pytree_roundtrip_keeps_values_types_and_grown_shapes(tmp_path):
               rng=np.random.RandomState(0).get_state(), a=jnp.zeros((2, 3), jnp.float32))
   back = load_pytree(tmp_path / "s", like)
   assert isinstance(back["a"], jax.Array) and np.array_equal(back["a"], tree["a"])
-  assert back["grown"].shape == (3, 2, 2) and bool(back["flag"]) and back["n"] == 7
+  assert back["grown"].shape == (3, 2, 2) and back["n"] == 7
+  assert back["flag"].shape == () and bool(back["flag"])
   assert isinstance(back["np"], np.ndarray) and back["np"].tolist() == [1, 2]
   restored = np.random.RandomState()
   restored.set_state(back["rng"])
