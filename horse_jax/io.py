@@ -193,3 +193,87 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[Any]:
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+# ---- pytrees: an edit state saved for resume ----
+
+PYTREE_ARRAYS = "arrays.safetensors"  # the array leaves, keyed by tree path
+PYTREE_LEAVES = "leaves.json"  # the other leaves (Python numbers, strings, None), keyed alike
+
+
+def _is_array(leaf) -> bool:
+  import numpy as np  # noqa: PLC0415
+  return hasattr(leaf, "shape") and hasattr(leaf, "dtype") or isinstance(leaf, np.generic)
+
+
+def save_pytree(folder: str | os.PathLike, tree: Any) -> None:
+  """Writes a pytree into `folder` (replacing it whole, atomically): array leaves (jax or NumPy,
+  gathered to the host) in arrays.safetensors, other leaves (ints, floats, strings) in leaves.json,
+  each under its `jax.tree_util.keystr` path.
+
+  Args:
+    folder: the folder to write.
+    tree: the pytree (NamedTuples, dicts, lists; leaves as above).
+  """
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from safetensors.numpy import save_file  # noqa: PLC0415
+  arrays, plain = {}, {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = jax.tree_util.keystr(path)
+    if _is_array(leaf):
+      arrays[key] = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    else:
+      plain[key] = leaf
+  with atomic_directory(folder) as tmp:
+    save_file(arrays, os.path.join(tmp, PYTREE_ARRAYS))
+    atomic_write_json(os.path.join(tmp, PYTREE_LEAVES), plain, indent=None)
+
+
+def load_pytree(folder: str | os.PathLike, like: Any) -> Any:
+  """Reads a pytree written by `save_pytree` into the structure of `like`.
+
+  Array shapes and dtypes come from the file (a state whose arrays grow, e.g. WISE's stored
+  memories, reads back whole); a jax leaf of `like` gives the loaded array its sharding when the
+  shapes agree. Leaves the file lacks or holds beyond `like` are an error.
+
+  Args:
+    folder: the folder `save_pytree` wrote.
+    like: a pytree of the same structure (e.g. a fresh state of the same editor).
+
+  Returns:
+    The pytree read back (jax arrays where `like` holds jax arrays, NumPy arrays elsewhere).
+  """
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from safetensors.numpy import load_file  # noqa: PLC0415
+
+  from horse_jax.errors import UserError  # noqa: PLC0415
+  try:
+    arrays = load_file(os.path.join(folder, PYTREE_ARRAYS))
+    with open(os.path.join(folder, PYTREE_LEAVES), encoding="utf-8") as f:
+      plain = json.load(f)
+  except (OSError, ValueError) as err:
+    raise UserError(f"{folder}: not a saved state ({err})") from None
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  out, seen = [], set()
+  for path, leaf in leaves:
+    key = jax.tree_util.keystr(path)
+    seen.add(key)
+    if key in arrays:
+      value = arrays[key]
+      if getattr(leaf, "shape", None) == () and value.shape == (1,):
+        value = value.reshape(())  # safetensors stores a scalar as one element
+      if isinstance(leaf, jax.Array):
+        value = (jax.device_put(value, leaf.sharding) if value.shape == leaf.shape
+                 else jnp.asarray(value))
+    elif key in plain:
+      value = plain[key]
+    else:
+      raise UserError(f"{folder}: the saved state has no {key} (saved by another method or version)")
+    out.append(value)
+  extra = sorted((set(arrays) | set(plain)) - seen)
+  if extra:
+    raise UserError(f"{folder}: the saved state has {extra[0]} that this state lacks (saved by "
+                    "another method or version)")
+  return jax.tree_util.tree_unflatten(treedef, out)

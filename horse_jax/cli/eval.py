@@ -36,6 +36,9 @@ def register(sub) -> None:
   p.add_argument("--eval", dest="eval_mode", choices=("teacher", "generate"), default=None,
                  help="teacher-forced scores only, or also greedy generation")
   p.add_argument("--skip-invalid", action="store_true", help="report and skip malformed records")
+  p.add_argument("--report", action="store_true",
+                 help="edit nothing: write results.md and the plots of the cells a stopped sweep in "
+                      "--out finished (the same command without --report resumes it)")
   from horse_jax.cli.common import add_device_args, add_dtype_arg, add_overwrite_arg
   add_dtype_arg(p, "default the YAML's dtype, else float32")
   add_overwrite_arg(p)
@@ -85,6 +88,12 @@ def run(args) -> int:
     raise UserError(f"--out {out}: holds something other than this sweep (a sweep folder resumes only "
                     "with the same settings; add --overwrite to replace it, or choose another folder)")
   main = distributed.is_main()
+  if args.report:
+    if main:
+      results = sweep.report(settings, out)
+      print(f"wrote {os.path.join(out, 'results.md')} ({len(results['cells'])} finished cells of an "
+            "unfinished sweep)")
+    return 0
 
   def run_in(folder, resume):
     with progress.stage(f"sweep {settings['name']}"):

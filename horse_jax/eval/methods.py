@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 
@@ -85,6 +85,29 @@ def register_sequential(name: str, method: SequentialMethod) -> SequentialMethod
   """Adds (or replaces) a sequential method."""
   SEQUENTIAL[name] = method
   return method
+
+
+def sequential_step(options: Mapping[str, Any]) -> int | None:
+  """A sweep entry's `sequential_step`: requests per edit step of a batch method run as a
+  sequential stream (HORSE / MALMEN / MEND); None: not set."""
+  step = options.get("sequential_step")
+  if step is None:
+    return None
+  label = options.get("label", options.get("name"))
+  if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+    raise UserError(f"methods.{label}.sequential_step: a positive integer, not {step!r}")
+  if not (options.get("name") in BATCH and options.get("name") in SEQUENTIAL):
+    raise UserError(f"methods.{label}.sequential_step: only HORSE, MALMEN and MEND edit either at "
+                    f"once or as a stream ({options.get('name')} is always "
+                    f"{'sequential' if options.get('name') in SEQUENTIAL else 'at once'})")
+  return step
+
+
+def entry_kind(options: Mapping[str, Any]) -> str:
+  """How the sweep runs a method entry: "batch" (all n edits at once) or "sequential" (one stream
+  per seed); a hypernetwork method with `sequential_step` is sequential."""
+  kind = kind_of(options["name"])
+  return "sequential" if sequential_step(options) is not None else kind
 
 
 def kind_of(name: str) -> str:
@@ -175,21 +198,33 @@ for _name in settings_lib.HYPERNET:
   register_batch(_name, functools.partial(run_hypernet, _name))
 
 
+class Stream(NamedTuple):
+  """A sequential stream's state: the protocol Editor, its edit state, and (hypernetwork methods
+  run as a stream) the requests per edit step."""
+
+  editor: Any
+  inner: Any
+  step: int | None = None
+
+
 def _sequential_start(method: str, ctx: CellContext, options, seed):
   editor = make_cell_editor(ctx, method, options, seed)
-  return editor, editor.init(jax.random.PRNGKey(seed))
+  return Stream(editor, editor.init(jax.random.PRNGKey(seed)), sequential_step(options))
 
 
 def _sequential_edit(ctx: CellContext, state, records: Sequence[EditRecord]):
   del ctx
-  editor, inner = state
-  inner, _ = editor.edit(inner, list(records))
-  return editor, inner
+  editor, inner, step = state
+  records = list(records)
+  # Hypernetwork methods: one `edit` call per step, each computed on the model as edited by the
+  # calls before (a step never spans two calls of this function).
+  for i in range(0, len(records), step or max(len(records), 1)):
+    inner, _ = editor.edit(inner, records[i:i + (step or len(records))])
+  return Stream(editor, inner, step)
 
 
 def _sequential_fns(ctx: CellContext, state):
-  editor, inner = state
-  edited = editor.apply(inner)
+  edited = state.editor.apply(state.inner)
   return edited.logits, edited.generate if ctx.generate_fn else None
 
 
@@ -198,8 +233,7 @@ def _codebook_save(ctx: CellContext, state, folder: str) -> None:
   same compiled programs on the same buffer shapes as the uninterrupted one."""
   from horse_jax.editors.codebook import persist  # noqa: PLC0415
   del ctx
-  editor, book = state
-  persist.save(folder, book, editor.config, extra={"capacity": book.capacity})
+  persist.save(folder, state.inner, state.editor.config, extra={"capacity": state.inner.capacity})
 
 
 def _codebook_load(method: str, ctx: CellContext, options, seed, folder: str):
@@ -207,20 +241,44 @@ def _codebook_load(method: str, ctx: CellContext, options, seed, folder: str):
   _, extra = persist.load_settings(folder)
   book, _ = persist.load(folder, capacity=int(extra["capacity"]))
   editor = make_cell_editor(ctx, method, options, seed, codebook=book)
-  return editor, editor.init(jax.random.PRNGKey(seed))
+  return Stream(editor, editor.init(jax.random.PRNGKey(seed)))
 
 
-# HoReN / GRACE edit one request after another into a codebook, saved at each checkpoint so a killed
-# sweep resumes; UltraEdit edits steps of `editor.batch_size` requests (a sweep giving it fewer records
-# at a time makes shorter steps) and restarts its stream on resume (it has no save/load yet).
+def _state_save(ctx: CellContext, state, folder: str) -> None:
+  """The edit state as a pytree (`horse_jax.io.save_pytree`): UltraEdit's statistics and shifts,
+  ROME/MEMIT/AlphaEdit's shifts and cache, DEFER's gate and adapter, WISE's memories and mask
+  generator, a hypernetwork stream's networks and shifts. The editor itself (settings, C and
+  projectors, templates) is rebuilt from the sweep entry on load."""
+  from horse_jax.io import save_pytree  # noqa: PLC0415
+  del ctx
+  save_pytree(folder, state.inner)
+
+
+def _state_load(method: str, ctx: CellContext, options, seed, folder: str):
+  from horse_jax.io import load_pytree  # noqa: PLC0415
+  stream = _sequential_start(method, ctx, options, seed)
+  like = stream.inner
+  if method in settings_lib.HYPERNET and like.shifts is None:  # shifts exist once a step was made
+    from horse_jax.models import names  # noqa: PLC0415
+    like = like._replace(shifts={m: names.get_kernel(ctx.model.params, m)
+                                 for m in stream.editor.config.modules})
+  return stream._replace(inner=load_pytree(folder, like))
+
+
+# Every sequential method saves its state at each checkpoint, so a killed sweep resumes its streams.
+# HoReN / GRACE edit one request after another into a codebook (saved as a codebook folder).
 for _name in settings_lib.CODEBOOK:
   register_sequential(_name, SequentialMethod(
       functools.partial(_sequential_start, _name), _sequential_edit, _sequential_fns, _codebook_save,
       functools.partial(_codebook_load, _name)))
-# ROME / MEMIT / AlphaEdit run one request per step as in the HoReN reference (AlphaEdit's cache of
-# past keys carries over); their state is the accumulated weight shifts; an entry's `stats_corpus`
-# names the corpus of C (default the world's pre-training text). They restart a stream on resume.
-# DEFER and WISE wrap one module and edit one record at a time, through the same protocol.
-for _name in settings_lib.ULTRAEDIT + settings_lib.LOCATE + settings_lib.WRAPPED:
-  register_sequential(_name, SequentialMethod(functools.partial(_sequential_start, _name),
-                                              _sequential_edit, _sequential_fns))
+# UltraEdit edits steps of `editor.batch_size` requests (a sweep giving it fewer records at a time
+# makes shorter steps). ROME / MEMIT / AlphaEdit run one request per step as in the HoReN reference
+# (AlphaEdit's cache of past keys carries over); an entry's `stats_corpus` names the corpus of C
+# (default the world's pre-training text). DEFER and WISE wrap one module and edit one record at a
+# time. HORSE / MALMEN / MEND are batch methods, and sequential (an entry with `sequential_step`)
+# as the HoReN paper runs its MEND baseline: steps of that many requests applied one after another.
+for _name in (settings_lib.ULTRAEDIT + settings_lib.LOCATE + settings_lib.WRAPPED
+              + settings_lib.HYPERNET):
+  register_sequential(_name, SequentialMethod(
+      functools.partial(_sequential_start, _name), _sequential_edit, _sequential_fns, _state_save,
+      functools.partial(_state_load, _name)))

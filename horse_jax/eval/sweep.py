@@ -4,12 +4,14 @@ A sweep YAML (see `eval/*.yaml` and DEFAULTS) names the models and datasets, the
 `horse_jax.eval.methods`), the numbers of edits and the seeds. For each seed the records are shuffled
 (`sample: random`, or kept in file order with `sample: first`) and the first n are edited:
   batch methods (horse, malmen, mend, unedited): one cell per n, all n edits at once, timing "at_once";
-  sequential methods (horen, grace): one run over max(n) edits per seed; at each checkpoint n every
-    edit so far is scored on the current model (timing "final"), and each edit is scored right after
-    it is made (timing "immediate", summarized over the first n edits).
+  sequential methods (horen, grace, ultraedit, rome, memit, alphaedit, wise, defer; horse, malmen,
+    mend with `sequential_step`: steps of that many edits): one run over max(n) edits per seed; at
+    each checkpoint n every edit so far is scored on the current model (timing "final"), and each
+    edit is scored right after it is made (timing "immediate", summarized over the first n edits).
 Outputs in the output folder: results.json (every cell, then mean/std over seeds), results.md (one
-markdown table per model/dataset), curve.jsonl (one line per finished (model, data, method, seed,
-n_edits), appended as each finishes), plots/*.png (metric vs number of edits, error bars over seeds),
+markdown table per model/dataset), table.md (a paper's layout: methods x numbers of edits x ES, GS,
+locality, overall), curve.jsonl (one line per finished (model, data, method, seed, n_edits),
+appended as each finishes), plots/*.png (metric vs number of edits, error bars over seeds),
 curves/*.png (the same curves, seeds as bands) and per-cell metrics files under cells/ (written with
 `write_metrics`). Every file is written atomically (curve.jsonl line by line).
 `eval.score_sample` scores a seeded random sample of the edits of a large cell (`scored_indices`),
@@ -81,9 +83,10 @@ class SweepSettings(Settings):
   sample: Literal["random", "first"] = setting(
       "random", "records per seed: a seeded shuffle (random) or file order (first)")
   methods: tuple[Any, ...] = setting(
-      ("unedited",), "method names, or mappings {name, label, hypernet, stats_corpus, settings: {model, "
-      "data, editor, eval}} (settings as in `horse-jax settings --method NAME`; stats_corpus: "
-      "ROME/MEMIT/AlphaEdit's statistics corpus)")
+      ("unedited",), "method names, or mappings {name, label, hypernet, stats_corpus, sequential_step, "
+      "n_edits, settings: {model, data, editor, eval}} (settings as in `horse-jax settings --method "
+      "NAME`; stats_corpus: ROME/MEMIT/AlphaEdit's statistics corpus; sequential_step: HORSE/MALMEN/"
+      "MEND edit as a sequential stream of steps of that many requests)")
   eval: SweepEval = SweepEval()
 
 
@@ -106,7 +109,7 @@ def _method_entries(settings) -> list[dict[str, Any]]:
       raise UserError(f"sweep: methods[{i}] should be a method name or a mapping with `name`")
     entry = dict(entry)
     entry.setdefault("label", entry["name"])
-    methods_lib.kind_of(entry["name"])  # unknown names fail before any work
+    methods_lib.entry_kind(entry)  # unknown names (and a misplaced sequential_step) fail before any work
     hypernet = entry.get("hypernet")
     if hypernet and hypernet != methods_lib.FRESH_HYPERNET and not os.path.exists(str(hypernet)):
       raise UserError(f"sweep: methods[{i}] ({entry['label']}): hypernet folder {hypernet!r} not found")
@@ -187,7 +190,7 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
               for p in data_paths}  # every dataset is checked before any model work
   for path, records in datasets.items():
     hypernet = [e["label"] for e in entries
-                if methods_lib.kind_of(e["name"]) == "batch" and e["name"] != "unedited"]
+                if methods_lib.kind_of(e["name"]) != "sequential" and e["name"] != "unedited"]
     if unke.is_unke(records[0]) and hypernet:
       raise UserError(f"sweep: {path} holds UnKE (unstructured) records, edited by horen, grace "
                       f"(or scored unedited), not by {', '.join(hypernet)}")
@@ -271,7 +274,7 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
               atomic_write_json(os.path.join(out, "results.json"), json_safe(results))  # partial progress
 
           order = order_for(len(records), seed, settings["sample"])
-          if methods_lib.kind_of(entry["name"]) == "batch":
+          if methods_lib.entry_kind(entry) == "batch":
             _run_batch(ctx, entry, records, order, usable, seed, ev, progress, store.finished(key), emit)
           else:
             _run_sequential(ctx, entry, records, order, usable, seed, ev, progress,
@@ -282,11 +285,42 @@ def run_sweep(settings: Mapping[str, Any], out: str, *, progress: bool = True,
   if not write:
     results["plots"] = []
     return results
+  _write_tables(results, out)
+  shutil.rmtree(os.path.join(out, STREAMS), ignore_errors=True)  # resume state: a finished sweep needs none
+  return results
+
+
+def _write_tables(results: dict[str, Any], out: str) -> None:
+  """plots/, curves/, results.md, table.md and results.json of `results` (aggregated) in `out`."""
   results["plots"] = [os.path.relpath(p, out) for p in plots.plot_sweep(results["aggregate"], os.path.join(out, "plots"))]
   results["curves"] = [os.path.relpath(p, out) for p in plots.plot_curves(results["cells"], os.path.join(out, "curves"))]
   atomic_write_text(os.path.join(out, "results.md"), tables.markdown(results))
+  atomic_write_text(os.path.join(out, "table.md"), tables.paper_table(results))
   atomic_write_json(os.path.join(out, "results.json"), json_safe(results))
-  shutil.rmtree(os.path.join(out, STREAMS), ignore_errors=True)  # resume state: a finished sweep needs none
+
+
+def report(settings: Mapping[str, Any], out: str) -> dict[str, Any]:
+  """Tables and plots of the finished cells of a stopped (or still running) sweep, without editing:
+  results.md, plots/ and curves/ from `out`'s curve.jsonl, and results.json marked incomplete
+  (`complete: false`). The same command without --report resumes the sweep.
+
+  Args:
+    settings: the sweep's resolved settings (the folder must hold this sweep).
+    out: the sweep folder.
+
+  Returns:
+    The results dict written to results.json.
+  """
+  if folder_holds(out, settings) is not True:
+    raise UserError(f"--report: {out} holds no run of this sweep (its sweep.json has other settings, "
+                    "or it is missing)")
+  store = Store(out, write=False)
+  if not store.lines:
+    raise UserError(f"--report: {out} has no finished cell yet ({CURVE} is empty)")
+  results: dict[str, Any] = {"name": settings["name"], "settings": _plain(settings), "complete": False,
+                             "cells": store.cells(), "skipped": [], "effective_settings": []}
+  results["aggregate"] = tables.aggregate(results["cells"])
+  _write_tables(results, out)
   return results
 
 

@@ -109,3 +109,51 @@ def markdown(results: Mapping[str, Any]) -> str:
   if results.get("curves"):
     lines += ["Curves (seeds as bands): " + ", ".join(f"[{p}]({p})" for p in results["curves"]), ""]
   return "\n".join(lines)
+
+
+# The paper's comparison layout: per number of edits, these columns (overall's locality is the one
+# named in results.md's `overall locality` column).
+PAPER_COLUMNS = (("edit_acc", "ES"), ("rephrase_acc", "GS"), ("loc_agree", "loc"), ("overall", "overall"))
+
+
+def paper_table(results: Mapping[str, Any]) -> str:
+  """table.md: the HoReN paper's table layout, one row per method and one group of columns (ES,
+  GS, locality, overall) per number of edits; a sequential method's row is its `final` timing
+  (every edit so far scored after the last one), a batch method's `at_once`. Mean over seeds
+  (± sample std with several); "–" where a cell was not run.
+
+  Args:
+    results: a sweep's results (its `aggregate` rows).
+
+  Returns:
+    The markdown text.
+  """
+  lines = [f"# Sweep `{results['name']}`: the comparison table", "",
+           "Rows: methods; per number of edits N: ES (edit prompts), GS (rephrases), loc "
+           "(loc_agree: post- vs pre-edit argmax on unrelated prompts) and overall = mean(ES, GS, loc), "
+           "teacher-forced token accuracy, every edit so far scored after the N-th edit (sequential "
+           "methods) or after all N at once (batch methods: `timing` at_once).", ""]
+  groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+  for r in results["aggregate"]:
+    if r["timing"] in ("final", "at_once"):
+      groups.setdefault((r["model"], r["data"]), []).append(r)
+  for (model, data), group in groups.items():
+    counts = sorted({r["n_edits"] for r in group})
+    methods = list(dict.fromkeys(r["method"] for r in group))
+    by = {(r["method"], r["n_edits"]): r for r in group}
+    lines += [f"## model `{model}` · data `{data}`", ""]
+    header = ["method", "timing"] + [f"{t} @{n}" for n in counts for _, t in PAPER_COLUMNS]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|")
+    for method in methods:
+      timing = next(r["timing"] for r in group if r["method"] == method)
+      cells = [method, timing]
+      for n in counts:
+        row = by.get((method, n))
+        cells += [_fmt(row[key], len(row["seeds"])) if row else "–" for key, _ in PAPER_COLUMNS]
+      lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+  if not results.get("complete", True):
+    lines += ["Unfinished sweep: cells marked – were not run yet (`horse-jax eval` with the same "
+              "settings resumes it).", ""]
+  return "\n".join(lines)
