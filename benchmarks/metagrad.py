@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Any
 
@@ -46,7 +47,7 @@ def max_rel(a, b) -> float:
 
 
 def metagrad_agreement(world_dir: str | None = None, config: str = RECIPE, steps: int = 3,
-                       valid_n: int = 200, seed: int = 0) -> dict[str, Any]:
+                       valid_n: int = 200, seed: int = 0, verbose: bool = False) -> dict[str, Any]:
   """First-step meta-gradients, hypernetworks after `steps` steps and their validation scores, for
   each way of `WAYS` (see the module docstring)."""
   from horse_jax.cli.edit_hypernet import resolve
@@ -71,9 +72,13 @@ def metagrad_agreement(world_dir: str | None = None, config: str = RECIPE, steps
   train = load_records(os.path.join(root, "data", "zsre_train.json"))
   valid = load_records(os.path.join(root, "data", "zsre_val.json"), limit=valid_n)
   tok = MemoTokenizer(tokenizer)
+  picked = [step_indices(seed, step, len(train), n_edits) for step in range(steps)]
+  # The memo holds only the records these steps draw (memo row i of records[i]; indices remapped).
+  used = np.unique(np.concatenate(picked))
+  train = [train[i] for i in used]
   step_sets = []
-  for step in range(steps):
-    idx = step_indices(seed, step, len(train), n_edits)
+  for idx in picked:
+    idx = np.searchsorted(used, idx)
     recs = [train[i] for i in idx]
     step_sets.append((idx, recs, step_batches(tok, recs, cfg, max_length)))
   fresh = hypernet.init(cfg, jax.random.PRNGKey(seed))
@@ -107,6 +112,10 @@ def metagrad_agreement(world_dir: str | None = None, config: str = RECIPE, steps
     nets[name] = jax.device_get(state.nets)
     _, scores[name] = validate(state, lm, tokenizer, cfg, valid, max_length, mesh)
     seconds[name] = time.perf_counter() - start
+    if verbose:
+      print(f"{name}: {seconds[name]:.0f} s, grads vs 1x1 {max_rel(grads[name], grads['1x1']):.2e}, "
+            f"nets vs 1x1 {max_rel(nets[name], nets['1x1']):.2e}, valid {scores[name]}",
+            file=sys.stderr, flush=True)
   base = WAYS[0][0]
   return {"config": os.path.basename(config), "n_edits": n_edits, "steps": steps, "valid_n": len(valid),
           "seconds": seconds,
@@ -140,7 +149,8 @@ def main() -> None:
   p.add_argument("--world", default=None)
   args = p.parse_args()
   import json
-  print(json.dumps(metagrad_agreement(args.world, args.config, args.steps, args.valid_n), indent=1))
+  print(json.dumps(metagrad_agreement(args.world, args.config, args.steps, args.valid_n,
+                                       verbose=True), indent=1))
 
 
 if __name__ == "__main__":

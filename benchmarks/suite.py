@@ -184,8 +184,16 @@ def bench_horse_solve_meshes(world, reference=False):
   return solve.bench_mesh_agreement(os.path.dirname(world["model_path"]))
 
 
+def bench_horse_metagrad_meshes(world, reference=False):
+  """HORSE meta-training on 1x1 and 2x4, cache recomputed or from the memo: first-step gradients,
+  hypernetworks after 3 steps and their validation ES/GS/LS (needs 8 devices; run it with --only)."""
+  import os
+  from benchmarks import metagrad
+  return metagrad.bench_metagrad_agreement(os.path.dirname(world["model_path"]))
+
+
 # Benchmarks left out of a plain `horse-jax bench` (they take long): run them with --only.
-ON_REQUEST = ("horen_world_50k", "horse_solve_meshes")
+ON_REQUEST = ("horen_world_50k", "horse_solve_meshes", "horse_metagrad_meshes")
 
 BENCHMARKS = {
     "forward": bench_forward,
@@ -200,6 +208,7 @@ BENCHMARKS = {
     "horen_llama8": bench_horen_llama8,
     "horen_world_50k": bench_horen_world_50k,
     "horse_solve_meshes": bench_horse_solve_meshes,
+    "horse_metagrad_meshes": bench_horse_metagrad_meshes,
 }
 
 
