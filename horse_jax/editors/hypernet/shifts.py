@@ -355,16 +355,22 @@ def ridge_resolve(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh=None,
 # (K K^T + e^lamda I) Y = K M, so Y is refined with the dual residual r = K M - K (K^T Y) - e^lamda Y,
 # whose correction (K K^T + e^lamda I)^{-1} r = (r - K A^{-1} K^T r) / e^lamda (Woodbury) reuses the
 # primal factor; K^T r lies in K's row space, where A^{-1} keeps no large component.
-# Measured on the world recipe's first step (float64 NumPy as truth): K X 4.8e-5 / 2.0e-4 -> ~1e-7.
+# Measured on the world recipe's first step (float64 NumPy as truth): K X 4.8e-5 / 2.0e-4 -> ~1.6e-6.
+# Only with fewer cached rows than d_k: K then has a null space the dual system does not see
+# (eigenvalues sigma_i^2 + e^lamda over the R rows). With R >= d_k the dual system is the singular
+# one (an R - d_k dimensional null space at e^lamda), its residual stalls the refinement at ~5e-5 on
+# an ill-conditioned test system where the plain product is at 8e-6, so K X stays the plain product.
 
 
 @exact
 def ridge_resolve_rows(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh=None):
-  """(X, K X) with X = (K^T K + e^lamda I)^{-1} M: X refined as `ridge_resolve`, K X then refined
-  `REFINE_STEPS` times with the dual residual (see the comment above)."""
+  """(X, K X) with X = (K^T K + e^lamda I)^{-1} M: X refined as `ridge_resolve`; with fewer rows
+  than d_k, K X then refined `REFINE_STEPS` times with the dual residual (see the comment above)."""
   lam = jnp.exp(lamda)
   x = ridge_resolve(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh)
   y = jnp.matmul(keys_RxK, x, precision=HI)
+  if keys_RxK.shape[0] >= keys_RxK.shape[1]:
+    return x, y
   km = jnp.matmul(keys_RxK, rhs_KxV, precision=HI)
   for _ in range(REFINE_STEPS):
     r = km - jnp.matmul(keys_RxK, jnp.matmul(keys_RxK.T, y, precision=HI), precision=HI) - lam * y
