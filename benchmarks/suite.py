@@ -192,6 +192,14 @@ def bench_horse_solve_meshes(world, reference=False):
   return solve.bench_mesh_agreement(os.path.dirname(world["model_path"]))
 
 
+def bench_horse_metagrad_meshes(world, reference=False):
+  """HORSE meta-training on 1x1 and 2x4, cache recomputed or from the memo: first-step gradients,
+  hypernetworks after 3 steps and their validation ES/GS/LS (needs 8 devices; run it with --only)."""
+  import os
+  from benchmarks import metagrad
+  return metagrad.bench_metagrad_agreement(os.path.dirname(world["model_path"]))
+
+
 def _reference_bench(method: str):
   def bench(world, reference=False):
     from benchmarks import reference as ref  # noqa: PLC0415
@@ -204,7 +212,7 @@ def _reference_bench(method: str):
 
 
 # Benchmarks left out of a plain `horse-jax bench` (they take long): run them with --only.
-ON_REQUEST = ("horen_world_50k", "horse_solve_meshes")
+ON_REQUEST = ("horen_world_50k", "horse_solve_meshes", "horse_metagrad_meshes")
 # Ours against the reference code, one per method (`benchmarks.reference`); a plain
 # `horse-jax bench` runs them only with --reference-code.
 REFERENCE = tuple(f"reference_{m}" for m in ("ultraedit", "alphaedit", "memit", "rome", "wise",
@@ -224,6 +232,7 @@ BENCHMARKS = {
     "horen_llama8_targets": bench_horen_llama8_targets,
     "horen_world_50k": bench_horen_world_50k,
     "horse_solve_meshes": bench_horse_solve_meshes,
+    "horse_metagrad_meshes": bench_horse_metagrad_meshes,
     **{name: _reference_bench(name[len("reference_"):]) for name in REFERENCE},
 }
 

@@ -77,3 +77,24 @@ def test_resolve_matches_float64():
                                                                               lam)
   a = np.float64(k).T @ k + np.exp(np.float64(lam)) * np.eye(64)
   assert rel(x, np.linalg.solve(a, w)) < 4e-5
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+def test_resolve_rows_matches_float64_where_the_product_cancels(mesh_shape):
+  """K X of the meta backward (X = A^{-1} M) with fewer rows than d_k and M mostly outside K's row
+  space: A^{-1} keeps that part (divided by e^lamda), K annihilates it, so the float32 product K X
+  of even an exact-to-rounding X cancels to a few digits; the dual-refined K X does not."""
+  rng = np.random.default_rng(3)
+  k = np.float32(rng.normal(size=(32, 128)) * 3.0)
+  w = rng.normal(size=(128, 16))
+  lam = np.float32(-2.0)
+  mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+  a = np.float64(k).T @ k + np.exp(np.float64(lam)) * np.eye(128)
+  want = np.float64(k) @ np.linalg.solve(a, w)
+  fac = shifts.ridge_factor(k, lam, mesh)
+  x, kx = jax.jit(lambda f, kk, m, ll: shifts.ridge_resolve_rows(f, kk, m, ll, mesh))(
+      fac, k, np.float32(w), lam)
+  plain = np.float64(k) @ np.float64(x)  # even in float64, the float32 X's rounding shows
+  assert rel(x, np.linalg.solve(a, w)) < 1e-5
+  assert rel(plain, want) > 1e-5, rel(plain, want)  # the case is a hard one
+  assert rel(kx, want) < 1e-5, rel(kx, want)

@@ -5,7 +5,7 @@ matrix per module, summed over LM mini-batches), then pulled back to the hyperne
 holding the whole graph:
 
   X_l = (K^T K + e^lamda I)^{-1} M_l          (refined Cholesky solve, `shifts.ridge_resolve`)
-  dLoss/dD_l = K_l X_l                        [R, d_v]
+  dLoss/dD_l = K_l X_l                        [R, d_v], refined on its own (`ridge_resolve_rows`)
   HORSE: through D_l' = D_l - c(D_l) G_{l-1} (D_{l-1}, G_{l-1} constant), by `jax.vjp`
   hypernetwork params: sum over chunks of vjp(chunk -> D_chunk)(dLoss/dD_chunk)   (`lax.scan`)
   MALMEN lamda: -e^lamda * sum(X * S);  HORSE does not train lamda
@@ -27,7 +27,7 @@ from jax import lax
 
 from horse_jax.editors.hypernet import shifts as shifts_lib
 from horse_jax.editors.hypernet.config import HypernetConfig
-from horse_jax.editors.precision import HIGHEST as HI, exact
+from horse_jax.editors.precision import exact
 
 
 def _chunk_vjp(fn, net, xs, cot, acc):
@@ -91,8 +91,7 @@ def decoupled_grads_stacked(nets: dict, norms: dict, stacked, solved, dshifts: l
       # The factor only preconditions the refined solve (lamda's own gradient is the closed form
       # below).
       factor = shifts_lib.ridge_factor(k, lam, mesh) if stored is None else stored
-      x = shifts_lib.ridge_resolve(factor, k, mm, lam, mesh)
-      d_cot = jnp.matmul(k, x, precision=HI)
+      x, d_cot = shifts_lib.ridge_resolve_rows(factor, k, mm, lam, mesh)  # K X refined on its own
       if cfg.method == "malmen":
         acc = {**acc, "lamda": acc["lamda"].at[m].add(-jnp.exp(lam) * jnp.sum(x * s))}
       if horse:

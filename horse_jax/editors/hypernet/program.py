@@ -423,20 +423,28 @@ def meta_losses(model: Model, shifts: dict, rephrase: Packed, loc: Packed, cfg: 
   return gen, locl, dshifts
 
 
-def _meta_step(state, model: Model, cache, norms: dict, n_rows: int, rephrase: Packed, loc: Packed,
-               cfg: HypernetConfig, mesh):
-  """Everything of a meta-training step after the cache (see the module docstring, steps 4-5)."""
+def _meta_grads(nets: dict, model: Model, cache, norms: dict, n_rows: int, rephrase: Packed,
+                loc: Packed, cfg: HypernetConfig, mesh):
+  """(meta-gradient of the hypernetworks, gen_loss, loc_loss) given the cache (steps 4-5 before
+  the clip and Adam)."""
   chunk = _chunk(cfg, n_rows)
   with jax.named_scope("solve"):
-    solved = shifts_lib.solve_stacked(state.nets, norms, cache, cfg, chunk, mesh)
+    solved = shifts_lib.solve_stacked(nets, norms, cache, cfg, chunk, mesh)
   shifts = shifts_lib.unstack_modules(solved.shifts, cfg)
   with jax.named_scope("meta_losses"):
     gen, locl, dshifts = meta_losses(model, shifts, rephrase, loc, cfg, mesh)
   with jax.named_scope("meta_backward"):
-    grads = decoupled_grads_stacked(state.nets, norms, cache, solved,
+    grads = decoupled_grads_stacked(nets, norms, cache, solved,
                                     shifts_lib.stack_modules(dshifts, cfg), cfg, chunk, mesh)
   if cfg.method != "malmen":  # only MALMEN trains lamda
     grads = {k: {**g, "lamda": jnp.zeros_like(g["lamda"])} for k, g in grads.items()}
+  return grads, gen, locl
+
+
+def _meta_step(state, model: Model, cache, norms: dict, n_rows: int, rephrase: Packed, loc: Packed,
+               cfg: HypernetConfig, mesh):
+  """Everything of a meta-training step after the cache (see the module docstring, steps 4-5)."""
+  grads, gen, locl = _meta_grads(state.nets, model, cache, norms, n_rows, rephrase, loc, cfg, mesh)
   gnorm = optax.tree.norm(grads)
   updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.nets)
   nets = optax.apply_updates(state.nets, updates)
@@ -464,6 +472,18 @@ def train_program(state, model: Model, edits: Packed, rephrase: Packed, loc: Pac
   return _meta_step(state, model, cache, norms, edits.rows.shape[0], rephrase, loc, cfg, mesh)
 
 
+def _memo_cache(state, memo, rows, cfg: HypernetConfig, mesh):
+  """The step's cache gathered from the memo (weights applied) and the updated normalizers."""
+  memo_keys, memo_grads = memo
+  spec = _cache_spec(mesh, rows.slots.shape[0])
+  slots = _constrain(rows.slots, mesh, spec)
+  weight = _constrain(rows.weight, mesh, spec)[:, None]
+  keys = {m: _constrain(memo_keys[m][slots], mesh, spec) for m in cfg.modules}
+  vgrads = {m: _constrain(memo_grads[m][slots] * weight, mesh, spec) for m in cfg.modules}
+  return stack_and_normalize(keys, vgrads, rows.valid, rows.row_batch, rows.batch_rows,
+                             state.norms, cfg, mesh)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("state",))
 def train_program_memo(state, model: Model, memo, rows, rephrase: Packed, loc: Packed,
                        cfg: HypernetConfig, mesh=None):
@@ -482,16 +502,31 @@ def train_program_memo(state, model: Model, memo, rows, rephrase: Packed, loc: P
     rows: `memo.MemoRows` of this step (slots, weights, valid, row_batch, batch_rows).
     rephrase, loc: packed sets of this step's N records.
   """
-  memo_keys, memo_grads = memo
-  spec = _cache_spec(mesh, rows.slots.shape[0])
-  slots = _constrain(rows.slots, mesh, spec)
-  weight = _constrain(rows.weight, mesh, spec)[:, None]
   with jax.named_scope("cache"):
-    keys = {m: _constrain(memo_keys[m][slots], mesh, spec) for m in cfg.modules}
-    vgrads = {m: _constrain(memo_grads[m][slots] * weight, mesh, spec) for m in cfg.modules}
-    cache, norms = stack_and_normalize(keys, vgrads, rows.valid, rows.row_batch, rows.batch_rows,
-                                       state.norms, cfg, mesh)
+    cache, norms = _memo_cache(state, memo, rows, cfg, mesh)
   return _meta_step(state, model, cache, norms, rows.slots.shape[0], rephrase, loc, cfg, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def meta_grads_program(state, model: Model, edits: Packed | None, rephrase: Packed, loc: Packed,
+                       cfg: HypernetConfig, mesh=None, memo=None, rows=None):
+  """The meta-gradient a training step would clip and apply, without applying it (state kept).
+
+  For checks and benchmarks that compare gradients across meshes and cache paths: with `memo` and
+  `rows` the cache is gathered as `train_program_memo` does, else computed from `edits` as
+  `train_program` does.
+
+  Returns:
+    (gradients with the structure of `state.nets` (replicated), {"gen_loss", "loc_loss"}).
+  """
+  if memo is None:
+    cache, norms = cache_rows(model, state.norms, edits, cfg, mesh)
+    n_rows = edits.rows.shape[0]
+  else:
+    cache, norms = _memo_cache(state, memo, rows, cfg, mesh)
+    n_rows = rows.slots.shape[0]
+  grads, gen, locl = _meta_grads(state.nets, model, cache, norms, n_rows, rephrase, loc, cfg, mesh)
+  return _replicate(grads, mesh), {"gen_loss": gen, "loc_loss": locl}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("memo",))

@@ -287,9 +287,9 @@ def _factor_local(ops, k, lamda):
   return ops.cholesky(a)
 
 
-def _refined_local(ops, l, k, lamda, diffs, rhs):
-  """X with (K^T K + e^lamda I) X = K^T diffs + rhs (either may be None), refined `REFINE_STEPS`
-  times with the operator residual (see the section comment)."""
+def _refined_local(ops, l, k, lamda, diffs, rhs, refine: int = REFINE_STEPS):
+  """X with (K^T K + e^lamda I) X = K^T diffs + rhs (either may be None), refined `refine` times
+  with the operator residual (see the section comment)."""
   lam = jnp.exp(lamda)
 
   def residual(x):
@@ -303,7 +303,7 @@ def _refined_local(ops, l, k, lamda, diffs, rhs):
     return r if x is None else r - lam * x
 
   x = ops.cho_solve(l, residual(None))
-  for _ in range(REFINE_STEPS):
+  for _ in range(refine):
     x = x + ops.cho_solve(l, residual(x))
   return x
 
@@ -337,11 +337,47 @@ def ridge_factor(keys_RxK: jax.Array, lamda: jax.Array, mesh=None) -> jax.Array:
 
 
 @exact
-def ridge_resolve(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh=None) -> jax.Array:
-  """X = (K^T K + e^lamda I)^{-1} M (the meta backward's solve), refined; split by row with a mesh."""
+def ridge_resolve(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh=None,
+                  refine: int = REFINE_STEPS) -> jax.Array:
+  """X = (K^T K + e^lamda I)^{-1} M (the meta backward's solve), `refine` times refined; split by
+  row with a mesh."""
   r, d = keys_RxK.shape
-  fn = _sharded(lambda ops, k, l, m, lam: _refined_local(ops, l, k, lam, None, m), mesh, d, r, 1, 2)
+  fn = _sharded(lambda ops, k, l, m, lam: _refined_local(ops, l, k, lam, None, m, refine), mesh, d,
+                r, 1, 2)
   return fn(keys_RxK, factor_KxK, rhs_KxV, lamda)
+
+
+# K X in the meta backward. X = A^{-1} M is accurate to ~1e-7 of its norm, but M (dLoss/dS) has
+# components outside the row space of K that A^{-1} keeps (divided by e^lamda only) and K then
+# annihilates: |K X| is ~1e-3 of |K| |X| on the world (16 edits, 32 rows < d_k = 768), so the float32
+# product K X loses three digits (2e-4 relative against a float64 solve, and so memo vs recompute,
+# 1x1 vs 2x4 differed by as much) whatever X's accuracy. Y = K X solves the dual system
+# (K K^T + e^lamda I) Y = K M, so Y is refined with the dual residual r = K M - K (K^T Y) - e^lamda Y,
+# whose correction (K K^T + e^lamda I)^{-1} r = (r - K A^{-1} K^T r) / e^lamda (Woodbury) reuses the
+# primal factor; K^T r lies in K's row space, where A^{-1} keeps no large component.
+# Measured on the world recipe's first step (float64 NumPy as truth): K X 4.8e-5 / 2.0e-4 -> ~1.6e-6.
+# Only with fewer cached rows than d_k: K then has a null space the dual system does not see
+# (eigenvalues sigma_i^2 + e^lamda over the R rows). With R >= d_k the dual system is the singular
+# one (an R - d_k dimensional null space at e^lamda), its residual stalls the refinement at ~5e-5 on
+# an ill-conditioned test system where the plain product is at 8e-6, so K X stays the plain product.
+
+
+@exact
+def ridge_resolve_rows(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh=None):
+  """(X, K X) with X = (K^T K + e^lamda I)^{-1} M: X refined as `ridge_resolve`; with fewer rows
+  than d_k, K X then refined `REFINE_STEPS` times with the dual residual (see the comment above)."""
+  lam = jnp.exp(lamda)
+  x = ridge_resolve(factor_KxK, keys_RxK, rhs_KxV, lamda, mesh)
+  y = jnp.matmul(keys_RxK, x, precision=HI)
+  if keys_RxK.shape[0] >= keys_RxK.shape[1]:
+    return x, y
+  km = jnp.matmul(keys_RxK, rhs_KxV, precision=HI)
+  for _ in range(REFINE_STEPS):
+    r = km - jnp.matmul(keys_RxK, jnp.matmul(keys_RxK.T, y, precision=HI), precision=HI) - lam * y
+    z = ridge_resolve(factor_KxK, keys_RxK, jnp.matmul(keys_RxK.T, r, precision=HI), lamda, mesh,
+                      refine=0)
+    y = y + (r - jnp.matmul(keys_RxK, z, precision=HI)) / lam
+  return x, y
 
 
 @exact
@@ -367,8 +403,7 @@ def _ridge_shift_bwd(mesh, res, m_KxV):
   """With A = K^T K + e^lamda I, S = A^{-1} K^T D and X = A^{-1} M (refined, same factor):
   dD = K X, dK = D X^T - K (S X^T + X S^T), dlamda = -e^lamda <X, S>; the factor gets none."""
   k, dd, lamda, factor, s = res
-  x = ridge_resolve(factor, k, m_KxV, lamda, mesh)
-  kx = jnp.matmul(k, x, precision=HI)
+  x, kx = ridge_resolve_rows(factor, k, m_KxV, lamda, mesh)
   ks = jnp.matmul(k, s, precision=HI)
   dk = (jnp.matmul(dd, x.T, precision=HI) - jnp.matmul(ks, x.T, precision=HI)
         - jnp.matmul(kx, s.T, precision=HI))
