@@ -50,8 +50,8 @@ def metagrad_agreement(world_dir: str | None = None, config: str = RECIPE, steps
                        valid_n: int = 200, seed: int = 0, verbose: bool = False) -> dict[str, Any]:
   """First-step meta-gradients, hypernetworks after `steps` steps and their validation scores, for
   each way of `WAYS` (see the module docstring)."""
-  from horse_jax.cli.edit_hypernet import resolve
-  from horse_jax.cli.train import validate
+  from horse_jax.editors.hypernet.validation import validate
+  from horse_jax.editors.protocol import resolve_settings
   from horse_jax.data.loaders import load_records
   from horse_jax.editors import hypernet
   from horse_jax.editors.hypernet import memo as memo_lib
@@ -65,7 +65,7 @@ def metagrad_agreement(world_dir: str | None = None, config: str = RECIPE, steps
   root = world_dir or default_world_dir()
   path = os.path.join(root, "model")
   model, tokenizer = load_model(path)
-  resolved = resolve("horse", path, read_config(path), [config])
+  resolved = resolve_settings("horse", path, read_config(path), configs=[config])
   cfg = hypernet.from_settings("horse", resolved, model)
   settings = resolved.tree()
   max_length, n_edits = settings["data"].get("max_length"), int(settings["data"]["n_edits"])

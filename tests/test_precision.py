@@ -152,7 +152,7 @@ def test_hypernet_programs(folder, method, mesh):
     ("grace", ())])
 def test_codebook_edit_programs(folder, method, overrides):
   texts = planned_programs(folder, method, "1x1", overrides)
-  assert set(texts) == {"_edit_block_jit"}
+  assert set(texts) == {"_edit_block_jit", "_edited_logits"}  # the edit block and the inference stage
   assert_rule(texts, texts)
 
 

@@ -28,6 +28,7 @@ from horse_jax.editors import hypernet
 from horse_jax.editors.hypernet import checkpoint as ckpt
 from horse_jax.editors.hypernet import memo as memo_lib
 from horse_jax.editors.hypernet.data import step_batches, step_indices  # noqa: F401  (re-exported)
+from horse_jax.editors.hypernet.validation import validate
 from horse_jax.cli.settings_args import add_settings_args
 from horse_jax.errors import UserError
 from horse_jax.io import atomic_write_json, atomic_write_text
@@ -53,16 +54,6 @@ def register(sub) -> None:
   add_overwrite_arg(p)
   add_device_args(p)
   p.set_defaults(func=run)
-
-
-def validate(state, model, tokenizer, cfg, records, max_length, mesh=None):
-  """Edits all validation records at once and scores them; returns (state, summary)."""
-  from horse_jax.eval.scoring import score_records
-  shifts, state = hypernet.edit(state, model, cfg, hypernet.edit_batches(tokenizer, records, cfg.lm_batch, max_length),
-                                mesh=mesh)
-  scores = score_records(records, tokenizer, runtime.logits_fn(hypernet.apply(model, shifts)), progress=False)
-  s = scores["summary"]
-  return state, {k: s.get(k) for k in ("edit_acc", "rephrase_acc", "loc_acc")}
 
 
 def _truncate_metrics(path: str, step: int) -> None:
