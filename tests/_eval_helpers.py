@@ -25,3 +25,27 @@ def word_tokenizer(words, vocab_size: int | None = None) -> PreTrainedTokenizerF
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                  eos_token="</s>", unk_token="<unk>")
+
+
+class Stopped(BaseException):
+  """Stands in for a kill: raised right after a checkpoint's line is written."""
+
+
+def eval_stopped_after(monkeypatch, argv, n_edits: int) -> None:
+  """Runs `horse-jax eval argv`, stopped (as by a kill) right after the curve line of checkpoint
+  `n_edits` is on disk; the store's append is restored afterwards."""
+  import pytest  # noqa: PLC0415
+
+  from horse_jax.cli.main import main  # noqa: PLC0415
+  from horse_jax.eval import sweep  # noqa: PLC0415
+  append = sweep.Store.append
+
+  def append_then_stop(self, cells):
+    append(self, cells)
+    if cells[0]["n_edits"] == n_edits:
+      raise Stopped
+
+  monkeypatch.setattr(sweep.Store, "append", append_then_stop)
+  with pytest.raises(Stopped):
+    main(argv)
+  monkeypatch.setattr(sweep.Store, "append", append)

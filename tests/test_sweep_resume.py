@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from _eval_helpers import word_tokenizer
+from _eval_helpers import eval_stopped_after, word_tokenizer
 
 from horse_jax.cli.main import main
 from horse_jax.eval import methods as methods_lib
@@ -59,10 +59,6 @@ def curve(out):
   return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
 
 
-class Stopped(BaseException):
-  """Stands in for a kill: raised right after a checkpoint's line is written."""
-
-
 def test_stopped_between_checkpoints_resumes(world, tmp_path, monkeypatch):
   config = write_config(world, tmp_path / "sweep.yaml")
   whole = tmp_path / "whole"
@@ -70,17 +66,7 @@ def test_stopped_between_checkpoints_resumes(world, tmp_path, monkeypatch):
 
   # The same sweep, stopped once the line of checkpoint 2 is on disk.
   out = tmp_path / "out"
-  append = sweep.Store.append
-
-  def append_then_stop(self, cells):
-    append(self, cells)
-    if cells[0]["n_edits"] == 2:
-      raise Stopped
-
-  monkeypatch.setattr(sweep.Store, "append", append_then_stop)
-  with pytest.raises(Stopped):
-    main(["eval", "--config", config, "--out", str(out), "--quiet"])
-  monkeypatch.setattr(sweep.Store, "append", append)
+  eval_stopped_after(monkeypatch, ["eval", "--config", config, "--out", str(out), "--quiet"], 2)
   assert [line["n_edits"] for line in curve(out)] == [1, 2]
   assert not (out / "horse-jax.json").exists()  # not finished: `horse-jax info` says partial
   saved = json.loads(next((out / "streams").rglob("stream.json")).read_text())

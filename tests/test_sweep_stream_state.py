@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from _eval_helpers import word_tokenizer
+from _eval_helpers import eval_stopped_after, word_tokenizer
 
 from horse_jax.cli.main import main
 from horse_jax.errors import UserError
 from horse_jax.eval import methods as methods_lib
-from horse_jax.eval import sweep
 from horse_jax.io import load_pytree, save_pytree
 from horse_jax.models import save_pretrained
 from horse_jax.models.init import random_model, tiny_llama_config
@@ -72,25 +71,11 @@ def curve(out):
   return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
 
 
-class Stopped(BaseException):
-  """Stands in for a kill: raised right after a checkpoint's line is written."""
-
-
 def _stop_resume_equals_whole(world, tmp_path, monkeypatch, method):
   config = write_config(world, tmp_path / "sweep.yaml", method)
   whole, out = tmp_path / "whole", tmp_path / "out"
   assert main(["eval", "--config", config, "--out", str(whole), "--quiet"]) == 0
-  append = sweep.Store.append
-
-  def append_then_stop(self, cells):
-    append(self, cells)
-    if cells[0]["n_edits"] == 2:
-      raise Stopped
-
-  monkeypatch.setattr(sweep.Store, "append", append_then_stop)
-  with pytest.raises(Stopped):
-    main(["eval", "--config", config, "--out", str(out), "--quiet"])
-  monkeypatch.setattr(sweep.Store, "append", append)
+  eval_stopped_after(monkeypatch, ["eval", "--config", config, "--out", str(out), "--quiet"], 2)
   assert [line["n_edits"] for line in curve(out)] == [1, 2]
   # --report tables and plots the finished cells of the stopped sweep.
   assert main(["eval", "--config", config, "--out", str(out), "--quiet", "--report"]) == 0
