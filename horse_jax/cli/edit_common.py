@@ -141,3 +141,31 @@ def settings_extra(resolved, editor_settings=None) -> dict[str, Any]:
             "model": tree["model"]}
   return {"settings": tree, "effective_settings": resolved.effective(),
           "ignored_settings": resolved.ignored}
+
+
+def write_and_score(out, args, model, tokenizer, records, edited_model, modules, logits_fn=None,
+                    batch_size: int | None = None, main: bool = True):
+  """Writes the edited checkpoint and its deltas under `out` (every process: the gathers are
+  collective; process 0 writes), then scores `records` on it against `model`.
+
+  Args:
+    out: the output folder being built (None on processes that do not write).
+    args: parsed arguments (model, eval_mode, max_shard_size).
+    model, tokenizer, records: the unedited model, its tokenizer, the edited records.
+    edited_model: the edited Model.
+    modules: the edited modules (HF names).
+    logits_fn: the edited model's logits function (default: its plain forward).
+    batch_size: scoring batch size (default `score_records`').
+    main: whether this process draws progress.
+
+  Returns:
+    `score_records`' result.
+  """
+  from horse_jax import export, runtime
+  from horse_jax.cli.common import max_shard_size
+  with progress.stage("writing the edited model"):
+    export.save_edit(out, model, edited_model, list(modules), tokenizer_src=args.model,
+                     max_shard_size=max_shard_size(args))
+  gen = runtime.generate_fn(edited_model) if args.eval_mode == "generate" else None
+  return score(records, tokenizer, model, logits_fn or runtime.logits_fn(edited_model), gen,
+               batch_size, main)

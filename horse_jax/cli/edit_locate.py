@@ -16,12 +16,11 @@ import os
 
 import jax
 
-from horse_jax.cli.common import max_shard_size
 
 
 def run(args, mesh=None, fsdp: bool = False) -> int:
   """Edits in sequence, writes and scores; `mesh`/`fsdp` come from `common.setup_devices`."""
-  from horse_jax import distributed, export, outputs, progress, runtime
+  from horse_jax import distributed, outputs, progress
   from horse_jax.cli import edit_common
   from horse_jax.editors import protocol
   from horse_jax.eval.scoring import write_metrics
@@ -48,12 +47,9 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
                                                       loss_key="z_loss", setting="editor.v_lr")
     edited = editor.apply(state)
     jax.block_until_ready(edited.model.params)
-    with progress.stage("writing the edited model"):
-      export.save_edit(out, model, edited.model, list(editor.config.modules), tokenizer_src=args.model,
-                       max_shard_size=max_shard_size(args))
-    gen = runtime.generate_fn(edited.model) if args.eval_mode == "generate" else None
-    scores = edit_common.score(records, tokenizer, model, edited.logits, gen,
-                               resolved["eval.batch_size"], main)
+    scores = edit_common.write_and_score(out, args, model, tokenizer, records, edited.model,
+                                         editor.config.modules, edited.logits,
+                                         resolved["eval.batch_size"], main)
     if not main:
       return 0
     write_metrics(os.path.join(out, "metrics.json"), args.method, len(records), scores,

@@ -17,13 +17,12 @@ import time
 
 import jax
 
-from horse_jax.cli.common import max_shard_size
 
 
 
 def run(args, mesh=None, fsdp: bool = False) -> int:
   """Edits, writes and scores; `mesh`/`fsdp` come from `common.setup_devices` (None: one device)."""
-  from horse_jax import distributed, export, outputs, progress, runtime
+  from horse_jax import distributed, outputs, progress
   from horse_jax.cli import edit_common
   from horse_jax.editors import protocol
   from horse_jax.eval.scoring import write_metrics
@@ -54,11 +53,8 @@ def run(args, mesh=None, fsdp: bool = False) -> int:
     if not progress.bars_enabled():
       progress.log(f"{args.method}: {len(records)} edits in {n_steps} steps: {edit_s:.1f} s")
 
-    with progress.stage("writing the edited model"):  # every process: the gather is collective
-      export.save_edit(out, model, edited, cfg.modules, tokenizer_src=args.model,
-                       max_shard_size=max_shard_size(args))
-    gen = runtime.generate_fn(edited) if args.eval_mode == "generate" else None
-    scores = edit_common.score(records, tokenizer, model, runtime.logits_fn(edited), gen, main=main)
+    scores = edit_common.write_and_score(out, args, model, tokenizer, records, edited, cfg.modules,
+                                         main=main)
     if not main:
       return 0
     write_metrics(os.path.join(out, "metrics.json"), args.method, len(records), scores,
