@@ -265,6 +265,53 @@ def test_a_killed_process_stops_the_other_within_60_s_with_one_line(tmp_path, vi
 
 
 @pytest.mark.slow
+def test_sigterm_ends_both_processes_mid_edit_with_one_line_and_no_gloo_notices(tmp_path):
+  # The runtime's preemption notifier takes SIGTERM at `jax.distributed.initialize`; the command
+  # keeps it, so a scheduler's SIGTERM ends a run that waits inside a collective.
+  import signal
+  import time
+  command = _tiny_world(tmp_path, 256)
+  port = _free_port()
+  procs = [_start([*command, "--out", str(tmp_path / f"out{i}")], i, port, extra=["--mesh", "2x4"]) for i in range(2)]
+  seen = []
+  for line in procs[0].stdout:
+    seen.append(line)
+    if "loading model" in line:
+      break
+  time.sleep(3)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  sent_at = time.monotonic()
+  logs = [p.communicate(timeout=60)[0] for p in procs]
+  waited = time.monotonic() - sent_at
+  logs[0] = "".join(seen) + logs[0]
+  assert [p.returncode for p in procs] == [143, 143] and waited < 10, (waited, logs)
+  for log in logs:
+    assert "Gloo" not in log and "peer ranks" not in log, log
+    assert [line for line in log.splitlines() if "horse-jax: terminated" in line] == [
+        "horse-jax: terminated (SIGTERM); no output folder was finished"], log
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_stdout_filter_drops_interleaved_gloo_notices_only():
+  import threading
+  from horse_jax.cli import lost_process
+  notice = b"[Gloo] Rank %d is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n"
+  stream = (b"[Gloo] Rank " + notice % 0 + b"1 is connected to 1 peer ranks. Expected number of connected peer "
+            b"ranks is : 1\n" + notice % 1 + b"horen: 8 edits  ES 1.0 (1 rank)\n\nlast")
+  source_r, source_w = os.pipe()
+  sink_r, sink_w = os.pipe()
+  with os.fdopen(source_r, "rb", buffering=0) as source, os.fdopen(sink_w, "wb") as sink:
+    thread = threading.Thread(target=lost_process.run, args=("0", "", source, sink, False))
+    thread.start()
+    os.write(source_w, stream)
+    os.close(source_w)
+    thread.join(timeout=30)
+  with os.fdopen(sink_r, "rb") as out:
+    assert out.read() == b"horen: 8 edits  ES 1.0 (1 rank)\n\nlast"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,values", [("--num-processes", ("2", "3")), ("--mesh", ("2x4", "1x8"))])
 def test_processes_that_disagree_refuse_at_start(tmp_path, flag, values):
   import time

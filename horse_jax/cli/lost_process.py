@@ -8,9 +8,11 @@ stack dump. That callback cannot be replaced from Python (the binding fails to p
 Python function and the process terminates anyway), so the command's stderr runs through this
 filter, a small child process started before `jax.distributed.initialize`:
 
-  start(process_id, coordinator)     every later write to fd 2 goes through the filter
+  start(process_id, coordinator)     every later write to fd 2 goes through the filter (and every
+                                     write to fd 1 through one that only drops gloo's notices)
 
-The filter passes every line through, except the runtime's distributed-failure report: log lines
+The filter passes every line through, except gloo's connection notices and the runtime's
+distributed-failure report: log lines
 of the coordination service are held back for a few seconds; if the fatal line follows, they, the
 fatal line and the stack dump become one line naming what was lost ("lost process 1 ...", "lost
 the coordinator ..."), else they are passed on unchanged. The process still exits non-zero (the
@@ -35,6 +37,22 @@ _LOG_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ ([\w.]+):\d+\
 _DISTRIBUTED_FILES = (b"coordination_service", b"preemption_sync_manager", b"client.h", b"client.cc",
                       b"service.cc")
 _FATAL_MARKS = (b"distributed service detected fatal errors", b"coordination service")
+# gloo's connection notice ("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of
+# connected peer ranks is : 1"), which the C++ library writes to stdout, piece by piece (so two
+# threads' notices interleave), whenever it opens a collective context: nothing the user acts on.
+_GLOO_PIECES = (b"[Gloo] Rank ", b" is connected to ", b" peer ranks. Expected number of connected peer ranks is : ")
+_DIGITS = re.compile(rb"^[\d\s]*$")
+
+
+def strip_gloo_notice(line: bytes) -> bytes:
+  """`line` without gloo's connection notice pieces (b"" when nothing else was on it)."""
+  if not any(piece in line for piece in _GLOO_PIECES):
+    return line
+  for piece in _GLOO_PIECES:
+    line = line.replace(piece, b"")
+  return b"" if _DIGITS.match(line) else line
+
+
 # Seconds a held-back runtime log line waits for a fatal line before it is passed on unchanged.
 HOLD_S = 5.0
 
@@ -46,16 +64,20 @@ def start(process_id: int | None, coordinator: str | None) -> None:
     process_id: this process's index (None: not known yet, e.g. --distributed auto).
     coordinator: the coordinator's HOST:PORT, to name it in the line (None: not known).
   """
-  sys.stderr.flush()
-  read_fd, write_fd = os.pipe()
-  # The filter writes to what fd 2 is now and reads the pipe; it ends when every writer has closed
-  # it (this process has exited), after passing on what it still holds.
-  subprocess.Popen([sys.executable, "-m", "horse_jax.cli.lost_process", str(process_id),
-                    coordinator or ""], stdin=read_fd, stdout=os.dup(2), close_fds=True,
-                   start_new_session=True)  # a Ctrl-C meant for the command leaves the filter alone
-  os.close(read_fd)
-  os.dup2(write_fd, 2)
-  os.close(write_fd)
+  for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+    stream.flush()
+    read_fd, write_fd = os.pipe()
+    # The filter writes to what `fd` is now and reads the pipe; it ends when every writer has
+    # closed it (this process has exited), after passing on what it still holds.
+    target = os.dup(fd)
+    mode = ["--stdout"] if fd == 1 else []
+    subprocess.Popen([sys.executable, "-m", "horse_jax.cli.lost_process", str(process_id),
+                      coordinator or "", *mode], stdin=read_fd, stdout=target, close_fds=True,
+                     start_new_session=True)  # a Ctrl-C meant for the command leaves it alone
+    os.close(read_fd)
+    os.close(target)
+    os.dup2(write_fd, fd)
+    os.close(write_fd)
 
 
 def verdict(text: bytes, process_id: str, coordinator: str) -> str:
@@ -87,8 +109,15 @@ def _is_fatal(line: bytes, holding: bool) -> bool:
       holding or any(mark in line for mark in _FATAL_MARKS))
 
 
-def run(process_id: str, coordinator: str, source=None, sink=None) -> None:
-  """The filter loop: `source` (default stdin) to `sink` (default stdout), line by line."""
+def run(process_id: str, coordinator: str, source=None, sink=None, report_lost: bool = True) -> None:
+  """The filter loop: `source` (default stdin) to `sink` (default stdout), line by line.
+
+  Args:
+    process_id, coordinator: as given to `start`, to name what was lost.
+    source, sink: binary streams (default: this process's stdin and stdout).
+    report_lost: True for the command's stderr (the runtime's failure report becomes one line);
+      False for its stdout, where only gloo's connection notices are removed.
+  """
   source = source if source is not None else sys.stdin.buffer
   sink = sink if sink is not None else sys.stdout.buffer
   fd = source.fileno()
@@ -115,10 +144,12 @@ def run(process_id: str, coordinator: str, source=None, sink=None) -> None:
     pending += chunk
     *lines, pending = pending.split(b"\n")
     for line in lines:
-      line += b"\n"
-      if done:
+      line = strip_gloo_notice(line + b"\n")
+      if done or not line:
         continue
-      if _is_fatal(line, bool(held)):
+      if not report_lost:
+        sink.write(line)
+      elif _is_fatal(line, bool(held)):
         text = b"".join(held) + line
         sink.write(f"horse-jax: error: {verdict(text, process_id, coordinator)}\n".encode())
         sink.flush()
@@ -146,4 +177,4 @@ def wait_for_verdict(error: BaseException, timeout_s: float) -> str | None:
 
 
 if __name__ == "__main__":
-  run(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
+  run(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "", report_lost="--stdout" not in sys.argv[3:])

@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None, handle_signals: bool | None = None) -> i
   if handle_signals and multihost:
     from horse_jax.cli import lost_process  # noqa: PLC0415
     lost_process.start(getattr(args, "process_id", None), getattr(args, "coordinator", None))
+    # The distributed runtime's preemption notifier replaces the SIGTERM handler at
+    # `jax.distributed.initialize` (a TPU maintenance notice), which would make SIGTERM a no-op
+    # here: this command never asks for a preemption sync point, so it keeps its own handler.
+    import jax  # noqa: PLC0415
+    jax.config.update("jax_enable_preemption_service", False)
   try:
     return int(args.func(args) or 0)
   except UserError as err:
